@@ -1,0 +1,265 @@
+"""Load official Stable Diffusion 1.x / 2.x weights into the LDM-named modules.
+
+Accepted: single files (`.safetensors`, memory-mapped; `.ckpt`/`.pt`, read with
+`torch.load(weights_only=True)`) such as v1-5-pruned-emaonly.safetensors, sd-v1-4.ckpt,
+v2-1_512-ema-pruned.safetensors, v2-1_768-ema-pruned.safetensors, and diffusers-format folders
+(unet/, vae/, text_encoder/, tokenizer/, scheduler/). A single file holds
+
+    model.diffusion_model.*             UNet        -> StableDiffusion.unet   (prefix stripped)
+    first_stage_model.*                 VAE         -> StableDiffusion.vae    (decoder part)
+    cond_stage_model.transformer.*      SD1 text    -> StableDiffusion.text   (transformers layout)
+    cond_stage_model.model.*            SD2 text    -> StableDiffusion.text   (OpenCLIP, converted)
+
+plus bookkeeping that inference ignores (IGNORED below). Everything else is an error that
+names the keys.
+"""
+import json
+import os
+import re
+from dataclasses import dataclass, replace
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from .config import SD1, SD2, SD2_V, TINY, TINY_SD2, SDConfig
+from .convert import diffusers_unet_to_ldm, diffusers_vae_to_ldm, openclip_to_hf
+from .text import TextEncoder
+from .unet import UNetModel
+from .vae import AutoencoderKL
+
+UNET, VAE, CLIP, OPENCLIP = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.", "cond_stage_model.model."
+
+# Keys official files carry that inference does not use: the training noise-schedule buffers
+# (sampler/schedule.py recomputes them), EMA bookkeeping, the VAE encoder, CLIP's position_ids
+# buffer and OpenCLIP's contrastive head.
+IGNORED = re.compile(
+    r"(betas|alphas_cumprod(_prev)?|sqrt_\w+|log_one_minus_alphas_cumprod|posterior_\w+|logvar|lvlb_weights"
+    r"|model_ema\.(decay|num_updates)"
+    r"|first_stage_model\.(encoder|quant_conv)\..+"
+    r"|cond_stage_model\..*position_ids|cond_stage_model\.model\.(text_projection|logit_scale))")
+
+ARCHITECTURES = (SD1, SD2, TINY, TINY_SD2)   # told apart by UNet width and context size
+
+
+class CheckpointError(ValueError):
+    """The file is missing, unreadable, or not an SD 1.x / 2.x checkpoint."""
+
+
+@dataclass
+class StableDiffusion:
+    unet: UNetModel
+    vae: AutoencoderKL
+    text: TextEncoder
+    config: SDConfig
+
+    @classmethod
+    def build(cls, config, tokenizer=None):
+        """The architecture at random init (on the current default device; use `meta` to skip init)."""
+        return cls(UNetModel(config.unet), AutoencoderKL(config.vae, config.scale_factor),
+                   TextEncoder(config.text, tokenizer), config)
+
+    def to(self, device=None, dtype=None):
+        for m in (self.unet, self.vae, self.text):
+            m.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        return self
+
+
+def random_weights(config, *, device="cpu", dtype=torch.float32, tokenizer=None):
+    """A StableDiffusion with random weights: for timing and for running the pipeline offline."""
+    return StableDiffusion.build(config, tokenizer).to(device, dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# reading files
+
+class _Ignored:
+    """Stands in for non-tensor objects pickled into .ckpt files (pytorch-lightning callbacks,
+    numpy scalars): never executed, only lets weights_only unpickling go past them."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+def _torch_load(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "zip archive" not in str(e) and "mmap" not in str(e):
+            raise CheckpointError(f"{path}: cannot read this .ckpt ({e}); is the file complete?") from e
+        try:  # legacy (pre-zip) format cannot be memory-mapped
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e2:
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({e2}); is the file complete?") from e2
+    except torch.serialization.pickle.UnpicklingError:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        print(f"{path}: ignoring pickled non-tensor objects ({', '.join(names)})")
+        stubs = [(type(n.rsplit(".", 1)[-1], (_Ignored,), {}), n) for n in names]
+        with torch.serialization.safe_globals(stubs):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
+def read_state_dict(path):
+    """A single checkpoint file -> flat {key: tensor} (the `state_dict` wrapper of .ckpt removed)."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint {path!r} does not exist")
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".safetensors":
+        try:
+            state = load_file(path)
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{path}: not a valid .safetensors file ({e}); "
+                                  "is the download complete, and is it really a safetensors file?") from e
+    elif ext in (".ckpt", ".pt", ".pth", ".bin"):
+        state = _torch_load(path)
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+    else:
+        raise CheckpointError(f"{path}: unsupported file type {ext!r}; expected .safetensors, .ckpt "
+                              "or a diffusers folder")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: does not hold a flat dict of tensors (a state dict)")
+    return state
+
+
+def _read_component(folder, name):
+    """diffusers component weights: <folder>/<name>/{diffusion_pytorch_model,model}[.fp16].{safetensors,bin}."""
+    for stem in ("diffusion_pytorch_model", "model", "pytorch_model"):
+        for variant in ("", ".fp16"):
+            for ext in (".safetensors", ".bin"):
+                path = os.path.join(folder, name, stem + variant + ext)
+                if os.path.isfile(path):
+                    return read_state_dict(path)
+    raise CheckpointError(f"diffusers folder {folder!r} has no weights in {name}/")
+
+
+def _json(folder, *parts):
+    path = os.path.join(folder, *parts)
+    return json.load(open(path)) if os.path.isfile(path) else {}
+
+
+# ---------------------------------------------------------------------------------------------
+# splitting into components and recognising the architecture
+
+def _split_single_file(state, path):
+    """Official single-file state dict -> (unet, vae, text-in-transformers-layout, text kind)."""
+    if any(k.startswith(("conditioner.", UNET + "label_emb")) for k in state):
+        raise CheckpointError(f"{path}: this is an SDXL checkpoint (conditioner.* / label_emb keys); "
+                              "only SD 1.x and 2.x are supported")
+    unet = _ema_unet(state)
+    vae = {k[len(VAE):]: v for k, v in state.items() if k.startswith(VAE) and not IGNORED.fullmatch(k)}
+    text = {k[len(CLIP):]: v for k, v in state.items() if k.startswith(CLIP) and not IGNORED.fullmatch(k)}
+    openclip = {k[len(OPENCLIP):]: v for k, v in state.items() if k.startswith(OPENCLIP) and not IGNORED.fullmatch(k)}
+    unknown = [k for k in state if not k.startswith((UNET, VAE, CLIP, OPENCLIP, "model_ema.")) and not IGNORED.fullmatch(k)]
+    if unknown:
+        raise CheckpointError(f"{path}: keys that belong to no SD 1.x/2.x component: {_few(unknown)}")
+    return unet, vae, text, openclip
+
+
+def _ema_unet(state):
+    """UNet weights, preferring the EMA copy when the file holds both (e.g. v1-5-pruned.ckpt).
+    EMA keys are the UNet keys with `model.` dropped and all dots removed."""
+    unet = {k[len(UNET):]: v for k, v in state.items() if k.startswith(UNET)}
+    ema = {k: state.get("model_ema.diffusion_model" + k.replace(".", "")) for k in unet}
+    if unet and all(v is not None for v in ema.values()):
+        print("using the EMA weights stored in the checkpoint")
+        return ema
+    return unet
+
+
+def _detect(unet, where):
+    """The preset whose UNet this state dict is, judged from the input conv and cross-attention shapes."""
+    conv, to_k = unet.get("input_blocks.0.0.weight"), unet.get("input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
+    if conv is None or to_k is None:
+        raise CheckpointError(f"{where}: no Stable Diffusion UNet found (expected model.diffusion_model.input_blocks.* "
+                              f"keys; found e.g. {_few(unet or ['nothing'])})")
+    if conv.shape[1] != 4:
+        kind = {9: "an inpainting", 8: "an instruct-pix2pix", 5: "a depth-conditioned"}.get(conv.shape[1], "an unknown")
+        raise CheckpointError(f"{where}: the UNet takes {conv.shape[1]} input channels, which makes it {kind} model; "
+                              "only text-to-image UNets (4 channels) are supported")
+    for config in ARCHITECTURES:
+        if (config.unet.model_channels, config.unet.context_dim) == (conv.shape[0], to_k.shape[1]):
+            return config
+    raise CheckpointError(f"{where}: UNet with {conv.shape[0]} base channels and {to_k.shape[1]}-wide context "
+                          "matches neither SD 1.x (320, 768) nor SD 2.x (320, 1024)")
+
+
+def _guess_prediction(unet, where):
+    """SD2 files do not record eps vs v. The heuristic ComfyUI uses: the v models' last transformer
+    norm bias is spread wider (std > 0.09) than the 512-base eps model's."""
+    bias = unet["output_blocks.11.1.transformer_blocks.0.norm1.bias"].float()
+    guess = "v" if bias.std(unbiased=False) > 0.09 else "eps"
+    print(f"{where}: SD2 checkpoint, guessed {guess}-prediction"
+          f"{' (768 model)' if guess == 'v' else ' (512-base model)'}; pass prediction='eps'|'v' to override")
+    return guess
+
+
+def _few(keys, n=8):
+    keys = sorted(keys)
+    return ", ".join(keys[:n]) + (f" ... ({len(keys)} in all)" if len(keys) > n else "")
+
+
+def _load(module, state, what, where, config):
+    """Strict load_state_dict that names the missing, unexpected and mis-shaped keys."""
+    expected = {k: v.shape for k, v in module.state_dict().items()}
+    missing = expected.keys() - state.keys()
+    unexpected = state.keys() - expected.keys()
+    shapes = [f"{k} {tuple(state[k].shape)} (expected {tuple(expected[k])})"
+              for k in expected.keys() & state.keys() if state[k].shape != expected[k]]
+    if missing or unexpected or shapes:
+        raise CheckpointError(f"{where}: the {what} weights do not fit the detected {config.version.upper()} architecture "
+                              f"({config.unet.model_channels}-channel UNet, {config.unet.context_dim}-wide context):"
+                              + (f"\n  missing: {_few(missing)}" if missing else "")
+                              + (f"\n  unexpected: {_few(unexpected)}" if unexpected else "")
+                              + (f"\n  wrong shape: {_few(shapes)}" if shapes else ""))
+    module.load_state_dict(state, strict=True, assign=True)
+
+
+# ---------------------------------------------------------------------------------------------
+
+def load_checkpoint(path, *, device="cpu", dtype=torch.float32, prediction=None, tokenizer=None):
+    """Load an SD 1.x / 2.x checkpoint -> StableDiffusion(unet, vae, text, config).
+
+    path: .safetensors / .ckpt single file or a diffusers folder.
+    dtype: torch.float32 (reference), torch.bfloat16 (fast on CPUs with AMX and on recent GPUs),
+        torch.float16 (GPUs; SD2 attention is then computed in fp32 to avoid black images).
+    prediction: "eps" | "v" | None (guess: SD1 is eps; SD2 from the weights, the guess is printed).
+    tokenizer: CLIPTokenizer, folder with vocab.json + merges.txt, or hub id; default the diffusers
+        folder's tokenizer/, else openai/clip-vit-large-patch14 (downloaded on first use).
+    """
+    if prediction not in (None, "eps", "v"):
+        raise ValueError(f"prediction must be 'eps' or 'v', not {prediction!r}")
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        unet, vae, text, openclip = None, _read_component(path, "vae"), _read_component(path, "text_encoder"), {}
+        raw_unet = _read_component(path, "unet")
+        if os.path.isfile(os.path.join(path, "tokenizer", "vocab.json")):
+            tokenizer = tokenizer or os.path.join(path, "tokenizer")
+        # The diffusers UNet names must be mapped before the architecture can be detected;
+        # the mapping depends only on the block structure, which every preset shares.
+        unet = diffusers_unet_to_ldm(raw_unet, SD1.unet)
+        config = _detect(unet, path)
+        vae = diffusers_vae_to_ldm(vae, config.vae)
+        text = {("" if k.startswith("text_model.") else "text_model.") + k: v for k, v in text.items()
+                if not IGNORED.fullmatch("cond_stage_model." + k)}
+        kind = _json(path, "scheduler", "scheduler_config.json").get("prediction_type", "epsilon")
+        prediction = prediction or {"epsilon": "eps", "v_prediction": "v"}[kind]
+    else:
+        unet, vae, text, openclip = _split_single_file(read_state_dict(path), path)
+        config = _detect(unet, path)
+        if openclip:
+            text = {**text, **openclip_to_hf(openclip, config.text.layers)}
+    if config.version == "sd2":
+        prediction = prediction or _guess_prediction(unet, path)
+    if prediction not in (None, config.prediction):
+        config = SD2_V if config is SD2 else replace(config, prediction=prediction)
+
+    with torch.device("meta"):   # no random init: every tensor comes from the file
+        model = StableDiffusion.build(config, tokenizer)
+    _load(model.unet, unet, "UNet", path, config)
+    _load(model.vae, vae, "VAE", path, config)
+    _load(model.text.transformer, model.text.adapt_keys(text), "text encoder", path, config)
+    model.text.reset_position_ids()
+    return model.to(device, dtype)

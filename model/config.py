@@ -1,0 +1,94 @@
+"""Architecture presets for Stable Diffusion 1.x / 2.x as small dataclasses.
+
+The numbers are those of the official inference configs (LDM's v1-inference.yaml,
+v2-inference.yaml and v2-inference-v.yaml). `TINY` (SD1-like) and `TINY_SD2` (SD2-like: linear
+projections, 16-channel heads, OpenCLIP-style text encoder padded with 0) keep the exact
+structure (12 input blocks, 12 output blocks, transformers at the top three levels) with few
+channels, so tests and offline runs exercise every code path in seconds.
+"""
+from dataclasses import dataclass, replace
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    in_channels: int = 4
+    out_channels: int = 4
+    model_channels: int = 320
+    channel_mult: tuple = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attention_levels: tuple = (0, 1, 2)  # levels with a SpatialTransformer (LDM: attention_resolutions 4,2,1)
+    num_heads: int = 8                   # SD1: fixed head count ...
+    head_channels: int = 0               # ... SD2: fixed head width (64); 0 = use num_heads
+    context_dim: int = 768
+    linear_proj: bool = False            # SD2 uses Linear proj_in/proj_out, SD1 1x1 convs
+    upcast_attention: bool = False       # SD2's attention logits overflow fp16: compute it in fp32
+
+    def heads(self, channels):
+        """(number of heads, head width) of a transformer with `channels` channels."""
+        if self.head_channels:
+            return channels // self.head_channels, self.head_channels
+        return self.num_heads, channels // self.num_heads
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    ch: int = 128
+    ch_mult: tuple = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    z_channels: int = 4
+    out_ch: int = 3
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    width: int = 768
+    layers: int = 12             # transformer layers that are run (SD2 stops one before OpenCLIP's last)
+    heads: int = 12
+    mlp: int = 3072
+    act: str = "quick_gelu"      # OpenAI CLIP (SD1) uses quick_gelu, OpenCLIP ViT-H (SD2) plain gelu
+    pad_id: int = 49407          # SD1 pads with <|endoftext|>, SD2 (open_clip.tokenize) with 0
+    vocab_size: int = 49408
+    max_length: int = 77
+
+
+@dataclass(frozen=True)
+class SDConfig:
+    version: str                 # "sd1" | "sd2"
+    prediction: str              # "eps" | "v"
+    unet: UNetConfig
+    vae: VAEConfig
+    text: TextConfig
+    scale_factor: float = 0.18215
+    image_size: int = 512        # native resolution in pixels
+    guidance: float = 7.5        # recommended classifier-free guidance scale
+
+
+SD1 = SDConfig("sd1", "eps", UNetConfig(), VAEConfig(), TextConfig())
+
+SD2 = SDConfig(
+    "sd2", "eps",
+    UNetConfig(head_channels=64, context_dim=1024, linear_proj=True, upcast_attention=True),
+    VAEConfig(),
+    TextConfig(width=1024, layers=23, heads=16, mlp=4096, act="gelu", pad_id=0),
+    guidance=9.0,
+)
+
+SD2_V = replace(SD2, prediction="v", image_size=768)
+
+TINY = SDConfig(
+    "sd1", "eps",
+    UNetConfig(model_channels=32, num_heads=2, context_dim=32),
+    VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1),
+    TextConfig(width=32, layers=2, heads=2, mlp=64),
+    image_size=64,
+)
+
+TINY_SD2 = SDConfig(
+    "sd2", "eps",
+    UNetConfig(model_channels=32, head_channels=16, context_dim=64, linear_proj=True, upcast_attention=True),
+    TINY.vae,
+    TextConfig(width=64, layers=2, heads=2, mlp=128, act="gelu", pad_id=0),
+    image_size=64, guidance=9.0,
+)
+
+PRESETS = {"sd1": SD1, "sd2": SD2, "sd2-v": SD2_V, "tiny": TINY, "tiny-sd2": TINY_SD2}

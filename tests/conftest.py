@@ -1,0 +1,101 @@
+"""Shared test helpers: checkpoints in the official layout with random weights, and a small
+CLIP tokenizer written to disk (no downloads anywhere in the tests)."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from model import StableDiffusion
+
+KEYS = Path(__file__).parent / "keys"   # official key names and shapes (../shared/checkpoint-keys)
+UNET, VAE, CLIP, OPENCLIP = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.", "cond_stage_model.model."
+
+
+def official_shapes(version):
+    """{key: shape} of the official single file: version "v1" (SD 1.x) or "v2" (SD 2.x)."""
+    return {k: tuple(v) for k, v in json.loads((KEYS / f"sd-{version}.json").read_text()).items()}
+
+
+def openclip_shapes(width, layers, mlp, vocab=49408, length=77):
+    """{key: shape} of an OpenCLIP text tower under cond_stage_model.model. (SD2's layout)."""
+    shapes = {"token_embedding.weight": (vocab, width), "positional_embedding": (length, width),
+              "ln_final.weight": (width,), "ln_final.bias": (width,),
+              "text_projection": (width, width), "logit_scale": ()}
+    for i in range(layers):
+        p = f"transformer.resblocks.{i}."
+        shapes.update({
+            p + "ln_1.weight": (width,), p + "ln_1.bias": (width,), p + "ln_2.weight": (width,), p + "ln_2.bias": (width,),
+            p + "attn.in_proj_weight": (3 * width, width), p + "attn.in_proj_bias": (3 * width,),
+            p + "attn.out_proj.weight": (width, width), p + "attn.out_proj.bias": (width,),
+            p + "mlp.c_fc.weight": (mlp, width), p + "mlp.c_fc.bias": (mlp,),
+            p + "mlp.c_proj.weight": (width, mlp), p + "mlp.c_proj.bias": (width,)})
+    return {OPENCLIP + k: v for k, v in shapes.items()}
+
+
+def layout_shapes(config):
+    """{key: shape} of an official-layout single file for any preset (the tiny ones included):
+    UNet and VAE decoder from our modules (whose names the key-coverage test checks against the
+    official lists), the text encoder in the file's own layout (transformers for SD1, OpenCLIP
+    with one extra block for SD2)."""
+    with torch.device("meta"):
+        sd = StableDiffusion.build(config)
+    shapes = {UNET + k: tuple(v.shape) for k, v in sd.unet.state_dict().items()}
+    shapes.update({VAE + k: tuple(v.shape) for k, v in sd.vae.state_dict().items()})
+    t = config.text
+    if config.version == "sd2":
+        shapes.update(openclip_shapes(t.width, t.layers + 1, t.mlp))
+    else:
+        for k, v in sd.text.transformer.state_dict().items():
+            k = k if k.startswith("text_model.") else "text_model." + k
+            shapes[CLIP + k] = tuple(v.shape)
+        shapes[CLIP + "text_model.embeddings.position_ids"] = (1, t.max_length)
+    shapes.update({"betas": (1000,), "alphas_cumprod": (1000,)})
+    return shapes
+
+
+def random_state(shapes, seed=0, dtype=torch.float32):
+    """Random weights for a {key: shape} layout, scaled so activations stay O(1) through the
+    network: matrices ~ N(0, 1/fan_in), 1-D weights (norm scales) ~ 1 + N(0, 0.01), biases ~ N(0, 0.01)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for key, shape in shapes.items():
+        if key.endswith("position_ids"):
+            out[key] = torch.arange(shape[-1]).expand(shape).clone()
+            continue
+        t = torch.randn(shape, generator=g)
+        if len(shape) >= 2:
+            t /= math.sqrt(math.prod(shape[1:]))
+        elif key.endswith("weight"):
+            t = 1 + 0.1 * t
+        else:
+            t *= 0.1
+        out[key] = t.to(dtype)
+    return out
+
+
+def bytes_to_unicode():
+    """CLIP's byte -> printable-character table (its BPE works on these characters)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    for b in range(256):
+        if b not in bs:   # unprintable bytes map to code points from 256 on
+            bs.append(b)
+            cs.append(256 + len(cs) - 188)
+    return [chr(c) for c in cs]
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    """A CLIP BPE tokenizer folder (vocab.json + merges.txt) with the real special-token ids
+    (<|startoftext|> 49406, <|endoftext|> 49407), all 512 byte symbols and a few merges."""
+    chars = bytes_to_unicode()
+    merges = [("p", "h"), ("t", "h"), ("th", "e</w>"), ("c", "a"), ("ca", "t</w>"), ("o", "f</w>")]
+    vocab = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges]
+    ids = {tok: i for i, tok in enumerate(vocab)}
+    ids.update({"<|startoftext|>": 49406, "<|endoftext|>": 49407})
+    folder = tmp_path_factory.mktemp("tokenizer")
+    (folder / "vocab.json").write_text(json.dumps(ids))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    return str(folder)

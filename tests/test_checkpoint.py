@@ -1,0 +1,240 @@
+"""Loading: official single files (.safetensors / .ckpt), EMA, diffusers folders, prediction
+guessing, and clear errors on bad input. Tiny presets in the official key layout; diffusers'
+own converters are the oracle for the renamed tensors."""
+import json
+
+import pytest
+import torch
+from diffusers import AutoencoderKL as DiffusersVAE
+from diffusers import UNet2DConditionModel
+from diffusers.loaders.single_file_utils import (convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint,
+                                                 convert_open_clip_checkpoint)
+from safetensors.torch import save_file
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from conftest import CLIP, OPENCLIP, UNET, VAE, layout_shapes, random_state
+from model import TINY, TINY_SD2, CheckpointError, load_checkpoint
+
+
+class ModelCheckpoint:
+    """Stands for the pytorch-lightning callback objects pickled into official .ckpt files."""
+
+    def __init__(self):
+        self.best_model_path = "/some/where.ckpt"
+
+
+def save(state, path, wrap=False):
+    path = str(path)
+    if path.endswith(".safetensors"):
+        save_file(state, path)
+    else:
+        torch.save({"state_dict": state, "global_step": 470000, "callbacks": {"ModelCheckpoint": ModelCheckpoint()}}
+                   if wrap else state, path)
+    return path
+
+
+def text_state(sd):
+    return {(k if k.startswith("text_model.") else "text_model." + k): v
+            for k, v in sd.text.transformer.state_dict().items() if not k.endswith("position_ids")}
+
+
+def expected_text(config, state):
+    """The checkpoint's text weights in transformers naming, converted by diffusers for SD2."""
+    if config.version == "sd1":
+        return {k[len(CLIP):]: v for k, v in state.items() if k.startswith(CLIP) and "position_ids" not in k}
+    t = config.text
+    hf = CLIPTextModel(CLIPTextConfig(hidden_size=t.width, intermediate_size=t.mlp, num_hidden_layers=t.layers,
+                                      num_attention_heads=t.heads, vocab_size=t.vocab_size))
+    converted = convert_open_clip_checkpoint(hf, state)
+    converted.pop("text_projection.weight", None)
+    return {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in converted.items()
+            if not k.startswith("text_model.encoder.layers." + str(t.layers))}
+
+
+@pytest.mark.parametrize("config", [TINY, TINY_SD2], ids=["sd1", "sd2"])
+@pytest.mark.parametrize("ext,wrap", [(".safetensors", False), (".ckpt", True), (".ckpt", False)])
+def test_round_trip(tmp_path, config, ext, wrap):
+    state = random_state(layout_shapes(config))
+    sd = load_checkpoint(save(state, tmp_path / ("model" + ext), wrap), prediction="eps")
+    assert sd.config == config
+    for k, v in sd.unet.state_dict().items():
+        assert torch.equal(v, state[UNET + k]), k
+    for k, v in sd.vae.state_dict().items():
+        assert torch.equal(v, state[VAE + k]), k
+    expected = expected_text(config, state)
+    loaded = text_state(sd)
+    assert loaded.keys() == expected.keys()
+    for k, v in loaded.items():
+        assert torch.equal(v, expected[k]), k
+
+
+def test_dtype_and_no_grad(tmp_path):
+    sd = load_checkpoint(save(random_state(layout_shapes(TINY)), tmp_path / "m.safetensors"), dtype=torch.bfloat16)
+    for m in (sd.unet, sd.vae, sd.text):
+        assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in m.parameters())
+
+
+def test_prefers_ema(tmp_path):
+    """v1-5-pruned.ckpt style: training weights under the normal names, EMA under model_ema.*."""
+    state = random_state(layout_shapes(TINY))
+    ema = {"model_ema." + "diffusion_model" + k[len(UNET):].replace(".", ""): v + 1
+           for k, v in state.items() if k.startswith(UNET)}
+    sd = load_checkpoint(save({**state, **ema, "model_ema.decay": torch.tensor(0.9999),
+                               "model_ema.num_updates": torch.tensor(5)}, tmp_path / "m.safetensors"))
+    for k, v in sd.unet.state_dict().items():
+        assert torch.equal(v, state[UNET + k] + 1), k
+
+
+def test_sd2_prediction_guess_and_override(tmp_path, capsys):
+    state = random_state(layout_shapes(TINY_SD2))
+    key = UNET + "output_blocks.11.1.transformer_blocks.0.norm1.bias"
+    state[key] = torch.randn(state[key].shape, generator=torch.Generator().manual_seed(0)) * 0.2
+    path = save(state, tmp_path / "v.safetensors")
+    assert load_checkpoint(path).config.prediction == "v"
+    assert "guessed v-prediction" in capsys.readouterr().out
+    assert load_checkpoint(path, prediction="eps").config.prediction == "eps"
+    state[key] = state[key] * 0.1
+    assert load_checkpoint(save(state, tmp_path / "eps.safetensors")).config.prediction == "eps"
+
+
+def diffusers_folder(tmp_path, config, state, tokenizer_dir, prediction="epsilon", old_vae_names=False):
+    """A diffusers-format folder made from an official-layout state dict by diffusers' own converters."""
+    u, v = config.unet, config.vae
+    heads = u.num_heads if not u.head_channels else [u.model_channels * m // u.head_channels for m in u.channel_mult]
+    unet_config = dict(sample_size=8, block_out_channels=[u.model_channels * m for m in u.channel_mult],
+                       cross_attention_dim=u.context_dim, attention_head_dim=heads,
+                       use_linear_projection=u.linear_proj, layers_per_block=u.num_res_blocks)
+    vae_config = dict(block_out_channels=[v.ch * m for m in v.ch_mult], layers_per_block=v.num_res_blocks,
+                      down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+                      latent_channels=4, norm_num_groups=32)
+    unet = convert_ldm_unet_checkpoint(state, unet_config)
+    vae = convert_ldm_vae_checkpoint({k: t for k, t in state.items() if not k.startswith(VAE + "encoder")}, vae_config)
+    if old_vae_names:
+        names = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+        vae = {next((k.replace(f".{a}.", f".{b}.") for a, b in names.items() if f".{a}." in k), k): t
+               for k, t in vae.items()}
+    text = expected_text(config, state)
+    for name, weights, cfg in (("unet", unet, unet_config), ("vae", vae, vae_config), ("text_encoder", text, {})):
+        (tmp_path / name).mkdir(parents=True)
+        file = "model.safetensors" if name == "text_encoder" else "diffusion_pytorch_model.fp16.safetensors"
+        save_file({k: t.contiguous() for k, t in weights.items()}, str(tmp_path / name / file))
+        (tmp_path / name / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "scheduler").mkdir()
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps({"prediction_type": prediction}))
+    (tmp_path / "tokenizer").mkdir()
+    for f in ("vocab.json", "merges.txt"):
+        (tmp_path / "tokenizer" / f).write_text(open(f"{tokenizer_dir}/{f}").read())
+    return tmp_path
+
+
+@pytest.mark.parametrize("config", [TINY, TINY_SD2], ids=["sd1", "sd2"])
+def test_diffusers_folder_equals_single_file(tmp_path, tokenizer_dir, config):
+    state = random_state(layout_shapes(config))
+    single = load_checkpoint(save(state, tmp_path / "m.safetensors"), prediction="eps")
+    folder = load_checkpoint(diffusers_folder(tmp_path / "folder", config, state, tokenizer_dir,
+                                              old_vae_names=config is TINY))
+    assert folder.config == single.config
+    for a, b in ((folder.unet, single.unet), (folder.vae, single.vae)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert all(torch.equal(v, text_state(single)[k]) for k, v in text_state(folder).items())
+    assert folder.text.tokenize(["the cat"])[0, :4].tolist() == [49406, 514, 516, 49407]
+
+
+def test_diffusers_folder_prediction(tmp_path, tokenizer_dir):
+    state = random_state(layout_shapes(TINY_SD2))
+    folder = diffusers_folder(tmp_path, TINY_SD2, state, tokenizer_dir, prediction="v_prediction")
+    assert load_checkpoint(folder).config.prediction == "v"
+
+
+def test_diffusers_folder_matches_diffusers_models(tmp_path, tokenizer_dir):
+    """Beyond names: the converted UNet computes what diffusers' own model computes."""
+    state = random_state(layout_shapes(TINY))
+    folder = diffusers_folder(tmp_path, TINY, state, tokenizer_dir)
+    cfg = json.loads((folder / "unet" / "config.json").read_text())
+    theirs = UNet2DConditionModel(**cfg).eval()
+    theirs.load_state_dict(convert_ldm_unet_checkpoint(state, cfg))
+    ours = load_checkpoint(folder).unet
+    x, t, c = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.randn(2, 77, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, t, c), theirs(x, t, c).sample, atol=1e-5, rtol=1e-4)
+
+    vae_config = json.loads((folder / "vae" / "config.json").read_text())
+    theirs = DiffusersVAE(**vae_config).eval()
+    theirs.load_state_dict(convert_ldm_vae_checkpoint(state, vae_config), strict=False)  # encoder not in the file
+    with torch.no_grad():
+        torch.testing.assert_close(load_checkpoint(folder).vae.decode(x),
+                                   theirs.decode(x / 0.18215).sample.clamp(-1, 1), atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: each a CheckpointError whose message names the problem
+
+def error_of(path):
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(path)
+    return str(e.value)
+
+
+def test_missing_path(tmp_path):
+    assert "does not exist" in error_of(tmp_path / "nope.safetensors")
+
+
+def test_text_file_named_safetensors(tmp_path):
+    (tmp_path / "m.safetensors").write_text("this is not a checkpoint\n" * 10)
+    assert "not a valid .safetensors" in error_of(tmp_path / "m.safetensors")
+
+
+@pytest.mark.parametrize("ext", [".safetensors", ".ckpt"])
+def test_truncated_file(tmp_path, ext):
+    path = save(random_state(layout_shapes(TINY)), tmp_path / ("m" + ext))
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])
+    assert "complete" in error_of(path)
+
+
+def test_unsupported_extension(tmp_path):
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    assert "unsupported file type" in error_of(tmp_path / "m.gguf")
+
+
+def test_sdxl_is_refused(tmp_path):
+    state = random_state(layout_shapes(TINY))
+    state["conditioner.embedders.0.transformer.text_model.final_layer_norm.weight"] = torch.ones(4)
+    assert "SDXL" in error_of(save(state, tmp_path / "xl.safetensors"))
+
+
+def test_inpainting_is_refused(tmp_path):
+    state = random_state(layout_shapes(TINY))
+    state[UNET + "input_blocks.0.0.weight"] = torch.zeros(32, 9, 3, 3)
+    assert "inpainting" in error_of(save(state, tmp_path / "inpaint.safetensors"))
+
+
+def test_no_unet(tmp_path):
+    state = {k: v for k, v in random_state(layout_shapes(TINY)).items() if not k.startswith(UNET)}
+    assert "no Stable Diffusion UNet" in error_of(save(state, tmp_path / "vae.safetensors"))
+
+
+def test_missing_key_is_named(tmp_path):
+    state = random_state(layout_shapes(TINY))
+    del state[UNET + "output_blocks.4.1.proj_out.weight"]
+    msg = error_of(save(state, tmp_path / "m.safetensors"))
+    assert "missing" in msg and "output_blocks.4.1.proj_out.weight" in msg
+
+
+def test_wrong_shape_is_named(tmp_path):
+    state = random_state(layout_shapes(TINY_SD2))
+    state[OPENCLIP + "ln_final.weight"] = torch.ones(3)
+    msg = error_of(save(state, tmp_path / "m.safetensors"))
+    assert "text encoder" in msg and "final_layer_norm.weight" in msg and "wrong shape" in msg
+
+
+def test_unknown_keys_are_named(tmp_path):
+    state = random_state(layout_shapes(TINY))
+    state["lora_unet_down_blocks_0.alpha"] = torch.ones(())
+    assert "lora_unet_down_blocks_0.alpha" in error_of(save(state, tmp_path / "m.safetensors"))
+
+
+def test_bad_prediction_argument(tmp_path):
+    with pytest.raises(ValueError, match="'eps' or 'v'"):
+        load_checkpoint(tmp_path / "whatever.safetensors", prediction="x0")
