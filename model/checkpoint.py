@@ -62,6 +62,7 @@ class StableDiffusion:
     def to(self, device=None, dtype=None):
         for m in (self.unet, self.vae, self.text):
             m.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        self.unet.channels_last()   # loaded weights arrive in the file's (NCHW) layout
         return self
 
 
