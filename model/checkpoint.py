@@ -66,9 +66,12 @@ class StableDiffusion:
         return self
 
 
-def random_weights(config, *, device="cpu", dtype=torch.float32, tokenizer=None):
-    """A StableDiffusion with random weights: for timing and for running the pipeline offline."""
-    return StableDiffusion.build(config, tokenizer).to(device, dtype)
+def random_weights(config, *, device="cpu", dtype=torch.float32, tokenizer=None, seed=0):
+    """A StableDiffusion with random weights (the same for the same seed): for timing and for
+    running the pipeline offline. The global random state is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return StableDiffusion.build(config, tokenizer).to(device, dtype)
 
 
 # ---------------------------------------------------------------------------------------------

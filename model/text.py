@@ -9,7 +9,9 @@ Both SD generations use a CLIP text transformer, run here by transformers' CLIPT
 Every prompt is padded to the full 77 tokens: the UNet attends to the padding positions too,
 so padding to the batch's longest prompt would change the images.
 """
+import json
 import os
+import tempfile
 import warnings
 
 import torch
@@ -19,6 +21,35 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from .config import TextConfig
 
 DEFAULT_TOKENIZER = "openai/clip-vit-large-patch14"  # the same BPE vocabulary serves SD1 and SD2
+
+
+def bytes_to_unicode():
+    """CLIP's byte -> printable character table, in CLIP's vocabulary order: the printable bytes
+    map to themselves and come first, the other 68 bytes map to chr(256), chr(257), ..."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(others)}
+
+
+def write_tokenizer(folder, merges=()):
+    """Write a CLIP BPE tokenizer (vocab.json, merges.txt) into `folder`: the 512 byte symbols
+    (plain and word-final), the given merges (pairs of symbols), and the special tokens at their
+    real ids (<|startoftext|> 49406, <|endoftext|> 49407). Returns the folder."""
+    chars = list(bytes_to_unicode().values())
+    vocab = {tok: i for i, tok in enumerate(chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges])}
+    vocab.update({"<|startoftext|>": 49406, "<|endoftext|>": 49407})
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(folder, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    return folder
+
+
+def byte_tokenizer():
+    """A stand-in tokenizer with no merges (every character is a token), for runs with random
+    weights, which must work offline and whose output is noise whatever the token ids."""
+    with tempfile.TemporaryDirectory() as folder:
+        return CLIPTokenizer.from_pretrained(write_tokenizer(folder))
 
 
 def load_tokenizer(source=None):

@@ -265,15 +265,16 @@ class UNetModel(nn.Module):
         """x: [B, 4, h, w] latent, t: timestep(s) (scalar or [B]), context: [B, 77, C].
 
         accel: the per-run acceleration state (token pruning, feature caching) or None for the
-        plain SD forward. Returns the raw model output (eps or v) [B, 4, h, w].
+        plain SD forward. Returns the raw model output (eps or v) [B, 4, h, w] in the weights' dtype.
         """
+        dtype = self.out[2].weight.dtype   # inputs follow the weights (the sampler keeps fp32 latents)
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
-        emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(x.dtype))
-        context = context.to(x.dtype)
+        emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(dtype))
+        context = context.to(dtype)
 
         # Convs run fastest on channels-last (NHWC) tensors, and SpatialTransformer's
         # [B, C, h, w] <-> [B, h*w, C] reshapes are then free views (weights: see channels_last()).
-        skips, h = [], x.contiguous(memory_format=torch.channels_last)
+        skips, h = [], x.to(dtype).contiguous(memory_format=torch.channels_last)
         for block in self.input_blocks:
             h = block(h, emb, context, accel)
             skips.append(h)

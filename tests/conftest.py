@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from model import StableDiffusion
+from model.text import write_tokenizer
 
 KEYS = Path(__file__).parent / "keys"   # official key names and shapes (../shared/checkpoint-keys)
 UNET, VAE, CLIP, OPENCLIP = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.", "cond_stage_model.model."
@@ -75,27 +76,9 @@ def random_state(shapes, seed=0, dtype=torch.float32):
     return out
 
 
-def bytes_to_unicode():
-    """CLIP's byte -> printable-character table (its BPE works on these characters)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    for b in range(256):
-        if b not in bs:   # unprintable bytes map to code points from 256 on
-            bs.append(b)
-            cs.append(256 + len(cs) - 188)
-    return [chr(c) for c in cs]
-
-
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory):
-    """A CLIP BPE tokenizer folder (vocab.json + merges.txt) with the real special-token ids
-    (<|startoftext|> 49406, <|endoftext|> 49407), all 512 byte symbols and a few merges."""
-    chars = bytes_to_unicode()
+    """A CLIP BPE tokenizer folder with the real special-token ids and a few merges:
+    "the cat" -> [49406, 514, 516, 49407]."""
     merges = [("p", "h"), ("t", "h"), ("th", "e</w>"), ("c", "a"), ("ca", "t</w>"), ("o", "f</w>")]
-    vocab = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges]
-    ids = {tok: i for i, tok in enumerate(vocab)}
-    ids.update({"<|startoftext|>": 49406, "<|endoftext|>": 49407})
-    folder = tmp_path_factory.mktemp("tokenizer")
-    (folder / "vocab.json").write_text(json.dumps(ids))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-    return str(folder)
+    return write_tokenizer(str(tmp_path_factory.mktemp("tokenizer")), merges)

@@ -1,0 +1,225 @@
+"""Text-to-image with Stable Diffusion 1.x / 2.x, in the spirit of LDM's scripts/txt2img.py.
+
+    python sample.py --prompt "a photograph of an astronaut riding a horse" --ckpt v1-5-pruned-emaonly.safetensors
+    python sample.py --prompt "a red cube" --random-weights tiny --steps 10   # offline: noise from random weights
+
+Without --ckpt the checkpoint is $SD_CKPT, else the official SD 1.5 file downloaded from the
+Hugging Face hub (online only). Images are written as PNGs (never overwriting) with the
+generation settings in a `parameters` text chunk (JSON).
+"""
+import argparse
+import json
+import os
+import time
+from dataclasses import asdict
+
+import torch
+from PIL import Image, PngImagePlugin
+from tqdm import tqdm
+
+from model import PRESETS, load_checkpoint, random_weights
+from model.text import byte_tokenizer
+from sampler import METHODS, check_args, sample_steps
+from sampler.schedule import timesteps
+
+SD15 = ("stable-diffusion-v1-5/stable-diffusion-v1-5", "v1-5-pruned-emaonly.safetensors")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def default_device():
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+def resolve_checkpoint(ckpt):
+    """--ckpt, else $SD_CKPT, else the official SD 1.5 single file from the hub (cached after the first download)."""
+    ckpt = ckpt or os.environ.get("SD_CKPT")
+    if ckpt:
+        return ckpt
+    try:
+        from huggingface_hub import hf_hub_download
+        print(f"no --ckpt given and SD_CKPT unset: fetching {SD15[1]} from {SD15[0]} (about 4 GB, once)")
+        return hf_hub_download(*SD15)
+    except Exception as e:
+        raise SystemExit(f"could not download the SD 1.5 checkpoint ({type(e).__name__}: {e}).\n"
+                         "Pass --ckpt PATH (a .safetensors/.ckpt file or a diffusers folder), or set SD_CKPT, "
+                         "or run offline with --random-weights tiny (the output is noise).") from None
+
+
+def read_prompts(prompt=None, from_file=None):
+    if from_file:
+        if not os.path.isfile(from_file):
+            raise ValueError(f"prompt file {from_file!r} does not exist")
+        with open(from_file) as f:
+            prompts = [line.strip() for line in f if line.strip()]
+        if not prompts:
+            raise ValueError(f"prompt file {from_file!r} holds no prompts (one per line expected)")
+        return prompts
+    if prompt is None:
+        raise ValueError("give a prompt (--prompt) or a prompt file (--from-file)")
+    return [prompt]
+
+
+def next_free_path(outdir):
+    """outdir/NNNNN.png with the next unused number; created exclusively so nothing is overwritten."""
+    numbers = [int(f[:-4]) for f in os.listdir(outdir) if f.endswith(".png") and f[:-4].isdigit()]
+    n = max(numbers, default=-1) + 1
+    while True:
+        path = os.path.join(outdir, f"{n:05d}.png")
+        try:
+            return path, open(path, "xb")
+        except FileExistsError:
+            n += 1
+
+
+def to_pil(images):
+    """[B, 3, H, W] in [-1, 1] -> PIL images."""
+    pixels = ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
+    return [Image.fromarray(p.numpy()) for p in pixels]
+
+
+def final_latent(steps):
+    for step in steps:
+        pass
+    return step.x
+
+
+class Timer:
+    """Wall-clock seconds per phase, synchronising the GPU so asynchronous work is counted."""
+
+    def __init__(self, device):
+        self.device, self.totals = torch.device(device), {}
+
+    def __call__(self, phase, fn, *args):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = fn(*args)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.totals[phase] = self.totals.get(phase, 0.0) + time.perf_counter() - start
+        return out
+
+
+def generate(prompts, *, ckpt=None, random=None, tokenizer=None, negative_prompt="", n_samples=1, n_iter=1,
+             steps=50, scale=None, seed=42, H=None, W=None, sampler="plms", eta=0.0, prediction=None,
+             device=None, dtype=None, attention="sdpa", outdir="outputs", accel=None, progress=True):
+    """Generate images and write them as PNGs; returns the paths.
+
+    prompts: list of prompts. One prompt makes n_samples copies per batch; several prompts are
+    batched n_samples at a time. Everything is repeated n_iter times. Image k of the whole call
+    starts from noise seeded with seed + k (drawn on the CPU, so it is the same on every device).
+    random: a preset name ("sd1", "tiny", ...) to use random weights instead of a checkpoint.
+    scale: guidance scale (default 7.5 for SD1, 9.0 for SD2); H, W: pixels, multiples of 8
+    (default the model's native size); dtype: "fp32" | "fp16" | "bf16" (default fp16 on GPUs,
+    fp32 on CPU; bf16 is about 2x faster than fp32 on CPUs with AMX).
+    """
+    # Everything that can be wrong with the arguments is checked before any weights are loaded.
+    if not prompts:
+        raise ValueError("no prompts given")
+    for name, size in (("H", H), ("W", W)):
+        if size is not None and (size <= 0 or size % 8):
+            raise ValueError(f"{name}={size} must be a positive multiple of 8 (the VAE works on 8x8 pixel cells)")
+    if n_samples < 1 or n_iter < 1:
+        raise ValueError("n_samples and n_iter must be >= 1")
+    check_args(steps, 1.0 if scale is None else scale, sampler, eta, prediction or "eps")
+    if random is not None and random not in PRESETS:
+        raise ValueError(f"unknown random-weights preset {random!r}; choose one of {list(PRESETS)}")
+    if random is not None and ckpt:
+        raise ValueError("give either a checkpoint or random weights, not both")
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    device = device or default_device()
+    dtype = DTYPES[dtype or ("fp32" if device == "cpu" else "fp16")]
+    os.makedirs(outdir, exist_ok=True)
+
+    timer = Timer(device)
+    start = time.perf_counter()
+    if random is not None:
+        print(f"random weights ({random}): the images are noise, useful only to exercise the pipeline")
+        sd = random_weights(PRESETS[random], device=device, dtype=dtype, tokenizer=tokenizer or byte_tokenizer())
+        source = f"random weights: {random}"
+    else:
+        source = resolve_checkpoint(ckpt)
+        sd = load_checkpoint(source, device=device, dtype=dtype, prediction=prediction, tokenizer=tokenizer)
+    sd.unet.set_attention(attention)
+    config = sd.config
+    scale = config.guidance if scale is None else scale
+    H, W = H or config.image_size, W or config.image_size
+    load_time = time.perf_counter() - start
+
+    batches = [prompts * n_samples] if len(prompts) == 1 else \
+        [prompts[i:i + n_samples] for i in range(0, len(prompts), n_samples)]
+    n_steps = len(timesteps(steps))
+    paths, k = [], 0
+    with torch.inference_mode():
+        for _ in range(n_iter):
+            for batch in batches:
+                seeds = [seed + k + i for i in range(len(batch))]
+                cond = timer("text", sd.text, batch)
+                uncond = timer("text", sd.text, [negative_prompt] * len(batch)) if scale != 1 else None
+                x_T = torch.stack([torch.randn(4, H // 8, W // 8, generator=torch.Generator().manual_seed(s))
+                                   for s in seeds]).to(device)
+                loop = sample_steps(sd.unet, x_T, cond, uncond, steps, scale, sampler, eta, config.prediction,
+                                    accel, seeds[0])
+                bar = tqdm(loop, total=n_steps, desc=f"images {k}-{k + len(batch) - 1}", disable=not progress)
+                latent = timer("unet", final_latent, bar)
+                images = timer("decode", sd.vae.decode, latent.to(device))
+                for prompt, s, image in zip(batch, seeds, to_pil(images)):
+                    params = dict(prompt=prompt, negative_prompt=negative_prompt, seed=s, steps=steps, scale=scale,
+                                  sampler=sampler, eta=eta, H=H, W=W, checkpoint=source, model=config.version,
+                                  prediction=config.prediction, dtype=str(dtype).removeprefix("torch."),
+                                  attention=attention, acceleration=asdict(accel) if accel else None)
+                    info = PngImagePlugin.PngInfo()
+                    info.add_text("parameters", json.dumps(params))
+                    path, f = next_free_path(outdir)
+                    with f:
+                        image.save(f, format="PNG", pnginfo=info)
+                    paths.append(path)
+                k += len(batch)
+
+    t = timer.totals
+    total = time.perf_counter() - start
+    print(f"{len(paths)} image(s) in {outdir}/  |  load {load_time:.1f}s, text {t.get('text', 0):.2f}s, "
+          f"UNet {t['unet']:.1f}s ({t['unet'] / len(paths):.2f}s/image), decode {t['decode']:.1f}s, total {total:.1f}s")
+    return paths
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompt", help="the text prompt")
+    p.add_argument("--from-file", help="a file with one prompt per line (instead of --prompt)")
+    p.add_argument("--negative-prompt", default="", help="what to steer away from (default: the empty prompt)")
+    p.add_argument("--n-samples", type=int, default=1, help="images per batch")
+    p.add_argument("--n-iter", type=int, default=1, help="how many times to repeat the batches")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps (PLMS-50 = 51 UNet calls)")
+    p.add_argument("--scale", type=float, help="guidance scale (default 7.5 for SD1, 9.0 for SD2)")
+    p.add_argument("--seed", type=int, default=42, help="image k uses seed + k")
+    p.add_argument("--H", type=int, help="height in pixels, a multiple of 8 (default: the model's native size)")
+    p.add_argument("--W", type=int, help="width in pixels, a multiple of 8")
+    p.add_argument("--sampler", choices=METHODS, default="plms")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0 = deterministic; PLMS needs 0)")
+    p.add_argument("--ckpt", help=".safetensors / .ckpt file or diffusers folder (default: $SD_CKPT, else download SD 1.5)")
+    p.add_argument("--random-weights", choices=list(PRESETS), help="random weights of this architecture (offline test runs)")
+    p.add_argument("--tokenizer", help="folder with vocab.json + merges.txt, or a hub id")
+    p.add_argument("--prediction", choices=["eps", "v"], help="override the detected prediction type")
+    p.add_argument("--device", help="cpu, cuda, mps (default: the best available)")
+    p.add_argument("--dtype", choices=list(DTYPES), help="default fp16 on GPUs, fp32 on CPU (bf16: fast on AMX CPUs)")
+    p.add_argument("--attention", choices=["sdpa", "math"], default="sdpa",
+                   help="math materialises the score matrix as the original LDM code did")
+    p.add_argument("--outdir", default="outputs")
+    args = p.parse_args(argv)
+    try:
+        prompts = read_prompts(args.prompt, args.from_file)
+        generate(prompts, ckpt=args.ckpt, random=args.random_weights, tokenizer=args.tokenizer,
+                 negative_prompt=args.negative_prompt, n_samples=args.n_samples, n_iter=args.n_iter,
+                 steps=args.steps, scale=args.scale, seed=args.seed, H=args.H, W=args.W, sampler=args.sampler,
+                 eta=args.eta, prediction=args.prediction, device=args.device, dtype=args.dtype,
+                 attention=args.attention, outdir=args.outdir)
+    except ValueError as e:
+        p.error(str(e))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""The denoising loop: classifier-free guidance, eps or v prediction, PLMS or DDIM.
+
+    from sampler import sample
+    latent = sample(unet, x_T, cond, uncond, steps=50, scale=7.5, method="plms")
+
+`unet` is any callable unet(x, t, context) -> tensor (with `accel`, it is also given the
+per-run acceleration state as a keyword). `sample_steps` is the same loop as a generator that
+yields a Step after every step, for progress bars, previews and timing.
+"""
+from dataclasses import dataclass
+
+import torch
+
+from .accel import Acceleration
+from .ddim import ddim_steps
+from .plms import plms_steps
+from .schedule import alphas_cumprod, timesteps
+
+METHODS = ("plms", "ddim")
+
+
+@dataclass
+class Step:
+    index: int              # 0-based step number
+    steps: int              # number of steps in the run
+    t: int                  # timestep of this step
+    x: torch.Tensor         # latent after the step
+    pred_x0: torch.Tensor   # the model's estimate of the clean latent at this step
+    calls: int              # UNet calls so far
+
+
+def unet_calls(steps, method="plms"):
+    """UNet calls in a run: one per step, plus PLMS's extra call in its first step (50 -> 51)."""
+    return len(timesteps(steps)) + (method == "plms")
+
+
+def check_args(steps=50, scale=7.5, method="plms", eta=0.0, prediction="eps"):
+    """Raise ValueError for settings the samplers cannot run (before any heavy work)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown sampler {method!r}; choose one of {METHODS}")
+    timesteps(steps)   # validates the step count
+    if method == "plms" and eta != 0:
+        raise ValueError(f"PLMS is deterministic (eta must be 0, got {eta}); use method='ddim' for eta > 0")
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    if prediction not in ("eps", "v"):
+        raise ValueError(f"prediction must be 'eps' or 'v', got {prediction!r}")
+    if scale < 0:
+        raise ValueError(f"guidance scale must be >= 0, got {scale}")
+
+
+def sample_steps(unet, x_T, cond, uncond=None, steps=50, scale=7.5, method="plms", eta=0.0,
+                 prediction="eps", accel=None, seed=0):
+    """Run the sampler, yielding a Step after each step.
+
+    x_T: [B, 4, h, w] initial noise; cond / uncond: [B, 77, C] contexts (uncond None or
+    scale == 1: no guidance, one conditional call per evaluation, as LDM does).
+    Guidance batches one call on [x; x] with contexts [uncond; cond]:
+    eps = eps_u + scale * (eps_c - eps_u). v-prediction outputs are converted per call:
+    eps = √ᾱ_t·v + √(1-ᾱ_t)·x_t. accel: an Acceleration (or None); its per-run state is made
+    here from `seed`, which also seeds DDIM's noise when eta > 0.
+    """
+    check_args(steps, scale, method, eta, prediction)
+    alphas = alphas_cumprod()
+    ts = timesteps(steps)[::-1]
+    run = accel.start(unet_calls(steps, method), seed) if accel is not None else None
+    guided = uncond is not None and scale != 1
+    calls = 0
+
+    def eps_fn(x, t):
+        nonlocal calls
+        x_in, c_in = (torch.cat([x, x]), torch.cat([uncond, cond])) if guided else (x, cond)
+        t_in = torch.full((x_in.shape[0],), t, device=x.device)
+        if run is None:
+            out = unet(x_in, t_in, c_in)
+        else:
+            run.begin_call(calls)
+            out = unet(x_in, t_in, c_in, accel=run)
+            run.end_call(out)
+        calls += 1
+        out = out.to(x.dtype)
+        if guided:
+            e_uncond, e_cond = out.chunk(2)
+            out = e_uncond + scale * (e_cond - e_uncond)
+        if prediction == "v":
+            a = alphas[t].item()
+            out = a ** 0.5 * out + (1 - a) ** 0.5 * x
+        return out
+
+    x = x_T.to(torch.promote_types(x_T.dtype, torch.float32))   # latents stay in (at least) fp32
+    if method == "plms":
+        loop = plms_steps(eps_fn, x, ts, alphas)
+    else:
+        loop = ddim_steps(eps_fn, x, ts, alphas, eta, torch.Generator().manual_seed(seed))
+    for i, t, x, pred_x0 in loop:
+        yield Step(i, len(ts), t, x, pred_x0, calls)
+
+
+def sample(unet, x_T, cond, uncond=None, steps=50, scale=7.5, method="plms", eta=0.0,
+           prediction="eps", accel=None, seed=0):
+    """Run the whole loop and return the final latent [B, 4, h, w] (fp32, or fp64 for an fp64 x_T).
+    Arguments as for sample_steps."""
+    for step in sample_steps(unet, x_T, cond, uncond, steps, scale, method, eta, prediction, accel, seed):
+        pass
+    return step.x
+
+
+__all__ = ["sample", "sample_steps", "Step", "Acceleration", "unet_calls", "check_args", "METHODS"]

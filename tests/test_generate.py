@@ -1,0 +1,100 @@
+"""sample.py end to end on the TINY presets with a synthesized tokenizer."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors.torch import save_file
+
+import sample
+from conftest import layout_shapes, random_state
+from model import TINY
+
+KW = dict(random="tiny", steps=4, H=64, W=48, progress=False)
+
+
+def pixels(path):
+    return np.asarray(Image.open(path)).astype(int)
+
+
+def test_writes_pngs_with_metadata(tmp_path, tokenizer_dir):
+    paths = sample.generate(["the cat"], tokenizer=tokenizer_dir, n_samples=2, n_iter=2, seed=7,
+                            outdir=str(tmp_path), **KW)
+    assert [p.rsplit("/", 1)[1] for p in paths] == ["00000.png", "00001.png", "00002.png", "00003.png"]
+    image = Image.open(paths[3])
+    assert image.size == (48, 64) and image.mode == "RGB"
+    params = json.loads(image.text["parameters"])
+    assert params["prompt"] == "the cat" and params["seed"] == 10 and params["steps"] == 4
+    assert params["sampler"] == "plms" and params["checkpoint"] == "random weights: tiny" and params["scale"] == 7.5
+
+
+def test_same_seed_same_pixels_and_no_overwrite(tmp_path, tokenizer_dir):
+    first = sample.generate(["the cat"], tokenizer=tokenizer_dir, seed=3, outdir=str(tmp_path), **KW)
+    before = pixels(first[0])
+    second = sample.generate(["the cat"], tokenizer=tokenizer_dir, seed=3, outdir=str(tmp_path), **KW)
+    assert second[0] != first[0] and second[0].endswith("00001.png")
+    assert np.array_equal(pixels(first[0]), before)        # the first file is untouched
+    assert np.array_equal(pixels(second[0]), before)       # and the run is reproducible
+    other = sample.generate(["the cat"], tokenizer=tokenizer_dir, seed=4, outdir=str(tmp_path), **KW)
+    assert not np.array_equal(pixels(other[0]), before)
+
+
+def test_image_k_uses_seed_plus_k(tmp_path, tokenizer_dir):
+    """The second image of a seed-10 batch is the image of seed 11 alone (up to batched-BLAS rounding)."""
+    batch = sample.generate(["the cat"], tokenizer=tokenizer_dir, seed=10, n_samples=2, outdir=str(tmp_path / "a"), **KW)
+    alone = sample.generate(["the cat"], tokenizer=tokenizer_dir, seed=11, outdir=str(tmp_path / "b"), **KW)
+    assert np.abs(pixels(batch[1]) - pixels(alone[0])).max() <= 2
+
+
+def test_prompt_file_batches(tmp_path, tokenizer_dir):
+    (tmp_path / "prompts.txt").write_text("the cat\n\na photo of the cat\nthe\n")
+    prompts = sample.read_prompts(from_file=str(tmp_path / "prompts.txt"))
+    paths = sample.generate(prompts, tokenizer=tokenizer_dir, n_samples=2, outdir=str(tmp_path / "out"), **KW)
+    assert [json.loads(Image.open(p).text["parameters"])["prompt"] for p in paths] == prompts
+
+
+def test_checkpoint_from_environment(tmp_path, tokenizer_dir, monkeypatch):
+    save_file(random_state(layout_shapes(TINY)), str(tmp_path / "tiny.safetensors"))
+    monkeypatch.setenv("SD_CKPT", str(tmp_path / "tiny.safetensors"))
+    kw = {**KW, "random": None}
+    paths = sample.generate(["the cat"], tokenizer=tokenizer_dir, sampler="ddim", outdir=str(tmp_path / "out"), **kw)
+    assert json.loads(Image.open(paths[0]).text["parameters"])["checkpoint"].endswith("tiny.safetensors")
+
+
+def test_download_failure_says_what_to_pass(monkeypatch):
+    import huggingface_hub
+    monkeypatch.delenv("SD_CKPT", raising=False)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    with pytest.raises(SystemExit, match="--ckpt PATH"):
+        sample.resolve_checkpoint(None)
+
+
+def test_cli(tmp_path, tokenizer_dir):
+    sample.main(["--prompt", "the cat", "--random-weights", "tiny", "--steps", "2", "--H", "32", "--W", "32",
+                 "--tokenizer", tokenizer_dir, "--sampler", "ddim", "--eta", "0.5", "--outdir", str(tmp_path)])
+    assert json.loads(Image.open(tmp_path / "00000.png").text["parameters"])["eta"] == 0.5
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(H=100), "multiple of 8"), (dict(W=0), "multiple of 8"), (dict(steps=0), "steps"),
+    (dict(sampler="euler"), "unknown sampler"), (dict(eta=0.3), "PLMS is deterministic"),
+    (dict(random="sdxl"), "random-weights preset"), (dict(dtype="int8"), "dtype")])
+def test_bad_arguments_fail_before_loading(tmp_path, kw, match):
+    """The checkpoint path does not exist: the argument error must come first."""
+    with pytest.raises(ValueError, match=match):
+        sample.generate(["x"], **{"ckpt": str(tmp_path / "missing.safetensors"), "random": None, **kw})
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--from-file", "nope.txt"], "does not exist"), ([], "give a prompt"), (["--prompt", "x", "--H", "65"], "multiple of 8")])
+def test_cli_errors(tmp_path, capsys, args, match):
+    (tmp_path / "empty.txt").write_text("\n\n")
+    with pytest.raises(SystemExit):
+        sample.main(args + ["--ckpt", str(tmp_path / "missing.safetensors")])
+    assert match in capsys.readouterr().err
+
+
+def test_empty_prompt_file(tmp_path):
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    with pytest.raises(ValueError, match="holds no prompts"):
+        sample.read_prompts(from_file=str(tmp_path / "empty.txt"))
