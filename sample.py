@@ -19,7 +19,10 @@ from tqdm import tqdm
 
 from model import PRESETS, load_checkpoint, random_weights
 from model.text import byte_tokenizer
-from sampler import METHODS, check_args, sample_steps
+from prune import LAYERS, TokenPruning
+from prune import METHODS as PRUNE_METHODS
+from prune.viz import PruneViz
+from sampler import METHODS, Acceleration, check_args, sample_steps
 from sampler.schedule import timesteps
 
 SD15 = ("stable-diffusion-v1-5/stable-diffusion-v1-5", "v1-5-pruned-emaonly.safetensors")
@@ -209,6 +212,19 @@ def main(argv=None):
     p.add_argument("--attention", choices=["sdpa", "math"], default="sdpa",
                    help="math materialises the score matrix as the original LDM code did")
     p.add_argument("--outdir", default="outputs")
+
+    g = p.add_argument_group("token pruning (prune/)")
+    g.add_argument("--prune", choices=("none",) + PRUNE_METHODS, default="none", help="token method (none)")
+    g.add_argument("--prune-ratio", type=float, default=0.5, help="fraction of tokens removed per block (0.5, max 0.75)")
+    g.add_argument("--prune-maxdown", type=int, default=1, choices=(1, 2, 4, 8),
+                   help="prune blocks at most this much below the latent resolution (1: the five 64x64 blocks)")
+    g.add_argument("--prune-layers", default="attn1",
+                   help=f"comma-separated sub-layers from {','.join(LAYERS)} (attn1 = self-attention only)")
+    g.add_argument("--prune-noise", type=float, default=0.1, help="SiTo/DaTo noise weight on the base-token score")
+    g.add_argument("--prune-recover", choices=("kept", "base"), default="kept",
+                   help="SiTo/DaTo: pruned tokens copy the most similar kept token (code) or base token (paper)")
+    g.add_argument("--viz-prune", metavar="DIR", help="save a picture of one block's base/kept/pruned tokens per call")
+    g.add_argument("--viz-block", default="input_blocks.1.1.transformer_blocks.0", help="the block --viz-prune shows")
     args = p.parse_args(argv)
     try:
         prompts = read_prompts(args.prompt, args.from_file)
@@ -216,9 +232,20 @@ def main(argv=None):
                  negative_prompt=args.negative_prompt, n_samples=args.n_samples, n_iter=args.n_iter,
                  steps=args.steps, scale=args.scale, seed=args.seed, H=args.H, W=args.W, sampler=args.sampler,
                  eta=args.eta, prediction=args.prediction, device=args.device, dtype=args.dtype,
-                 attention=args.attention, outdir=args.outdir)
+                 attention=args.attention, outdir=args.outdir, accel=acceleration(args))
     except ValueError as e:
         p.error(str(e))
+
+
+def acceleration(args):
+    """The Acceleration the command line asks for, or None."""
+    prune = None if args.prune == "none" else TokenPruning(
+        args.prune, ratio=args.prune_ratio, max_downsample=args.prune_maxdown,
+        layers=tuple(args.prune_layers.split(",")), noise_alpha=args.prune_noise, recover_from=args.prune_recover)
+    viz = PruneViz(args.viz_prune, args.viz_block) if args.viz_prune else None
+    if viz and not prune:
+        raise ValueError("--viz-prune needs a pruning method (--prune tome|sito|dato)")
+    return Acceleration(prune, viz) if prune else None
 
 
 if __name__ == "__main__":

@@ -130,6 +130,7 @@ class BasicTransformerBlock(nn.Module):
         self.ff = FeedForward(dim)
         self.attn2 = CrossAttention(dim, heads, head_dim, context_dim, upcast=upcast)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.name = ""   # its module path, set by UNetModel (token plans and pictures refer to blocks by it)
 
     def forward(self, x, context, hw, accel=None):
         """x: [B, h*w, C] tokens in row-major grid order; hw = (h, w).
@@ -137,7 +138,7 @@ class BasicTransformerBlock(nn.Module):
         With an acceleration state, the block asks it for token plans: a (prune, recover) pair
         (or None) for each of self-attention, cross-attention and feed-forward.
         """
-        attn1, attn2, ff = accel.token_plans(x, hw) if accel is not None else (None, None, None)
+        attn1, attn2, ff = accel.token_plans(x, hw, self.name) if accel is not None else (None, None, None)
         x = x + through(self.attn1, self.norm1(x), attn1)
         x = x + through(self.attn2, self.norm2(x), attn2, context)
         return x + through(self.ff, self.norm3(x), ff)
@@ -248,6 +249,9 @@ class UNetModel(nn.Module):
 
         self.out = nn.Sequential(nn.GroupNorm(32, ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
         self.channels_last()
+        for name, module in self.named_modules():
+            if isinstance(module, BasicTransformerBlock):
+                module.name = name
 
     def channels_last(self):
         """Store the conv weights channels-last, matching the activations forward() uses."""

@@ -74,7 +74,7 @@ def sample_steps(unet, x_T, cond, uncond=None, steps=50, scale=7.5, method="plms
         if run is None:
             out = unet(x_in, t_in, c_in)
         else:
-            run.begin_call(calls)
+            run.begin_call(calls, x_in)
             out = unet(x_in, t_in, c_in, accel=run)
             run.end_call(out)
         calls += 1

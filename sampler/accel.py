@@ -8,6 +8,10 @@ UNet call as `accel`. Nothing leaks from one run into the next.
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+
+from prune import LAYERS, TokenPruning
+from prune.viz import PruneViz
 
 NO_PLANS = (None, None, None)
 
@@ -15,7 +19,12 @@ NO_PLANS = (None, None, None)
 @dataclass(frozen=True)
 class Acceleration:
     """What to accelerate (one per command line / experiment). With everything off the UNet
-    runs its plain forward, bit for bit."""
+    runs its plain forward, bit for bit.
+
+    prune: TokenPruning settings or None. viz: PruneViz (pictures of one block's plans) or None.
+    """
+    prune: TokenPruning | None = None
+    viz: PruneViz | None = None
 
     def start(self, calls, seed):
         """A fresh RunState for a run of `calls` UNet calls; its generator is seeded with `seed`."""
@@ -23,21 +32,43 @@ class Acceleration:
 
 
 class RunState:
-    """State of one sampling run. The sampler calls begin_call(i) before and end_call(output)
-    after UNet call i; the UNet's blocks ask it for token plans."""
+    """State of one sampling run. The sampler calls begin_call(i, x) before and end_call(output)
+    after UNet call i; the UNet's transformer blocks ask it for token plans."""
 
     def __init__(self, settings, calls, seed):
-        self.settings, self.calls = settings, calls
+        if settings.prune is not None:
+            settings.prune.check_calls(calls)
+        self.settings, self.calls, self.seed = settings, calls, seed
         self.call = None            # index of the UNet call in progress, 0 .. calls-1
         self.generator = torch.Generator().manual_seed(seed)
         self.outputs = []           # the two most recent raw UNet outputs, oldest first
+        self.latent_tokens = None   # h * w of the latent of the call in progress
+        self.dynamics = None        # DaTo's D for the call in progress: [B, h, w] or None
 
-    def begin_call(self, index):
-        self.call = index
+    def begin_call(self, index, x):
+        """UNet call `index` on latent x [B, 4, h, w] is about to run."""
+        self.call, self.latent_tokens = index, x.shape[-2] * x.shape[-1]
+        prune = self.settings.prune
+        self.dynamics = None
+        if prune is not None and prune.method == "dato" and len(self.outputs) == 2 \
+                and self.outputs[0].shape == self.outputs[1].shape and self.outputs[1].shape[0] == x.shape[0]:
+            # how much each position's prediction moved between the last two calls
+            self.dynamics = (self.outputs[1].float() - self.outputs[0].float()).abs().mean(dim=1)
 
     def end_call(self, output):
         self.outputs = [*self.outputs[-1:], output]
 
-    def token_plans(self, x, hw):
-        """(prune, recover) pairs or None for self-attention, cross-attention and feed-forward."""
-        return NO_PLANS
+    def token_plans(self, x, hw, block):
+        """(prune, recover) pairs or None for self-attention, cross-attention and feed-forward
+        of the transformer block named `block`, whose input is x [B, h*w, C]."""
+        prune = self.settings.prune
+        ratio = prune.ratio_at(self.call) if prune is not None else 0
+        if not ratio or not prune.applies(hw, self.latent_tokens):
+            return NO_PLANS
+        dynamics = self.dynamics
+        if dynamics is not None and tuple(dynamics.shape[-2:]) != tuple(hw):   # a deeper block: pool D to its grid
+            dynamics = F.adaptive_avg_pool2d(dynamics[:, None], hw)[:, 0]
+        plan = prune.plan(x, hw, ratio, generator=self.generator, dynamics=dynamics)
+        if self.settings.viz is not None:
+            self.settings.viz.record(f"seed{self.seed}_call{self.call:03d}", block, hw, plan)
+        return tuple(plan if layer in prune.layers else None for layer in LAYERS)

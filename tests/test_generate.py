@@ -98,3 +98,24 @@ def test_empty_prompt_file(tmp_path):
     (tmp_path / "empty.txt").write_text("\n  \n")
     with pytest.raises(ValueError, match="holds no prompts"):
         sample.read_prompts(from_file=str(tmp_path / "empty.txt"))
+
+
+def test_cli_pruning_and_pictures(tmp_path, tokenizer_dir):
+    sample.main(["--prompt", "the cat", "--random-weights", "tiny", "--steps", "3", "--H", "64", "--W", "64",
+                 "--tokenizer", tokenizer_dir, "--outdir", str(tmp_path / "out"), "--prune", "sito",
+                 "--prune-ratio", "0.6", "--prune-layers", "attn1,attn2", "--viz-prune", str(tmp_path / "viz")])
+    accel = json.loads(Image.open(tmp_path / "out" / "00000.png").text["parameters"])["acceleration"]
+    assert accel["prune"]["method"] == "sito" and accel["prune"]["layers"] == ["attn1", "attn2"]
+    pictures = sorted(p.name for p in (tmp_path / "viz").iterdir())
+    assert pictures == [f"seed42_call{i:03d}.png" for i in range(4)]   # PLMS-3: 4 UNet calls
+    roles = np.asarray(Image.open(tmp_path / "viz" / pictures[0]))[::4, ::4]
+    assert roles.shape[:2] == (8, 8)
+    colors = {tuple(c) for c in roles.reshape(-1, 3)}
+    counts = {c: int((roles.reshape(-1, 3) == c).all(-1).sum()) for c in colors}
+    assert sorted(counts.values()) == [10, 16, 38]   # 38 of 64 pruned, 16 base tokens, 10 other kept
+
+
+def test_viz_needs_a_method(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        sample.main(["--prompt", "x", "--random-weights", "tiny", "--viz-prune", str(tmp_path)])
+    assert "--viz-prune needs" in capsys.readouterr().err

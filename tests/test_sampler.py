@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from sampler import Acceleration, check_args, sample, sample_steps, unet_calls
+from sampler.accel import RunState
 from sampler.schedule import alphas_cumprod, timesteps
 
 ALPHAS = alphas_cumprod()
@@ -150,19 +151,25 @@ def test_run_state_sees_every_call():
     """The per-run state is told each call index and receives each raw (unguided) output."""
     seen, outputs = [], []
 
-    class Watch(Acceleration):
+    class Watch(RunState):
+        def begin_call(self, index, x):
+            seen.append(index)
+            super().begin_call(index, x)
+
+        def end_call(self, output):
+            outputs.append(output)
+            super().end_call(output)
+
+    class Watched(Acceleration):
         def start(self, calls, seed):
-            state = super().start(calls, seed)
             assert calls == 51
-            begin, end = state.begin_call, state.end_call
-            state.begin_call = lambda i: (seen.append(i), begin(i))
-            state.end_call = lambda out: (outputs.append(out), end(out))
-            return state
+            return Watch(self, calls, seed)
 
     def unet(x, t, context, accel=None):
+        assert isinstance(accel, Watch)
         return gaussian_eps(x, t)
 
-    sample(unet, x_T()[:1].float(), torch.zeros(1, 77, 8), torch.zeros(1, 77, 8), accel=Watch())
+    sample(unet, x_T()[:1].float(), torch.zeros(1, 77, 8), torch.zeros(1, 77, 8), accel=Watched())
     assert seen == list(range(51)) and all(o.shape[0] == 2 for o in outputs)
 
 

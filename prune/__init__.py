@@ -1,0 +1,94 @@
+"""Token pruning inside the UNet's transformer blocks: ToMe, SiTo, DaTo.
+
+Each method module has `plan(x, (h, w), ratio, ...) -> (prune, recover)`, the contract of
+tomesd's merge/unmerge: prune [B, N, C] -> [B, N-k, C] before a sub-layer, recover
+[B, N-k, C'] -> [B, N, C'] after it. TokenPruning holds the settings of a run; the per-run
+state (sampler/accel.py) asks it for plans block by block.
+"""
+import math
+from dataclasses import dataclass
+
+from . import dato, sito, tome
+from .tokens import check_ratio
+
+METHODS = ("tome", "sito", "dato")
+LAYERS = ("attn1", "attn2", "ff")   # self-attention, cross-attention, feed-forward
+RECOVER = ("kept", "base")
+
+
+@dataclass(frozen=True)
+class TokenPruning:
+    """Token pruning settings; recommended values are the defaults.
+
+    method: "tome" | "sito" | "dato".
+    ratio: fraction of a block's tokens removed (0.5; at most 1 - 1/(sx*sy) = 0.75 for 2x2 cells).
+        Quality holds up to about 0.5-0.6 (ToMe README, SiTo table); 0 disables pruning exactly.
+    max_downsample: prune blocks whose grid is at most this much smaller than the latent
+        (1: the five 64x64-latent blocks at 512 px, as every paper recommends; 2, 4, 8: deeper too).
+    sx, sy: cell size, one base token per cell (2, 2).
+    layers: sub-layers to wrap (("attn1",): self-attention only; pruning "ff" hurts images,
+        SiTo #1 / tomesd README).
+    noise_alpha: SiTo/DaTo noise weight on the base-token score (0.1).
+    sim_beta: SiTo's SimScore weight (1.0). gamma: DaTo's dynamics weight (1.0).
+    align_cfg: DaTo: uncond and cond rows share base tokens (True).
+    recover_from: SiTo/DaTo: pruned tokens copy the most similar "kept" token (official code)
+        or "base" token (the SiTo paper; cheaper).
+    use_rand: ToMe: random dst per cell (True) or top-left.
+    schedule: per-UNet-call ratios, one per call of the run (PLMS-50: 51), overriding `ratio`
+        (DaTo's searched per-step ratios; see cache/ for the presets). Empty: constant ratio.
+    """
+    method: str = "sito"
+    ratio: float = 0.5
+    max_downsample: int = 1
+    sx: int = 2
+    sy: int = 2
+    layers: tuple = ("attn1",)
+    noise_alpha: float = 0.1
+    sim_beta: float = 1.0
+    gamma: float = 1.0
+    align_cfg: bool = True
+    recover_from: str = "kept"
+    use_rand: bool = True
+    schedule: tuple = ()
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown pruning method {self.method!r}; choose one of {METHODS}")
+        if self.sx < 1 or self.sy < 1:
+            raise ValueError(f"cell size must be positive, got sx={self.sx}, sy={self.sy}")
+        for r in (self.ratio, *self.schedule):
+            check_ratio(r, self.sx, self.sy)
+        if self.max_downsample not in (1, 2, 4, 8):
+            raise ValueError(f"max_downsample must be 1, 2, 4 or 8, got {self.max_downsample}")
+        if not self.layers or set(self.layers) - set(LAYERS):
+            raise ValueError(f"layers must be a non-empty subset of {LAYERS}, got {self.layers}")
+        if self.recover_from not in RECOVER:
+            raise ValueError(f"recover_from must be one of {RECOVER}, got {self.recover_from!r}")
+
+    def check_calls(self, calls):
+        if self.schedule and len(self.schedule) != calls:
+            raise ValueError(f"prune schedule has {len(self.schedule)} ratios, but this run makes {calls} UNet calls "
+                             "(PLMS: steps + 1, DDIM: steps); give one ratio per call")
+
+    def ratio_at(self, call):
+        return self.schedule[call] if self.schedule else self.ratio
+
+    def applies(self, hw, latent_tokens):
+        """Whether a block with an h x w grid is pruned: deep enough grids only (tomesd's rule
+        ds = ceil(sqrt(N_latent / N)) <= max_downsample), and at least one full cell."""
+        h, w = hw
+        ds = math.ceil(math.sqrt(latent_tokens / (h * w)))
+        return ds <= self.max_downsample and h >= self.sy and w >= self.sx
+
+    def plan(self, x, hw, ratio, generator=None, dynamics=None):
+        if self.method == "tome":
+            return tome.plan(x, hw, ratio, sx=self.sx, sy=self.sy, use_rand=self.use_rand, generator=generator)
+        if self.method == "sito":
+            return sito.plan(x, hw, ratio, sx=self.sx, sy=self.sy, noise_alpha=self.noise_alpha,
+                             sim_beta=self.sim_beta, recover_from=self.recover_from, generator=generator)
+        return dato.plan(x, hw, ratio, dynamics=dynamics, gamma=self.gamma, noise_alpha=self.noise_alpha,
+                         align_cfg=self.align_cfg, recover_from=self.recover_from, sx=self.sx, sy=self.sy,
+                         generator=generator)
+
+
+__all__ = ["TokenPruning", "METHODS", "LAYERS", "tome", "sito", "dato"]

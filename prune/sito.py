@@ -1,0 +1,30 @@
+"""SiTo (Zhang et al., AAAI 2025): similarity-based token pruning.
+
+Base token of each sy x sx cell = argmax of sim_beta * SimScore + noise_alpha * N(0, 1), where
+SimScore_i = sum_j cos(x_i, x_j) is how representative token i is of the whole image. The
+k = int(N * ratio) candidates most similar to some base token are pruned; after the sub-layer
+each copies the result of its most similar kept token (official code) or base token (paper).
+
+SimScore is computed as x̂_i · (sum_j x̂_j): O(N C), equal to the row sums of the N x N cosine
+matrix the official code builds (5.4 G multiply-adds per block at 512 px) up to rounding.
+"""
+import torch
+
+from .tokens import check_ratio, normalized, per_cell_argmax, split_by_similarity
+
+
+def plan(x, hw, ratio, *, sx=2, sy=2, noise_alpha=0.1, sim_beta=1.0, recover_from="kept", generator=None):
+    """x [B, h*w, C] (the block input) -> (prune, recover) as a TokenPlan.
+
+    ratio: fraction of all tokens pruned (SiTo's README uses 0.5-0.7; at most 1 - 1/(sx*sy)).
+    noise_alpha: weight of the Gaussian noise that varies the base tokens between calls (0.1).
+    sim_beta: weight of SimScore (1.0). recover_from: "kept" (official code, default) or "base" (paper).
+    """
+    check_ratio(ratio, sx, sy)
+    h, w = hw
+    m = normalized(x)
+    mf = m.float()   # SimScore sums N cosines: low-precision rounding would tie whole cells
+    score = sim_beta * (mf @ mf.sum(dim=1)[..., None]).squeeze(-1)   # [B, N]
+    if noise_alpha:
+        score = score + noise_alpha * torch.randn(score.shape, generator=generator).to(score.device)
+    return split_by_similarity(m, per_cell_argmax(score, h, w, sx, sy), int(x.shape[1] * ratio), recover_from)

@@ -1,0 +1,28 @@
+"""ToMe for Stable Diffusion (Bolya & Hoffman, 2023; tomesd): merge tokens into random per-cell dst tokens.
+
+One dst token per sy x sx cell, chosen at random (or the top-left one); the k = int(N * ratio)
+src tokens most similar (cosine) to some dst are averaged into it (mean, the dst included), and
+after the sub-layer each merged token copies its dst's result. Same partition for every row of
+the batch, so the CFG halves share it. Equivalent to tomesd's bipartite_soft_matching_random2d.
+"""
+import torch
+
+from .tokens import TokenPlan, cell_indices, check_ratio, normalized, split_by_similarity
+
+
+def plan(x, hw, ratio, *, sx=2, sy=2, use_rand=True, generator=None):
+    """x [B, h*w, C] (the block input) -> (merge, unmerge) as a TokenPlan.
+
+    ratio: fraction of all tokens merged away (tomesd default 0.5; at most 1 - 1/(sx*sy)).
+    use_rand: random dst per cell from `generator` (recommended); False puts dst top-left (tomesd's no_rand).
+    """
+    check_ratio(ratio, sx, sy)
+    (h, w), (b, n, _) = hw, x.shape
+    hc, wc = h // sy, w // sx
+    if use_rand:   # drawn on the generator's device, the same number of draws as tomesd
+        choice = torch.randint(sy * sx, (hc, wc), generator=generator, device=generator.device if generator else "cpu")
+    else:
+        choice = torch.zeros(hc, wc, dtype=torch.long)
+    dst = cell_indices(choice.to(x.device), w, sx, sy).expand(b, -1)
+    split = split_by_similarity(normalized(x), dst, int(n * ratio), recover_from="base")
+    return TokenPlan(split.kept, split.pruned, split.source, split.base, merge=True)

@@ -1,0 +1,200 @@
+"""Token pruning: plan properties, SiTo against a brute-force N x N reference, ToMe against
+tomesd, DaTo's dynamics and CFG alignment, and exactness where results must be exact."""
+import pytest
+import torch
+from tomesd.merge import bipartite_soft_matching_random2d
+
+from model import TINY
+from model.unet import BasicTransformerBlock, CrossAttention, UNetModel
+from prune import TokenPruning, dato, sito, tome
+from sampler import Acceleration, sample
+
+GRIDS = [(8, 8), (6, 10), (7, 5), (9, 9)]   # square, non-square, and sides not divisible by the cell
+
+
+def plan_of(method, x, hw, ratio, **kw):
+    g = torch.Generator().manual_seed(0)
+    if method == "dato":
+        return dato.plan(x, hw, ratio, dynamics=kw.pop("dynamics", torch.rand(x.shape[0], *hw, generator=g)),
+                         generator=g, **kw)
+    return {"tome": tome.plan, "sito": sito.plan}[method](x, hw, ratio, generator=g, **kw)
+
+
+@pytest.mark.parametrize("method", ["tome", "sito", "dato"])
+@pytest.mark.parametrize("hw", GRIDS)
+@pytest.mark.parametrize("ratio", [0.0, 0.3, 0.75])
+@pytest.mark.parametrize("batch", [1, 3, 4])
+def test_plan_properties(method, hw, ratio, batch):
+    h, w = hw
+    n = h * w
+    x = torch.randn(batch, n, 16, dtype=torch.float64)
+    plan = plan_of(method, x, hw, ratio)
+    kept, pruned, base = plan.kept, plan.pruned, plan.base
+    k = int(n * ratio)
+    assert pruned.shape == (batch, k) and kept.shape == (batch, n - k)
+    for b in range(batch):   # kept and pruned partition the grid
+        assert sorted(kept[b].tolist() + pruned[b].tolist()) == list(range(n))
+        cells = [(i // w // 2, i % w // 2) for i in base[b].tolist()]   # exactly one base per full cell
+        assert sorted(cells) == [(r, c) for r in range(h // 2) for c in range(w // 2)]
+        assert set(base[b].tolist()) <= set(kept[b].tolist())
+    prune, recover = plan
+    y = recover(prune(x))
+    if method != "tome":   # dropped, then copied back: kept tokens are themselves, pruned ones their source
+        assert torch.equal(y.gather(1, kept[..., None].expand(-1, -1, 16)), x.gather(1, kept[..., None].expand(-1, -1, 16)))
+        src = kept.gather(1, plan.source)
+        assert torch.equal(y.gather(1, pruned[..., None].expand(-1, -1, 16)), x.gather(1, src[..., None].expand(-1, -1, 16)))
+    else:                  # merged: each merged token holds the mean of its group, as its dst does
+        assert torch.allclose(y.gather(1, pruned[..., None].expand(-1, -1, 16)),
+                              y.gather(1, kept.gather(1, plan.source)[..., None].expand(-1, -1, 16)))
+
+
+def sito_reference(x, hw, k, recover_from):
+    """The official SiTo algorithm with the full N x N cosine matrix, written plainly."""
+    h, w = hw
+    m = x / x.norm(dim=-1, keepdim=True)
+    gram = m @ m.T
+    score = gram.sum(-1)
+    base = []
+    for r in range(h // 2):
+        for c in range(w // 2):
+            cell = [(2 * r + dy) * w + 2 * c + dx for dy in range(2) for dx in range(2)]
+            base.append(max(cell, key=lambda i: score[i].item()))
+    cand = [i for i in range(h * w) if i not in base]
+    best = gram[cand][:, base].max(-1).values
+    order = best.argsort(descending=True).tolist()
+    pruned, unpruned = [cand[i] for i in order[:k]], [cand[i] for i in order[k:]]
+    targets = base if recover_from == "base" else unpruned + base
+    source = [targets[gram[p, targets].argmax().item()] for p in pruned]
+    return sorted(base), sorted(pruned), dict(zip(pruned, source))
+
+
+@pytest.mark.parametrize("hw", GRIDS)
+@pytest.mark.parametrize("recover_from", ["kept", "base"])
+@pytest.mark.parametrize("ratio", [0.25, 0.5, 0.7])
+def test_sito_matches_full_gram_reference(hw, recover_from, ratio):
+    x = torch.randn(2, hw[0] * hw[1], 24, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    plan = sito.plan(x, hw, ratio, noise_alpha=0.0, recover_from=recover_from)
+    k = int(x.shape[1] * ratio)
+    for b in range(2):
+        base, pruned, source = sito_reference(x[b], hw, k, recover_from)
+        assert sorted(plan.base[b].tolist()) == base and sorted(plan.pruned[b].tolist()) == pruned
+        ours = dict(zip(plan.pruned[b].tolist(), plan.kept[b][plan.source[b]].tolist()))
+        assert ours == source
+
+
+@pytest.mark.parametrize("hw", [(8, 8), (6, 10), (7, 9)])
+@pytest.mark.parametrize("use_rand", [False, True])
+def test_tome_matches_tomesd(hw, use_rand):
+    """Same dst choice (the same generator draws) -> the same merged groups and results. The order
+    of tokens inside the merged tensor is tomesd's unstable argsort's business, so compare what a
+    block computes: recover(f(prune(x))) for token-wise f and for self-attention."""
+    h, w = hw
+    torch.manual_seed(0)
+    attn = CrossAttention(32, heads=2, head_dim=16).eval()
+    x = torch.randn(2, h * w, 32, generator=torch.Generator().manual_seed(2))
+    r = int(h * w * 0.5)
+    merge, unmerge = bipartite_soft_matching_random2d(x, w, h, 2, 2, r, no_rand=not use_rand,
+                                                      generator=torch.Generator().manual_seed(5))
+    prune, recover = tome.plan(x, hw, 0.5, use_rand=use_rand, generator=torch.Generator().manual_seed(5))
+    assert prune(x).shape == merge(x).shape == (2, h * w - r, 32)
+    with torch.no_grad():
+        for f in (lambda t: t, torch.tanh, attn):
+            torch.testing.assert_close(recover(f(prune(x))), unmerge(f(merge(x))), rtol=1e-5, atol=1e-6)
+
+
+def test_dato_bases_follow_dynamics_and_align_cfg():
+    h, w = 6, 8
+    dynamics = torch.rand(4, h, w, generator=torch.Generator().manual_seed(3))
+    x = torch.randn(4, h * w, 16)
+    plan = dato.plan(x, (h, w), 0.5, dynamics=dynamics, noise_alpha=0.0, align_cfg=False)
+    for b in range(4):
+        d = dynamics[b]
+        expected = sorted(max(((2 * r + dy) * w + 2 * c + dx for dy in range(2) for dx in range(2)),
+                              key=lambda i: d.flatten()[i].item())
+                          for r in range(h // 2) for c in range(w // 2))
+        assert sorted(plan.base[b].tolist()) == expected
+    aligned = dato.plan(x, (h, w), 0.5, dynamics=dynamics, noise_alpha=0.0, align_cfg=True)
+    assert torch.equal(aligned.base[2:], aligned.base[:2]) and torch.equal(aligned.base[:2], plan.base[:2])
+
+
+def test_dato_without_dynamics_uses_noise():
+    x = torch.randn(2, 64, 16)
+    a, b = (dato.plan(x, (8, 8), 0.5, dynamics=None, generator=torch.Generator().manual_seed(s)) for s in (0, 1))
+    assert not torch.equal(a.base, b.base)
+
+
+@pytest.mark.parametrize("method", ["tome", "sito", "dato"])
+@pytest.mark.parametrize("recover_from", ["kept", "base"])
+def test_pruning_feed_forward_of_duplicates_changes_nothing(method, recover_from):
+    """Tokens identical within each 2x2 cell: every pruned token is an exact duplicate of its
+    source, so pruning (or merging) only the feed-forward must reproduce the block output."""
+    torch.manual_seed(0)
+    block = BasicTransformerBlock(32, 2, 16, context_dim=24).eval()
+    cells = torch.randn(2, 4, 4, 32, dtype=torch.float64)
+    x = cells.repeat_interleave(2, 1).repeat_interleave(2, 2).reshape(2, 64, 32)
+    block.double()
+    context = torch.randn(2, 5, 24, dtype=torch.float64)
+
+    class FeedForwardOnly:
+        def token_plans(self, x, hw, name):
+            kw = {} if method == "tome" else {"recover_from": recover_from}
+            return None, None, plan_of(method, x, hw, 0.75, **kw)
+
+    with torch.no_grad():
+        torch.testing.assert_close(block(x, context, (8, 8), FeedForwardOnly()), block(x, context, (8, 8)),
+                                   rtol=0, atol=1e-12)
+
+
+def test_ratio_out_of_range():
+    with pytest.raises(ValueError, match=r"\[0, 0.75\]"):
+        TokenPruning("sito", ratio=0.8)
+    with pytest.raises(ValueError, match=r"\[0, 0.888"):
+        sito.plan(torch.randn(1, 36, 8), (6, 6), 0.9, sx=3, sy=3)
+    with pytest.raises(ValueError, match="unknown pruning method"):
+        TokenPruning("fastv")
+    with pytest.raises(ValueError, match="subset"):
+        TokenPruning(layers=("attn3",))
+
+
+def run_unet(accel, seed=0):
+    torch.manual_seed(0)
+    unet = UNetModel(TINY.unet).eval()
+    x = torch.randn(2, 4, 16, 12, generator=torch.Generator().manual_seed(seed))
+    c = torch.randn(2, 77, 32, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return sample(unet, x[:1], c[:1], c[1:], steps=6, accel=accel, seed=seed)
+
+
+def test_ratio_0_is_bit_identical():
+    plain = run_unet(None)
+    for accel in (Acceleration(), Acceleration(TokenPruning("sito", ratio=0.0)),
+                  Acceleration(TokenPruning("dato", ratio=0.0, layers=("attn1", "attn2", "ff")))):
+        assert torch.equal(run_unet(accel), plain)
+
+
+@pytest.mark.parametrize("method", ["tome", "sito", "dato"])
+def test_pruned_sampling_runs_and_is_seeded(method):
+    accel = Acceleration(TokenPruning(method, ratio=0.5, max_downsample=2, layers=("attn1", "attn2")))
+    a, b, plain = run_unet(accel), run_unet(accel), run_unet(None)
+    assert torch.isfinite(a).all() and torch.equal(a, b)
+    assert not torch.equal(a, plain) and (a - plain).abs().mean() < plain.abs().mean()
+
+
+def test_blocks_pruned_by_max_downsample():
+    seen = {}
+
+    class Count(TokenPruning):
+        def plan(self, x, hw, ratio, generator=None, dynamics=None):
+            seen[hw] = seen.get(hw, 0) + 1
+            return super().plan(x, hw, ratio, generator, dynamics)
+
+    for maxdown, grids in ((1, {(16, 12)}), (2, {(16, 12), (8, 6)}), (8, {(16, 12), (8, 6), (4, 3), (2, 2)})):
+        seen.clear()
+        run_unet(Acceleration(Count("sito", ratio=0.5, max_downsample=maxdown)))
+        assert set(seen) == grids
+    assert seen[(16, 12)] == 5 * 7   # five 64x64-type blocks, 6 PLMS steps = 7 calls
+
+
+def test_schedule_length_is_checked():
+    with pytest.raises(ValueError, match="7 UNet calls"):
+        run_unet(Acceleration(TokenPruning("dato", schedule=(0.5,) * 6)))
