@@ -11,18 +11,21 @@ import argparse
 import json
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import torch
 from PIL import Image, PngImagePlugin
 from tqdm import tqdm
 
+from cache import FULL, CacheSchedule
+from cache import MODES as CACHE_MODES
+from cache import PRESETS as ACCEL_PRESETS
 from model import PRESETS, load_checkpoint, random_weights
 from model.text import byte_tokenizer
 from prune import LAYERS, TokenPruning
 from prune import METHODS as PRUNE_METHODS
 from prune.viz import PruneViz
-from sampler import METHODS, Acceleration, check_args, sample_steps
+from sampler import METHODS, Acceleration, check_args, sample_steps, unet_calls
 from sampler.schedule import timesteps
 
 SD15 = ("stable-diffusion-v1-5/stable-diffusion-v1-5", "v1-5-pruned-emaonly.safetensors")
@@ -133,6 +136,8 @@ def generate(prompts, *, ckpt=None, random=None, tokenizer=None, negative_prompt
         raise ValueError("give either a checkpoint or random weights, not both")
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    if accel is not None:   # schedules must fit this sampler and step count
+        accel.check(unet_calls(steps, sampler))
     device = device or default_device()
     dtype = DTYPES[dtype or ("fp32" if device == "cpu" else "fp16")]
     os.makedirs(outdir, exist_ok=True)
@@ -223,8 +228,22 @@ def main(argv=None):
     g.add_argument("--prune-noise", type=float, default=0.1, help="SiTo/DaTo noise weight on the base-token score")
     g.add_argument("--prune-recover", choices=("kept", "base"), default="kept",
                    help="SiTo/DaTo: pruned tokens copy the most similar kept token (code) or base token (paper)")
+    g.add_argument("--prune-schedule", help="one ratio per UNet call, comma-separated (PLMS-50: 51 values)")
     g.add_argument("--viz-prune", metavar="DIR", help="save a picture of one block's base/kept/pruned tokens per call")
     g.add_argument("--viz-block", default="input_blocks.1.1.transformer_blocks.0", help="the block --viz-prune shows")
+
+    g = p.add_argument_group("feature caching (cache/)")
+    g.add_argument("--cache", choices=("none",) + CACHE_MODES, default="none",
+                   help="uniform / nonuniform (DeepCache) or dato (an explicit per-call --cache-schedule)")
+    g.add_argument("--cache-interval", type=int, default=5, help="a full UNet call every N calls (5)")
+    g.add_argument("--cache-depth", type=int, default=2,
+                   help="blocks recomputed on each side by cached calls: 0 (reuse all) .. 11 (2: DeepCache SD)")
+    g.add_argument("--cache-center", type=int, default=15, help="nonuniform: call around which full calls are densest")
+    g.add_argument("--cache-power", type=float, default=1.4, help="nonuniform: DeepCache's power")
+    g.add_argument("--cache-schedule", help=f"one depth per UNet call, comma-separated, {FULL} = full call "
+                                            "(first entry must be full)")
+    g.add_argument("--preset", choices=list(ACCEL_PRESETS),
+                   help="published settings: " + "; ".join(f"{k}: {v.about}" for k, v in ACCEL_PRESETS.items()))
     args = p.parse_args(argv)
     try:
         prompts = read_prompts(args.prompt, args.from_file)
@@ -237,15 +256,38 @@ def main(argv=None):
         p.error(str(e))
 
 
+def numbers(text, kind, what):
+    try:
+        return tuple(kind(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"{what} must be comma-separated numbers, got {text!r}") from None
+
+
 def acceleration(args):
     """The Acceleration the command line asks for, or None."""
-    prune = None if args.prune == "none" else TokenPruning(
-        args.prune, ratio=args.prune_ratio, max_downsample=args.prune_maxdown,
-        layers=tuple(args.prune_layers.split(",")), noise_alpha=args.prune_noise, recover_from=args.prune_recover)
+    if args.preset:
+        if args.prune != "none" or args.cache != "none":
+            raise ValueError("--preset sets both caching and pruning; leave out --prune and --cache")
+        preset = ACCEL_PRESETS[args.preset]
+        prune, cache = preset.prune, preset.cache
+    else:
+        prune = None if args.prune == "none" else TokenPruning(
+            args.prune, ratio=args.prune_ratio, max_downsample=args.prune_maxdown,
+            layers=tuple(args.prune_layers.split(",")), noise_alpha=args.prune_noise, recover_from=args.prune_recover)
+        depths = numbers(args.cache_schedule, int, "--cache-schedule") if args.cache_schedule else ()
+        if depths and args.cache != "dato":
+            raise ValueError("--cache-schedule is an explicit per-call schedule: use it with --cache dato")
+        cache = None if args.cache == "none" else CacheSchedule(
+            args.cache, interval=args.cache_interval, depth=args.cache_depth, center=args.cache_center,
+            power=args.cache_power, depths=depths)
+    if args.prune_schedule:
+        if prune is None:
+            raise ValueError("--prune-schedule needs a pruning method (--prune or a --preset with pruning)")
+        prune = replace(prune, schedule=numbers(args.prune_schedule, float, "--prune-schedule"))
     viz = PruneViz(args.viz_prune, args.viz_block) if args.viz_prune else None
     if viz and not prune:
         raise ValueError("--viz-prune needs a pruning method (--prune tome|sito|dato)")
-    return Acceleration(prune, viz) if prune else None
+    return Acceleration(prune, cache, viz) if prune or cache else None
 
 
 if __name__ == "__main__":

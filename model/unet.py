@@ -270,20 +270,30 @@ class UNetModel(nn.Module):
 
         accel: the per-run acceleration state (token pruning, feature caching) or None for the
         plain SD forward. Returns the raw model output (eps or v) [B, 4, h, w] in the weights' dtype.
+
+        Feature caching (DeepCache, DaTo): when accel.depth is a number d, this is a cached call:
+        only input_blocks[:d] and output_blocks[-d:] run, the up path starting from the output
+        of output_blocks[11-d] remembered from the last full call; the middle block is skipped.
         """
         dtype = self.out[2].weight.dtype   # inputs follow the weights (the sampler keeps fp32 latents)
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
         emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(dtype))
         context = context.to(dtype)
+        n = len(self.output_blocks)
+        depth = n if accel is None or accel.depth is None else accel.depth
 
         # Convs run fastest on channels-last (NHWC) tensors, and SpatialTransformer's
         # [B, C, h, w] <-> [B, h*w, C] reshapes are then free views (weights: see channels_last()).
         skips, h = [], x.to(dtype).contiguous(memory_format=torch.channels_last)
-        for block in self.input_blocks:
+        for block in self.input_blocks[:depth]:
             h = block(h, emb, context, accel)
             skips.append(h)
-        h = self.middle_block(h, emb, context, accel)
-        for block in self.output_blocks:
+        h = self.middle_block(h, emb, context, accel) if depth == n else accel.features[n - 1 - depth]
+        outputs = []
+        for block in self.output_blocks[n - depth:]:
             h = torch.cat([h, skips.pop()], dim=1)
             h = block(h, emb, context, accel, out_size=skips[-1].shape[-2:] if skips else None)
+            outputs.append(h)
+        if accel is not None and depth == n:
+            accel.remember(outputs)
         return self.out(h).contiguous()

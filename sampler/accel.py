@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from cache import FULL, CacheSchedule
 from prune import LAYERS, TokenPruning
 from prune.viz import PruneViz
 
@@ -21,10 +22,19 @@ class Acceleration:
     """What to accelerate (one per command line / experiment). With everything off the UNet
     runs its plain forward, bit for bit.
 
-    prune: TokenPruning settings or None. viz: PruneViz (pictures of one block's plans) or None.
+    prune: TokenPruning settings or None. cache: CacheSchedule or None.
+    viz: PruneViz (pictures of one block's plans) or None.
     """
     prune: TokenPruning | None = None
+    cache: CacheSchedule | None = None
     viz: PruneViz | None = None
+
+    def check(self, calls):
+        """Raise ValueError if the schedules do not fit a run of `calls` UNet calls."""
+        if self.prune is not None:
+            self.prune.check_calls(calls)
+        if self.cache is not None:
+            self.cache.depths_for(calls)
 
     def start(self, calls, seed):
         """A fresh RunState for a run of `calls` UNet calls; its generator is seeded with `seed`."""
@@ -33,13 +43,17 @@ class Acceleration:
 
 class RunState:
     """State of one sampling run. The sampler calls begin_call(i, x) before and end_call(output)
-    after UNet call i; the UNet's transformer blocks ask it for token plans."""
+    after UNet call i. During the call the UNet reads `depth` (None: a full call; d: recompute
+    d blocks on each side, the rest from `features`), hands a full call's output-block results
+    to remember(), and its transformer blocks ask for token plans."""
 
     def __init__(self, settings, calls, seed):
-        if settings.prune is not None:
-            settings.prune.check_calls(calls)
+        settings.check(calls)
+        self.depths = settings.cache.depths_for(calls) if settings.cache is not None else None
         self.settings, self.calls, self.seed = settings, calls, seed
         self.call = None            # index of the UNet call in progress, 0 .. calls-1
+        self.depth = None           # cache depth of the call in progress (None: full)
+        self.features = None        # output-block results of the last full call (only when caching)
         self.generator = torch.Generator().manual_seed(seed)
         self.outputs = []           # the two most recent raw UNet outputs, oldest first
         self.latent_tokens = None   # h * w of the latent of the call in progress
@@ -48,6 +62,8 @@ class RunState:
     def begin_call(self, index, x):
         """UNet call `index` on latent x [B, 4, h, w] is about to run."""
         self.call, self.latent_tokens = index, x.shape[-2] * x.shape[-1]
+        depth = self.depths[index] if self.depths is not None else FULL
+        self.depth = None if depth == FULL else depth
         prune = self.settings.prune
         self.dynamics = None
         if prune is not None and prune.method == "dato" and len(self.outputs) == 2 \
@@ -57,6 +73,11 @@ class RunState:
 
     def end_call(self, output):
         self.outputs = [*self.outputs[-1:], output]
+
+    def remember(self, features):
+        """A full call's output-block results, the starting points of the cached calls."""
+        if self.depths is not None:
+            self.features = features
 
     def token_plans(self, x, hw, block):
         """(prune, recover) pairs or None for self-attention, cross-attention and feed-forward

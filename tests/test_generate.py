@@ -119,3 +119,31 @@ def test_viz_needs_a_method(tmp_path, capsys):
     with pytest.raises(SystemExit):
         sample.main(["--prompt", "x", "--random-weights", "tiny", "--viz-prune", str(tmp_path)])
     assert "--viz-prune needs" in capsys.readouterr().err
+
+
+def test_cli_caching(tmp_path, tokenizer_dir):
+    common = ["--prompt", "the cat", "--random-weights", "tiny", "--H", "32", "--W", "32", "--tokenizer", tokenizer_dir]
+    sample.main(common + ["--steps", "50", "--preset", "dato-coco", "--outdir", str(tmp_path)])
+    accel = json.loads(Image.open(tmp_path / "00000.png").text["parameters"])["acceleration"]
+    assert accel["prune"]["method"] == "dato" and accel["cache"]["depths"][:3] == [12, 1, 1]
+    sample.main(common + ["--steps", "3", "--cache", "dato", "--cache-schedule", "12, 0, 1, 2",
+                          "--prune", "tome", "--prune-schedule", "0.5,0.4,0.3,0.2", "--outdir", str(tmp_path)])
+    accel = json.loads(Image.open(tmp_path / "00001.png").text["parameters"])["acceleration"]
+    assert accel["cache"]["depths"] == [12, 0, 1, 2] and accel["prune"]["schedule"] == [0.5, 0.4, 0.3, 0.2]
+    sample.main(common + ["--steps", "4", "--sampler", "ddim", "--cache", "nonuniform", "--cache-interval", "2",
+                          "--cache-center", "1", "--outdir", str(tmp_path)])
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--preset", "dato-fixed"], "51 entries, but this run makes 11 UNet calls"),
+    (["--preset", "dato-fixed", "--prune", "sito"], "leave out --prune and --cache"),
+    (["--cache-schedule", "12,1"], "use it with --cache dato"),
+    (["--cache", "dato", "--cache-schedule", "12,1"], "2 entries, but this run makes 11"),
+    (["--cache", "dato", "--cache-schedule", "1," * 10 + "1"], "first call"),
+    (["--cache", "uniform", "--cache-depth", "14"], "cache depth"),
+    (["--prune-schedule", "0.5"], "needs a pruning method"),
+    (["--prune", "dato", "--prune-schedule", "0.5,0.9"], "prune ratio 0.9 out of range")])
+def test_cli_cache_errors(tmp_path, capsys, args, match):
+    with pytest.raises(SystemExit):
+        sample.main(["--prompt", "x", "--steps", "10", "--ckpt", str(tmp_path / "missing.safetensors")] + args)
+    assert match in capsys.readouterr().err

@@ -1,0 +1,91 @@
+"""Which UNet calls of a run are full and how deep the others recompute (DeepCache, DaTo).
+
+A full call runs the whole UNet and remembers every output block's result. A cached call at
+depth d (0 <= d < 12) recomputes only input_blocks[0..d-1] and output_blocks[12-d..11],
+starting from the remembered output of output_blocks[11-d]; the middle block and everything
+deeper is skipped. Depth 1 is DeepCache's shallowest branch and DaTo's "1"; depth 2 is the
+branch DeepCache's SD pipeline uses (diffusers' down/up block 0, layer 0); depth 0 reuses
+everything and re-runs only the final `out` layer. A schedule is one depth per UNet call of
+the run (FULL for full calls), keyed by call index: PLMS-50 makes 51 calls, DDIM-50 makes 50.
+"""
+import math
+from dataclasses import dataclass
+
+FULL = 12   # = the number of output blocks: a "depth" that recomputes everything
+MODES = ("uniform", "nonuniform", "dato")
+
+
+def deepcache_nonuniform(total, n, center=15, power=1.4):
+    """The full-call indices of DeepCache's non-uniform schedule (its sample_from_quad_center).
+
+    n points evenly spaced from (-center)^(1/p) to (total - center)^(1/p) (the first is a complex
+    number, as in the original, which only its real part survives), raised back to the power p,
+    truncated to integers, de-duplicated and sorted; the two ends are dropped, `center` added
+    and 0 put first. Full calls are thus densest around `center`. If fewer than n distinct
+    indices come out, p is lowered by 0.02 and the points recomputed, as DeepCache does.
+    """
+    p = power
+    while p > 1:
+        lo, hi = complex(-center) ** (1 / p), complex(total - center) ** (1 / p)
+        values = sorted({int(((lo + (hi - lo) * k / n) ** p).real) for k in range(n + 1)})
+        indices = [0] + [v + center for v in values[1:-1]]
+        if len(indices) == n:
+            return indices
+        p -= 0.02
+    raise ValueError(f"DeepCache's non-uniform schedule cannot place {n} full calls among {total} "
+                     f"around call {center}; lower the centre or raise the interval")
+
+
+@dataclass(frozen=True)
+class CacheSchedule:
+    """Feature caching settings; the defaults are DeepCache's SD1.5 setting.
+
+    mode: "uniform" (a full call every `interval` calls), "nonuniform" (DeepCache's: as many
+        full calls, denser around `center` with exponent `power`), or "dato" (explicit `depths`).
+    interval: calls per full call for uniform/nonuniform (DeepCache SD1.5: 5; 3 is gentler).
+    depth: depth of the cached calls for uniform/nonuniform (2: DeepCache SD; 1: DeepCache's
+        LDM runs and DaTo; 0 repeats the last output).
+    center, power: non-uniform shape (DeepCache: 15, 1.4; its search found c ~ 15, p ~ 1.4 best).
+    depths: "dato" mode: one depth per UNet call, FULL (12) for full calls; call 0 must be full.
+
+    Everything is keyed by UNet-call index: uniform full calls are range(0, calls, interval)
+    (interval 1: every call full), non-uniform ones DeepCache's formula with `calls` points.
+    (DeepCache's pipeline spaces them over the 50 steps and indexes its 51 PLMS calls with them,
+    so for N=5 it makes 10 full calls where this makes 11.)
+    """
+    mode: str = "uniform"
+    interval: int = 5
+    depth: int = 2
+    center: int = 15
+    power: float = 1.4
+    depths: tuple = ()
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"unknown cache mode {self.mode!r}; choose one of {MODES}")
+        if self.interval < 1:
+            raise ValueError(f"cache interval must be >= 1, got {self.interval}")
+        if not 0 <= self.depth < FULL:
+            raise ValueError(f"cache depth must be in 0..{FULL - 1} (cached calls recompute that many blocks "
+                             f"on each side), got {self.depth}")
+        if self.mode == "dato" and not self.depths:
+            raise ValueError("cache mode 'dato' needs an explicit per-call depth vector")
+        if bad := [d for d in self.depths if not 0 <= d <= FULL]:
+            raise ValueError(f"cache depths must be in 0..{FULL} ({FULL} = full call), got {bad}")
+        if self.mode == "nonuniform" and self.power <= 1:
+            raise ValueError(f"non-uniform power must be > 1, got {self.power}")
+
+    def depths_for(self, calls):
+        """The per-call depths of a run of `calls` UNet calls."""
+        if self.mode == "dato":
+            if len(self.depths) != calls:
+                raise ValueError(f"cache schedule has {len(self.depths)} entries, but this run makes {calls} "
+                                 "UNet calls (PLMS: steps + 1, DDIM: steps); give one depth per call")
+            if self.depths[0] != FULL:
+                raise ValueError(f"the first call has nothing cached to reuse: its depth must be {FULL} (full)")
+            return list(self.depths)
+        if self.mode == "uniform":
+            full = set(range(0, calls, self.interval))
+        else:
+            full = set(deepcache_nonuniform(calls, math.ceil(calls / self.interval), self.center, self.power))
+        return [FULL if i in full else self.depth for i in range(calls)]

@@ -1,0 +1,160 @@
+"""Feature caching: cached calls reproduce full ones from the same input, schedules, presets,
+per-run reset, and DaTo (caching + pruning) end to end on the TINY UNet."""
+import pytest
+import torch
+
+from cache import FULL, PRESETS, CacheSchedule, deepcache_nonuniform
+from model import TINY
+from model.unet import UNetModel
+from prune import TokenPruning
+from sampler import Acceleration, sample
+
+
+def tiny_unet():
+    torch.manual_seed(0)
+    return UNetModel(TINY.unet).eval().requires_grad_(False)
+
+
+def inputs(seed=0, hw=(16, 12)):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, 4, *hw, generator=g), torch.randn(1, 77, 32, generator=g), torch.randn(1, 77, 32, generator=g)
+
+
+def run(unet, accel, seed=0, steps=6, hw=(16, 12)):
+    x, cond, uncond = inputs(seed, hw)
+    return sample(unet, x, cond, uncond, steps=steps, accel=accel, seed=seed)
+
+
+def test_interval_1_is_bit_identical():
+    unet = tiny_unet()
+    assert torch.equal(run(unet, Acceleration(cache=CacheSchedule("uniform", interval=1))), run(unet, None))
+
+
+@pytest.mark.parametrize("hw", [(16, 12), (9, 13)])
+@pytest.mark.parametrize("depth", range(FULL))
+def test_cached_call_on_the_same_input_reproduces_the_full_call(depth, hw):
+    """The cache holds the right tensors at the right joins: with unchanged inputs, recomputing
+    the outer d blocks on top of the remembered features gives the full output exactly."""
+    unet = tiny_unet()
+    x, context = torch.randn(2, 4, *hw), torch.randn(2, 77, 32)
+    state = Acceleration(cache=CacheSchedule("dato", depths=(FULL, depth))).start(calls=2, seed=0)
+    outs = []
+    for i in range(2):
+        state.begin_call(i, x)
+        outs.append(unet(x, 500, context, accel=state))
+    assert torch.equal(outs[1], outs[0])
+
+
+def test_cached_call_differs_when_input_changes():
+    unet = tiny_unet()
+    context = torch.randn(2, 77, 32)
+    state = Acceleration(cache=CacheSchedule("dato", depths=(FULL, 1))).start(calls=2, seed=0)
+    state.begin_call(0, torch.zeros(2, 4, 8, 8))
+    unet(torch.zeros(2, 4, 8, 8), 500, context, accel=state)
+    x = torch.randn(2, 4, 8, 8)
+    state.begin_call(1, x)
+    assert not torch.equal(unet(x, 500, context, accel=state), unet(x, 500, context))
+
+
+def test_schedules():
+    assert deepcache_nonuniform(50, 10, 15, 1.4) == [0, 5, 9, 13, 17, 21, 26, 31, 37, 43]   # DeepCache's demo setting
+    full = lambda s, calls=51: [i for i, d in enumerate(s.depths_for(calls)) if d == FULL]  # noqa: E731
+    assert full(CacheSchedule("uniform", interval=5)) == list(range(0, 51, 5))
+    assert full(CacheSchedule("uniform", interval=3), 50) == list(range(0, 50, 3))
+    assert full(CacheSchedule("uniform", interval=1)) == list(range(51))
+    assert full(CacheSchedule("nonuniform", interval=5), 50) == [0, 5, 9, 13, 17, 21, 26, 31, 37, 43]
+    assert full(CacheSchedule("nonuniform", interval=5)) == [0, 5, 8, 12, 15, 19, 24, 28, 33, 39, 45]
+    depths = CacheSchedule("uniform", interval=4, depth=3).depths_for(10)
+    assert depths == [FULL, 3, 3, 3, FULL, 3, 3, 3, FULL, 3]
+    explicit = (FULL, 0, 1, 2, FULL, 5)
+    assert CacheSchedule("dato", depths=explicit).depths_for(6) == list(explicit)
+
+
+def test_presets():
+    expect = {"deepcache-n3": (17, 0, 0), "deepcache-n5": (11, 0, 0), "deepcache-n5-nonuniform": (11, 0, 0),
+              "dato-fixed": (6, 38, 7), "dato-coco": (5, 21, 25)}
+    for name, (n_full, n_shallow, n_reuse) in expect.items():
+        depths = PRESETS[name].cache.depths_for(51)
+        assert len(depths) == 51 and depths[0] == FULL
+        assert (depths.count(FULL), depths.count(1), depths.count(0)) == (n_full, n_shallow, n_reuse), name
+    fixed = PRESETS["dato-fixed"].cache.depths_for(51)
+    assert [i for i, d in enumerate(fixed) if d == FULL] == [0, 7, 17, 22, 30, 41]
+    assert PRESETS["dato-coco"].prune == TokenPruning("dato", ratio=0.4)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(mode="every"), "unknown cache mode"), (dict(interval=0), "interval"), (dict(depth=12), "depth"),
+    (dict(mode="dato"), "explicit"), (dict(mode="dato", depths=(FULL, 13)), r"0\.\.12"),
+    (dict(mode="nonuniform", power=1.0), "power")])
+def test_bad_settings(kw, match):
+    with pytest.raises(ValueError, match=match):
+        CacheSchedule(**kw)
+
+
+def test_bad_schedule_for_the_run():
+    unet = tiny_unet()
+    with pytest.raises(ValueError, match="this run makes 7 UNet calls"):
+        run(unet, Acceleration(cache=CacheSchedule("dato", depths=(FULL, 1, 1))))
+    with pytest.raises(ValueError, match="first call"):
+        run(unet, Acceleration(cache=CacheSchedule("dato", depths=(1,) * 7)))
+    with pytest.raises(ValueError, match="cannot place"):
+        run(unet, Acceleration(cache=CacheSchedule("nonuniform", interval=1, center=3)))
+    with pytest.raises(ValueError, match="51 entries, but this run makes 7"):
+        run(unet, Acceleration(cache=PRESETS["dato-fixed"].cache))
+
+
+def test_state_is_reset_between_runs():
+    """A second run with the same settings does not see the first run's cache, outputs or RNG."""
+    unet = tiny_unet()
+    accel = Acceleration(TokenPruning("dato", ratio=0.5), CacheSchedule("uniform", interval=3, depth=1))
+    run(unet, accel, seed=1, hw=(8, 8))
+    after_other = run(unet, accel, seed=2)
+    assert torch.equal(after_other, run(tiny_unet(), accel, seed=2))
+
+
+class Counting:
+    """Counts, per UNet call, which top-level blocks run (a test-side forward hook)."""
+
+    def __init__(self, unet):
+        self.calls, self.current = [], None
+        unet.register_forward_pre_hook(lambda m, a: self.calls.append(set()))
+        for name in ("input_blocks", "output_blocks"):
+            for i, block in enumerate(getattr(unet, name)):
+                block.register_forward_pre_hook(lambda m, a, key=f"{name}.{i}": self.calls[-1].add(key))
+        unet.middle_block.register_forward_pre_hook(lambda m, a: self.calls[-1].add("middle_block"))
+
+
+def test_dato_end_to_end_runs_the_scheduled_blocks():
+    steps = 8
+    depths = (FULL, 1, 0, 1, FULL, 0, 2, 1, 3)
+    schedule = (0.5, 0.3, 0.5, 0.4, 0.6, 0.5, 0.5, 0.7, 0.5)
+    accel = Acceleration(TokenPruning("dato", schedule=schedule), CacheSchedule("dato", depths=depths))
+    unet = tiny_unet()
+    counter = Counting(unet)
+    plans = []
+
+    class Watch(TokenPruning):
+        def plan(self, x, hw, ratio, generator=None, dynamics=None):
+            plans.append((len(counter.calls) - 1, ratio, dynamics is not None))
+            return super().plan(x, hw, ratio, generator, dynamics)
+
+    accel_watched = Acceleration(Watch("dato", schedule=schedule), accel.cache)
+    out = run(unet, accel_watched, steps=steps)
+    assert torch.isfinite(out).all() and torch.equal(out, run(tiny_unet(), accel, steps=steps))
+    assert len(counter.calls) == steps + 1
+    for blocks, d in zip(counter.calls, depths):
+        expected = {f"input_blocks.{i}" for i in range(d)} | {f"output_blocks.{i}" for i in range(12 - d, 12)}
+        assert blocks == expected | ({"middle_block"} if d == FULL else set())
+    # pruned 64x64-type blocks run only where recomputed: input_blocks.1/2 (depth > 1 / 2) and
+    # output_blocks.9/10/11 (depth >= 3 / 2 / 1), with the call's ratio, dynamics from call 2 on
+    per_call = [sum(k < d for k in (1, 2)) + sum(k >= 12 - d for k in (9, 10, 11)) for d in depths]
+    assert [sum(c == i for c, _, _ in plans) for i in range(steps + 1)] == per_call
+    assert all(r == schedule[c] for c, r, _ in plans)
+    assert all(has == (c >= 2) for c, _, has in plans)
+
+
+def test_cached_run_is_close_to_full_run():
+    """DeepCache's premise on a smooth trajectory: caching changes the result a little."""
+    unet = tiny_unet()
+    full, cached = run(unet, None, steps=10), run(unet, Acceleration(cache=CacheSchedule("uniform", 2, 1)), steps=10)
+    assert not torch.equal(full, cached) and (full - cached).abs().mean() < 0.5 * full.abs().mean()
