@@ -1,50 +1,95 @@
-"""Benchmark: UNet-call time of the SD architecture with and without acceleration.
+"""Benchmark: speed, MACs and memory of every acceleration method, against our baseline and diffusers.
 
-    python bench.py --dtype bf16 --vs-diffusers                    # baseline vs diffusers' UNet
-    python bench.py --methods baseline,tome:0.5,sito:0.5 --attention sdpa,math
-    python bench.py --selection                                     # token-selection cost per block
+    python bench.py --dtype bf16 --vs-diffusers                      # the default method list, SDPA
+    python bench.py --methods baseline,sito:0.5,deepcache-n5,dato-coco --attention sdpa,math --plot speed.png
+    python bench.py --selection                                       # token-selection cost per block
+    python bench.py --model tiny --H 64 --W 64 --runs 2 --json out.json   # a quick check
 
-Weights are random (speed does not depend on their values) unless --ckpt is given. Every time
-is a median over --runs timed calls after --warmup untimed ones; the methods' calls alternate
-run by run, so all of them see the same machine load. Speed-ups are against our baseline with
-the same attention backend, measured in the same run.
+Methods: `baseline`, `tome:R`, `sito:R`, `dato:R` (token pruning at ratio R), and the presets of
+cache/presets.py (`deepcache-n3`, `deepcache-n5`, `deepcache-n5-nonuniform`, `dato-fixed`,
+`dato-coco`). Weights are random (speed does not depend on their values) unless --ckpt is given.
+
+How it measures. A run of S steps makes a fixed sequence of UNet calls (PLMS-50: 51), each of a
+kind: full or cached at some depth, pruned at some ratio. Each distinct kind is timed on its own
+(median of --runs after --warmup; all kinds of all methods alternate run by run, so they see the
+same machine load), and a method's run time is the sum over its calls of its kinds' medians.
+`--e2e` also times real sampling runs to check that sum. Speed-ups are against our baseline with
+the same attention backend, from the same process. MACs are analytic (model/macs.py), per image
+(the CFG batch doubles them), with and without the attention matmuls. Peak memory is the
+largest rise over the call's starting point (CPU: resident set; CUDA: allocated).
 """
 import argparse
 import json
+import re
 import statistics
 import time
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 
-from model import PRESETS, load_checkpoint
+from cache import FULL, PRESETS, CacheSchedule
+from model import PRESETS as MODELS
+from model import load_checkpoint
+from model.macs import unet_macs
 from model.unet import UNetModel
 from prune import TokenPruning, dato, sito, tome
-from sampler import Acceleration
+from sampler import Acceleration, sample, unet_calls
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def diffusers_unet(config, dtype, device, attention):
-    """diffusers' UNet2DConditionModel with the same architecture (random weights)."""
-    from diffusers import UNet2DConditionModel
-    from diffusers.models.attention_processor import AttnProcessor
-    u = config.unet
-    heads = u.num_heads if not u.head_channels else [u.model_channels * m // u.head_channels for m in u.channel_mult]
-    unet = UNet2DConditionModel(block_out_channels=[u.model_channels * m for m in u.channel_mult],
-                                cross_attention_dim=u.context_dim, attention_head_dim=heads,
-                                use_linear_projection=u.linear_proj, layers_per_block=u.num_res_blocks)
-    if attention == "math":
-        unet.set_attn_processor(AttnProcessor())
-    return unet.to(device=device, dtype=dtype).eval().requires_grad_(False)
+DEFAULT_METHODS = ("baseline,tome:0.3,tome:0.5,tome:0.7,sito:0.3,sito:0.5,sito:0.7,dato:0.5,"
+                   "deepcache-n3,deepcache-n5,dato-fixed,dato-coco")
 
 
 def parse_method(spec):
-    """"baseline" | "tome:0.5" | "sito:0.5" | "dato:0.5" -> Acceleration or None."""
+    """'baseline' | 'tome:0.5' | 'sito:0.5' | 'dato:0.5' | a preset name -> Acceleration or None."""
     if spec == "baseline":
         return None
+    if spec in PRESETS:
+        return Acceleration(PRESETS[spec].prune, PRESETS[spec].cache)
     name, _, ratio = spec.partition(":")
     return Acceleration(TokenPruning(name, ratio=float(ratio or 0.5)))
+
+
+def call_kinds(accel, calls):
+    """The kind (depth or None for full, prune ratio) of each UNet call of a run."""
+    kinds = []
+    for i in range(calls):
+        depth = accel.cache.depths_for(calls)[i] if accel and accel.cache else FULL
+        ratio = accel.prune.ratio_at(i) if accel and accel.prune else 0.0
+        kinds.append((None, ratio) if depth == FULL else (depth, ratio if depth else 0.0))   # depth 0 prunes nothing
+    return kinds
+
+
+def kind_call(unet, accel, kind, x, t, context):
+    """A function making one UNet call of this kind, as it happens inside a run: the cache filled
+    by an earlier full call, two earlier outputs for DaTo's dynamics map."""
+    depth, ratio = kind
+    if depth is None and not ratio:
+        return lambda: unet(x, t, context)
+    prune = replace(accel.prune, ratio=ratio, schedule=()) if ratio else None
+    state = Acceleration(prune, CacheSchedule("dato", depths=(FULL, depth)) if depth is not None else None).start(2, 0)
+    for _ in range(2):
+        state.end_call(torch.randn_like(x))
+    state.begin_call(0, x)
+    unet(x, t, context, accel=state)
+
+    def call():
+        state.begin_call(1 if depth is not None else 0, x)
+        return unet(x, t, context, accel=state)
+    return call
+
+
+def kind_macs(unet, accel, kind, hw, matmuls):
+    """Analytic MACs per image of one call of this kind."""
+    depth, ratio = kind
+    prune = accel.prune if accel else None
+
+    def keep(st, grid, sub):
+        n = grid[0] * grid[1]
+        pruned = ratio and sub in prune.layers and prune.applies(grid, hw[0] * hw[1])
+        return n - int(n * ratio) if pruned else n
+    return sum(unet_macs(unet, hw, depth=depth, keep=keep, matmuls=matmuls).values())
 
 
 def timed(fn, device):
@@ -69,20 +114,114 @@ def compare(calls, runs, warmup, device):
     return times
 
 
-def unet_call(unet, accel, x, t, context):
-    """One UNet call as the sampler makes it: a fresh per-run state that has already seen two
-    outputs (so DaTo computes its dynamics map, as in every call after the first two)."""
-    if accel is None:
-        return lambda: unet(x, t, context)
-    previous = [torch.randn_like(x), torch.randn_like(x)]
+def _kb(key):
+    return int(re.search(rf"{key}:\s+(\d+) kB", open("/proc/self/status").read())[1]) * 1024
 
-    def call():
-        run = accel.start(calls=1, seed=0)
-        for out in previous:
-            run.end_call(out)
-        run.begin_call(0, x)
-        return unet(x, t, context, accel=run)
-    return call
+
+def peak_memory(fn, device):
+    """Bytes the call needs above what is allocated when it starts (None where not measurable)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    try:   # Linux: reset the resident-set high-water mark, then read it after the call
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = _kb("VmRSS")
+        fn()
+        return _kb("VmHWM") - before
+    except OSError:
+        return None
+
+
+def diffusers_unet(config, dtype, device, attention):
+    """diffusers' UNet2DConditionModel with the same architecture (random weights)."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.attention_processor import AttnProcessor
+    u = config.unet
+    heads = u.num_heads if not u.head_channels else [u.model_channels * m // u.head_channels for m in u.channel_mult]
+    unet = UNet2DConditionModel(block_out_channels=[u.model_channels * m for m in u.channel_mult],
+                                cross_attention_dim=u.context_dim, attention_head_dim=heads,
+                                use_linear_projection=u.linear_proj, layers_per_block=u.num_res_blocks)
+    if attention == "math":
+        unet.set_attn_processor(AttnProcessor())
+    return unet.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def bench_methods(args, unet, config, attention, device, dtype):
+    """Time every distinct call kind of every method; compose per-run numbers."""
+    unet.set_attention(attention)
+    b, hw = 2 * args.batch, (args.H // 8, args.W // 8)
+    x = torch.randn(b, 4, *hw, device=device, dtype=dtype)
+    t = torch.full((b,), 500, device=device)
+    context = torch.randn(b, 77, config.unet.context_dim, device=device, dtype=dtype)
+    calls = unet_calls(args.steps, args.sampler)
+    methods = {spec: parse_method(spec) for spec in args.methods.split(",")}
+    for accel in methods.values():
+        if accel is not None:
+            accel.check(calls)
+    plan = {spec: call_kinds(accel, calls) for spec, accel in methods.items()}
+
+    def key(accel, kind):   # the settings a call of this kind runs with: equal keys are timed once
+        depth, ratio = kind
+        return (replace(accel.prune, ratio=ratio, schedule=()) if ratio else None, depth)
+    fns = {}
+    for spec, kinds in plan.items():
+        for kind in kinds:
+            if key(methods[spec], kind) not in fns:
+                fns[key(methods[spec], kind)] = kind_call(unet, methods[spec], kind, x, t, context)
+    if args.vs_diffusers:
+        theirs = diffusers_unet(config, dtype, device, attention)
+        fns["diffusers"] = lambda: theirs(x, t, context)
+    with torch.inference_mode():
+        times = compare(fns, args.runs, args.warmup, device)
+        memory = {key: peak_memory(fn, device) for key, fn in fns.items()}
+
+    rows = {}
+    for spec, kinds in plan.items():
+        keys = [key(methods[spec], k) for k in kinds]
+        run = {f.__name__: sum(f(times[k]) for k in keys) for f in (statistics.median, min, max)}
+        macs = {mm: sum(kind_macs(unet, methods[spec], k, hw, mm) for k in kinds) for mm in (False, True)}
+        rows[spec] = dict(calls=calls, run_s=run["median"], run_min_s=run["min"], run_max_s=run["max"],
+                          call_ms=1e3 * run["median"] / calls, call_min_ms=1e3 * run["min"] / calls,
+                          call_max_ms=1e3 * run["max"] / calls,
+                          gmacs_call=macs[False] / calls / 1e9, gmacs_call_mm=macs[True] / calls / 1e9,
+                          gmacs_run=macs[False] / 1e9, gmacs_run_mm=macs[True] / 1e9,
+                          peak_mb=max((memory[k] or 0) for k in keys) / 2 ** 20,
+                          kinds={f"{'full' if d is None else f'depth {d}'} @ {r:g}": kinds.count((d, r))
+                                 for d, r in dict.fromkeys(kinds)})
+    if args.vs_diffusers:
+        ts = times["diffusers"]
+        rows["diffusers"] = dict(calls=calls, run_s=statistics.median(ts) * calls, call_ms=statistics.median(ts) * 1e3,
+                                 call_min_ms=min(ts) * 1e3, call_max_ms=max(ts) * 1e3,
+                                 peak_mb=(memory["diffusers"] or 0) / 2 ** 20)
+    base = rows.get("baseline", {}).get("run_s")
+    for row in rows.values():
+        row["speedup"] = base / row["run_s"] if base else None
+        row["macs_ratio"] = rows["baseline"]["gmacs_run"] / row["gmacs_run"] if base and "gmacs_run" in row else None
+    if args.e2e:
+        x_T, cond, uncond = x[:b // 2].float(), context[b // 2:], context[:b // 2]
+        for spec, accel in methods.items():
+            with torch.inference_mode():
+                rows[spec]["e2e_s"] = timed(lambda: sample(unet, x_T, cond, uncond, args.steps, 7.5, args.sampler,
+                                                           accel=accel), device)
+    return rows
+
+
+def print_rows(rows, args, attention, device):
+    print(f"\n{args.ckpt or args.model}, {args.H}x{args.W}, CFG batch {2 * args.batch}, {args.dtype}, {attention} "
+          f"attention, {device.type}; {args.sampler.upper()}-{args.steps} = {next(iter(rows.values()))['calls']} "
+          f"UNet calls; median of {args.runs} runs")
+    print(f"{'method':24} {'ms/call':>8} {'min-max':>13} {'UNet s/run':>10} {'speed-up':>8} {'GMAC/call':>9} "
+          f"{'+attn mm':>8} {'GMAC/run':>9} {'MAC ratio':>9} {'peak MB':>8}" + (f" {'e2e s':>7}" if args.e2e else ""))
+    for name, r in rows.items():
+        macs = (f"{r['gmacs_call']:9.1f} {r['gmacs_call_mm']:8.1f} {r['gmacs_run']:9.0f} {r['macs_ratio']:8.2f}x"
+                if "gmacs_run" in r else f"{'':9} {'':8} {'':9} {'':9}")
+        print(f"{name:24} {r['call_ms']:8.0f} {r['call_min_ms']:6.0f}-{r['call_max_ms']:<6.0f} {r['run_s']:10.1f} "
+              f"{r['speedup']:7.2f}x {macs} {r['peak_mb']:8.0f}" + (f" {r['e2e_s']:7.1f}" if "e2e_s" in r else ""))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,22 +272,45 @@ def selection_bench(args, device, dtype):
     return rows
 
 
+def plot(results, path):
+    """Speed-up per method as horizontal bars, one group per attention backend (pillow only)."""
+    from PIL import Image, ImageDraw
+    groups = [(attention, {k: r["speedup"] for k, r in rows.items()}) for attention, rows in results.items()]
+    n = sum(len(g) + 1 for _, g in groups)
+    top = max(v for _, g in groups for v in g.values())
+    image = Image.new("RGB", (720, 24 * n + 30), "white")
+    draw, y = ImageDraw.Draw(image), 10
+    for attention, speedups in groups:
+        draw.text((10, y), f"speed-up vs baseline, {attention} attention", fill="black")
+        y += 24
+        for name, value in speedups.items():
+            draw.text((10, y + 4), name, fill="black")
+            draw.rectangle((200, y + 2, 200 + int(480 * value / top), y + 18), fill=(70, 110, 200))
+            draw.text((206 + int(480 * value / top), y + 4), f"{value:.2f}x", fill="black")
+            y += 24
+    image.save(path)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=["sd1", "sd2", "tiny"], default="sd1", help="architecture (random weights)")
+    p.add_argument("--model", choices=list(MODELS), default="sd1", help="architecture with random weights (sd1)")
     p.add_argument("--ckpt", help="time a real checkpoint instead of random weights")
     p.add_argument("--dtype", choices=DTYPES, default="bf16", help="bf16 is ~2x faster than fp32 on AMX CPUs")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--attention", default="sdpa", help="comma-separated backends: sdpa, math")
-    p.add_argument("--methods", default="baseline", help="comma-separated: baseline, tome:R, sito:R, dato:R")
+    p.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated (see above)")
     p.add_argument("--H", type=int, default=512)
     p.add_argument("--W", type=int, default=512)
     p.add_argument("--batch", type=int, default=1, help="images per call; CFG doubles it")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--sampler", choices=["plms", "ddim"], default="plms")
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--vs-diffusers", action="store_true", help="also time diffusers' UNet2DConditionModel")
+    p.add_argument("--e2e", action="store_true", help="also time one real sampling run per method")
     p.add_argument("--selection", action="store_true", help="time token selection alone (no UNet)")
     p.add_argument("--json", help="write the results here")
+    p.add_argument("--plot", help="draw the speed-ups into this PNG")
     args = p.parse_args()
 
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
@@ -162,30 +324,15 @@ def main():
             sd = load_checkpoint(args.ckpt, device=device, dtype=dtype)
             config, unet = sd.config, sd.unet
         else:
-            config = PRESETS[args.model]
+            config = MODELS[args.model]
             unet = UNetModel(config.unet).to(device=device, dtype=dtype).channels_last().eval().requires_grad_(False)
-        b = 2 * args.batch
-        x = torch.randn(b, 4, args.H // 8, args.W // 8, device=device, dtype=dtype)
-        t = torch.full((b,), 500, device=device)
-        context = torch.randn(b, 77, config.unet.context_dim, device=device, dtype=dtype)
-        results["calls"] = {}
+        results["methods"] = {}
         for attention in args.attention.split(","):
-            unet.set_attention(attention)
-            calls = {spec: unet_call(unet, parse_method(spec), x, t, context) for spec in args.methods.split(",")}
-            if args.vs_diffusers:
-                theirs = diffusers_unet(config, dtype, device, attention)
-                calls["diffusers"] = lambda: theirs(x, t, context)
-            with torch.inference_mode():
-                times = compare(calls, args.runs, args.warmup, device)
-            base = statistics.median(times["baseline"]) if "baseline" in times else None
-            print(f"\nUNet call, {args.ckpt or args.model}, {args.H}x{args.W}, batch {b} (CFG), {args.dtype}, "
-                  f"{attention} attention, {device.type}, median of {args.runs} runs")
-            print(f"{'method':14} {'ms/call':>9} {'min-max':>15} {'speed-up':>9}")
-            for name, ts in times.items():
-                med = statistics.median(ts)
-                speedup = f"{base / med:8.2f}x" if base else ""
-                print(f"{name:14} {med * 1e3:9.0f} {min(ts) * 1e3:7.0f}-{max(ts) * 1e3:<7.0f} {speedup}")
-            results["calls"][attention] = times
+            rows = bench_methods(args, unet, config, attention, device, dtype)
+            print_rows(rows, args, attention, device)
+            results["methods"][attention] = rows
+        if args.plot:
+            plot(results["methods"], args.plot)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
