@@ -16,13 +16,14 @@ same machine load), and a method's run time is the sum over its calls of its kin
 `--e2e` also times real sampling runs to check that sum. Speed-ups are against our baseline with
 the same attention backend, from the same process. MACs are analytic (model/macs.py), per image
 (the CFG batch doubles them), with and without the attention matmuls. Peak memory is the
-largest rise over the call's starting point (CPU: resident set; CUDA: allocated).
+largest rise over the call's starting point (CUDA: allocated bytes; CPU: the resident set after
+returning freed heap to the system, which counts the large buffers reliably, small ones not).
 """
 import argparse
+import ctypes
 import json
 import re
 import statistics
-import time
 from dataclasses import replace
 
 import torch
@@ -30,10 +31,10 @@ import torch.nn.functional as F
 
 from cache import FULL, PRESETS, CacheSchedule
 from model import PRESETS as MODELS
-from model import load_checkpoint
+from model import load_checkpoint, random_weights
 from model.macs import unet_macs
-from model.unet import UNetModel
 from prune import TokenPruning, dato, sito, tome
+from sample import timed
 from sampler import Acceleration, sample, unet_calls
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -92,16 +93,6 @@ def kind_macs(unet, accel, kind, hw, matmuls):
     return sum(unet_macs(unet, hw, depth=depth, keep=keep, matmuls=matmuls).values())
 
 
-def timed(fn, device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
 def compare(calls, runs, warmup, device):
     """{name: fn} -> {name: [seconds per run]}, the calls interleaved run by run."""
     for fn in calls.values():
@@ -110,7 +101,7 @@ def compare(calls, runs, warmup, device):
     times = {name: [] for name in calls}
     for _ in range(runs):
         for name, fn in calls.items():
-            times[name].append(timed(fn, device))
+            times[name].append(timed(fn, device)[1])
     return times
 
 
@@ -127,13 +118,14 @@ def peak_memory(fn, device):
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before
-    try:   # Linux: reset the resident-set high-water mark, then read it after the call
+    try:   # Linux: return freed heap to the system, reset the resident-set high-water mark, call, read it
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         before = _kb("VmRSS")
         fn()
         return _kb("VmHWM") - before
-    except OSError:
+    except (OSError, AttributeError):   # not Linux / not glibc
         return None
 
 
@@ -207,7 +199,7 @@ def bench_methods(args, unet, config, attention, device, dtype):
         for spec, accel in methods.items():
             with torch.inference_mode():
                 rows[spec]["e2e_s"] = timed(lambda: sample(unet, x_T, cond, uncond, args.steps, 7.5, args.sampler,
-                                                           accel=accel), device)
+                                                           accel=accel), device)[1]
     return rows
 
 
@@ -322,10 +314,9 @@ def main():
         torch.manual_seed(0)
         if args.ckpt:
             sd = load_checkpoint(args.ckpt, device=device, dtype=dtype)
-            config, unet = sd.config, sd.unet
         else:
-            config = MODELS[args.model]
-            unet = UNetModel(config.unet).to(device=device, dtype=dtype).channels_last().eval().requires_grad_(False)
+            sd = random_weights(MODELS[args.model], device=device, dtype=dtype)
+        config, unet = sd.config, sd.unet
         results["methods"] = {}
         for attention in args.attention.split(","):
             rows = bench_methods(args, unet, config, attention, device, dtype)

@@ -91,20 +91,27 @@ def final_latent(steps):
     return step.x
 
 
+def timed(fn, device, *args):
+    """(fn(*args), wall-clock seconds), synchronising the GPU so its asynchronous work is counted."""
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn(*args)
+    if cuda:
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - start
+
+
 class Timer:
-    """Wall-clock seconds per phase, synchronising the GPU so asynchronous work is counted."""
+    """Seconds spent per phase (text, unet, decode) over a whole generate() call."""
 
     def __init__(self, device):
-        self.device, self.totals = torch.device(device), {}
+        self.device, self.totals = device, {}
 
     def __call__(self, phase, fn, *args):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        out = fn(*args)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        self.totals[phase] = self.totals.get(phase, 0.0) + time.perf_counter() - start
+        out, seconds = timed(fn, self.device, *args)
+        self.totals[phase] = self.totals.get(phase, 0.0) + seconds
         return out
 
 

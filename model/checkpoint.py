@@ -139,16 +139,25 @@ def _read_component(folder, name):
     raise CheckpointError(f"diffusers folder {folder!r} has no weights in {name}/")
 
 
-def _json(folder, *parts):
-    path = os.path.join(folder, *parts)
-    return json.load(open(path)) if os.path.isfile(path) else {}
+def _read_folder(path):
+    """diffusers folder -> (unet, vae, text) under our names, and the scheduler's prediction type.
+    The renaming depends only on the block structure, which every preset shares."""
+    unet = diffusers_unet_to_ldm(_read_component(path, "unet"), SD1.unet)
+    vae = diffusers_vae_to_ldm(_read_component(path, "vae"), SD1.vae)
+    text = {("" if k.startswith("text_model.") else "text_model.") + k: v
+            for k, v in _read_component(path, "text_encoder").items() if not k.endswith("position_ids")}
+    scheduler = os.path.join(path, "scheduler", "scheduler_config.json")
+    kind = json.load(open(scheduler)).get("prediction_type", "epsilon") if os.path.isfile(scheduler) else "epsilon"
+    if kind not in ("epsilon", "v_prediction"):
+        raise CheckpointError(f"{scheduler}: prediction_type {kind!r} is not supported (epsilon or v_prediction)")
+    return unet, vae, text, {"epsilon": "eps", "v_prediction": "v"}[kind]
 
 
 # ---------------------------------------------------------------------------------------------
 # splitting into components and recognising the architecture
 
 def _split_single_file(state, path):
-    """Official single-file state dict -> (unet, vae, text-in-transformers-layout, text kind)."""
+    """Official single-file state dict -> (unet, vae, SD1 text, SD2 OpenCLIP text), prefixes stripped."""
     if any(k.startswith(("conditioner.", UNET + "label_emb")) for k in state):
         raise CheckpointError(f"{path}: this is an SDXL checkpoint (conditioner.* / label_emb keys); "
                               "only SD 1.x and 2.x are supported")
@@ -237,26 +246,16 @@ def load_checkpoint(path, *, device="cpu", dtype=torch.float32, prediction=None,
         raise ValueError(f"prediction must be 'eps' or 'v', not {prediction!r}")
     path = os.fspath(path)
     if os.path.isdir(path):
-        unet, vae, text, openclip = None, _read_component(path, "vae"), _read_component(path, "text_encoder"), {}
-        raw_unet = _read_component(path, "unet")
-        if os.path.isfile(os.path.join(path, "tokenizer", "vocab.json")):
-            tokenizer = tokenizer or os.path.join(path, "tokenizer")
-        # The diffusers UNet names must be mapped before the architecture can be detected;
-        # the mapping depends only on the block structure, which every preset shares.
-        unet = diffusers_unet_to_ldm(raw_unet, SD1.unet)
+        unet, vae, text, stated = _read_folder(path)
         config = _detect(unet, path)
-        vae = diffusers_vae_to_ldm(vae, config.vae)
-        text = {("" if k.startswith("text_model.") else "text_model.") + k: v for k, v in text.items()
-                if not IGNORED.fullmatch("cond_stage_model." + k)}
-        kind = _json(path, "scheduler", "scheduler_config.json").get("prediction_type", "epsilon")
-        prediction = prediction or {"epsilon": "eps", "v_prediction": "v"}[kind]
+        if tokenizer is None and os.path.isfile(os.path.join(path, "tokenizer", "vocab.json")):
+            tokenizer = os.path.join(path, "tokenizer")
     else:
         unet, vae, text, openclip = _split_single_file(read_state_dict(path), path)
-        config = _detect(unet, path)
+        config, stated = _detect(unet, path), None
         if openclip:
             text = {**text, **openclip_to_hf(openclip, config.text.layers)}
-    if config.version == "sd2":
-        prediction = prediction or _guess_prediction(unet, path)
+    prediction = prediction or stated or (_guess_prediction(unet, path) if config.version == "sd2" else None)
     if prediction not in (None, config.prediction):
         config = SD2_V if config is SD2 else replace(config, prediction=prediction)
 
