@@ -131,8 +131,11 @@ def peak_memory(fn, device):
 
 def diffusers_unet(config, dtype, device, attention):
     """diffusers' UNet2DConditionModel with the same architecture (random weights)."""
-    from diffusers import UNet2DConditionModel
-    from diffusers.models.attention_processor import AttnProcessor
+    try:
+        from diffusers import UNet2DConditionModel
+        from diffusers.models.attention_processor import AttnProcessor
+    except ImportError:
+        raise SystemExit("--vs-diffusers needs diffusers: pip install diffusers") from None
     u = config.unet
     heads = u.num_heads if not u.head_channels else [u.model_channels * m // u.head_channels for m in u.channel_mult]
     unet = UNet2DConditionModel(block_out_channels=[u.model_channels * m for m in u.channel_mult],
