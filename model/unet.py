@@ -272,8 +272,8 @@ class UNetModel(nn.Module):
         plain SD forward. Returns the raw model output (eps or v) [B, 4, h, w] in the weights' dtype.
 
         Feature caching (DeepCache, DaTo): when accel.depth is a number d, this is a cached call:
-        only input_blocks[:d] and output_blocks[-d:] run, the up path starting from the output
-        of output_blocks[11-d] remembered from the last full call; the middle block is skipped.
+        only input_blocks[:d] and output_blocks[12-d:] run, the up path starting from the newest
+        output of output_blocks[11-d] (from the last call that ran it); the middle block is skipped.
         """
         dtype = self.out[2].weight.dtype   # inputs follow the weights (the sampler keeps fp32 latents)
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
@@ -294,6 +294,6 @@ class UNetModel(nn.Module):
             h = torch.cat([h, skips.pop()], dim=1)
             h = block(h, emb, context, accel, out_size=skips[-1].shape[-2:] if skips else None)
             outputs.append(h)
-        if accel is not None and depth == n:
+        if accel is not None:
             accel.remember(outputs)
         return self.out(h).contiguous()

@@ -44,7 +44,7 @@ class Acceleration:
 class RunState:
     """State of one sampling run. The sampler calls begin_call(i, x) before and end_call(output)
     after UNet call i. During the call the UNet reads `depth` (None: a full call; d: recompute
-    d blocks on each side, the rest from `features`), hands a full call's output-block results
+    d blocks on each side, the rest from `features`), hands the output-block results it computed
     to remember(), and its transformer blocks ask for token plans."""
 
     def __init__(self, settings, calls, seed):
@@ -53,7 +53,7 @@ class RunState:
         self.settings, self.calls, self.seed = settings, calls, seed
         self.call = None            # index of the UNet call in progress, 0 .. calls-1
         self.depth = None           # cache depth of the call in progress (None: full)
-        self.features = None        # output-block results of the last full call (only when caching)
+        self.features = None        # newest result of each output block (only when caching)
         self.generator = torch.Generator().manual_seed(seed)
         self.outputs = []           # the two most recent raw UNet outputs, oldest first
         self.latent_tokens = None   # h * w of the latent of the call in progress
@@ -74,10 +74,16 @@ class RunState:
     def end_call(self, output):
         self.outputs = [*self.outputs[-1:], output]
 
-    def remember(self, features):
-        """A full call's output-block results, the starting points of the cached calls."""
-        if self.depths is not None:
-            self.features = features
+    def remember(self, outputs):
+        """The results of the last len(outputs) output blocks, just computed: a full call replaces
+        all twelve, a cached call at depth d refreshes the last d, so a later, shallower call
+        starts from the newest result of its entry block (DaTo's mixed-depth schedules)."""
+        if self.depths is None:
+            return
+        if self.features is None:
+            self.features = list(outputs)
+        else:
+            self.features[len(self.features) - len(outputs):] = outputs
 
     def token_plans(self, x, hw, block):
         """(prune, recover) pairs or None for self-attention, cross-attention and feed-forward

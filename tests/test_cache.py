@@ -5,7 +5,7 @@ import torch
 
 from cache import FULL, PRESETS, CacheSchedule, deepcache_nonuniform
 from model import TINY
-from model.unet import UNetModel
+from model.unet import UNetModel, timestep_embedding
 from prune import TokenPruning
 from sampler import Acceleration, sample
 
@@ -53,6 +53,28 @@ def test_cached_call_differs_when_input_changes():
     unet(torch.zeros(2, 4, 8, 8), 500, context, accel=state)
     x = torch.randn(2, 4, 8, 8)
     state.begin_call(1, x)
+
+def test_cached_calls_refresh_the_blocks_they_recompute():
+    """Depths FULL, 2, 1, 0 on changing inputs: each shallower call starts from the result the
+    previous cached call computed (not the full call's), so depth 0 returns call 2's output and
+    call 2 equals a depth-1 recomputation on top of call 1's output_blocks.10 result."""
+    unet = tiny_unet()
+    context = torch.randn(2, 77, 32)
+    xs = [torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    state = Acceleration(cache=CacheSchedule("dato", depths=(FULL, 2, 1, 0))).start(calls=4, seed=0)
+    outs, features = [], []
+    for i, x in enumerate(xs):
+        state.begin_call(i, x)
+        outs.append(unet(x, 500, context, accel=state))
+        features.append(list(state.features))
+    assert all(a is b for a, b in zip(features[1][:10], features[0][:10]))   # deeper blocks untouched
+    assert not torch.equal(features[1][10], features[0][10]) and not torch.equal(features[1][11], features[0][11])
+    assert features[2][10] is features[1][10] and not torch.equal(features[2][11], features[1][11])
+    assert torch.equal(outs[3], outs[2])
+    emb = unet.time_embed(timestep_embedding(torch.full((2,), 500), TINY.unet.model_channels))
+    skip = unet.input_blocks[0](xs[2].contiguous(memory_format=torch.channels_last), emb, context)
+    by_hand = unet.out(unet.output_blocks[11](torch.cat([features[1][10], skip], 1), emb, context))
+    assert torch.equal(outs[2], by_hand)
     assert not torch.equal(unet(x, 500, context, accel=state), unet(x, 500, context))
 
 
