@@ -8,9 +8,8 @@ each copies the result of its most similar kept token (official code) or base to
 SimScore is computed as x̂_i · (sum_j x̂_j): O(N C), equal to the row sums of the N x N cosine
 matrix the official code builds (5.4 G multiply-adds per block at 512 px) up to rounding.
 """
-import torch
 
-from .tokens import check_ratio, normalized, per_cell_argmax, split_by_similarity
+from .tokens import check_ratio, noise, normalized, per_cell_argmax, split_by_similarity
 
 
 def plan(x, hw, ratio, *, sx=2, sy=2, noise_alpha=0.1, sim_beta=1.0, recover_from="kept", generator=None):
@@ -26,5 +25,5 @@ def plan(x, hw, ratio, *, sx=2, sy=2, noise_alpha=0.1, sim_beta=1.0, recover_fro
     mf = m.float()   # SimScore sums N cosines: low-precision rounding would tie whole cells
     score = sim_beta * (mf @ mf.sum(dim=1)[..., None]).squeeze(-1)   # [B, N]
     if noise_alpha:
-        score = score + noise_alpha * torch.randn(score.shape, generator=generator).to(score.device)
+        score = score + noise_alpha * noise(score.shape, generator).to(score.device)
     return split_by_similarity(m, per_cell_argmax(score, h, w, sx, sy), int(x.shape[1] * ratio), recover_from)

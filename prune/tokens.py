@@ -45,12 +45,18 @@ def gather_rows(x, idx):
 
 def complement(idx, n):
     """idx [B, M] distinct token indices -> the other n - M indices [B, n - M], ascending."""
-    keep = torch.ones(idx.shape[0], n, dtype=torch.bool, device=idx.device).scatter_(1, idx, False)
-    return torch.arange(n, device=idx.device).expand(idx.shape[0], n)[keep].view(idx.shape[0], n - idx.shape[1])
+    taken = torch.zeros(idx.shape[0], n, dtype=torch.uint8, device=idx.device).scatter_(1, idx, 1)
+    # a stable sort puts the untaken indices first, in order (no boolean mask: no device sync)
+    return taken.argsort(dim=1, stable=True)[:, :n - idx.shape[1]]
 
 
 def normalized(x):
     return F.normalize(x, dim=-1)
+
+
+def noise(shape, generator):
+    """Standard normal noise of `shape` drawn on the generator's device (CPU without one)."""
+    return torch.randn(shape, generator=generator, device=generator.device if generator is not None else "cpu")
 
 
 class TokenPlan:
@@ -100,6 +106,7 @@ def split_by_similarity(m, base, k, recover_from="kept"):
     recover_from: "base" - each removed token copies its most similar base token (the SiTo
         paper, and ToMe's dst; no extra work: it is the argmax already found);
         "kept" - its most similar kept token, base or not (the official SiTo/DaTo code).
+    Similarities are computed in m's dtype, as tomesd and the official code do.
     Cost: candidates x bases similarities, (3N/4)(N/4)C multiply-adds at 2x2 cells, plus
     removed x kept-candidates for "kept"; never the N x N matrix.
     """

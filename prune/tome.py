@@ -20,7 +20,8 @@ def plan(x, hw, ratio, *, sx=2, sy=2, use_rand=True, generator=None):
     (h, w), (b, n, _) = hw, x.shape
     hc, wc = h // sy, w // sx
     if use_rand:   # drawn on the generator's device, the same number of draws as tomesd
-        choice = torch.randint(sy * sx, (hc, wc), generator=generator, device=generator.device if generator else "cpu")
+        choice = torch.randint(sy * sx, (hc, wc), generator=generator,
+                               device=generator.device if generator is not None else "cpu")
     else:
         choice = torch.zeros(hc, wc, dtype=torch.long)
     dst = cell_indices(choice.to(x.device), w, sx, sy).expand(b, -1)
