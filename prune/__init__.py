@@ -30,7 +30,7 @@ class TokenPruning:
         SiTo #1 / tomesd README).
     noise_alpha: SiTo/DaTo noise weight on the base-token score (0.1).
     sim_beta: SiTo's SimScore weight (1.0). gamma: DaTo's dynamics weight (1.0).
-    align_cfg: DaTo: uncond and cond rows share base tokens (True).
+    align_cfg: DaTo, guided runs: uncond and cond rows share base tokens (True).
     recover_from: SiTo/DaTo: pruned tokens copy the most similar "kept" token (official code)
         or "base" token (the SiTo paper; cheaper).
     use_rand: ToMe: random dst per cell (True) or top-left.
@@ -80,14 +80,15 @@ class TokenPruning:
         ds = math.ceil(math.sqrt(latent_tokens / (h * w)))
         return ds <= self.max_downsample and h >= self.sy and w >= self.sx
 
-    def plan(self, x, hw, ratio, generator=None, dynamics=None):
+    def plan(self, x, hw, ratio, generator=None, dynamics=None, guided=False):
+        """The TokenPlan of one block; `guided`: x is a CFG batch [uncond; cond]."""
         if self.method == "tome":
             return tome.plan(x, hw, ratio, sx=self.sx, sy=self.sy, use_rand=self.use_rand, generator=generator)
         if self.method == "sito":
             return sito.plan(x, hw, ratio, sx=self.sx, sy=self.sy, noise_alpha=self.noise_alpha,
                              sim_beta=self.sim_beta, recover_from=self.recover_from, generator=generator)
         return dato.plan(x, hw, ratio, dynamics=dynamics, gamma=self.gamma, noise_alpha=self.noise_alpha,
-                         align_cfg=self.align_cfg, recover_from=self.recover_from, sx=self.sx, sy=self.sy,
+                         align_cfg=self.align_cfg and guided, recover_from=self.recover_from, sx=self.sx, sy=self.sy,
                          generator=generator)
 
 

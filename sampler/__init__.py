@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .accel import Acceleration
+from .accel import Acceleration, stream_seed
 from .ddim import ddim_steps
 from .plms import plms_steps
 from .schedule import alphas_cumprod, timesteps
@@ -58,13 +58,14 @@ def sample_steps(unet, x_T, cond, uncond=None, steps=50, scale=7.5, method="plms
     Guidance batches one call on [x; x] with contexts [uncond; cond]:
     eps = eps_u + scale * (eps_c - eps_u). v-prediction outputs are converted per call:
     eps = √ᾱ_t·v + √(1-ᾱ_t)·x_t. accel: an Acceleration (or None); its per-run state is made
-    here from `seed`, which also seeds DDIM's noise when eta > 0.
+    here. `seed` (the one x_T was drawn from) seeds the random streams of the run: DDIM's noise
+    when eta > 0 and the token methods' choices, each through its own stream_seed.
     """
     check_args(steps, scale, method, eta, prediction)
     alphas = alphas_cumprod()
     ts = timesteps(steps)[::-1]
-    run = accel.start(unet_calls(steps, method), seed) if accel is not None else None
     guided = uncond is not None and scale != 1
+    run = accel.start(unet_calls(steps, method), seed, guided) if accel is not None else None
     calls = 0
 
     def eps_fn(x, t):
@@ -91,7 +92,7 @@ def sample_steps(unet, x_T, cond, uncond=None, steps=50, scale=7.5, method="plms
     if method == "plms":
         loop = plms_steps(eps_fn, x, ts, alphas)
     else:
-        loop = ddim_steps(eps_fn, x, ts, alphas, eta, torch.Generator().manual_seed(seed))
+        loop = ddim_steps(eps_fn, x, ts, alphas, eta, torch.Generator().manual_seed(stream_seed(seed, "ddim")))
     for i, t, x, pred_x0 in loop:
         yield Step(i, len(ts), t, x, pred_x0, calls)
 

@@ -5,6 +5,7 @@ call index, the previous raw outputs, cached features, the random generator of t
 methods) lives in a RunState, which the sampler makes fresh for every batch and passes to each
 UNet call as `accel`. Nothing leaks from one run into the next.
 """
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,13 @@ from prune import LAYERS, TokenPruning
 from prune.viz import PruneViz
 
 NO_PLANS = (None, None, None)
+
+
+def stream_seed(seed, stream):
+    """The seed of the random stream named `stream` in the run seeded `seed`. The run's x_T is
+    drawn from `seed` itself; hashing keeps the other streams (DDIM noise, token selection)
+    independent of it and of each other."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{stream}".encode()).digest()[:8], "little")
 
 
 @dataclass(frozen=True)
@@ -36,9 +44,10 @@ class Acceleration:
         if self.cache is not None:
             self.cache.depths_for(calls)
 
-    def start(self, calls, seed):
-        """A fresh RunState for a run of `calls` UNet calls; its generator is seeded with `seed`."""
-        return RunState(self, calls, seed)
+    def start(self, calls, seed, guided=False):
+        """A fresh RunState for a run of `calls` UNet calls, its random stream derived from
+        `seed`; `guided`: every call's batch is [uncond; cond] (classifier-free guidance)."""
+        return RunState(self, calls, seed, guided)
 
 
 class RunState:
@@ -47,14 +56,14 @@ class RunState:
     d blocks on each side, the rest from `features`), hands the output-block results it computed
     to remember(), and its transformer blocks ask for token plans."""
 
-    def __init__(self, settings, calls, seed):
+    def __init__(self, settings, calls, seed, guided=False):
         settings.check(calls)
         self.depths = settings.cache.depths_for(calls) if settings.cache is not None else None
-        self.settings, self.calls, self.seed = settings, calls, seed
+        self.settings, self.seed, self.guided = settings, seed, guided
         self.call = None            # index of the UNet call in progress, 0 .. calls-1
         self.depth = None           # cache depth of the call in progress (None: full)
         self.features = None        # newest result of each output block (only when caching)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(stream_seed(seed, "accel"))
         self.outputs = []           # the two most recent raw UNet outputs, oldest first
         self.latent_tokens = None   # h * w of the latent of the call in progress
         self.dynamics = None        # DaTo's D for the call in progress: [B, h, w] or None
@@ -95,7 +104,7 @@ class RunState:
         dynamics = self.dynamics
         if dynamics is not None and tuple(dynamics.shape[-2:]) != tuple(hw):   # a deeper block: pool D to its grid
             dynamics = F.adaptive_avg_pool2d(dynamics[:, None], hw)[:, 0]
-        plan = prune.plan(x, hw, ratio, generator=self.generator, dynamics=dynamics)
+        plan = prune.plan(x, hw, ratio, generator=self.generator, dynamics=dynamics, guided=self.guided)
         if self.settings.viz is not None:
             self.settings.viz.record(f"seed{self.seed}_call{self.call:03d}", block, hw, plan)
         return tuple(plan if layer in prune.layers else None for layer in LAYERS)

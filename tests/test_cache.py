@@ -156,9 +156,10 @@ def test_dato_end_to_end_runs_the_scheduled_blocks():
     plans = []
 
     class Watch(TokenPruning):
-        def plan(self, x, hw, ratio, generator=None, dynamics=None):
+        def plan(self, x, hw, ratio, generator=None, dynamics=None, guided=False):
+            assert guided   # run() samples with guidance: [uncond; cond] batches
             plans.append((len(counter.calls) - 1, ratio, dynamics is not None))
-            return super().plan(x, hw, ratio, generator, dynamics)
+            return super().plan(x, hw, ratio, generator, dynamics, guided)
 
     accel_watched = Acceleration(Watch("dato", schedule=schedule), accel.cache)
     out = run(unet, accel_watched, steps=steps)

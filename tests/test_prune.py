@@ -115,6 +115,20 @@ def test_dato_bases_follow_dynamics_and_align_cfg():
         assert sorted(plan.base[b].tolist()) == expected
     aligned = dato.plan(x, (h, w), 0.5, dynamics=dynamics, noise_alpha=0.0, align_cfg=True)
     assert torch.equal(aligned.base[2:], aligned.base[:2]) and torch.equal(aligned.base[:2], plan.base[:2])
+    with pytest.raises(ValueError, match="guided batch"):
+        dato.plan(x[:3], (h, w), 0.5, dynamics=dynamics[:3], align_cfg=True)
+
+
+@pytest.mark.parametrize("guided", [True, False])
+def test_dato_aligns_only_guided_batches(guided):
+    """An unguided batch of two images is two independent rows, not [uncond; cond]."""
+    h, w = 8, 8
+    state = Acceleration(TokenPruning("dato", noise_alpha=0.0)).start(calls=3, seed=0, guided=guided)
+    for _ in range(2):
+        state.end_call(torch.randn(2, 4, h, w))
+    state.begin_call(2, torch.zeros(2, 4, h, w))
+    plan, _, _ = state.token_plans(torch.randn(2, h * w, 16), (h, w), "block")
+    assert torch.equal(plan.base[0], plan.base[1]) == guided
 
 
 def test_dato_without_dynamics_uses_noise():
@@ -184,9 +198,9 @@ def test_blocks_pruned_by_max_downsample():
     seen = {}
 
     class Count(TokenPruning):
-        def plan(self, x, hw, ratio, generator=None, dynamics=None):
+        def plan(self, x, hw, ratio, **kw):
             seen[hw] = seen.get(hw, 0) + 1
-            return super().plan(x, hw, ratio, generator, dynamics)
+            return super().plan(x, hw, ratio, **kw)
 
     for maxdown, grids in ((1, {(16, 12)}), (2, {(16, 12), (8, 6)}), (8, {(16, 12), (8, 6), (4, 3), (2, 2)})):
         seen.clear()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sampler import Acceleration, check_args, sample, sample_steps, unet_calls
-from sampler.accel import RunState
+from sampler.accel import RunState, stream_seed
 from sampler.schedule import alphas_cumprod, timesteps
 
 ALPHAS = alphas_cumprod()
@@ -147,6 +147,13 @@ def test_ddim_eta_is_seeded():
     assert not torch.equal(a, run(gaussian_eps, x, steps=10, method="ddim"))
 
 
+def test_random_streams_are_not_the_x_T_stream():
+    """x_T is drawn from the seed itself; DDIM's noise and the token choices must not replay it."""
+    seeds = [stream_seed(s, name) for s in (0, 1, 2) for name in ("ddim", "accel")]
+    assert len(set(seeds)) == 6 and not set(seeds) & set(range(1000))
+    assert stream_seed(7, "ddim") == stream_seed(7, "ddim")
+
+
 def test_run_state_sees_every_call():
     """The per-run state is told each call index and receives each raw (unguided) output."""
     seen, outputs = [], []
@@ -161,9 +168,9 @@ def test_run_state_sees_every_call():
             super().end_call(output)
 
     class Watched(Acceleration):
-        def start(self, calls, seed):
-            assert calls == 51
-            return Watch(self, calls, seed)
+        def start(self, calls, seed, guided=False):
+            assert calls == 51 and guided
+            return Watch(self, calls, seed, guided)
 
     def unet(x, t, context, accel=None):
         assert isinstance(accel, Watch)
