@@ -147,7 +147,10 @@ def _read_folder(path):
     text = {("" if k.startswith("text_model.") else "text_model.") + k: v
             for k, v in _read_component(path, "text_encoder").items() if not k.endswith("position_ids")}
     scheduler = os.path.join(path, "scheduler", "scheduler_config.json")
-    kind = json.load(open(scheduler)).get("prediction_type", "epsilon") if os.path.isfile(scheduler) else "epsilon"
+    if not os.path.isfile(scheduler):   # no record: SD2 gets guessed from the weights
+        return unet, vae, text, None
+    with open(scheduler) as f:
+        kind = json.load(f).get("prediction_type", "epsilon")
     if kind not in ("epsilon", "v_prediction"):
         raise CheckpointError(f"{scheduler}: prediction_type {kind!r} is not supported (epsilon or v_prediction)")
     return unet, vae, text, {"epsilon": "eps", "v_prediction": "v"}[kind]
@@ -202,7 +205,10 @@ def _detect(unet, where):
 def _guess_prediction(unet, where):
     """SD2 files do not record eps vs v. The heuristic ComfyUI uses: the v models' last transformer
     norm bias is spread wider (std > 0.09) than the 512-base eps model's."""
-    bias = unet["output_blocks.11.1.transformer_blocks.0.norm1.bias"].float()
+    bias = unet.get("output_blocks.11.1.transformer_blocks.0.norm1.bias")
+    if bias is None:   # an incomplete file: the strict load names what is missing
+        return None
+    bias = bias.float()
     guess = "v" if bias.std(unbiased=False) > 0.09 else "eps"
     print(f"{where}: SD2 checkpoint, guessed {guess}-prediction"
           f"{' (768 model)' if guess == 'v' else ' (512-base model)'}; pass prediction='eps'|'v' to override")

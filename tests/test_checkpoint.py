@@ -145,6 +145,8 @@ def test_diffusers_folder_prediction(tmp_path, tokenizer_dir):
     state = random_state(layout_shapes(TINY_SD2))
     folder = diffusers_folder(tmp_path, TINY_SD2, state, tokenizer_dir, prediction="v_prediction")
     assert load_checkpoint(folder).config.prediction == "v"
+    (folder / "scheduler" / "scheduler_config.json").unlink()   # no record: guessed from the weights
+    assert load_checkpoint(folder).config.prediction == "eps"
 
 
 def test_diffusers_folder_matches_diffusers_models(tmp_path, tokenizer_dir):
@@ -220,6 +222,13 @@ def test_missing_key_is_named(tmp_path):
     del state[UNET + "output_blocks.4.1.proj_out.weight"]
     msg = error_of(save(state, tmp_path / "m.safetensors"))
     assert "missing" in msg and "output_blocks.4.1.proj_out.weight" in msg
+
+
+def test_sd2_missing_the_guessed_key_is_named(tmp_path):
+    state = random_state(layout_shapes(TINY_SD2))
+    del state[UNET + "output_blocks.11.1.transformer_blocks.0.norm1.bias"]
+    msg = error_of(save(state, tmp_path / "m.safetensors"))
+    assert "missing" in msg and "output_blocks.11.1.transformer_blocks.0.norm1.bias" in msg
 
 
 def test_wrong_shape_is_named(tmp_path):
