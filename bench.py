@@ -54,9 +54,9 @@ def parse_method(spec):
 
 def call_kinds(accel, calls):
     """The kind (depth or None for full, prune ratio) of each UNet call of a run."""
+    depths = accel.cache.depths_for(calls) if accel and accel.cache else [FULL] * calls
     kinds = []
-    for i in range(calls):
-        depth = accel.cache.depths_for(calls)[i] if accel and accel.cache else FULL
+    for i, depth in enumerate(depths):
         ratio = accel.prune.ratio_at(i) if accel and accel.prune else 0.0
         kinds.append((None, ratio) if depth == FULL else (depth, ratio if depth else 0.0))   # depth 0 prunes nothing
     return kinds

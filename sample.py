@@ -21,7 +21,7 @@ from cache import FULL, CacheSchedule
 from cache import MODES as CACHE_MODES
 from cache import PRESETS as ACCEL_PRESETS
 from model import PRESETS, load_checkpoint, random_weights
-from model.text import byte_tokenizer
+from model.text import TokenizerError, byte_tokenizer
 from prune import LAYERS, TokenPruning
 from prune import METHODS as PRUNE_METHODS
 from prune.viz import PruneViz
@@ -54,6 +54,8 @@ def resolve_checkpoint(ckpt):
 
 
 def read_prompts(prompt=None, from_file=None):
+    if prompt is not None and from_file:
+        raise ValueError("give either --prompt or --from-file, not both")
     if from_file:
         if not os.path.isfile(from_file):
             raise ValueError(f"prompt file {from_file!r} does not exist")
@@ -146,7 +148,7 @@ def generate(prompts, *, ckpt=None, random=None, tokenizer=None, negative_prompt
     if accel is not None:   # schedules must fit this sampler and step count
         accel.check(unet_calls(steps, sampler))
     device = device or default_device()
-    dtype = DTYPES[dtype or ("fp32" if device == "cpu" else "fp16")]
+    dtype = DTYPES[dtype or ("fp32" if torch.device(device).type == "cpu" else "fp16")]
     os.makedirs(outdir, exist_ok=True)
 
     timer = Timer(device)
@@ -259,8 +261,10 @@ def main(argv=None):
                  steps=args.steps, scale=args.scale, seed=args.seed, H=args.H, W=args.W, sampler=args.sampler,
                  eta=args.eta, prediction=args.prediction, device=args.device, dtype=args.dtype,
                  attention=args.attention, outdir=args.outdir, accel=acceleration(args))
-    except ValueError as e:
+    except ValueError as e:   # bad arguments, checkpoint or schedule: usage and the reason
         p.error(str(e))
+    except TokenizerError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def numbers(text, kind, what):

@@ -70,6 +70,8 @@ class CacheSchedule:
                              f"on each side), got {self.depth}")
         if self.mode == "dato" and not self.depths:
             raise ValueError("cache mode 'dato' needs an explicit per-call depth vector")
+        if self.mode != "dato" and self.depths:
+            raise ValueError(f"cache mode {self.mode!r} computes its own depths; use mode 'dato' for an explicit vector")
         if bad := [d for d in self.depths if not 0 <= d <= FULL]:
             raise ValueError(f"cache depths must be in 0..{FULL} ({FULL} = full call), got {bad}")
         if self.mode == "nonuniform" and self.power <= 1:

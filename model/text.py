@@ -52,16 +52,20 @@ def byte_tokenizer():
         return CLIPTokenizer.from_pretrained(write_tokenizer(folder))
 
 
+class TokenizerError(RuntimeError):
+    """The CLIP tokenizer cannot be found or loaded."""
+
+
 def load_tokenizer(source=None):
     """A CLIPTokenizer from a folder holding vocab.json + merges.txt, or a hub id (downloads
     about 2 MB once; needs to be online). Default: openai/clip-vit-large-patch14."""
     source = source or DEFAULT_TOKENIZER
     if os.path.isdir(source) and not all(os.path.isfile(os.path.join(source, f)) for f in ("vocab.json", "merges.txt")):
-        raise FileNotFoundError(f"tokenizer folder {source!r} must contain vocab.json and merges.txt")
+        raise TokenizerError(f"tokenizer folder {source!r} must contain vocab.json and merges.txt")
     try:
         return CLIPTokenizer.from_pretrained(source)
     except (OSError, ValueError) as e:
-        raise RuntimeError(
+        raise TokenizerError(
             f"could not load the CLIP tokenizer from {source!r} ({type(e).__name__}: {e}). "
             "Pass tokenizer=<folder with vocab.json and merges.txt> (the `tokenizer/` folder of any "
             "Stable Diffusion diffusers repository works; sample.py: --tokenizer), or go online once "

@@ -1,4 +1,5 @@
 """Pictures of token plans, for teaching: which tokens of one block were base, kept or pruned."""
+import itertools
 import os
 from dataclasses import dataclass
 
@@ -29,7 +30,7 @@ class PruneViz:
         roles = plan.roles()[self.row].view(*hw).cpu().long()
         pixels = COLORS[roles].repeat_interleave(self.cell, 0).repeat_interleave(self.cell, 1)
         os.makedirs(self.folder, exist_ok=True)
-        for n in range(1000):   # never overwrite an earlier picture
+        for n in itertools.count():   # never overwrite an earlier picture
             try:
                 with open(os.path.join(self.folder, f"{tag}{f'_{n}' if n else ''}.png"), "xb") as f:
                     return Image.fromarray(pixels.numpy()).save(f, format="PNG")

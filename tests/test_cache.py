@@ -107,7 +107,7 @@ def test_presets():
 @pytest.mark.parametrize("kw,match", [
     (dict(mode="every"), "unknown cache mode"), (dict(interval=0), "interval"), (dict(depth=12), "depth"),
     (dict(mode="dato"), "explicit"), (dict(mode="dato", depths=(FULL, 13)), r"0\.\.12"),
-    (dict(mode="nonuniform", power=1.0), "power")])
+    (dict(mode="nonuniform", power=1.0), "power"), (dict(mode="uniform", depths=(FULL, 1)), "own depths")])
 def test_bad_settings(kw, match):
     with pytest.raises(ValueError, match=match):
         CacheSchedule(**kw)

@@ -86,12 +86,20 @@ def test_bad_arguments_fail_before_loading(tmp_path, kw, match):
 
 
 @pytest.mark.parametrize("args,match", [
-    (["--from-file", "nope.txt"], "does not exist"), ([], "give a prompt"), (["--prompt", "x", "--H", "65"], "multiple of 8")])
+    (["--from-file", "nope.txt"], "does not exist"), ([], "give a prompt"), (["--prompt", "x", "--H", "65"], "multiple of 8"),
+    (["--prompt", "x", "--from-file", "p.txt"], "not both")])
 def test_cli_errors(tmp_path, capsys, args, match):
     (tmp_path / "empty.txt").write_text("\n\n")
     with pytest.raises(SystemExit):
         sample.main(args + ["--ckpt", str(tmp_path / "missing.safetensors")])
     assert match in capsys.readouterr().err
+
+
+def test_missing_tokenizer_is_a_clear_exit(tmp_path, capsys):
+    (tmp_path / "tok").mkdir()
+    with pytest.raises(SystemExit, match="must contain vocab.json and merges.txt"):
+        sample.main(["--prompt", "x", "--random-weights", "tiny", "--steps", "2", "--H", "32", "--W", "32",
+                     "--tokenizer", str(tmp_path / "tok"), "--outdir", str(tmp_path / "out")])
 
 
 def test_empty_prompt_file(tmp_path):
