@@ -17,7 +17,7 @@ def timesteps(steps):
 
     50 steps -> [1, 21, ..., 981], exactly LDM's range(0, 1000, 1000 // steps) + 1 (the shift,
     per LDM's comment, puts the final step's alphas right). For step counts that do not divide
-    1000, LDM's range appends one to three extra steps (30 -> 31 steps) and for some counts
+    1000, LDM's range appends extra steps (30 -> 31 steps, 400 -> 500) and for some counts
     (3, 9, 27, ...) runs past the schedule and crashes; here `steps` steps are exactly `steps`,
     the prefix of LDM's list, which is what diffusers' DDIM/PNDM ("leading", offset 1) take too."""
     if not 1 <= steps <= MAX_STEPS:
