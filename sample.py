@@ -22,6 +22,7 @@ from cache import MODES as CACHE_MODES
 from cache import PRESETS as ACCEL_PRESETS
 from model import PRESETS, load_checkpoint, random_weights
 from model.text import TokenizerError, byte_tokenizer
+from model.unet import BasicTransformerBlock
 from prune import LAYERS, TokenPruning
 from prune import METHODS as PRUNE_METHODS
 from prune.viz import PruneViz
@@ -155,12 +156,18 @@ def generate(prompts, *, ckpt=None, random=None, tokenizer=None, negative_prompt
     start = time.perf_counter()
     if random is not None:
         print(f"random weights ({random}): the images are noise, useful only to exercise the pipeline")
-        sd = random_weights(PRESETS[random], device=device, dtype=dtype, tokenizer=tokenizer or byte_tokenizer())
+        config = replace(PRESETS[random], prediction=prediction or PRESETS[random].prediction)
+        sd = random_weights(config, device=device, dtype=dtype, tokenizer=tokenizer or byte_tokenizer())
         source = f"random weights: {random}"
     else:
         source = resolve_checkpoint(ckpt)
         sd = load_checkpoint(source, device=device, dtype=dtype, prediction=prediction, tokenizer=tokenizer)
     sd.unet.set_attention(attention)
+    if accel is not None and accel.viz is not None:
+        blocks = [name for name, m in sd.unet.named_modules() if isinstance(m, BasicTransformerBlock)]
+        if accel.viz.block not in blocks:
+            raise ValueError(f"--viz-block {accel.viz.block!r} is not a transformer block of this UNet; "
+                             f"choose one of {', '.join(blocks[:4])}, ... ({len(blocks)} in all)")
     config = sd.config
     scale = config.guidance if scale is None else scale
     H, W = H or config.image_size, W or config.image_size
@@ -229,14 +236,14 @@ def main(argv=None):
 
     g = p.add_argument_group("token pruning (prune/)")
     g.add_argument("--prune", choices=("none",) + PRUNE_METHODS, default="none", help="token method (none)")
-    g.add_argument("--prune-ratio", type=float, default=0.5, help="fraction of tokens removed per block (0.5, max 0.75)")
-    g.add_argument("--prune-maxdown", type=int, default=1, choices=(1, 2, 4, 8),
+    g.add_argument("--prune-ratio", type=float, help="fraction of tokens removed per block (0.5, max 0.75)")
+    g.add_argument("--prune-maxdown", type=int, choices=(1, 2, 4, 8),
                    help="prune blocks at most this much below the latent resolution (1: the five 64x64 blocks)")
-    g.add_argument("--prune-layers", default="attn1",
+    g.add_argument("--prune-layers",
                    help=f"comma-separated sub-layers from {','.join(LAYERS)} (attn1 = self-attention only)")
-    g.add_argument("--prune-noise", type=float, default=0.1, help="SiTo/DaTo noise weight on the base-token score")
-    g.add_argument("--prune-recover", choices=("kept", "base"), default="kept",
-                   help="SiTo/DaTo: pruned tokens copy the most similar kept token (code) or base token (paper)")
+    g.add_argument("--prune-noise", type=float, help="SiTo/DaTo noise weight on the base-token score (0.1)")
+    g.add_argument("--prune-recover", choices=("kept", "base"),
+                   help="SiTo/DaTo: pruned tokens copy the most similar kept token (code, default) or base token (paper)")
     g.add_argument("--prune-schedule", help="one ratio per UNet call, comma-separated (PLMS-50: 51 values)")
     g.add_argument("--viz-prune", metavar="DIR", help="save a picture of one block's base/kept/pruned tokens per call")
     g.add_argument("--viz-block", default="input_blocks.1.1.transformer_blocks.0", help="the block --viz-prune shows")
@@ -244,11 +251,11 @@ def main(argv=None):
     g = p.add_argument_group("feature caching (cache/)")
     g.add_argument("--cache", choices=("none",) + CACHE_MODES, default="none",
                    help="uniform / nonuniform (DeepCache) or dato (an explicit per-call --cache-schedule)")
-    g.add_argument("--cache-interval", type=int, default=5, help="a full UNet call every N calls (5)")
-    g.add_argument("--cache-depth", type=int, default=2,
+    g.add_argument("--cache-interval", type=int, help="a full UNet call every N calls (5)")
+    g.add_argument("--cache-depth", type=int,
                    help="blocks recomputed on each side by cached calls: 0 (reuse all) .. 11 (2: DeepCache SD)")
-    g.add_argument("--cache-center", type=int, default=15, help="nonuniform: call around which full calls are densest")
-    g.add_argument("--cache-power", type=float, default=1.4, help="nonuniform: DeepCache's power")
+    g.add_argument("--cache-center", type=int, help="nonuniform: call around which full calls are densest (15)")
+    g.add_argument("--cache-power", type=float, help="nonuniform: DeepCache's power (1.4)")
     g.add_argument("--cache-schedule", help=f"one depth per UNet call, comma-separated, {FULL} = full call "
                                             "(first entry must be full)")
     g.add_argument("--preset", choices=list(ACCEL_PRESETS),
@@ -274,23 +281,45 @@ def numbers(text, kind, what):
         raise ValueError(f"{what} must be comma-separated numbers, got {text!r}") from None
 
 
+def given(args, names):
+    """The command-line flags among `names` (argparse dests) that were set."""
+    return [f"--{n.replace('_', '-')}" for n in names if getattr(args, n) is not None]
+
+
 def acceleration(args):
-    """The Acceleration the command line asks for, or None."""
+    """The Acceleration the command line asks for, or None. Tuning flags default to None so that
+    one given without its method (or beside a --preset, which fixes them) is an error, not ignored."""
+    prune_kw = dict(ratio=args.prune_ratio, max_downsample=args.prune_maxdown, noise_alpha=args.prune_noise,
+                    recover_from=args.prune_recover,
+                    layers=tuple(args.prune_layers.split(",")) if args.prune_layers else None)
+    prune_kw = {k: v for k, v in prune_kw.items() if v is not None}
+    prune_flags = given(args, ["prune_ratio", "prune_maxdown", "prune_noise", "prune_recover", "prune_layers"])
+    shape_flags = given(args, ["cache_interval", "cache_depth"])   # uniform and nonuniform
+    curve_flags = given(args, ["cache_center", "cache_power"])     # nonuniform only
     if args.preset:
         if args.prune != "none" or args.cache != "none":
             raise ValueError("--preset sets both caching and pruning; leave out --prune and --cache")
+        if fixed := prune_flags + shape_flags + curve_flags + given(args, ["cache_schedule"]):
+            raise ValueError(f"--preset {args.preset} fixes its settings; leave out {', '.join(fixed)} "
+                             "(or spell the method out with --prune/--cache)")
         preset = ACCEL_PRESETS[args.preset]
         prune, cache = preset.prune, preset.cache
     else:
-        prune = None if args.prune == "none" else TokenPruning(
-            args.prune, ratio=args.prune_ratio, max_downsample=args.prune_maxdown,
-            layers=tuple(args.prune_layers.split(",")), noise_alpha=args.prune_noise, recover_from=args.prune_recover)
-        depths = numbers(args.cache_schedule, int, "--cache-schedule") if args.cache_schedule else ()
-        if depths and args.cache != "dato":
+        if prune_flags and args.prune == "none":
+            raise ValueError(f"{', '.join(prune_flags)} need a pruning method: add --prune tome|sito|dato")
+        if args.cache_schedule and args.cache != "dato":
             raise ValueError("--cache-schedule is an explicit per-call schedule: use it with --cache dato")
+        unused = {"none": shape_flags + curve_flags, "uniform": curve_flags, "nonuniform": [],
+                  "dato": shape_flags + curve_flags}[args.cache]
+        if unused:
+            raise ValueError(f"{', '.join(unused)} do nothing with --cache {args.cache}: "
+                             "interval and depth are for uniform/nonuniform, center and power for nonuniform")
+        prune = None if args.prune == "none" else TokenPruning(args.prune, **prune_kw)
+        cache_kw = dict(interval=args.cache_interval, depth=args.cache_depth, center=args.cache_center,
+                        power=args.cache_power,
+                        depths=numbers(args.cache_schedule, int, "--cache-schedule") if args.cache_schedule else None)
         cache = None if args.cache == "none" else CacheSchedule(
-            args.cache, interval=args.cache_interval, depth=args.cache_depth, center=args.cache_center,
-            power=args.cache_power, depths=depths)
+            args.cache, **{k: v for k, v in cache_kw.items() if v is not None})
     if args.prune_schedule:
         if prune is None:
             raise ValueError("--prune-schedule needs a pruning method (--prune or a --preset with pruning)")

@@ -4,7 +4,8 @@ A full call runs the whole UNet and remembers every output block's result. A cac
 depth d (0 <= d < 12) recomputes only input_blocks[0..d-1] and output_blocks[12-d..11],
 starting from the newest remembered output of output_blocks[11-d], and remembers what it
 recomputed; the middle block and everything deeper is skipped. Depth 1 is DeepCache's
-shallowest branch and DaTo's "1"; depth 2 is the branch DeepCache's SD pipeline uses
+shallowest branch, DaTo's "1" and DeepCacheSDHelper's cache_branch_id=0 (the diffusers docs'
+setting); depth 2 is the branch DeepCache's own SD pipeline uses for its paper numbers
 (diffusers' down/up block 0, layer 0); depth 0 reuses everything and re-runs only the final
 `out` layer. A schedule is one depth per UNet call of the run (FULL for full calls), keyed by
 call index: PLMS-50 makes 51 calls, DDIM-50 makes 50.

@@ -95,6 +95,20 @@ def test_cli_errors(tmp_path, capsys, args, match):
     assert match in capsys.readouterr().err
 
 
+def test_prediction_override_with_random_weights(tmp_path, tokenizer_dir):
+    paths = sample.generate(["x"], random="tiny", tokenizer=tokenizer_dir, prediction="v", steps=2, H=32, W=32,
+                            outdir=str(tmp_path), progress=False)
+    assert json.loads(Image.open(paths[0]).text["parameters"])["prediction"] == "v"
+
+
+def test_unknown_viz_block(tmp_path, tokenizer_dir, capsys):
+    with pytest.raises(SystemExit):
+        sample.main(["--prompt", "x", "--random-weights", "tiny", "--steps", "2", "--H", "32", "--W", "32",
+                     "--tokenizer", tokenizer_dir, "--prune", "sito", "--viz-prune", str(tmp_path / "viz"),
+                     "--viz-block", "input_blocks.1.1.transformer_blocks.O", "--outdir", str(tmp_path / "out")])
+    assert "is not a transformer block" in capsys.readouterr().err
+
+
 def test_missing_tokenizer_is_a_clear_exit(tmp_path, capsys):
     (tmp_path / "tok").mkdir()
     with pytest.raises(SystemExit, match="must contain vocab.json and merges.txt"):
@@ -150,7 +164,12 @@ def test_cli_caching(tmp_path, tokenizer_dir):
     (["--cache", "dato", "--cache-schedule", "1," * 10 + "1"], "first call"),
     (["--cache", "uniform", "--cache-depth", "14"], "cache depth"),
     (["--prune-schedule", "0.5"], "needs a pruning method"),
-    (["--prune", "dato", "--prune-schedule", "0.5,0.9"], "prune ratio 0.9 out of range")])
+    (["--prune", "dato", "--prune-schedule", "0.5,0.9"], "prune ratio 0.9 out of range"),
+    (["--prune-ratio", "0.3"], "--prune-ratio need a pruning method"),
+    (["--preset", "dato-coco", "--prune-recover", "base", "--cache-depth", "1"], "leave out --prune-recover, --cache-depth"),
+    (["--cache-interval", "3"], "--cache-interval do nothing with --cache none"),
+    (["--cache", "uniform", "--cache-power", "1.2"], "--cache-power do nothing with --cache uniform"),
+    (["--cache", "dato", "--cache-schedule", "12,1", "--cache-depth", "1"], "--cache-depth do nothing with --cache dato")])
 def test_cli_cache_errors(tmp_path, capsys, args, match):
     with pytest.raises(SystemExit):
         sample.main(["--prompt", "x", "--steps", "10", "--ckpt", str(tmp_path / "missing.safetensors")] + args)
