@@ -63,7 +63,7 @@ class RunState:
         self.call = None            # index of the UNet call in progress, 0 .. calls-1
         self.depth = None           # cache depth of the call in progress (None: full)
         self.features = None        # newest result of each output block (only when caching)
-        self.generator = torch.Generator().manual_seed(stream_seed(seed, "accel"))
+        self.generator = None       # the token methods' random stream, on the latent's device
         self.outputs = []           # the two most recent raw UNet outputs, oldest first
         self.latent_tokens = None   # h * w of the latent of the call in progress
         self.dynamics = None        # DaTo's D for the call in progress: [B, h, w] or None
@@ -71,6 +71,8 @@ class RunState:
     def begin_call(self, index, x):
         """UNet call `index` on latent x [B, 4, h, w] is about to run."""
         self.call, self.latent_tokens = index, x.shape[-2] * x.shape[-1]
+        if self.generator is None:   # on the run's device: a CPU draw copied to a GPU would sync every block
+            self.generator = torch.Generator(x.device).manual_seed(stream_seed(self.seed, "accel"))
         depth = self.depths[index] if self.depths is not None else FULL
         self.depth = None if depth == FULL else depth
         prune = self.settings.prune
