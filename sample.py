@@ -306,13 +306,13 @@ def acceleration(args):
         prune, cache = preset.prune, preset.cache
     else:
         if prune_flags and args.prune == "none":
-            raise ValueError(f"{', '.join(prune_flags)} need a pruning method: add --prune tome|sito|dato")
+            raise ValueError(f"{', '.join(prune_flags)} given without a pruning method: add --prune tome|sito|dato")
         if args.cache_schedule and args.cache != "dato":
             raise ValueError("--cache-schedule is an explicit per-call schedule: use it with --cache dato")
         unused = {"none": shape_flags + curve_flags, "uniform": curve_flags, "nonuniform": [],
                   "dato": shape_flags + curve_flags}[args.cache]
         if unused:
-            raise ValueError(f"{', '.join(unused)} do nothing with --cache {args.cache}: "
+            raise ValueError(f"{', '.join(unused)}: no effect with --cache {args.cache}; "
                              "interval and depth are for uniform/nonuniform, center and power for nonuniform")
         prune = None if args.prune == "none" else TokenPruning(args.prune, **prune_kw)
         cache_kw = dict(interval=args.cache_interval, depth=args.cache_depth, center=args.cache_center,

@@ -165,11 +165,11 @@ def test_cli_caching(tmp_path, tokenizer_dir):
     (["--cache", "uniform", "--cache-depth", "14"], "cache depth"),
     (["--prune-schedule", "0.5"], "needs a pruning method"),
     (["--prune", "dato", "--prune-schedule", "0.5,0.9"], "prune ratio 0.9 out of range"),
-    (["--prune-ratio", "0.3"], "--prune-ratio need a pruning method"),
+    (["--prune-ratio", "0.3"], "--prune-ratio given without a pruning method"),
     (["--preset", "dato-coco", "--prune-recover", "base", "--cache-depth", "1"], "leave out --prune-recover, --cache-depth"),
-    (["--cache-interval", "3"], "--cache-interval do nothing with --cache none"),
-    (["--cache", "uniform", "--cache-power", "1.2"], "--cache-power do nothing with --cache uniform"),
-    (["--cache", "dato", "--cache-schedule", "12,1", "--cache-depth", "1"], "--cache-depth do nothing with --cache dato")])
+    (["--cache-interval", "3"], "--cache-interval: no effect with --cache none"),
+    (["--cache", "uniform", "--cache-power", "1.2"], "--cache-power: no effect with --cache uniform"),
+    (["--cache", "dato", "--cache-schedule", "12,1", "--cache-depth", "1"], "--cache-depth: no effect with --cache dato")])
 def test_cli_cache_errors(tmp_path, capsys, args, match):
     with pytest.raises(SystemExit):
         sample.main(["--prompt", "x", "--steps", "10", "--ckpt", str(tmp_path / "missing.safetensors")] + args)
