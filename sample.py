@@ -307,6 +307,8 @@ def acceleration(args):
     else:
         if prune_flags and args.prune == "none":
             raise ValueError(f"{', '.join(prune_flags)} given without a pruning method: add --prune tome|sito|dato")
+        if args.prune == "tome" and (sito_only := given(args, ["prune_noise", "prune_recover"])):
+            raise ValueError(f"{', '.join(sito_only)}: no effect with --prune tome (SiTo/DaTo settings)")
         if args.cache_schedule and args.cache != "dato":
             raise ValueError("--cache-schedule is an explicit per-call schedule: use it with --cache dato")
         unused = {"none": shape_flags + curve_flags, "uniform": curve_flags, "nonuniform": [],

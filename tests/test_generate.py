@@ -168,6 +168,7 @@ def test_cli_caching(tmp_path, tokenizer_dir):
     (["--prune-ratio", "0.3"], "--prune-ratio given without a pruning method"),
     (["--preset", "dato-coco", "--prune-recover", "base", "--cache-depth", "1"], "leave out --prune-recover, --cache-depth"),
     (["--cache-interval", "3"], "--cache-interval: no effect with --cache none"),
+    (["--prune", "tome", "--prune-recover", "base"], "--prune-recover: no effect with --prune tome"),
     (["--cache", "uniform", "--cache-power", "1.2"], "--cache-power: no effect with --cache uniform"),
     (["--cache", "dato", "--cache-schedule", "12,1", "--cache-depth", "1"], "--cache-depth: no effect with --cache dato")])
 def test_cli_cache_errors(tmp_path, capsys, args, match):
