@@ -26,7 +26,7 @@ from model.unet import BasicTransformerBlock
 from prune import LAYERS, TokenPruning
 from prune import METHODS as PRUNE_METHODS
 from prune.viz import PruneViz
-from sampler import METHODS, Acceleration, check_args, sample_steps, unet_calls
+from sampler import METHODS, Acceleration, check_args, final_latent, sample_steps, unet_calls
 from sampler.schedule import timesteps
 
 SD15 = ("stable-diffusion-v1-5/stable-diffusion-v1-5", "v1-5-pruned-emaonly.safetensors")
@@ -86,12 +86,6 @@ def to_pil(images):
     """[B, 3, H, W] in [-1, 1] -> PIL images."""
     pixels = ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
     return [Image.fromarray(p.numpy()) for p in pixels]
-
-
-def final_latent(steps):
-    for step in steps:
-        pass
-    return step.x
 
 
 def timed(fn, device, *args):

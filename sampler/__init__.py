@@ -7,6 +7,7 @@
 per-run acceleration state as a keyword). `sample_steps` is the same loop as a generator that
 yields a Step after every step, for progress bars, previews and timing.
 """
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -97,13 +98,16 @@ def sample_steps(unet, x_T, cond, uncond=None, steps=50, scale=7.5, method="plms
         yield Step(i, len(ts), t, x, pred_x0, calls)
 
 
+def final_latent(steps):
+    """Run a sample_steps loop (bare or wrapped, e.g. in a progress bar) to its end -> the last latent."""
+    return deque(steps, maxlen=1)[0].x
+
+
 def sample(unet, x_T, cond, uncond=None, steps=50, scale=7.5, method="plms", eta=0.0,
            prediction="eps", accel=None, seed=0):
     """Run the whole loop and return the final latent [B, 4, h, w] (fp32, or fp64 for an fp64 x_T).
     Arguments as for sample_steps."""
-    for step in sample_steps(unet, x_T, cond, uncond, steps, scale, method, eta, prediction, accel, seed):
-        pass
-    return step.x
+    return final_latent(sample_steps(unet, x_T, cond, uncond, steps, scale, method, eta, prediction, accel, seed))
 
 
-__all__ = ["sample", "sample_steps", "Step", "Acceleration", "unet_calls", "check_args", "METHODS"]
+__all__ = ["sample", "sample_steps", "final_latent", "Step", "Acceleration", "unet_calls", "check_args", "METHODS"]
