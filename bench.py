@@ -34,10 +34,10 @@ from model import PRESETS as MODELS
 from model import load_checkpoint, random_weights
 from model.macs import unet_macs
 from prune import TokenPruning, dato, sito, tome
-from sample import timed
+from sample import DTYPES, timed
+from sampler import METHODS as SAMPLERS
 from sampler import Acceleration, sample, unet_calls
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_METHODS = ("baseline,tome:0.3,tome:0.5,tome:0.7,sito:0.3,sito:0.5,sito:0.7,dato:0.5,"
                    "deepcache-n3,deepcache-n5,dato-fixed,dato-coco")
 
@@ -62,13 +62,19 @@ def call_kinds(accel, calls):
     return kinds
 
 
-def kind_call(unet, accel, kind, x, t, context):
-    """A function making one UNet call of this kind, as it happens inside a run: the cache filled
-    by an earlier full call, two earlier outputs for DaTo's dynamics map."""
+def kind_settings(accel, kind):
+    """(pruning settings or None, cache depth or None) of one call of this kind: calls with
+    equal settings cost the same and are timed once."""
     depth, ratio = kind
-    if depth is None and not ratio:
+    return (replace(accel.prune, ratio=ratio, schedule=()) if ratio else None), depth
+
+
+def kind_call(unet, settings, x, t, context):
+    """A function making one UNet call with these settings, as it happens inside a run: the
+    cache filled by an earlier full call, two earlier outputs for DaTo's dynamics map."""
+    prune, depth = settings
+    if prune is None and depth is None:
         return lambda: unet(x, t, context)
-    prune = replace(accel.prune, ratio=ratio, schedule=()) if ratio else None
     state = Acceleration(prune, CacheSchedule("dato", depths=(FULL, depth)) if depth is not None else None)
     state = state.start(2, 0, guided=True)   # the benchmark's batches are [uncond; cond]
     for _ in range(2):
@@ -161,14 +167,8 @@ def bench_methods(args, unet, config, attention, device, dtype):
             accel.check(calls)
     plan = {spec: call_kinds(accel, calls) for spec, accel in methods.items()}
 
-    def key(accel, kind):   # the settings a call of this kind runs with: equal keys are timed once
-        depth, ratio = kind
-        return (replace(accel.prune, ratio=ratio, schedule=()) if ratio else None, depth)
-    fns = {}
-    for spec, kinds in plan.items():
-        for kind in kinds:
-            if key(methods[spec], kind) not in fns:
-                fns[key(methods[spec], kind)] = kind_call(unet, methods[spec], kind, x, t, context)
+    keys = {spec: [kind_settings(methods[spec], kind) for kind in kinds] for spec, kinds in plan.items()}
+    fns = {key: kind_call(unet, key, x, t, context) for key in dict.fromkeys(k for ks in keys.values() for k in ks)}
     if args.vs_diffusers:
         theirs = diffusers_unet(config, dtype, device, attention)
         fns["diffusers"] = lambda: theirs(x, t, context)
@@ -178,15 +178,14 @@ def bench_methods(args, unet, config, attention, device, dtype):
 
     rows = {}
     for spec, kinds in plan.items():
-        keys = [key(methods[spec], k) for k in kinds]
-        run = {f.__name__: sum(f(times[k]) for k in keys) for f in (statistics.median, min, max)}
+        run = {f.__name__: sum(f(times[k]) for k in keys[spec]) for f in (statistics.median, min, max)}
         macs = {mm: sum(kind_macs(unet, methods[spec], k, hw, mm) for k in kinds) for mm in (False, True)}
         rows[spec] = dict(calls=calls, run_s=run["median"], run_min_s=run["min"], run_max_s=run["max"],
                           call_ms=1e3 * run["median"] / calls, call_min_ms=1e3 * run["min"] / calls,
                           call_max_ms=1e3 * run["max"] / calls,
                           gmacs_call=macs[False] / calls / 1e9, gmacs_call_mm=macs[True] / calls / 1e9,
                           gmacs_run=macs[False] / 1e9, gmacs_run_mm=macs[True] / 1e9,
-                          peak_mb=max((memory[k] or 0) for k in keys) / 2 ** 20,
+                          peak_mb=max((memory[k] or 0) for k in keys[spec]) / 2 ** 20,
                           kinds={f"{'full' if d is None else f'depth {d}'} @ {r:g}": kinds.count((d, r))
                                  for d, r in dict.fromkeys(kinds)})
     if args.vs_diffusers:
@@ -300,7 +299,7 @@ def main():
     p.add_argument("--W", type=int, default=512)
     p.add_argument("--batch", type=int, default=1, help="images per call; CFG doubles it")
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--sampler", choices=["plms", "ddim"], default="plms")
+    p.add_argument("--sampler", choices=SAMPLERS, default="plms")
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--vs-diffusers", action="store_true", help="also time diffusers' UNet2DConditionModel")
