@@ -66,7 +66,7 @@ def block_macs(block, c_hw, emb_dim, context_len, keep, matmuls, out_size=None):
 def unet_macs(unet, hw, context_len=77, depth=None, keep=None, matmuls=False):
     """{block name: multiply-accumulates per sample} of one call on an h x w latent.
 
-    depth: the call's cache depth (None: a full call; d: only input_blocks[:d], output_blocks[-d:]).
+    depth: the call's cache depth (None: a full call; d: only input_blocks[:d], output_blocks[12-d:]).
     keep(transformer, (h, w), sub_layer) -> tokens entering that sub-layer (pruning);
         default: all h*w. matmuls: count the attention matmuls too.
     """

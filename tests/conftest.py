@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from model import StableDiffusion
+from model import TINY, StableDiffusion
+from model.unet import UNetModel
 from model.text import write_tokenizer
 
 KEYS = Path(__file__).parent / "keys"   # official key names and shapes (../shared/checkpoint-keys)
@@ -54,6 +55,12 @@ def layout_shapes(config):
         shapes[CLIP + "text_model.embeddings.position_ids"] = (1, t.max_length)
     shapes.update({"betas": (1000,), "alphas_cumprod": (1000,)})
     return shapes
+
+
+def tiny_unet(config=TINY, seed=0):
+    """A small UNet with reproducible random weights, in eval mode without gradients."""
+    torch.manual_seed(seed)
+    return UNetModel(config.unet).eval().requires_grad_(False)
 
 
 def random_state(shapes, seed=0, dtype=torch.float32):

@@ -4,15 +4,11 @@ import pytest
 import torch
 
 from cache import FULL, PRESETS, CacheSchedule, deepcache_nonuniform
+from conftest import tiny_unet
 from model import TINY
-from model.unet import UNetModel, timestep_embedding
+from model.unet import timestep_embedding
 from prune import TokenPruning
 from sampler import Acceleration, sample
-
-
-def tiny_unet():
-    torch.manual_seed(0)
-    return UNetModel(TINY.unet).eval().requires_grad_(False)
 
 
 def inputs(seed=0, hw=(16, 12)):

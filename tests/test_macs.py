@@ -4,6 +4,7 @@ import torch
 import torch.nn as nn
 
 from cache import FULL, CacheSchedule
+from conftest import tiny_unet
 from model import SD1, TINY, TINY_SD2
 from model.macs import unet_macs
 from model.unet import CrossAttention, UNetModel
@@ -40,14 +41,14 @@ def analytic(unet, hw, **kw):
 @pytest.mark.parametrize("config", [TINY, TINY_SD2], ids=["sd1", "sd2"])
 @pytest.mark.parametrize("hw", [(16, 12), (9, 13)])
 def test_full_call_matches_hooks(config, hw):
-    unet = UNetModel(config.unet).eval()
+    unet = tiny_unet(config)
     x, c = torch.randn(2, 4, *hw), torch.randn(2, 77, config.unet.context_dim)
     assert analytic(unet, hw) == hooked_macs(unet, x, c)
 
 
 @pytest.mark.parametrize("depth", [0, 1, 2, 5, 11])
 def test_cached_call_matches_hooks(depth):
-    unet = UNetModel(TINY.unet).eval()
+    unet = tiny_unet()
     x, c = torch.randn(2, 4, 16, 12), torch.randn(2, 77, 32)
     state = Acceleration(cache=CacheSchedule("dato", depths=(FULL, depth))).start(2, 0)
     state.begin_call(0, x)
@@ -60,7 +61,7 @@ def test_cached_call_matches_hooks(depth):
 
 @pytest.mark.parametrize("layers", [("attn1",), ("attn1", "attn2", "ff")])
 def test_pruned_call_matches_hooks(layers):
-    unet = UNetModel(TINY.unet).eval()
+    unet = tiny_unet()
     x, c = torch.randn(2, 4, 16, 12), torch.randn(2, 77, 32)
     prune = TokenPruning("sito", ratio=0.6, max_downsample=2, layers=layers)
     state = Acceleration(prune).start(1, 0)

@@ -4,8 +4,8 @@ import pytest
 import torch
 from tomesd.merge import bipartite_soft_matching_random2d
 
-from model import TINY
-from model.unet import BasicTransformerBlock, CrossAttention, UNetModel
+from conftest import tiny_unet
+from model.unet import BasicTransformerBlock, CrossAttention
 from prune import TokenPruning, dato, sito, tome
 from sampler import Acceleration, sample
 
@@ -171,8 +171,7 @@ def test_ratio_out_of_range():
 
 
 def run_unet(accel, seed=0):
-    torch.manual_seed(0)
-    unet = UNetModel(TINY.unet).eval()
+    unet = tiny_unet()
     x = torch.randn(2, 4, 16, 12, generator=torch.Generator().manual_seed(seed))
     c = torch.randn(2, 77, 32, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():

@@ -2,13 +2,9 @@
 import pytest
 import torch
 
+from conftest import tiny_unet
 from model import TINY, TINY_SD2
-from model.unet import CrossAttention, UNetModel, timestep_embedding
-
-
-def tiny_unet(config=TINY, seed=0):
-    torch.manual_seed(seed)
-    return UNetModel(config.unet).eval().requires_grad_(False)
+from model.unet import CrossAttention, timestep_embedding
 
 
 @torch.no_grad()
