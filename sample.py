@@ -233,7 +233,7 @@ def main(argv=None):
     g.add_argument("--prune-ratio", type=float, help="fraction of tokens removed per block (0.5, max 0.75)")
     g.add_argument("--prune-maxdown", type=int, choices=(1, 2, 4, 8),
                    help="prune blocks at most this much below the latent resolution (1: the five 64x64 blocks)")
-    g.add_argument("--prune-layers",
+    g.add_argument("--prune-layers", type=lambda text: tuple(text.split(",")),
                    help=f"comma-separated sub-layers from {','.join(LAYERS)} (attn1 = self-attention only)")
     g.add_argument("--prune-noise", type=float, help="SiTo/DaTo noise weight on the base-token score (0.1)")
     g.add_argument("--prune-recover", choices=("kept", "base"),
@@ -275,19 +275,26 @@ def numbers(text, kind, what):
         raise ValueError(f"{what} must be comma-separated numbers, got {text!r}") from None
 
 
+# tuning flags (argparse dests) -> the TokenPruning / CacheSchedule fields they set
+PRUNE_FLAGS = {"prune_ratio": "ratio", "prune_maxdown": "max_downsample", "prune_noise": "noise_alpha",
+               "prune_recover": "recover_from", "prune_layers": "layers"}
+CACHE_FLAGS = {"cache_interval": "interval", "cache_depth": "depth", "cache_center": "center", "cache_power": "power"}
+
+
 def given(args, names):
     """The command-line flags among `names` (argparse dests) that were set."""
     return [f"--{n.replace('_', '-')}" for n in names if getattr(args, n) is not None]
 
 
+def settings(args, flags):
+    """{field: value} of the flags that were set (the dataclass defaults fill in the rest)."""
+    return {field: getattr(args, dest) for dest, field in flags.items() if getattr(args, dest) is not None}
+
+
 def acceleration(args):
     """The Acceleration the command line asks for, or None. Tuning flags default to None so that
     one given without its method (or beside a --preset, which fixes them) is an error, not ignored."""
-    prune_kw = dict(ratio=args.prune_ratio, max_downsample=args.prune_maxdown, noise_alpha=args.prune_noise,
-                    recover_from=args.prune_recover,
-                    layers=tuple(args.prune_layers.split(",")) if args.prune_layers else None)
-    prune_kw = {k: v for k, v in prune_kw.items() if v is not None}
-    prune_flags = given(args, ["prune_ratio", "prune_maxdown", "prune_noise", "prune_recover", "prune_layers"])
+    prune_flags = given(args, PRUNE_FLAGS)
     shape_flags = given(args, ["cache_interval", "cache_depth"])   # uniform and nonuniform
     curve_flags = given(args, ["cache_center", "cache_power"])     # nonuniform only
     if args.preset:
@@ -310,12 +317,9 @@ def acceleration(args):
         if unused:
             raise ValueError(f"{', '.join(unused)}: no effect with --cache {args.cache}; "
                              "interval and depth are for uniform/nonuniform, center and power for nonuniform")
-        prune = None if args.prune == "none" else TokenPruning(args.prune, **prune_kw)
-        cache_kw = dict(interval=args.cache_interval, depth=args.cache_depth, center=args.cache_center,
-                        power=args.cache_power,
-                        depths=numbers(args.cache_schedule, int, "--cache-schedule") if args.cache_schedule else None)
-        cache = None if args.cache == "none" else CacheSchedule(
-            args.cache, **{k: v for k, v in cache_kw.items() if v is not None})
+        prune = None if args.prune == "none" else TokenPruning(args.prune, **settings(args, PRUNE_FLAGS))
+        depths = numbers(args.cache_schedule, int, "--cache-schedule") if args.cache_schedule else ()
+        cache = None if args.cache == "none" else CacheSchedule(args.cache, depths=depths, **settings(args, CACHE_FLAGS))
     if args.prune_schedule:
         if prune is None:
             raise ValueError("--prune-schedule needs a pruning method (--prune or a --preset with pruning)")
