@@ -15,20 +15,24 @@ names the keys.
 """
 import json
 import os
+import pickle
 import re
+import warnings
 from dataclasses import dataclass, replace
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .config import SD1, SD2, SD2_V, TINY, TINY_SD2, SDConfig
+from .config import PRESETS, SD1, SD2, SD2_V, TINY, TINY_SD2, SDConfig
 from .convert import diffusers_unet_to_ldm, diffusers_vae_to_ldm, openclip_to_hf
+from .hardware import resolve_dtype
 from .text import TextEncoder
 from .unet import UNetModel
 from .vae import AutoencoderKL
 
-UNET, VAE, CLIP, OPENCLIP = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.", "cond_stage_model.model."
+UNET, VAE = "model.diffusion_model.", "first_stage_model."
+CLIP, OPENCLIP = "cond_stage_model.transformer.", "cond_stage_model.model."
 
 # Keys official files carry that inference does not use: the training noise-schedule buffers
 # (sampler/schedule.py recomputes them), EMA bookkeeping, the VAE encoder, CLIP's position_ids
@@ -52,6 +56,7 @@ class StableDiffusion:
     vae: AutoencoderKL
     text: TextEncoder
     config: SDConfig
+    source: str = ""   # where the weights came from (a path, or "random weights: <preset>"), for the record
 
     @classmethod
     def build(cls, config, tokenizer=None):
@@ -66,12 +71,16 @@ class StableDiffusion:
         return self
 
 
-def random_weights(config, *, device="cpu", dtype=torch.float32, tokenizer=None, seed=0):
+def random_weights(config, *, device="cpu", dtype=torch.float32, tokenizer=None, seed=0, name=None):
     """A StableDiffusion with random weights (the same for the same seed): for timing and for
-    running the pipeline offline. The global random state is left as it was."""
+    running the pipeline offline. The global random state is left as it was. `name` (default: the
+    preset's name in PRESETS) is recorded in its source."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return StableDiffusion.build(config, tokenizer).to(device, dtype)
+        model = StableDiffusion.build(config, tokenizer).to(device, resolve_dtype(dtype, device))
+    name = name or next((key for key, preset in PRESETS.items() if preset == config), "custom")
+    model.source = f"random weights: {name}"
+    return model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,22 +97,97 @@ class _Ignored:
         pass
 
 
+ZIP_MAGIC = b"PK\x03\x04"   # torch.save's format since torch 1.6; before it, a bare pickle (protocol 2: 0x80 0x02)
+NON_TENSOR = ("the file holds non-tensor Python objects{} and was refused for safety, since loading them could "
+              "run arbitrary code; use the .safetensors version of this checkpoint instead")
+
+
 def _torch_load(path):
+    """A .ckpt / .pt file -> the object it holds, read with weights_only=True so that no code from the file runs."""
+    head = _head(path)
+    zipped = head.startswith(ZIP_MAGIC)
+    try:   # only the zip format can be memory-mapped
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
+    except pickle.UnpicklingError as e:
+        if zipped:   # non-tensor objects in the pickle, e.g. pytorch-lightning callbacks
+            return _load_skipping_objects(path)
+        error = e
+    except Exception as e:   # on garbage torch's unpicklers raise anything, IndexError and KeyError included
+        error = e
+    raise CheckpointError(f"{path}: {_why_not_torch(head, os.path.getsize(path), error)}") from error
+
+
+def _load_skipping_objects(path):
+    """A zip .ckpt whose pickle holds non-tensor objects: loaded with each of their classes replaced by an
+    inert stub (_Ignored), so none of their code runs. Objects a stub cannot stand in for (a dict subclass,
+    say) make the file refused."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as e:
-        if "zip archive" not in str(e) and "mmap" not in str(e):
-            raise CheckpointError(f"{path}: cannot read this .ckpt ({e}); is the file complete?") from e
-        try:  # legacy (pre-zip) format cannot be memory-mapped
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e2:
-            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({e2}); is the file complete?") from e2
-    except torch.serialization.pickle.UnpicklingError:
         names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-        print(f"{path}: ignoring pickled non-tensor objects ({', '.join(names)})")
-        stubs = [(type(n.rsplit(".", 1)[-1], (_Ignored,), {}), n) for n in names]
+    except (ValueError, RuntimeError) as e:   # the pickle itself is damaged
+        raise CheckpointError(f"{path}: {_damaged(os.path.getsize(path), e)}") from e
+    stubs = [(type(n.rsplit(".", 1)[-1], (_Ignored,), {}), n) for n in names]
+    try:
         with torch.serialization.safe_globals(stubs):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        problem = NON_TENSOR.format(f" ({', '.join(names)})") if names else _damaged(os.path.getsize(path), e)
+        raise CheckpointError(f"{path}: {problem}") from e
+    print(f"{path}: ignoring pickled non-tensor objects ({', '.join(names)})")
+    return state
+
+
+def _why_not_torch(head, size, error):
+    """What is wrong with a file torch.load could not read, judged from its first bytes and the error."""
+    found = _not_weights(head, size)
+    if found:
+        return f"not a PyTorch checkpoint: it is {found}"
+    if not head.startswith((ZIP_MAGIC, b"\x80")):
+        return f"not a PyTorch zip or pickle checkpoint (first bytes: {head[:16]!r})"
+    if isinstance(error, pickle.UnpicklingError) and "Unsupported global" in str(error):   # legacy format
+        return NON_TENSOR.format("")
+    return _damaged(size, error)
+
+
+def _damaged(size, error):
+    return (f"cannot read this PyTorch checkpoint ({size} bytes): the file is incomplete or damaged "
+            f"({_first_sentence(error)}); download it again")
+
+
+def _not_weights(head, size):
+    """What a file that cannot hold weights is (empty, a Git LFS pointer, an HTML page, other text), or None."""
+    if size == 0:
+        return "an empty file (0 bytes)"
+    text = _as_text(head)
+    if text is None:
+        return None
+    if text.startswith("version https://git-lfs"):
+        return ("a Git LFS pointer, not the weights (fetch the real file with `git lfs pull` in the repository "
+                "it came from, or download it again)")
+    if text.lstrip().lower().startswith(("<!doctype html", "<html")):
+        return "an HTML page (a failed download: an error or login page saved in place of the file)"
+    lines = text.strip().splitlines() or [""]
+    return f"a text file ({size} bytes), starts with {lines[0][:60]!r}"
+
+
+def _as_text(head):
+    """`head` decoded as UTF-8 if it reads as text (printable characters and whitespace), else None."""
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.start < len(head) - 3:   # not just a character cut in two by the end of `head`
+            return None
+        text = head[:e.start].decode("utf-8")
+    return text if all(c.isprintable() or c.isspace() for c in text) else None
+
+
+def _head(path, n=512):
+    with open(path, "rb") as f:
+        return f.read(n)
+
+
+def _first_sentence(error):
+    """The first sentence of an exception's message: the rest is usually advice for another situation."""
+    return (str(error).strip() or type(error).__name__).splitlines()[0].split(". ")[0].rstrip(".")
 
 
 def read_state_dict(path):
@@ -115,7 +199,9 @@ def read_state_dict(path):
         try:
             state = load_file(path)
         except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{path}: not a valid .safetensors file ({e}); "
+            found = _not_weights(_head(path), os.path.getsize(path))
+            raise CheckpointError(f"{path}: not a valid .safetensors file: it is {found}" if found else
+                                  f"{path}: not a valid .safetensors file ({e}); "
                                   "is the download complete, and is it really a safetensors file?") from e
     elif ext in (".ckpt", ".pt", ".pth", ".bin"):
         state = _torch_load(path)
@@ -168,7 +254,8 @@ def _split_single_file(state, path):
     vae = {k[len(VAE):]: v for k, v in state.items() if k.startswith(VAE) and not IGNORED.fullmatch(k)}
     text = {k[len(CLIP):]: v for k, v in state.items() if k.startswith(CLIP) and not IGNORED.fullmatch(k)}
     openclip = {k[len(OPENCLIP):]: v for k, v in state.items() if k.startswith(OPENCLIP) and not IGNORED.fullmatch(k)}
-    unknown = [k for k in state if not k.startswith((UNET, VAE, CLIP, OPENCLIP, "model_ema.")) and not IGNORED.fullmatch(k)]
+    unknown = [k for k in state
+               if not k.startswith((UNET, VAE, CLIP, OPENCLIP, "model_ema.")) and not IGNORED.fullmatch(k)]
     if unknown:
         raise CheckpointError(f"{path}: keys that belong to no SD 1.x/2.x component: {_few(unknown)}")
     return unet, vae, text, openclip
@@ -187,7 +274,8 @@ def _ema_unet(state):
 
 def _detect(unet, where):
     """The preset whose UNet this state dict is, judged from the input conv and cross-attention shapes."""
-    conv, to_k = unet.get("input_blocks.0.0.weight"), unet.get("input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
+    conv = unet.get("input_blocks.0.0.weight")
+    to_k = unet.get("input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
     if conv is None or to_k is None:
         raise CheckpointError(f"{where}: no Stable Diffusion UNet found (expected model.diffusion_model.input_blocks.* "
                               f"keys; found e.g. {_few(unet or ['nothing'])})")
@@ -228,8 +316,9 @@ def _load(module, state, what, where, config):
     shapes = [f"{k} {tuple(state[k].shape)} (expected {tuple(expected[k])})"
               for k in expected.keys() & state.keys() if state[k].shape != expected[k]]
     if missing or unexpected or shapes:
-        raise CheckpointError(f"{where}: the {what} weights do not fit the detected {config.version.upper()} architecture "
-                              f"({config.unet.model_channels}-channel UNet, {config.unet.context_dim}-wide context):"
+        raise CheckpointError(f"{where}: the {what} weights do not fit the detected {config.version.upper()} "
+                              f"architecture ({config.unet.model_channels}-channel UNet, "
+                              f"{config.unet.context_dim}-wide context):"
                               + (f"\n  missing: {_few(missing)}" if missing else "")
                               + (f"\n  unexpected: {_few(unexpected)}" if unexpected else "")
                               + (f"\n  wrong shape: {_few(shapes)}" if shapes else ""))
@@ -242,7 +331,8 @@ def load_checkpoint(path, *, device="cpu", dtype=torch.float32, prediction=None,
     """Load an SD 1.x / 2.x checkpoint -> StableDiffusion(unet, vae, text, config).
 
     path: .safetensors / .ckpt single file or a diffusers folder.
-    dtype: torch.float32 (reference), torch.bfloat16 (fast on CPUs with AMX and on recent GPUs),
+    dtype: "auto" (fp16 on GPUs, bf16 on CPUs with native bf16 units, else fp32; see model/hardware.py),
+        or a name or torch dtype: torch.float32 (reference), torch.bfloat16 (CPUs with AVX512-BF16/AMX, GPUs),
         torch.float16 (GPUs; SD2 attention is then computed in fp32 to avoid black images).
     prediction: "eps" | "v" | None (guess: SD1 is eps; SD2 from the weights, the guess is printed).
     tokenizer: CLIPTokenizer, folder with vocab.json + merges.txt, or hub id; default the diffusers
@@ -261,6 +351,9 @@ def load_checkpoint(path, *, device="cpu", dtype=torch.float32, prediction=None,
         config, stated = _detect(unet, path), None
         if openclip:
             text = {**text, **openclip_to_hf(openclip, config.text.layers)}
+    if prediction == "v" and config.version == "sd1":
+        warnings.warn(f"{path}: SD 1.x models predict eps; forcing v-prediction (--prediction v) makes noise",
+                      stacklevel=2)
     prediction = prediction or stated or (_guess_prediction(unet, path) if config.version == "sd2" else None)
     if prediction not in (None, config.prediction):
         config = SD2_V if config is SD2 else replace(config, prediction=prediction)
@@ -271,4 +364,5 @@ def load_checkpoint(path, *, device="cpu", dtype=torch.float32, prediction=None,
     _load(model.vae, vae, "VAE", path, config)
     _load(model.text.transformer, model.text.adapt_keys(text), "text encoder", path, config)
     model.text.reset_position_ids()
-    return model.to(device, dtype)
+    model.source = path
+    return model.to(device, resolve_dtype(dtype, device))

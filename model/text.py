@@ -11,11 +11,17 @@ so padding to the batch's longest prompt would change the images.
 """
 import json
 import os
+import socket
+import sys
 import tempfile
+import threading
+import urllib.parse
+import urllib.request
 import warnings
 
 import torch
 import torch.nn as nn
+from huggingface_hub import constants as hub_constants
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from .config import TextConfig
@@ -53,23 +59,132 @@ def byte_tokenizer():
 
 
 class TokenizerError(RuntimeError):
-    """The CLIP tokenizer cannot be found or loaded."""
+    """The CLIP tokenizer cannot be found or loaded, or is unusable."""
+
+
+# How to get a working tokenizer, for every error below (sample.py users and Python callers alike).
+TOKENIZER_FIX = ("pass --tokenizer DIR (Python: tokenizer=DIR) with a folder holding vocab.json and merges.txt, "
+                 "e.g. the tokenizer/ folder of any Stable Diffusion diffusers repository, or go online once so "
+                 f"the default {DEFAULT_TOKENIZER!r} gets cached")
+MIN_VOCAB = 256   # byte-level BPE needs a symbol per byte to spell any text (CLIP's vocabulary has 49408)
+PROBE = "a photo of a cat"
+HUB_TIMEOUT_S = 3
 
 
 def load_tokenizer(source=None):
-    """A CLIPTokenizer from a folder holding vocab.json + merges.txt, or a hub id (downloads
-    about 2 MB once; needs to be online). Default: openai/clip-vit-large-patch14."""
-    source = source or DEFAULT_TOKENIZER
-    if os.path.isdir(source) and not all(os.path.isfile(os.path.join(source, f)) for f in ("vocab.json", "merges.txt")):
-        raise TokenizerError(f"tokenizer folder {source!r} must contain vocab.json and merges.txt")
+    """A checked CLIPTokenizer from a folder holding vocab.json + merges.txt, or from a hub id: taken from the
+    Hugging Face cache, else downloaded (about 2 MB) if the hub can be reached. Default: DEFAULT_TOKENIZER."""
+    source = os.fspath(source) if source else DEFAULT_TOKENIZER
+    if os.path.isdir(source):
+        return check_tokenizer(_from_pretrained(_tokenizer_folder(source)), source)
+    if os.path.isabs(source) or source.startswith((".", "~")):   # a path, never a hub id
+        raise TokenizerError(f"tokenizer folder {source!r} does not exist; {TOKENIZER_FIX}")
+    cached = _cached(source)
+    if cached is not None:
+        return cached
+    reason = _hub_unavailable()
+    if reason:   # transformers would retry for minutes, then return a tokenizer without a vocabulary
+        raise TokenizerError(f"the CLIP tokenizer {source!r} is not in the Hugging Face cache and {reason}; "
+                             f"{TOKENIZER_FIX}")
+    return check_tokenizer(_from_pretrained(source), source)
+
+
+def check_tokenizer(tokenizer, source=None):
+    """`tokenizer` (loaded from `source`), if it can tell prompts apart. transformers does not fail on missing
+    vocabulary files: it returns a CLIPTokenizer holding only the special tokens, which turns every prompt
+    into the same ids and so silently gives images that ignore the prompt."""
+    problem = _tokenizer_problem(tokenizer)
+    if problem:
+        origin = f" from {source!r}" if source else ""
+        raise TokenizerError(f"the CLIP tokenizer{origin} is unusable: {problem}, so every prompt would give "
+                             f"the same tokens; {TOKENIZER_FIX}")
+    return tokenizer
+
+
+def _tokenizer_problem(tokenizer):
+    """Why `tokenizer` cannot serve as CLIP's tokenizer, or None."""
+    if len(tokenizer) < MIN_VOCAB:
+        return f"its vocabulary has {len(tokenizer)} entries (CLIP's has 49408)"
+    if set(tokenizer(PROBE, add_special_tokens=False).input_ids) <= set(tokenizer.all_special_ids):
+        return f"{PROBE!r} becomes unknown tokens only"
+    return None
+
+
+def _tokenizer_folder(folder):
+    if not all(os.path.isfile(os.path.join(folder, f)) for f in ("vocab.json", "merges.txt")):
+        raise TokenizerError(f"tokenizer folder {folder!r} must contain vocab.json and merges.txt; {TOKENIZER_FIX}")
+    return folder
+
+
+def _from_pretrained(source, **kwargs):
     try:
-        return CLIPTokenizer.from_pretrained(source)
+        return CLIPTokenizer.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as e:
-        raise TokenizerError(
-            f"could not load the CLIP tokenizer from {source!r} ({type(e).__name__}: {e}). "
-            "Pass tokenizer=<folder with vocab.json and merges.txt> (the `tokenizer/` folder of any "
-            "Stable Diffusion diffusers repository works; sample.py: --tokenizer), or go online once "
-            f"so {DEFAULT_TOKENIZER!r} can be downloaded into the Hugging Face cache.") from e
+        detail = (str(e).strip() or "no details").splitlines()[0]   # the rest is transformers' own advice
+        raise TokenizerError(f"could not load the CLIP tokenizer from {source!r} ({type(e).__name__}: {detail}); "
+                             f"{TOKENIZER_FIX}") from e
+
+
+def _cached(hub_id):
+    """The usable tokenizer `hub_id` from the local Hugging Face cache, or None. When it is not cached,
+    transformers either raises or returns a tokenizer without a vocabulary, depending on its version."""
+    try:
+        tokenizer = _from_pretrained(hub_id, local_files_only=True)
+    except TokenizerError:
+        return None
+    return None if _tokenizer_problem(tokenizer) else tokenizer
+
+
+def _hub_unavailable():
+    """Why the Hugging Face hub cannot be used right now, or None: offline mode is on, or the hub (or the
+    proxy in front of it) accepts no connection within HUB_TIMEOUT_S."""
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):   # read now: huggingface_hub reads them at import
+        if os.environ.get(var, "").upper() in ("1", "ON", "YES", "TRUE"):
+            return f"downloads are off ({var}={os.environ[var]})"
+    if hub_constants.HF_HUB_OFFLINE:
+        return "downloads are off (HF_HUB_OFFLINE)"
+    host, port = _connect_address(hub_constants.ENDPOINT)
+    if not _accepts_connection(host, port, HUB_TIMEOUT_S):
+        return f"{hub_constants.ENDPOINT} cannot be reached (no connection to {host}:{port} within {HUB_TIMEOUT_S} s)"
+    return None
+
+
+def _accepts_connection(host, port, timeout):
+    """Whether host:port accepts a TCP connection within `timeout` seconds, the name lookup included: that
+    is why it runs in a thread, as a socket's timeout does not cover DNS, which can hang when offline."""
+    connected = []
+
+    def connect():
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            connected.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=connect, daemon=True)   # daemon: a hung lookup does not delay exit
+    thread.start()
+    thread.join(timeout)
+    return bool(connected)
+
+
+def _connect_address(url):
+    """(host, port) that a request for `url` connects to first: the proxy set for its scheme, else its own host."""
+    target = urllib.parse.urlsplit(url)
+    proxy = urllib.request.getproxies().get(target.scheme)
+    if proxy and not urllib.request.proxy_bypass(target.hostname):
+        target = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
+    return target.hostname, target.port or (443 if target.scheme == "https" else 80)
+
+
+def _caller_stacklevel():
+    """The warnings.warn stacklevel, for the function calling this one, that names the first frame outside
+    this package's model/ and outside torch: TextEncoder runs inside nn.Module.__call__, so a fixed stacklevel
+    would point at torch's module.py instead of the line that called the text encoder."""
+    internal = tuple(os.path.dirname(f) + os.sep for f in (__file__, torch.__file__))
+    frame, level = sys._getframe(1), 1   # level 1: the function that warns
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(internal):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 class TextEncoder(nn.Module):
@@ -86,6 +201,8 @@ class TextEncoder(nn.Module):
             vocab_size=cfg.vocab_size, hidden_size=cfg.width, intermediate_size=cfg.mlp,
             num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, max_position_embeddings=cfg.max_length,
             hidden_act=cfg.act, layer_norm_eps=1e-5, bos_token_id=49406, eos_token_id=49407))
+        if isinstance(tokenizer, CLIPTokenizer):   # an object is checked now; a folder or hub id when loaded
+            check_tokenizer(tokenizer)
         self._tokenizer = tokenizer
 
     def adapt_keys(self, state):
@@ -113,10 +230,10 @@ class TextEncoder(nn.Module):
         """list[str] -> token ids [B, 77]: <|startoftext|>, at most 75 tokens, <|endoftext|>, padding."""
         n = self.config.max_length
         rows = []
-        for prompt, ids in zip(prompts, self.tokenizer(list(prompts)).input_ids):
+        for prompt, ids in zip(prompts, self.tokenizer(list(prompts)).input_ids, strict=True):
             if len(ids) > n:
                 warnings.warn(f"prompt {prompt[:40]!r}... is {len(ids) - 2} tokens long; "
-                              f"truncated to the first {n - 2}", stacklevel=3)
+                              f"truncated to the first {n - 2}", stacklevel=_caller_stacklevel())
                 ids = ids[:n - 1] + ids[-1:]
             rows.append(ids + [self.config.pad_id] * (n - len(ids)))
         return torch.tensor(rows, device=self.transformer.device)

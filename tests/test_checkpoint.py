@@ -7,13 +7,17 @@ import pytest
 import torch
 from diffusers import AutoencoderKL as DiffusersVAE
 from diffusers import UNet2DConditionModel
-from diffusers.loaders.single_file_utils import (convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint,
-                                                 convert_open_clip_checkpoint)
+from diffusers.loaders.single_file_utils import (
+    convert_ldm_unet_checkpoint,
+    convert_ldm_vae_checkpoint,
+    convert_open_clip_checkpoint,
+)
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from conftest import CLIP, OPENCLIP, UNET, VAE, layout_shapes, random_state
 from model import TINY, TINY_SD2, CheckpointError, load_checkpoint
+from model.hardware import resolve_dtype
 
 
 class ModelCheckpoint:
@@ -21,6 +25,20 @@ class ModelCheckpoint:
 
     def __init__(self):
         self.best_model_path = "/some/where.ckpt"
+
+
+class Tripwire:
+    """A pickled object whose code must never run: loading skips it without unpickling it for real."""
+
+    def __init__(self):
+        self.armed = True
+
+    def __setstate__(self, state):
+        raise AssertionError("code from the checkpoint ran")
+
+
+class Settings(dict):
+    """A dict subclass pickled into a .ckpt: no inert stub can stand in for it, so the file is refused."""
 
 
 def save(state, path, wrap=False):
@@ -72,6 +90,18 @@ def test_dtype_and_no_grad(tmp_path):
     sd = load_checkpoint(save(random_state(layout_shapes(TINY)), tmp_path / "m.safetensors"), dtype=torch.bfloat16)
     for m in (sd.unet, sd.vae, sd.text):
         assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in m.parameters())
+
+
+def test_auto_dtype_follows_the_hardware_and_source_is_recorded(tmp_path):
+    path = save(random_state(layout_shapes(TINY)), tmp_path / "m.safetensors")
+    sd = load_checkpoint(path, dtype="auto")
+    assert sd.unet.out[2].weight.dtype == resolve_dtype("auto", "cpu") and sd.source == path
+
+
+def test_v_prediction_for_an_sd1_file_warns(tmp_path):
+    path = save(random_state(layout_shapes(TINY)), tmp_path / "m.safetensors")
+    with pytest.warns(UserWarning, match="SD 1.x models predict eps"):
+        assert load_checkpoint(path, prediction="v").config.prediction == "v"
 
 
 def test_prefers_ema(tmp_path):
@@ -182,9 +212,45 @@ def test_missing_path(tmp_path):
     assert "does not exist" in error_of(tmp_path / "nope.safetensors")
 
 
-def test_text_file_named_safetensors(tmp_path):
-    (tmp_path / "m.safetensors").write_text("this is not a checkpoint\n" * 10)
-    assert "not a valid .safetensors" in error_of(tmp_path / "m.safetensors")
+@pytest.mark.parametrize("ext,prefix", [(".safetensors", "not a valid .safetensors file: it is "),
+                                        (".ckpt", "not a PyTorch checkpoint: it is ")])
+@pytest.mark.parametrize("content,found", [
+    (b"", ["an empty file (0 bytes)"]),
+    (b"version https://git-lfs.github.com/spec/v1\noid sha256:cc6cb27103417325ff94f52b7a5d2dde45a7515b25c255d8e396c90"
+     b"014281516\nsize 4265380512\n", ["a Git LFS pointer, not the weights", "`git lfs pull`"]),
+    (b"<!DOCTYPE html>\n<html><head><title>Sign in</title></head></html>\n", ["an HTML page (a failed download"]),
+    (b"this is not a checkpoint\n" * 10, ["a text file (250 bytes), starts with 'this is not a checkpoint'"]),
+], ids=["empty", "lfs", "html", "text"])
+def test_file_without_weights_says_what_it_is(tmp_path, ext, prefix, content, found):
+    (tmp_path / ("m" + ext)).write_bytes(content)
+    msg = error_of(tmp_path / ("m" + ext))
+    assert prefix + found[0] in msg and all(f in msg for f in found)
+    assert "weights_only" not in msg
+
+
+def test_binary_junk_ckpt_shows_its_first_bytes(tmp_path):
+    (tmp_path / "m.ckpt").write_bytes(bytes(range(256)))
+    assert r"not a PyTorch zip or pickle checkpoint (first bytes: b'\x00\x01\x02" in error_of(tmp_path / "m.ckpt")
+
+
+def test_pickled_objects_are_skipped_without_running_their_code(tmp_path, capsys):
+    state = random_state(layout_shapes(TINY))
+    path = str(tmp_path / "m.ckpt")
+    torch.save({"state_dict": state, "callbacks": {"tripwire": Tripwire()}}, path)
+    assert load_checkpoint(path).config == TINY
+    assert "ignoring pickled non-tensor objects (test_checkpoint.Tripwire)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("zipped", [True, False], ids=["zip", "legacy"])
+def test_ckpt_with_objects_that_cannot_be_skipped_is_refused(tmp_path, zipped):
+    """Refused for safety, pointing at .safetensors; never the advice to load with weights_only=False."""
+    path = str(tmp_path / "m.ckpt")
+    torch.save({"state_dict": random_state(layout_shapes(TINY)), "hparams": Settings(lr=1e-4)}, path,
+               _use_new_zipfile_serialization=zipped)
+    msg = error_of(path)
+    assert "the file holds non-tensor Python objects" in msg and "refused for safety" in msg
+    assert "could run arbitrary code; use the .safetensors version of this checkpoint instead" in msg
+    assert "weights_only" not in msg and "\n" not in msg
 
 
 @pytest.mark.parametrize("ext", [".safetensors", ".ckpt"])
