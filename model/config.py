@@ -37,6 +37,12 @@ class VAEConfig:
     num_res_blocks: int = 2
     z_channels: int = 4
     out_ch: int = 3
+    in_ch: int = 3
+
+    @property
+    def factor(self):
+        """Pixels per latent position along each side: one x2 resampling between levels (SD: 8)."""
+        return 2 ** (len(self.ch_mult) - 1)
 
 
 @dataclass(frozen=True)
