@@ -6,8 +6,10 @@
     python bench.py --model tiny --H 64 --W 64 --runs 2 --json out.json   # a quick check
 
 Methods: `baseline`, `tome:R`, `sito:R`, `dato:R` (token pruning at ratio R), and the presets of
-cache/presets.py (`deepcache-n3`, `deepcache-n5`, `deepcache-n5-nonuniform`, `dato-fixed`,
+sampler/acceleration.py (`deepcache-n3`, `deepcache-n5`, `deepcache-n5-nonuniform`, `dato-fixed`,
 `dato-coco`). Weights are random (speed does not depend on their values) unless --ckpt is given.
+Precision: --dtype auto (the default) is bf16 on CPUs with native bf16 units (AVX512-BF16, AMX),
+fp32 on other CPUs, fp16 on GPUs; the CPU model and its bf16 support are printed with the results.
 
 How it measures. A run of S steps makes a fixed sequence of UNet calls (PLMS-50: 51), each of a
 kind: full or cached at some depth, pruned at some ratio. Each distinct kind is timed on its own
@@ -29,42 +31,35 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from cache import FULL, PRESETS, CacheSchedule
+from cache import FULL, CacheSchedule
 from model import PRESETS as MODELS
 from model import load_checkpoint, random_weights
+from model.hardware import DTYPE_CHOICES, check_device, cpu_description, dtype_name, resolve_dtype, timed
 from model.macs import unet_macs
-from prune import TokenPruning, dato, sito, tome
-from sample import DTYPES, timed
+from model.text import byte_tokenizer
+from model.unet import ATTENTION_BACKENDS
+from prune import dato, sito, tome
 from sampler import METHODS as SAMPLERS
-from sampler import Acceleration, sample, unet_calls
+from sampler import unet_calls
+from sampler.acceleration import Acceleration, parse_method
+from sampler.generate import Sampling, Timer, check_size, generate
 
 DEFAULT_METHODS = ("baseline,tome:0.3,tome:0.5,tome:0.7,sito:0.3,sito:0.5,sito:0.7,dato:0.5,"
                    "deepcache-n3,deepcache-n5,dato-fixed,dato-coco")
 
 
-def parse_method(spec):
-    """'baseline' | 'tome:0.5' | 'sito:0.5' | 'dato:0.5' | a preset name -> Acceleration or None."""
-    if spec == "baseline":
-        return None
-    if spec in PRESETS:
-        return Acceleration(PRESETS[spec].prune, PRESETS[spec].cache)
-    name, _, ratio = spec.partition(":")
-    return Acceleration(TokenPruning(name, ratio=float(ratio or 0.5)))
-
-
 def call_kinds(accel, calls):
-    """The kind (depth or None for full, prune ratio) of each UNet call of a run."""
-    depths = accel.cache.depths_for(calls) if accel and accel.cache else [FULL] * calls
+    """The kind (cache depth, FULL for a full call; prune ratio) of each UNet call of a run."""
     kinds = []
-    for i, depth in enumerate(depths):
+    for i, depth in enumerate(accel.depths(calls) if accel else [FULL] * calls):
         ratio = accel.prune.ratio_at(i) if accel and accel.prune else 0.0
-        kinds.append((None, ratio) if depth == FULL else (depth, ratio if depth else 0.0))   # depth 0 prunes nothing
+        kinds.append((depth, ratio if depth else 0.0))   # depth 0 runs no transformer block: nothing to prune
     return kinds
 
 
 def kind_settings(accel, kind):
-    """(pruning settings or None, cache depth or None) of one call of this kind: calls with
-    equal settings cost the same and are timed once."""
+    """(pruning settings or None, cache depth) of one call of this kind: calls with equal
+    settings cost the same and are timed once."""
     depth, ratio = kind
     return (replace(accel.prune, ratio=ratio, schedule=()) if ratio else None), depth
 
@@ -73,18 +68,18 @@ def kind_call(unet, settings, x, t, context):
     """A function making one UNet call with these settings, as it happens inside a run: the
     cache filled by an earlier full call, two earlier outputs for DaTo's dynamics map."""
     prune, depth = settings
-    if prune is None and depth is None:
+    if prune is None and depth == FULL:
         return lambda: unet(x, t, context)
-    state = Acceleration(prune, CacheSchedule("dato", depths=(FULL, depth)) if depth is not None else None)
-    state = state.start(2, 0, guided=True)   # the benchmark's batches are [uncond; cond]
+    cache = CacheSchedule("dato", depths=(FULL, depth)) if depth != FULL else None
+    state = Acceleration(prune, cache).start(2, 0, guided=True)   # the benchmark's batches are [uncond; cond]
     for _ in range(2):
         state.end_call(torch.randn_like(x))
     state.begin_call(0, x)
-    unet(x, t, context, accel=state)
+    unet(x, t, context, state=state)
 
     def call():
-        state.begin_call(1 if depth is not None else 0, x)
-        return unet(x, t, context, accel=state)
+        state.begin_call(1 if depth != FULL else 0, x)
+        return unet(x, t, context, state=state)
     return call
 
 
@@ -153,18 +148,27 @@ def diffusers_unet(config, dtype, device, attention):
     return unet.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
-def bench_methods(args, unet, config, attention, device, dtype):
-    """Time every distinct call kind of every method; compose per-run numbers."""
-    unet.set_attention(attention)
-    b, hw = 2 * args.batch, (args.H // 8, args.W // 8)
-    x = torch.randn(b, 4, *hw, device=device, dtype=dtype)
-    t = torch.full((b,), 500, device=device)
-    context = torch.randn(b, 77, config.unet.context_dim, device=device, dtype=dtype)
-    calls = unet_calls(args.steps, args.sampler)
-    methods = {spec: parse_method(spec) for spec in args.methods.split(",")}
+def parse_methods(text, calls):
+    """--methods 'a,b,c' -> {spec: Acceleration or None}, every spec checked against the run length."""
+    specs = [spec.strip() for spec in text.split(",")]
+    if not all(specs) or len(set(specs)) != len(specs):
+        raise ValueError(f"--methods {text!r}: give a comma-separated list of distinct methods")
+    methods = {spec: parse_method(spec) for spec in specs}
     for accel in methods.values():
         if accel is not None:
             accel.check(calls)
+    return methods
+
+
+def bench_methods(args, unet, config, methods, attention, device, dtype):
+    """Time every distinct call kind of every method; compose per-run numbers."""
+    unet.set_attention(attention)
+    b, factor = 2 * args.batch, config.vae.factor
+    hw = (args.H // factor, args.W // factor)
+    x = torch.randn(b, config.unet.in_channels, *hw, device=device, dtype=dtype)
+    t = torch.full((b,), 500, device=device)
+    context = torch.randn(b, 77, config.unet.context_dim, device=device, dtype=dtype)
+    calls = unet_calls(args.steps, args.sampler)
     plan = {spec: call_kinds(accel, calls) for spec, accel in methods.items()}
 
     keys = {spec: [kind_settings(methods[spec], kind) for kind in kinds] for spec, kinds in plan.items()}
@@ -186,7 +190,7 @@ def bench_methods(args, unet, config, attention, device, dtype):
                           gmacs_call=macs[False] / calls / 1e9, gmacs_call_mm=macs[True] / calls / 1e9,
                           gmacs_run=macs[False] / 1e9, gmacs_run_mm=macs[True] / 1e9,
                           peak_mb=max((memory[k] or 0) for k in keys[spec]) / 2 ** 20,
-                          kinds={f"{'full' if d is None else f'depth {d}'} @ {r:g}": kinds.count((d, r))
+                          kinds={f"{'full' if d == FULL else f'depth {d}'} @ {r:g}": kinds.count((d, r))
                                  for d, r in dict.fromkeys(kinds)})
     if args.vs_diffusers:
         ts = times["diffusers"]
@@ -197,26 +201,40 @@ def bench_methods(args, unet, config, attention, device, dtype):
     for row in rows.values():
         row["speedup"] = base / row["run_s"] if base else None
         row["macs_ratio"] = rows["baseline"]["gmacs_run"] / row["gmacs_run"] if base and "gmacs_run" in row else None
-    if args.e2e:
-        x_T, cond, uncond = x[:b // 2].float(), context[b // 2:], context[:b // 2]
-        for spec, accel in methods.items():
-            with torch.inference_mode():
-                rows[spec]["e2e_s"] = timed(lambda: sample(unet, x_T, cond, uncond, args.steps, 7.5, args.sampler,
-                                                           accel=accel), device)[1]
     return rows
 
 
-def print_rows(rows, args, attention, device):
-    print(f"\n{args.ckpt or args.model}, {args.H}x{args.W}, CFG batch {2 * args.batch}, {args.dtype}, {attention} "
-          f"attention, {device.type}; {args.sampler.upper()}-{args.steps} = {next(iter(rows.values()))['calls']} "
-          f"UNet calls; median of {args.runs} runs")
+def e2e_seconds(sd, methods, args, attention, device):
+    """{spec: UNet seconds of one real sampling run}: generate() on one prompt per batch image,
+    its UNet phase timed (text encoding and decoding are not part of the comparison)."""
+    seconds = {}
+    for spec, accel in methods.items():
+        run = Sampling(steps=args.steps, scale=7.5, sampler=args.sampler, seed=0, size=(args.H, args.W),
+                       attention=attention, accel=accel, batch_size=args.batch)
+        timer = Timer(device)
+        generate(sd, ["a red cube on a table"] * args.batch, run, timer=timer)
+        seconds[spec] = timer.totals["unet"]
+    return seconds
+
+
+def ratio_text(value, width):
+    return f"{value:{width - 1}.2f}x" if value is not None else f"{'-':>{width}}"
+
+
+def print_rows(rows, args, attention, device, dtype):
+    print(f"\n{args.ckpt or args.model}, {args.H}x{args.W}, CFG batch {2 * args.batch}, {dtype_name(dtype)}, "
+          f"{attention} attention, {device}; {args.sampler.upper()}-{args.steps} = "
+          f"{next(iter(rows.values()))['calls']} UNet calls; median of {args.runs} runs")
+    if device.type == "cpu":
+        print(f"CPU: {cpu_description()}")
     print(f"{'method':24} {'ms/call':>8} {'min-max':>13} {'UNet s/run':>10} {'speed-up':>8} {'GMAC/call':>9} "
           f"{'+attn mm':>8} {'GMAC/run':>9} {'MAC ratio':>9} {'peak MB':>8}" + (f" {'e2e s':>7}" if args.e2e else ""))
     for name, r in rows.items():
-        macs = (f"{r['gmacs_call']:9.1f} {r['gmacs_call_mm']:8.1f} {r['gmacs_run']:9.0f} {r['macs_ratio']:8.2f}x"
-                if "gmacs_run" in r else f"{'':9} {'':8} {'':9} {'':9}")
+        macs = (f"{r['gmacs_call']:9.1f} {r['gmacs_call_mm']:8.1f} {r['gmacs_run']:9.0f} "
+                f"{ratio_text(r['macs_ratio'], 9)}" if "gmacs_run" in r else f"{'':9} {'':8} {'':9} {'':9}")
         print(f"{name:24} {r['call_ms']:8.0f} {r['call_min_ms']:6.0f}-{r['call_max_ms']:<6.0f} {r['run_s']:10.1f} "
-              f"{r['speedup']:7.2f}x {macs} {r['peak_mb']:8.0f}" + (f" {r['e2e_s']:7.1f}" if "e2e_s" in r else ""))
+              f"{ratio_text(r['speedup'], 8)} {macs} {r['peak_mb']:8.0f}"
+              + (f" {r['e2e_s']:7.1f}" if "e2e_s" in r else ""))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,11 +269,11 @@ def selection_bench(args, device, dtype):
     dynamics = torch.rand(x.shape[0], h, w, device=device)
     rows = {}
     for ratio in (0.3, 0.5, 0.7):
-        calls = {"official (N x N Gram)": lambda: official_selection(x, (h, w), ratio, generator=g),
-                 "sito (kept)": lambda: sito.plan(x, (h, w), ratio, generator=g),
-                 "sito (base)": lambda: sito.plan(x, (h, w), ratio, recover_from="base", generator=g),
-                 "dato (kept)": lambda: dato.plan(x, (h, w), ratio, dynamics=dynamics, generator=g),
-                 "tome": lambda: tome.plan(x, (h, w), ratio, generator=g)}
+        calls = {"official (N x N Gram)": lambda r=ratio: official_selection(x, (h, w), r, generator=g),
+                 "sito (kept)": lambda r=ratio: sito.plan(x, (h, w), r, generator=g),
+                 "sito (base)": lambda r=ratio: sito.plan(x, (h, w), r, recover_from="base", generator=g),
+                 "dato (kept)": lambda r=ratio: dato.plan(x, (h, w), r, dynamics=dynamics, generator=g),
+                 "tome": lambda r=ratio: tome.plan(x, (h, w), r, generator=g)}
         times = compare(calls, args.runs, args.warmup, device)
         rows[ratio] = {name: statistics.median(ts) for name, ts in times.items()}
     print(f"\nToken selection per block: N={h * w}, C=320, batch {x.shape[0]}, {args.dtype}, {device.type}; "
@@ -287,30 +305,59 @@ def plot(results, path):
     image.save(path)
 
 
-def main():
+def check_args(args):
+    """Everything that can be wrong with the command line, before any weights or timing:
+    -> (device, dtype, {spec: Acceleration or None}, attention backends)."""
+    device = check_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    for flag, value, least in (("--runs", args.runs, 1), ("--warmup", args.warmup, 0), ("--batch", args.batch, 1),
+                               ("--H", args.H, 1), ("--W", args.W, 1), ("--threads", args.threads or 1, 1)):
+        if value < least:
+            raise ValueError(f"{flag} must be >= {least}, got {value}")
+    if args.selection:
+        return device, dtype, {}, []
+    factor = MODELS[args.model].vae.factor
+    if not args.ckpt and (args.H % factor or args.W % factor):
+        raise ValueError(f"--H and --W must be multiples of {factor} (the VAE factor of {args.model}), "
+                         f"got {args.H}x{args.W}")
+    attentions = [a.strip() for a in args.attention.split(",")]
+    if bad := [a for a in attentions if a not in ATTENTION_BACKENDS]:
+        raise ValueError(f"--attention {', '.join(bad)}: choose from {', '.join(ATTENTION_BACKENDS)}")
+    return device, dtype, parse_methods(args.methods, unet_calls(args.steps, args.sampler)), attentions
+
+
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=list(MODELS), default="sd1", help="architecture with random weights (sd1)")
     p.add_argument("--ckpt", help="time a real checkpoint instead of random weights")
-    p.add_argument("--dtype", choices=DTYPES, default="bf16", help="bf16 is ~2x faster than fp32 on AMX CPUs")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--attention", default="sdpa", help="comma-separated backends: sdpa, math")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                   help="auto (default): bf16 on CPUs with native bf16 units, fp32 on other CPUs, fp16 on GPUs")
+    p.add_argument("--device", help="cpu, cuda, cuda:N (default: the best available)")
+    p.add_argument("--attention", default="sdpa", help=f"comma-separated backends from {', '.join(ATTENTION_BACKENDS)}")
     p.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated (see above)")
-    p.add_argument("--H", type=int, default=512)
-    p.add_argument("--W", type=int, default=512)
-    p.add_argument("--batch", type=int, default=1, help="images per call; CFG doubles it")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--sampler", choices=SAMPLERS, default="plms")
-    p.add_argument("--runs", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--H", type=int, default=512, help="pixels, a multiple of the VAE factor (512)")
+    p.add_argument("--W", type=int, default=512, help="pixels (512)")
+    p.add_argument("--batch", type=int, default=1, help="images per call; CFG doubles it (1)")
+    p.add_argument("--steps", type=int, default=50, help="sampler steps: the run the per-call times compose (50)")
+    p.add_argument("--sampler", choices=SAMPLERS, default="plms", help="plms or ddim (plms)")
+    p.add_argument("--runs", type=int, default=5, help="timed runs per call kind, the median is reported (5)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs first (1)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--vs-diffusers", action="store_true", help="also time diffusers' UNet2DConditionModel")
     p.add_argument("--e2e", action="store_true", help="also time one real sampling run per method")
     p.add_argument("--selection", action="store_true", help="time token selection alone (no UNet)")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--plot", help="draw the speed-ups into this PNG")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    try:
+        device, dtype, methods, attentions = check_args(args)
+    except ValueError as e:
+        p.error(str(e))
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    results = {"args": vars(args)}
+    results = {"args": vars(args), "device": str(device), "dtype": dtype_name(dtype),
+               "cpu": cpu_description() if device.type == "cpu" else None}
     if args.selection:
         with torch.inference_mode():
             results["selection"] = selection_bench(args, device, dtype)
@@ -319,12 +366,15 @@ def main():
         if args.ckpt:
             sd = load_checkpoint(args.ckpt, device=device, dtype=dtype)
         else:
-            sd = random_weights(MODELS[args.model], device=device, dtype=dtype)
-        config, unet = sd.config, sd.unet
+            sd = random_weights(MODELS[args.model], device=device, dtype=dtype, tokenizer=byte_tokenizer())
+        check_size(sd, (args.H, args.W))
         results["methods"] = {}
-        for attention in args.attention.split(","):
-            rows = bench_methods(args, unet, config, attention, device, dtype)
-            print_rows(rows, args, attention, device)
+        for attention in attentions:
+            rows = bench_methods(args, sd.unet, sd.config, methods, attention, device, dtype)
+            if args.e2e:
+                for spec, seconds in e2e_seconds(sd, methods, args, attention, device).items():
+                    rows[spec]["e2e_s"] = seconds
+            print_rows(rows, args, attention, device, dtype)
             results["methods"][attention] = rows
         if args.plot:
             plot(results["methods"], args.plot)

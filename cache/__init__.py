@@ -1,9 +1,9 @@
 """Feature caching across UNet calls (DeepCache, DaTo): schedules of full and cached calls.
 
 The cached forward itself is in model/unet.py (UNetModel.forward), driven by the per-run state
-(sampler/accel.py); this package decides, call by call, how deep each call recomputes.
+(sampler/acceleration.py); this package decides, call by call, how deep each call recomputes.
+A leaf, like prune/: it imports no other package of this project.
 """
-from .presets import PRESETS, Preset
-from .schedule import FULL, MODES, CacheSchedule, deepcache_nonuniform
+from .schedule import DATO_COCO, DATO_FIXED, FULL, MODES, CacheSchedule, deepcache_nonuniform, from_dato
 
-__all__ = ["CacheSchedule", "FULL", "MODES", "PRESETS", "Preset", "deepcache_nonuniform"]
+__all__ = ["CacheSchedule", "FULL", "MODES", "DATO_FIXED", "DATO_COCO", "from_dato", "deepcache_nonuniform"]

@@ -13,8 +13,21 @@ call index: PLMS-50 makes 51 calls, DDIM-50 makes 50.
 import math
 from dataclasses import dataclass
 
-FULL = 12   # = the number of output blocks: a "depth" that recomputes everything
+FULL = 12   # the one spelling of "a full call" everywhere: a depth that recomputes all 12 output blocks
 MODES = ("uniform", "nonuniform", "dato")
+
+# DaTo's released cache vectors (github.com/EvelynZhang-epiclab/DaTo, sd1/scripts): entry i is
+# UNet call i + 1 of a PLMS-50 run (call 0 is always full); 0 = reuse everything, 1 = shallow,
+# and its code treats every value >= 2 (written 11 or 12) as a full call.
+DATO_FIXED = (0, 1, 1, 1, 1, 1, 11, 1, 1, 1, 1, 1, 1, 1, 0, 0, 11, 1, 1, 1, 0, 11, 1, 0, 1, 1, 1, 1, 1, 11,
+              0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 11, 1, 1, 1, 1, 1, 1, 1, 1, 1)
+DATO_COCO = (1, 1, 1, 1, 0, 1, 1, 0, 1, 1, 0, 1, 1, 12, 1, 0, 0, 0, 1, 1, 0, 1, 0, 12, 0, 0, 0, 0, 0, 0,
+             1, 0, 1, 0, 1, 12, 0, 0, 0, 0, 0, 0, 1, 0, 1, 12, 0, 1, 0, 1)
+
+
+def from_dato(vector):
+    """A DaTo 50-entry vector -> our 51-entry per-call depths (full first; >= 2 -> FULL)."""
+    return (FULL,) + tuple(FULL if v >= 2 else v for v in vector)
 
 
 def deepcache_nonuniform(total, n, center=15, power=1.4):
@@ -73,10 +86,11 @@ class CacheSchedule:
         if self.mode == "dato" and not self.depths:
             raise ValueError("cache mode 'dato' needs an explicit per-call depth vector")
         if self.mode != "dato" and self.depths:
-            raise ValueError(f"cache mode {self.mode!r} computes its own depths; use mode 'dato' for an explicit vector")
+            raise ValueError(f"cache mode {self.mode!r} computes its own depths; "
+                             "use mode 'dato' for an explicit vector")
         if bad := [d for d in self.depths if not 0 <= d <= FULL]:
             raise ValueError(f"cache depths must be in 0..{FULL} ({FULL} = full call), got {bad}")
-        if self.mode == "nonuniform" and self.power <= 1:
+        if self.mode == "nonuniform" and not 1 < self.power < math.inf:
             raise ValueError(f"non-uniform power must be > 1, got {self.power}")
 
     def depths_for(self, calls):

@@ -30,7 +30,7 @@ def openclip_to_hf(state, layers):
         if m and key.endswith(("attn.in_proj_weight", "attn.in_proj_bias")):
             # fused rows [q; k; v] -> three projections
             kind = key.rsplit("_", 1)[1]
-            for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0)):
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0), strict=True):
                 split[f"{m[0]}attn.{name}.{kind}"] = part
         else:
             split[key] = value
@@ -71,7 +71,8 @@ def diffusers_unet_to_ldm(state, cfg):
          lambda m: f"input_blocks.{per_level * int(m[1]) + int(m[2]) + 1}.0.{UNET_RESNET[m[3]]}."),
         (r"^down_blocks\.(\d+)\.attentions\.(\d+)\.",
          lambda m: f"input_blocks.{per_level * int(m[1]) + int(m[2]) + 1}.1."),
-        (r"^down_blocks\.(\d+)\.downsamplers\.0\.conv\.", lambda m: f"input_blocks.{per_level * (int(m[1]) + 1)}.0.op."),
+        (r"^down_blocks\.(\d+)\.downsamplers\.0\.conv\.",
+         lambda m: f"input_blocks.{per_level * (int(m[1]) + 1)}.0.op."),
         (r"^mid_block\.resnets\.(\d+)\.(\w+)\.", lambda m: f"middle_block.{2 * int(m[1])}.{UNET_RESNET[m[2]]}."),
         (r"^mid_block\.attentions\.0\.", "middle_block.1."),
         (r"^up_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)\.",

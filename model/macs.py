@@ -14,6 +14,8 @@ import math
 
 import torch.nn as nn
 
+from cache import FULL
+
 from .unet import Downsample, ResBlock, SpatialTransformer, Upsample
 
 
@@ -23,11 +25,11 @@ def conv_macs(conv, hw_out):
 
 
 def transformer_macs(st, hw, context_len, keep, matmuls):
-    """keep(layer) -> tokens entering that sub-layer ("attn1", "attn2", "ff")."""
+    """keep(st, hw, sub_layer) -> tokens entering that sub-layer ("attn1", "attn2", "ff") of st."""
     c, n = st.proj_in.out_features if st.linear else st.proj_in.out_channels, hw[0] * hw[1]
     macs = 2 * n * c * c                                          # proj_in, proj_out
     for block in st.transformer_blocks:
-        a, x, f = keep("attn1"), keep("attn2"), keep("ff")
+        a, x, f = (keep(st, hw, sub) for sub in ("attn1", "attn2", "ff"))
         inner, ctx = block.attn1.to_q.out_features, block.attn2.to_k.in_features
         macs += 3 * a * c * inner + a * inner * c                 # self-attention q, k, v, out
         macs += x * c * inner + 2 * context_len * ctx * inner + x * inner * c   # cross-attention
@@ -50,7 +52,7 @@ def block_macs(block, c_hw, emb_dim, context_len, keep, matmuls, out_size=None):
                 macs += conv_macs(layer.skip_connection, (h, w))
             c = conv1.out_channels
         elif isinstance(layer, SpatialTransformer):
-            macs += transformer_macs(layer, (h, w), context_len, lambda sub: keep(layer, (h, w), sub), matmuls)
+            macs += transformer_macs(layer, (h, w), context_len, keep, matmuls)
         elif isinstance(layer, Downsample):
             h, w = math.ceil(h / 2), math.ceil(w / 2)
             macs += conv_macs(layer.op, (h, w))
@@ -63,10 +65,10 @@ def block_macs(block, c_hw, emb_dim, context_len, keep, matmuls, out_size=None):
     return macs, (c, h, w)
 
 
-def unet_macs(unet, hw, context_len=77, depth=None, keep=None, matmuls=False):
+def unet_macs(unet, hw, context_len=77, depth=FULL, keep=None, matmuls=False):
     """{block name: multiply-accumulates per sample} of one call on an h x w latent.
 
-    depth: the call's cache depth (None: a full call; d: only input_blocks[:d], output_blocks[12-d:]).
+    depth: the call's cache depth (FULL: a full call; d: only input_blocks[:d], output_blocks[12-d:]).
     keep(transformer, (h, w), sub_layer) -> tokens entering that sub-layer (pruning);
         default: all h*w. matmuls: count the attention matmuls too.
     """
@@ -74,7 +76,7 @@ def unet_macs(unet, hw, context_len=77, depth=None, keep=None, matmuls=False):
     emb_dim = unet.time_embed[0].out_features
     out = {"time_embed": unet.time_embed[0].in_features * emb_dim + emb_dim * emb_dim}
     n = len(unet.output_blocks)
-    depth = n if depth is None else depth
+    depth = n if depth == FULL else depth
     c_hw, skips = (unet.config.in_channels, *hw), []
     for i, block in enumerate(unet.input_blocks[:depth]):
         out[f"input_blocks.{i}"], c_hw = block_macs(block, c_hw, emb_dim, context_len, keep, matmuls)

@@ -22,14 +22,37 @@ Module names equal the official checkpoint keys with `model.diffusion_model.` st
 Every output block concatenates the matching input block's output (the skip) on channels.
 """
 import math
+from typing import Protocol
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cache import FULL
+
 from .config import UNetConfig
 
 ATTENTION_BACKENDS = ("sdpa", "math")
+
+
+class RunState(Protocol):
+    """The contract between UNetModel and an accelerated sampling run (implemented by
+    sampler.acceleration.AcceleratedRun; the sampler begins and ends each call on it).
+
+    During one UNet call, forward() reads `depth`: FULL (cache.FULL = 12, every output block) for
+    a full call, or d < FULL for a cached call, which recomputes input_blocks[:d] and
+    output_blocks[12-d:] and starts the up path from `features[11 - d]`, the newest remembered
+    result of output_blocks[11-d]. It hands every output-block result it computed to
+    remember() (all twelve on a full call, the last d on a cached one). Each transformer block
+    asks token_plans(x, hw, block) for a (prune, recover) pair or None for each of its
+    self-attention, cross-attention and feed-forward (see prune/).
+    """
+    depth: int
+    features: list | None
+
+    def remember(self, outputs: list) -> None: ...
+
+    def token_plans(self, x: torch.Tensor, hw: tuple, block: str) -> tuple: ...
 
 
 def timestep_embedding(t, dim, max_period=10000):
@@ -112,7 +135,7 @@ class FeedForward(nn.Module):
         return self.net(x)
 
 
-def through(layer, x, plan, *args):
+def run_with_plan(layer, x, plan, *args):
     """Run `layer` on x, or with a token plan: on the kept tokens only, results copied back
     to the pruned positions (prune: [B, N, C] -> [B, N-k, C], recover: [B, N-k, C] -> [B, N, C])."""
     if plan is None:
@@ -132,16 +155,16 @@ class BasicTransformerBlock(nn.Module):
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.name = ""   # its module path, set by UNetModel (token plans and pictures refer to blocks by it)
 
-    def forward(self, x, context, hw, accel=None):
+    def forward(self, x, context, hw, state=None):
         """x: [B, h*w, C] tokens in row-major grid order; hw = (h, w).
 
-        With an acceleration state, the block asks it for token plans: a (prune, recover) pair
-        (or None) for each of self-attention, cross-attention and feed-forward.
+        With a run state, the block asks it for token plans: a (prune, recover) pair (or None)
+        for each of self-attention, cross-attention and feed-forward.
         """
-        attn1, attn2, ff = accel.token_plans(x, hw, self.name) if accel is not None else (None, None, None)
-        x = x + through(self.attn1, self.norm1(x), attn1)
-        x = x + through(self.attn2, self.norm2(x), attn2, context)
-        return x + through(self.ff, self.norm3(x), ff)
+        attn1, attn2, ff = state.token_plans(x, hw, self.name) if state is not None else (None, None, None)
+        x = x + run_with_plan(self.attn1, self.norm1(x), attn1)
+        x = x + run_with_plan(self.attn2, self.norm2(x), attn2, context)
+        return x + run_with_plan(self.ff, self.norm3(x), ff)
 
 
 class SpatialTransformer(nn.Module):
@@ -158,7 +181,7 @@ class SpatialTransformer(nn.Module):
             [BasicTransformerBlock(channels, heads, head_dim, cfg.context_dim, cfg.upcast_attention)])
         self.proj_out = proj()
 
-    def forward(self, x, context, accel=None):
+    def forward(self, x, context, state=None):
         b, c, h, w = x.shape
         tokens = self.norm(x)
         if not self.linear:
@@ -167,7 +190,7 @@ class SpatialTransformer(nn.Module):
         if self.linear:
             tokens = self.proj_in(tokens)
         for block in self.transformer_blocks:
-            tokens = block(tokens, context, (h, w), accel)
+            tokens = block(tokens, context, (h, w), state)
         if self.linear:
             tokens = self.proj_out(tokens)
         tokens = tokens.reshape(b, h, w, c).permute(0, 3, 1, 2)   # back to [B, C, h, w]
@@ -200,12 +223,12 @@ class Upsample(nn.Module):
 class TimestepEmbedSequential(nn.Sequential):
     """A block of layers; each gets the inputs it needs (LDM's dispatch by layer type)."""
 
-    def forward(self, x, emb, context, accel=None, out_size=None):
+    def forward(self, x, emb, context, state=None, out_size=None):
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
-                x = layer(x, context, accel)
+                x = layer(x, context, state)
             elif isinstance(layer, Upsample):
                 x = layer(x, out_size)
             else:
@@ -265,13 +288,14 @@ class UNetModel(nn.Module):
             if isinstance(m, CrossAttention):
                 m.backend = backend
 
-    def forward(self, x, t, context, accel=None):
-        """x: [B, 4, h, w] latent, t: timestep(s) (scalar or [B]), context: [B, 77, C].
+    def forward(self, x, t, context, state: RunState | None = None):
+        """x: [B, c, h, w] latent, t: timestep(s) (scalar or [B]), context: [B, 77, C].
 
-        accel: the per-run acceleration state (token pruning, feature caching) or None for the
-        plain SD forward. Returns the raw model output (eps or v) [B, 4, h, w] in the weights' dtype.
+        state: the accelerated run this call belongs to (token pruning, feature caching; see
+        RunState), or None for the plain SD forward. Returns the raw model output (eps or v)
+        [B, c, h, w] in the weights' dtype.
 
-        Feature caching (DeepCache, DaTo): when accel.depth is a number d, this is a cached call:
+        Feature caching (DeepCache, DaTo): when state.depth is d < FULL, this is a cached call:
         only input_blocks[:d] and output_blocks[12-d:] run, the up path starting from the newest
         output of output_blocks[11-d] (from the last call that ran it); the middle block is skipped.
         """
@@ -280,20 +304,23 @@ class UNetModel(nn.Module):
         emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(dtype))
         context = context.to(dtype)
         n = len(self.output_blocks)
-        depth = n if accel is None or accel.depth is None else accel.depth
+        depth = FULL if state is None else state.depth
+        if depth != FULL and not 0 <= depth < n:
+            raise ValueError(f"cache depth {depth} does not fit a UNet with {n} output blocks")
+        depth = n if depth == FULL else depth
 
         # Convs run fastest on channels-last (NHWC) tensors, and SpatialTransformer's
         # [B, C, h, w] <-> [B, h*w, C] reshapes are then free views (weights: see channels_last()).
         skips, h = [], x.to(dtype).contiguous(memory_format=torch.channels_last)
         for block in self.input_blocks[:depth]:
-            h = block(h, emb, context, accel)
+            h = block(h, emb, context, state)
             skips.append(h)
-        h = self.middle_block(h, emb, context, accel) if depth == n else accel.features[n - 1 - depth]
+        h = self.middle_block(h, emb, context, state) if depth == n else state.features[n - 1 - depth]
         outputs = []
         for block in self.output_blocks[n - depth:]:
             h = torch.cat([h, skips.pop()], dim=1)
-            h = block(h, emb, context, accel, out_size=skips[-1].shape[-2:] if skips else None)
+            h = block(h, emb, context, state, out_size=skips[-1].shape[-2:] if skips else None)
             outputs.append(h)
-        if accel is not None:
-            accel.remember(outputs)
+        if state is not None:
+            state.remember(outputs)
         return self.out(h).contiguous()

@@ -5,34 +5,77 @@ between the two previous UNet calls: score = gamma * D + noise_alpha * N(0, 1), 
 channel-mean |eps_k - eps_(k-1)| of the raw UNet outputs, pooled to the block's grid. Base tokens
 carry the dynamics through self-attention, which keeps cached steps (cache/) from going stale.
 In a guided run (batch = [uncond; cond]) align_cfg uses the unconditional half's base tokens
-for the conditional half too.
+for the conditional half too. base_tokens="local_random" is the official code's default instead:
+a random position per cell, one pattern for the whole batch (the caller gives every block of a
+UNet call the same draws; see sampler/acceleration.py).
 
-Not reproduced from the official code (see README): its random sign flip of D on half the block
-calls, the unused N x N SimScore it computes, and its constant ratio 0.4 (the schedule here works).
+Not reproduced from the official code (README, "Differences from the official code"): its random
+sign flip of D on half the block calls, the unused SimScore it computes, and its constant ratio 0.4
+(the schedule here works).
 """
 import torch
+import torch.nn.functional as F
 
-from .tokens import check_ratio, noise, normalized, per_cell_argmax, split_by_similarity
+from .tokens import cell_indices, check_ratio, noise, normalized, per_cell_argmax, split_by_similarity
+
+BASE_TOKENS = ("dynamics", "local_random")
+
+
+def dynamics_map(previous, latest):
+    """D [B, h, w]: how much each latent position's prediction moved between two UNet calls, the
+    channel mean of |latest - previous| over raw outputs [B, c, h, w] (the whole CFG batch, before
+    guidance combines it). None when the two cannot be compared (different shapes)."""
+    if previous is None or latest is None or previous.shape != latest.shape:
+        return None
+    return (latest.float() - previous.float()).abs().mean(dim=1)
+
+
+def pooled(dynamics, hw):
+    """D [B, h, w] at the latent's grid -> the grid of a block [B, *hw] (average pooling for deeper blocks)."""
+    if tuple(dynamics.shape[-2:]) == tuple(hw):
+        return dynamics
+    return F.adaptive_avg_pool2d(dynamics[:, None], hw)[:, 0]
+
+
+def random_cells(hw, sx, sy, generator):
+    """The official local_random draw: a position (0 .. sx*sy-1, row-major) in every full cell,
+    [h//sy, w//sx], on the generator's device. The same numbers as the official code's (and
+    tomesd's) randint(sy*sx, (h//sy, w//sx, 1)) from the same generator state."""
+    (h, w), device = hw, generator.device if generator is not None else "cpu"
+    return torch.randint(sy * sx, (h // sy, w // sx), generator=generator, device=device)
+
+
+def dynamic_base(x, hw, dynamics, gamma, noise_alpha, align_cfg, sx, sy, generator):
+    """DaTo's base token per cell [B, nb]: argmax of gamma * D + noise_alpha * noise, per row."""
+    (h, w), (b, n, _) = hw, x.shape
+    score = noise_alpha * noise((b, n), generator).to(x.device, torch.float32)
+    if dynamics is not None:
+        score = score + gamma * pooled(dynamics, hw).reshape(b, n).float()
+    base = per_cell_argmax(score, h, w, sx, sy)
+    return base[:b // 2].repeat(2, 1) if align_cfg else base
 
 
 def plan(x, hw, ratio, *, dynamics=None, gamma=1.0, noise_alpha=0.1, align_cfg=False, recover_from="kept",
-         sx=2, sy=2, generator=None):
+         sx=2, sy=2, base_tokens="dynamics", generator=None):
     """x [B, h*w, C] (the block input) -> (prune, recover) as a TokenPlan.
 
-    dynamics: D [B, h, w] (None before two UNet outputs exist: base tokens then come from the noise).
+    dynamics: D [B, h', w'] from dynamics_map, at the latent's grid or the block's (pooled to hw);
+        None before two UNet outputs exist: base tokens then come from the noise.
     gamma: weight of D (1.0, as DaTo's evaluation scripts); noise_alpha: noise weight (0.1).
     align_cfg: x is a guided batch [uncond; cond]: share the base tokens between the halves (False;
         inside a run, TokenPruning sets it for guided runs unless its align_cfg is off).
-    ratio: fraction of all tokens pruned (DaTo's searches span 0.3-0.7; at most 1 - 1/(sx*sy)).
+    ratio: fraction of all tokens pruned (DaTo's searches span 0.3-0.7; at most tokens.max_ratio(sx, sy)).
+    base_tokens: "dynamics" (recommended, the above) or "local_random" (the official default: one
+        random_cells draw from `generator` for all rows; dynamics, gamma, noise_alpha unused).
     """
     check_ratio(ratio, sx, sy)
-    (h, w), (b, n, _) = hw, x.shape
+    b, n, _ = x.shape
+    if base_tokens not in BASE_TOKENS:
+        raise ValueError(f"base_tokens must be one of {BASE_TOKENS}, got {base_tokens!r}")
     if align_cfg and b % 2:
         raise ValueError(f"align_cfg needs a guided batch [uncond; cond] of even size, got {b} rows")
-    score = noise_alpha * noise((b, n), generator).to(x.device, torch.float32)
-    if dynamics is not None:
-        score = score + gamma * dynamics.reshape(b, n).float()
-    base = per_cell_argmax(score, h, w, sx, sy)
-    if align_cfg:
-        base = base[:b // 2].repeat(2, 1)
+    if base_tokens == "local_random":
+        base = cell_indices(random_cells(hw, sx, sy, generator).to(x.device), hw[1], sx, sy).expand(b, -1)
+    else:
+        base = dynamic_base(x, hw, dynamics, gamma, noise_alpha, align_cfg, sx, sy, generator)
     return split_by_similarity(normalized(x), base, int(n * ratio), recover_from)

@@ -15,7 +15,7 @@ from .tokens import check_ratio, noise, normalized, per_cell_argmax, split_by_si
 def plan(x, hw, ratio, *, sx=2, sy=2, noise_alpha=0.1, sim_beta=1.0, recover_from="kept", generator=None):
     """x [B, h*w, C] (the block input) -> (prune, recover) as a TokenPlan.
 
-    ratio: fraction of all tokens pruned (SiTo's README uses 0.5-0.7; at most 1 - 1/(sx*sy)).
+    ratio: fraction of all tokens pruned (SiTo's README uses 0.5-0.7; at most tokens.max_ratio(sx, sy)).
     noise_alpha: weight of the Gaussian noise that varies the base tokens between calls (0.1).
     sim_beta: weight of SimScore (1.0). recover_from: "kept" (official code, default) or "base" (paper).
     """

@@ -13,9 +13,15 @@ import torch
 import torch.nn.functional as F
 
 
+def max_ratio(sx=2, sy=2):
+    """The largest prune ratio with sx x sy cells: every token but one base token per cell can go,
+    1 - 1/(sx*sy) (0.75 for 2x2). The one place this bound is stated."""
+    return 1 - 1 / (sx * sy)
+
+
 def check_ratio(ratio, sx, sy):
-    """The ratio is the fraction of all tokens removed; at most every candidate can go."""
-    limit = 1 - 1 / (sx * sy)
+    """The ratio is the fraction of all tokens removed, in [0, max_ratio(sx, sy)]."""
+    limit = max_ratio(sx, sy)
     if not 0 <= ratio <= limit:
         raise ValueError(f"prune ratio {ratio} out of range: with {sx}x{sy} cells (one base token each) "
                          f"it must be in [0, {limit:g}]")

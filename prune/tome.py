@@ -13,7 +13,7 @@ from .tokens import TokenPlan, cell_indices, check_ratio, normalized, split_by_s
 def plan(x, hw, ratio, *, sx=2, sy=2, use_rand=True, generator=None):
     """x [B, h*w, C] (the block input) -> (merge, unmerge) as a TokenPlan.
 
-    ratio: fraction of all tokens merged away (tomesd default 0.5; at most 1 - 1/(sx*sy)).
+    ratio: fraction of all tokens merged away (tomesd default 0.5; at most tokens.max_ratio(sx, sy)).
     use_rand: random dst per cell from `generator` (recommended); False puts dst top-left (tomesd's no_rand).
     """
     check_ratio(ratio, sx, sy)

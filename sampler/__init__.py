@@ -4,15 +4,17 @@
     latent = sample(unet, x_T, cond, uncond, steps=50, scale=7.5, method="plms")
 
 `unet` is any callable unet(x, t, context) -> tensor (with `accel`, it is also given the
-per-run acceleration state as a keyword). `sample_steps` is the same loop as a generator that
-yields a Step after every step, for progress bars, previews and timing.
+run's state as the keyword `state`, see model.unet.RunState). `sample_steps` is the same loop as
+a generator that yields a Step after every step, for progress bars, previews and timing.
+`generate` (sampler/generate.py) is the whole text-to-image pipeline on a loaded model.
 """
+import math
 from collections import deque
 from dataclasses import dataclass
 
 import torch
 
-from .accel import Acceleration, stream_seed
+from .acceleration import PRESETS, Acceleration, parse_method, stream_seed
 from .ddim import ddim_steps
 from .plms import plms_steps
 from .schedule import alphas_cumprod, timesteps
@@ -36,25 +38,29 @@ def unet_calls(steps, method="plms"):
 
 
 def check_args(steps=50, scale=7.5, method="plms", eta=0.0, prediction="eps"):
-    """Raise ValueError for settings the samplers cannot run (before any heavy work)."""
+    """Raise ValueError for settings the samplers cannot run (before any heavy work). The messages
+    name the command-line flags (sample.py, evaluate.py); the API arguments have the same names."""
     if method not in METHODS:
-        raise ValueError(f"unknown sampler {method!r}; choose one of {METHODS}")
+        raise ValueError(f"unknown sampler {method!r} (--sampler); choose one of {', '.join(METHODS)}")
     timesteps(steps)   # validates the step count
+    for flag, value in (("--scale", scale), ("--eta", eta)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{flag} must be a finite number, got {value!r}")
     if method == "plms" and eta != 0:
-        raise ValueError(f"PLMS is deterministic (eta must be 0, got {eta}); use method='ddim' for eta > 0")
+        raise ValueError(f"PLMS is deterministic: --eta must be 0 (got {eta}); use --sampler ddim for eta > 0")
     if eta < 0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
+        raise ValueError(f"--eta must be >= 0, got {eta}")
     if prediction not in ("eps", "v"):
-        raise ValueError(f"prediction must be 'eps' or 'v', got {prediction!r}")
+        raise ValueError(f"--prediction must be 'eps' or 'v', got {prediction!r}")
     if scale < 0:
-        raise ValueError(f"guidance scale must be >= 0, got {scale}")
+        raise ValueError(f"--scale (guidance) must be >= 0, got {scale}")
 
 
 def sample_steps(unet, x_T, cond, uncond=None, steps=50, scale=7.5, method="plms", eta=0.0,
                  prediction="eps", accel=None, seed=0):
     """Run the sampler, yielding a Step after each step.
 
-    x_T: [B, 4, h, w] initial noise; cond / uncond: [B, 77, C] contexts (uncond None or
+    x_T: [B, c, h, w] initial noise; cond / uncond: [B, 77, C] contexts (uncond None or
     scale == 1: no guidance, one conditional call per evaluation, as LDM does).
     Guidance batches one call on [x; x] with contexts [uncond; cond]:
     eps = eps_u + scale * (eps_c - eps_u). v-prediction outputs are converted per call:
@@ -77,7 +83,7 @@ def sample_steps(unet, x_T, cond, uncond=None, steps=50, scale=7.5, method="plms
             out = unet(x_in, t_in, c_in)
         else:
             run.begin_call(calls, x_in)
-            out = unet(x_in, t_in, c_in, accel=run)
+            out = unet(x_in, t_in, c_in, state=run)
             run.end_call(out)
         calls += 1
         out = out.to(x.dtype)
@@ -105,9 +111,10 @@ def final_latent(steps):
 
 def sample(unet, x_T, cond, uncond=None, steps=50, scale=7.5, method="plms", eta=0.0,
            prediction="eps", accel=None, seed=0):
-    """Run the whole loop and return the final latent [B, 4, h, w] (fp32, or fp64 for an fp64 x_T).
+    """Run the whole loop and return the final latent [B, c, h, w] (fp32, or fp64 for an fp64 x_T).
     Arguments as for sample_steps."""
     return final_latent(sample_steps(unet, x_T, cond, uncond, steps, scale, method, eta, prediction, accel, seed))
 
 
-__all__ = ["sample", "sample_steps", "final_latent", "Step", "Acceleration", "unet_calls", "check_args", "METHODS"]
+__all__ = ["sample", "sample_steps", "final_latent", "Step", "unet_calls", "check_args", "METHODS",
+           "Acceleration", "PRESETS", "parse_method", "stream_seed"]

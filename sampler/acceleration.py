@@ -1,29 +1,73 @@
-"""Published caching (+ pruning) settings by name: sample.py --preset NAME, bench.py."""
+"""Run-time acceleration: what to accelerate (Acceleration, the published presets, the method
+specs of the command-line tools) and the state of one accelerated sampling run (AcceleratedRun).
+
+prune/ (token plans per block) and cache/ (which calls are full, how deep the others recompute)
+know nothing of each other; this module is where they meet. The UNet never keeps state between
+calls: everything that spans the calls of one sampling run (the call index, the last two raw
+outputs for DaTo's dynamics map, the cached features, the token methods' random stream) lives in
+an AcceleratedRun, which the sampler makes fresh for every batch and passes to each UNet call.
+The UNet sees it only through the contract model.unet.RunState. Nothing leaks between runs.
+"""
+import hashlib
+import math
 from dataclasses import dataclass
 
-from prune import TokenPruning
+import torch
 
-from .schedule import FULL, CacheSchedule
+from cache import DATO_COCO, DATO_FIXED, FULL, CacheSchedule, from_dato
+from prune import LAYERS, METHODS, TokenPruning, max_ratio
+from prune.dato import dynamics_map
+from prune.viz import PruneViz
 
-# DaTo's released cache vectors (github.com/EvelynZhang-epiclab/DaTo, sd1/scripts): entry i is
-# UNet call i + 1 of a PLMS-50 run (call 0 is always full); 0 = reuse everything, 1 = shallow,
-# and its code treats every value >= 2 (written 11 or 12) as a full call.
-DATO_FIXED = (0, 1, 1, 1, 1, 1, 11, 1, 1, 1, 1, 1, 1, 1, 0, 0, 11, 1, 1, 1, 0, 11, 1, 0, 1, 1, 1, 1, 1, 11,
-              0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 11, 1, 1, 1, 1, 1, 1, 1, 1, 1)
-DATO_COCO = (1, 1, 1, 1, 0, 1, 1, 0, 1, 1, 0, 1, 1, 12, 1, 0, 0, 0, 1, 1, 0, 1, 0, 12, 0, 0, 0, 0, 0, 0,
-             1, 0, 1, 0, 1, 12, 0, 0, 0, 0, 0, 0, 1, 0, 1, 12, 0, 1, 0, 1)
+NO_PLANS = (None, None, None)
 
 
-def from_dato(vector):
-    """A DaTo 50-entry vector -> our 51-entry per-call depths (full first; >= 2 -> FULL)."""
-    return (FULL,) + tuple(FULL if v >= 2 else v for v in vector)
+def stream_seed(seed, stream):
+    """The seed of the random stream named `stream` in the run seeded `seed`. The run's x_T is
+    drawn from `seed` itself; hashing keeps the other streams (DDIM noise, token selection)
+    independent of it and of each other."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{stream}".encode()).digest()[:8], "little")
+
+
+@dataclass(frozen=True)
+class Acceleration:
+    """What to accelerate (one per command line / experiment). With everything off the UNet
+    runs its plain forward, bit for bit.
+
+    prune: TokenPruning settings or None. cache: CacheSchedule or None.
+    viz: PruneViz (pictures of one block's plans) or None.
+    """
+    prune: TokenPruning | None = None
+    cache: CacheSchedule | None = None
+    viz: PruneViz | None = None
+
+    def check(self, calls):
+        """Raise ValueError if the schedules do not fit a run of `calls` UNet calls."""
+        if self.prune is not None:
+            self.prune.check_calls(calls)
+        if self.cache is not None:
+            self.cache.depths_for(calls)
+
+    def depths(self, calls):
+        """The cache depth of each UNet call of a run (FULL for full calls)."""
+        return self.cache.depths_for(calls) if self.cache is not None else [FULL] * calls
+
+    def start(self, calls, seed, guided=False):
+        """A fresh AcceleratedRun for a run of `calls` UNet calls, its random stream derived from
+        `seed`; `guided`: every call's batch is [uncond; cond] (classifier-free guidance)."""
+        return AcceleratedRun(self, calls, seed, guided)
 
 
 @dataclass(frozen=True)
 class Preset:
+    """Published settings under a name (sample.py --preset NAME, bench.py / evaluate.py --methods NAME)."""
     cache: CacheSchedule
     prune: TokenPruning | None
     about: str
+    calls: int | None = None   # the run length the schedule was made for (None: any)
+
+    def acceleration(self):
+        return Acceleration(self.prune, self.cache)
 
 
 PRESETS = {
@@ -33,10 +77,116 @@ PRESETS = {
                            "DeepCache SD1.5 (paper: 2.15x), a full call every 5 calls, depth 2"),
     "deepcache-n5-nonuniform": Preset(CacheSchedule("nonuniform", interval=5, depth=2, center=15, power=1.4), None,
                                       "DeepCache SD1.5 non-uniform: full calls denser around call 15 (c=15, p=1.4)"),
-    "dato-fixed": Preset(CacheSchedule("dato", depths=from_dato(DATO_FIXED)), TokenPruning("dato", ratio=0.4),
-                         "DaTo: the cache vector its ratio searches use (6 full, 38 shallow, 7 reuse) "
-                         "+ DaTo pruning at 0.4; PLMS-50 only"),
+    # DaTo's pruning ratio is 0.4 throughout: its released code hard-codes it (README, "Differences ...")
+    "dato-fixed": Preset(CacheSchedule("dato", depths=from_dato(DATO_FIXED)),
+                         TokenPruning("dato", ratio=0.4, gamma=0.1),
+                         "DaTo: the cache vector its ratio searches use (6 full, 38 shallow, 7 reuse) + DaTo pruning "
+                         "at 0.4 as in those searches (txt2img_gen): dynamics base tokens, gamma=0.1, noise_alpha=0.1; "
+                         "for PLMS-50", calls=51),
     "dato-coco": Preset(CacheSchedule("dato", depths=from_dato(DATO_COCO)), TokenPruning("dato", ratio=0.4),
-                        "DaTo: the vector it evaluates with pruning on COCO-30k (5 full, 21 shallow, 25 reuse) "
-                        "+ DaTo pruning at 0.4; PLMS-50 only"),
+                        "DaTo: the vector it evaluates with pruning on COCO-30k (5 full, 21 shallow, 25 reuse) + DaTo "
+                        "pruning at 0.4 as the official run_command9: dynamics base tokens, gamma=1, noise_alpha=0.1; "
+                        "for PLMS-50", calls=51),
+    "dato-coco-random": Preset(CacheSchedule("dato", depths=from_dato(DATO_COCO)),
+                               TokenPruning("dato", ratio=0.4, base_tokens="local_random"),
+                               "DaTo: the dato-coco cache vector + DaTo pruning at 0.4 as the official run_command8: "
+                               "local_random base tokens (one random pattern per UNet call); for PLMS-50", calls=51),
 }
+
+METHOD_SYNTAX = (f"'baseline', 'tome:R', 'sito:R', 'dato:R' (token pruning at ratio R, 0 <= R <= {max_ratio():g}) "
+                 f"or a preset ({', '.join(PRESETS)})")
+
+
+def parse_method(spec):
+    """A method spec of the command-line tools -> Acceleration, or None for 'baseline'.
+
+    'baseline' | 'tome:R' | 'sito:R' | 'dato:R' (R: prune ratio, 0.5 if left out) | a preset name.
+    """
+    if spec == "baseline":
+        return None
+    if spec in PRESETS:
+        return PRESETS[spec].acceleration()
+    name, colon, ratio = spec.partition(":")
+    if name not in METHODS:
+        raise ValueError(f"unknown method {spec!r}: use {METHOD_SYNTAX}")
+    try:
+        value = float(ratio) if colon else 0.5
+    except ValueError:
+        raise ValueError(f"method {spec!r}: the ratio {ratio!r} is not a number") from None
+    if not math.isfinite(value):
+        raise ValueError(f"method {spec!r}: the ratio must be a finite number")
+    return Acceleration(TokenPruning(name, ratio=value))
+
+
+def check_preset_fits(name, calls, sampler, steps):
+    """A preset made for one run length (DaTo's PLMS-50 vectors) is refused for another, by name."""
+    preset = PRESETS[name]
+    if preset.calls is not None and preset.calls != calls:
+        raise ValueError(f"preset {name} is for PLMS-50 ({preset.calls} UNet calls); this run "
+                         f"({sampler.upper()}-{steps}) makes {calls}: use --sampler plms --steps 50")
+
+
+class AcceleratedRun:
+    """State of one accelerated sampling run; implements model.unet.RunState.
+
+    The sampler calls begin_call(i, x) before and end_call(output) after UNet call i. During the
+    call the UNet reads `depth` (FULL, or d: recompute d blocks on each side, the rest from
+    `features`), hands the output-block results it computed to remember(), and its transformer
+    blocks ask token_plans() for (prune, recover) pairs.
+    """
+
+    def __init__(self, settings, calls, seed, guided=False):
+        settings.check(calls)
+        self.depths = settings.depths(calls)
+        self.settings, self.seed, self.guided = settings, seed, guided
+        self.call = None            # index of the UNet call in progress, 0 .. calls-1
+        self.depth = FULL           # cache depth of the call in progress
+        self.features = None        # newest result of each output block (only when caching)
+        self.generator = None       # the token methods' random stream, on the latent's device
+        self.outputs = (None, None)  # the two most recent raw UNet outputs, oldest first
+        self.latent_tokens = None   # h * w of the latent of the call in progress
+        self.dynamics = None        # DaTo's D for the call in progress: [B, h, w] or None
+
+    def begin_call(self, index, x):
+        """UNet call `index` on latent x [B, c, h, w] is about to run."""
+        self.call, self.depth, self.latent_tokens = index, self.depths[index], x.shape[-2] * x.shape[-1]
+        if self.generator is None:   # on the run's device: a CPU draw copied to a GPU would sync every block
+            self.generator = torch.Generator(x.device).manual_seed(stream_seed(self.seed, "accel"))
+        prune = self.settings.prune
+        self.dynamics = dynamics_map(*self.outputs) if prune is not None and prune.uses_dynamics else None
+        if self.dynamics is not None and self.dynamics.shape[0] != x.shape[0]:
+            self.dynamics = None
+
+    def end_call(self, output):
+        self.outputs = (self.outputs[1], output)
+
+    def remember(self, outputs):
+        """The results of the last len(outputs) output blocks, just computed: a full call replaces
+        all twelve, a cached call at depth d refreshes the last d, so a later, shallower call
+        starts from the newest result of its entry block (DaTo's mixed-depth schedules)."""
+        if self.settings.cache is None:
+            return
+        if self.features is None:
+            self.features = list(outputs)
+        else:
+            self.features[len(self.features) - len(outputs):] = outputs
+
+    def call_generator(self):
+        """A fresh generator for one block that draws what every other block of this UNet call
+        draws, and something new for each call (DaTo's local_random: the official code re-forks
+        the global RNG in every block and nothing draws from it between the blocks of a call).
+        Its own stream per call, so the run's shared stream (self.generator) is left untouched."""
+        return torch.Generator(self.generator.device).manual_seed(stream_seed(self.seed, f"accel/call{self.call}"))
+
+    def token_plans(self, x, hw, block):
+        """(prune, recover) pairs or None for self-attention, cross-attention and feed-forward
+        of the transformer block named `block`, whose input is x [B, h*w, C]."""
+        prune = self.settings.prune
+        ratio = prune.ratio_at(self.call) if prune is not None else 0
+        if not ratio or not prune.applies(hw, self.latent_tokens):
+            return NO_PLANS
+        generator = self.call_generator() if prune.same_draws_per_call else self.generator
+        plan = prune.plan(x, hw, ratio, generator=generator, dynamics=self.dynamics, guided=self.guided)
+        if self.settings.viz is not None:
+            self.settings.viz.record(f"seed{self.seed}_call{self.call:03d}", block, hw, plan)
+        return tuple(plan if layer in prune.layers else None for layer in LAYERS)

@@ -11,7 +11,7 @@ def ddim_steps(eps_fn, x, ts, alphas, eta=0.0, generator=None):
     σ_t = η·√((1-ᾱ_prev)/(1-ᾱ_t))·√(1-ᾱ_t/ᾱ_prev); the noise is drawn on the CPU from
     `generator` so a seed gives the same image on every device.
     """
-    for i, (t, (a_t, a_prev)) in enumerate(zip(ts, step_alphas(ts, alphas))):
+    for i, (t, (a_t, a_prev)) in enumerate(zip(ts, step_alphas(ts, alphas), strict=True)):
         eps = eps_fn(x, t)
         sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
         noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device) if sigma else None

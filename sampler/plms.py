@@ -20,7 +20,7 @@ def plms_steps(eps_fn, x, ts, alphas):
     alphas: ᾱ indexed by timestep.
     """
     old = []
-    for i, (t, (a_t, a_prev)) in enumerate(zip(ts, step_alphas(ts, alphas))):
+    for i, (t, (a_t, a_prev)) in enumerate(zip(ts, step_alphas(ts, alphas), strict=True)):
         eps = eps_fn(x, t)
         if not old:
             x_euler, _ = ddim_update(x, eps, a_t, a_prev)

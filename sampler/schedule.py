@@ -20,8 +20,8 @@ def timesteps(steps):
     1000, LDM's range appends extra steps (30 -> 31 steps, 400 -> 500) and for some counts
     (3, 9, 27, ...) runs past the schedule and crashes; here `steps` steps are exactly `steps`,
     the prefix of LDM's list, which is what diffusers' DDIM/PNDM ("leading", offset 1) take too."""
-    if not 1 <= steps <= MAX_STEPS:
-        raise ValueError(f"steps must be between 1 and {MAX_STEPS}, got {steps}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+        raise ValueError(f"--steps must be a whole number from 1 to {MAX_STEPS}, got {steps!r}")
     return [1 + i * (TRAIN_STEPS // steps) for i in range(steps)]
 
 
@@ -29,7 +29,7 @@ def step_alphas(ts, alphas):
     """(ᾱ_t, ᾱ_prev) for each step of timesteps `ts` in sampling order (descending).
     The last step goes to ᾱ[0], not to 1, as in LDM."""
     prev = list(ts[1:]) + [0]
-    return [(alphas[t].item(), alphas[p].item()) for t, p in zip(ts, prev)]
+    return [(alphas[t].item(), alphas[p].item()) for t, p in zip(ts, prev, strict=True)]
 
 
 def ddim_update(x, eps, a_t, a_prev, sigma=0.0, noise=None):

@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from model import TINY, StableDiffusion
-from model.unet import UNetModel
 from model.text import write_tokenizer
+from model.unet import UNetModel
 
 KEYS = Path(__file__).parent / "keys"   # official key names and shapes (../shared/checkpoint-keys)
-UNET, VAE, CLIP, OPENCLIP = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.", "cond_stage_model.model."
+UNET, VAE = "model.diffusion_model.", "first_stage_model."
+CLIP, OPENCLIP = "cond_stage_model.transformer.", "cond_stage_model.model."
 
 
 def official_shapes(version):
@@ -28,7 +29,8 @@ def openclip_shapes(width, layers, mlp, vocab=49408, length=77):
     for i in range(layers):
         p = f"transformer.resblocks.{i}."
         shapes.update({
-            p + "ln_1.weight": (width,), p + "ln_1.bias": (width,), p + "ln_2.weight": (width,), p + "ln_2.bias": (width,),
+            p + "ln_1.weight": (width,), p + "ln_1.bias": (width,),
+            p + "ln_2.weight": (width,), p + "ln_2.bias": (width,),
             p + "attn.in_proj_weight": (3 * width, width), p + "attn.in_proj_bias": (3 * width,),
             p + "attn.out_proj.weight": (width, width), p + "attn.out_proj.bias": (width,),
             p + "mlp.c_fc.weight": (mlp, width), p + "mlp.c_fc.bias": (mlp,),

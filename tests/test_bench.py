@@ -1,22 +1,19 @@
-"""bench.py end to end on the TINY architecture: runs in seconds and writes sensible JSON."""
+"""bench.py end to end on the TINY architecture: runs in seconds, writes sensible JSON, and
+refuses bad input before any timing."""
 import json
-import sys
 
 import pytest
 
 import bench
 
-
-def run(monkeypatch, *args):
-    monkeypatch.setattr(sys, "argv", ["bench.py", "--model", "tiny", "--H", "32", "--W", "32", "--runs", "1",
-                                      "--warmup", "0", *args])
-    bench.main()
+QUICK = ["--model", "tiny", "--H", "32", "--W", "32", "--runs", "1", "--warmup", "0", "--dtype", "fp32"]
 
 
-def test_methods_json_and_plot(tmp_path, monkeypatch):
-    run(monkeypatch, "--methods", "baseline,sito:0.5,deepcache-n5,dato-coco", "--attention", "sdpa,math",
-        "--json", str(tmp_path / "out.json"), "--plot", str(tmp_path / "speed.png"))
+def test_methods_json_and_plot(tmp_path):
+    bench.main([*QUICK, "--methods", "baseline,sito:0.5,deepcache-n5,dato-coco", "--attention", "sdpa,math",
+                "--json", str(tmp_path / "out.json"), "--plot", str(tmp_path / "speed.png")])
     results = json.loads((tmp_path / "out.json").read_text())
+    assert results["dtype"] == "float32" and results["cpu"]
     for attention in ("sdpa", "math"):
         rows = results["methods"][attention]
         assert list(rows) == ["baseline", "sito:0.5", "deepcache-n5", "dato-coco"]
@@ -24,18 +21,44 @@ def test_methods_json_and_plot(tmp_path, monkeypatch):
         assert base["speedup"] == 1 and base["calls"] == 51 and base["kinds"] == {"full @ 0": 51}
         assert rows["dato-coco"]["kinds"] == {"full @ 0.4": 5, "depth 1 @ 0.4": 21, "depth 0 @ 0": 25}
         assert rows["deepcache-n5"]["kinds"] == {"full @ 0": 11, "depth 2 @ 0": 40}
-        assert rows["sito:0.5"]["gmacs_run_mm"] < base["gmacs_run_mm"] and rows["sito:0.5"]["gmacs_run"] < base["gmacs_run"]
+        sito = rows["sito:0.5"]
+        assert sito["gmacs_run_mm"] < base["gmacs_run_mm"] and sito["gmacs_run"] < base["gmacs_run"]
         assert rows["dato-coco"]["macs_ratio"] > rows["deepcache-n5"]["macs_ratio"] > 2
         assert all(r["run_min_s"] <= r["run_s"] <= r["run_max_s"] for r in rows.values())
     assert (tmp_path / "speed.png").stat().st_size > 0
 
 
-def test_selection(tmp_path, monkeypatch):
-    run(monkeypatch, "--selection", "--H", "64", "--W", "64", "--json", str(tmp_path / "sel.json"))
+def test_end_to_end_runs_through_generate(tmp_path):
+    bench.main([*QUICK, "--methods", "baseline,deepcache-n5", "--steps", "5", "--e2e",
+                "--json", str(tmp_path / "e.json")])
+    rows = json.loads((tmp_path / "e.json").read_text())["methods"]["sdpa"]
+    assert all(r["e2e_s"] > 0 for r in rows.values())
+
+
+def test_without_a_baseline_there_are_no_ratios(tmp_path, capsys):
+    bench.main([*QUICK, "--methods", "sito:0.5", "--steps", "3", "--json", str(tmp_path / "s.json")])
+    row = json.loads((tmp_path / "s.json").read_text())["methods"]["sdpa"]["sito:0.5"]
+    assert row["speedup"] is None and row["macs_ratio"] is None
+    assert "sito:0.5" in capsys.readouterr().out
+
+
+def test_selection(tmp_path):
+    bench.main([*QUICK, "--selection", "--H", "64", "--W", "64", "--json", str(tmp_path / "sel.json")])
     rows = json.loads((tmp_path / "sel.json").read_text())["selection"]
     assert set(rows) == {"0.3", "0.5", "0.7"} and len(rows["0.5"]) == 5
 
 
-def test_schedule_that_does_not_fit(monkeypatch):
-    with pytest.raises(ValueError, match="51 entries"):
-        run(monkeypatch, "--methods", "baseline,dato-coco", "--steps", "20")
+@pytest.mark.parametrize("args,match", [
+    (["--methods", "foo"], "unknown method 'foo': use 'baseline', 'tome:R'"),
+    (["--methods", ""], "comma-separated list"), (["--methods", "baseline,baseline"], "distinct"),
+    (["--methods", "deepcache-n9"], "or a preset (deepcache-n3"), (["--methods", "sito:abc"], "is not a number"),
+    (["--methods", "tome:0.9"], "prune ratio 0.9 out of range"),
+    (["--methods", "baseline,dato-coco", "--steps", "20"], "51 entries"),
+    (["--runs", "0"], "--runs must be >= 1"), (["--H", "60"], "multiples of 8"),
+    (["--attention", "flash"], "--attention flash"), (["--device", "cuda:7"], "--device cuda:7")])
+def test_bad_input_before_timing(capsys, monkeypatch, args, match):
+    monkeypatch.setattr(bench, "random_weights", lambda *a, **k: pytest.fail("loaded weights before checking"))
+    with pytest.raises(SystemExit):
+        bench.main([*QUICK, *args])
+    err = capsys.readouterr().err
+    assert match in err and "Traceback" not in err

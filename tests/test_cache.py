@@ -3,12 +3,12 @@ per-run reset, and DaTo (caching + pruning) end to end on the TINY UNet."""
 import pytest
 import torch
 
-from cache import FULL, PRESETS, CacheSchedule, deepcache_nonuniform
+from cache import FULL, CacheSchedule, deepcache_nonuniform
 from conftest import tiny_unet
 from model import TINY
 from model.unet import timestep_embedding
 from prune import TokenPruning
-from sampler import Acceleration, sample
+from sampler import PRESETS, Acceleration, sample
 
 
 def inputs(seed=0, hw=(16, 12)):
@@ -37,7 +37,7 @@ def test_cached_call_on_the_same_input_reproduces_the_full_call(depth, hw):
     outs = []
     for i in range(2):
         state.begin_call(i, x)
-        outs.append(unet(x, 500, context, accel=state))
+        outs.append(unet(x, 500, context, state=state))
     assert torch.equal(outs[1], outs[0])
 
 
@@ -46,9 +46,17 @@ def test_cached_call_differs_when_input_changes():
     context = torch.randn(2, 77, 32)
     state = Acceleration(cache=CacheSchedule("dato", depths=(FULL, 1))).start(calls=2, seed=0)
     state.begin_call(0, torch.zeros(2, 4, 8, 8))
-    unet(torch.zeros(2, 4, 8, 8), 500, context, accel=state)
+    unet(torch.zeros(2, 4, 8, 8), 500, context, state=state)
     x = torch.randn(2, 4, 8, 8)
     state.begin_call(1, x)
+    cached = unet(x, 500, context, state=state)
+    full = unet(x, 500, context)
+    # a depth-1 call recomputes conv_in and output_blocks.11 on the new input: its output moves,
+    # but not to the full call's (the deeper features are the zero input's)
+    assert cached.shape == full.shape and not torch.allclose(cached, full, atol=1e-4)
+    state.begin_call(1, torch.zeros(2, 4, 8, 8))
+    assert not torch.allclose(cached, unet(torch.zeros(2, 4, 8, 8), 500, context, state=state), atol=1e-4)
+
 
 def test_cached_calls_refresh_the_blocks_they_recompute():
     """Depths FULL, 2, 1, 0 on changing inputs: each shallower call starts from the result the
@@ -61,9 +69,9 @@ def test_cached_calls_refresh_the_blocks_they_recompute():
     outs, features = [], []
     for i, x in enumerate(xs):
         state.begin_call(i, x)
-        outs.append(unet(x, 500, context, accel=state))
+        outs.append(unet(x, 500, context, state=state))
         features.append(list(state.features))
-    assert all(a is b for a, b in zip(features[1][:10], features[0][:10]))   # deeper blocks untouched
+    assert all(a is b for a, b in zip(features[1][:10], features[0][:10], strict=True))   # deeper blocks untouched
     assert not torch.equal(features[1][10], features[0][10]) and not torch.equal(features[1][11], features[0][11])
     assert features[2][10] is features[1][10] and not torch.equal(features[2][11], features[1][11])
     assert torch.equal(outs[3], outs[2])
@@ -71,7 +79,7 @@ def test_cached_calls_refresh_the_blocks_they_recompute():
     skip = unet.input_blocks[0](xs[2].contiguous(memory_format=torch.channels_last), emb, context)
     by_hand = unet.out(unet.output_blocks[11](torch.cat([features[1][10], skip], 1), emb, context))
     assert torch.equal(outs[2], by_hand)
-    assert not torch.equal(unet(x, 500, context, accel=state), unet(x, 500, context))
+    assert not torch.equal(unet(x, 500, context, state=state), unet(x, 500, context))
 
 
 def test_schedules():
@@ -161,7 +169,7 @@ def test_dato_end_to_end_runs_the_scheduled_blocks():
     out = run(unet, accel_watched, steps=steps)
     assert torch.isfinite(out).all() and torch.equal(out, run(tiny_unet(), accel, steps=steps))
     assert len(counter.calls) == steps + 1
-    for blocks, d in zip(counter.calls, depths):
+    for blocks, d in zip(counter.calls, depths, strict=True):
         expected = {f"input_blocks.{i}" for i in range(d)} | {f"output_blocks.{i}" for i in range(12 - d, 12)}
         assert blocks == expected | ({"middle_block"} if d == FULL else set())
     # pruned 64x64-type blocks run only where recomputed: input_blocks.1/2 (depth > 1 / 2) and

@@ -1,177 +1,136 @@
-"""sample.py end to end on the TINY presets with a synthesized tokenizer."""
+"""The generation API (sampler/generate.py) on the TINY preset with a synthesized tokenizer:
+load once, render many settings, images carry their settings, the writer never overwrites."""
 import json
+import math
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
-from safetensors.torch import save_file
 
-import sample
-from conftest import layout_shapes, random_state
-from model import TINY
+from model import TINY, random_weights
+from prune import TokenPruning
+from sampler.acceleration import PRESETS, Acceleration
+from sampler.generate import Sampling, check_outdir, generate, save_png, save_pngs
 
-KW = dict(random="tiny", steps=4, H=64, W=48, progress=False)
-
-
-def pixels(path):
-    return np.asarray(Image.open(path)).astype(int)
+RUN = Sampling(steps=4, size=(64, 48))
 
 
-def test_writes_pngs_with_metadata(tmp_path, tokenizer_dir):
-    paths = sample.generate(["the cat"], tokenizer=tokenizer_dir, n_samples=2, n_iter=2, seed=7,
-                            outdir=str(tmp_path), **KW)
-    assert [p.rsplit("/", 1)[1] for p in paths] == ["00000.png", "00001.png", "00002.png", "00003.png"]
-    image = Image.open(paths[3])
-    assert image.size == (48, 64) and image.mode == "RGB"
-    params = json.loads(image.text["parameters"])
-    assert params["prompt"] == "the cat" and params["seed"] == 10 and params["steps"] == 4
-    assert params["sampler"] == "plms" and params["checkpoint"] == "random weights: tiny" and params["scale"] == 7.5
+@pytest.fixture(scope="module")
+def sd(tokenizer_dir):
+    return random_weights(TINY, tokenizer=tokenizer_dir)
 
 
-def test_same_seed_same_pixels_and_no_overwrite(tmp_path, tokenizer_dir):
-    first = sample.generate(["the cat"], tokenizer=tokenizer_dir, seed=3, outdir=str(tmp_path), **KW)
-    before = pixels(first[0])
-    second = sample.generate(["the cat"], tokenizer=tokenizer_dir, seed=3, outdir=str(tmp_path), **KW)
-    assert second[0] != first[0] and second[0].endswith("00001.png")
-    assert np.array_equal(pixels(first[0]), before)        # the first file is untouched
-    assert np.array_equal(pixels(second[0]), before)       # and the run is reproducible
-    other = sample.generate(["the cat"], tokenizer=tokenizer_dir, seed=4, outdir=str(tmp_path), **KW)
-    assert not np.array_equal(pixels(other[0]), before)
+def pixels(image):
+    return np.asarray(image).astype(int)
 
 
-def test_image_k_uses_seed_plus_k(tmp_path, tokenizer_dir):
+def params(image):
+    return json.loads(image.info["parameters"])
+
+
+def test_images_carry_their_settings(sd):
+    images = generate(sd, ["the cat"] * 3, Sampling(steps=4, seed=7, size=(64, 48), batch_size=2))
+    assert len(images) == 3 and images[2].size == (48, 64) and images[2].mode == "RGB"
+    p = params(images[2])
+    assert p["prompt"] == "the cat" and p["seed"] == 9 and p["steps"] == 4 and p["sampler"] == "plms"
+    assert p["scale"] == 7.5 and p["H"] == 64 and p["W"] == 48 and p["dtype"] == "float32"
+    assert p["checkpoint"] == "random weights: tiny" and p["acceleration"] is None
+
+
+def test_a_str_is_one_prompt(sd):
+    assert len(generate(sd, "the cat", RUN)) == 1
+
+
+def test_same_prompt_and_seed_same_image(sd):
+    a, b = generate(sd, ["the cat"], RUN)[0], generate(sd, ["the cat"], RUN)[0]
+    assert np.array_equal(pixels(a), pixels(b))
+    other = generate(sd, ["the cat"], Sampling(steps=4, size=(64, 48), seed=43))[0]
+    assert not np.array_equal(pixels(a), pixels(other))
+
+
+def test_image_k_uses_seed_plus_k(sd):
     """The second image of a seed-10 batch is the image of seed 11 alone (up to batched-BLAS rounding)."""
-    batch = sample.generate(["the cat"], tokenizer=tokenizer_dir, seed=10, n_samples=2, outdir=str(tmp_path / "a"), **KW)
-    alone = sample.generate(["the cat"], tokenizer=tokenizer_dir, seed=11, outdir=str(tmp_path / "b"), **KW)
+    batch = generate(sd, ["the cat"] * 2, Sampling(steps=4, size=(64, 48), seed=10, batch_size=2))
+    alone = generate(sd, ["the cat"], Sampling(steps=4, size=(64, 48), seed=11))
     assert np.abs(pixels(batch[1]) - pixels(alone[0])).max() <= 2
 
 
-def test_prompt_file_batches(tmp_path, tokenizer_dir):
-    (tmp_path / "prompts.txt").write_text("the cat\n\na photo of the cat\nthe\n")
-    prompts = sample.read_prompts(from_file=str(tmp_path / "prompts.txt"))
-    paths = sample.generate(prompts, tokenizer=tokenizer_dir, n_samples=2, outdir=str(tmp_path / "out"), **KW)
-    assert [json.loads(Image.open(p).text["parameters"])["prompt"] for p in paths] == prompts
+def test_latents_on_request_and_shape_from_the_config(sd):
+    images, latents = generate(sd, ["the cat", "a cat"], RUN, latents=True)
+    f = TINY.vae.factor
+    assert latents.shape == (2, TINY.vae.z_channels, 64 // f, 48 // f) and len(images) == 2
 
 
-def test_checkpoint_from_environment(tmp_path, tokenizer_dir, monkeypatch):
-    save_file(random_state(layout_shapes(TINY)), str(tmp_path / "tiny.safetensors"))
-    monkeypatch.setenv("SD_CKPT", str(tmp_path / "tiny.safetensors"))
-    kw = {**KW, "random": None}
-    paths = sample.generate(["the cat"], tokenizer=tokenizer_dir, sampler="ddim", outdir=str(tmp_path / "out"), **kw)
-    assert json.loads(Image.open(paths[0]).text["parameters"])["checkpoint"].endswith("tiny.safetensors")
+def test_many_accelerations_from_one_model(sd):
+    """One loaded model renders every method; the baseline is the plain run, bit for bit."""
+    plain = pixels(generate(sd, ["the cat"], RUN)[0])
+    for accel in (Acceleration(TokenPruning("sito", ratio=0.0)), PRESETS["deepcache-n5"].acceleration()):
+        image = generate(sd, ["the cat"], Sampling(steps=4, size=(64, 48), accel=accel))[0]
+        assert params(image)["acceleration"] is not None
+        if accel.cache is None:
+            assert np.array_equal(pixels(image), plain)
 
 
-def test_download_failure_says_what_to_pass(monkeypatch):
-    import huggingface_hub
-    monkeypatch.delenv("SD_CKPT", raising=False)
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
-    with pytest.raises(SystemExit, match="--ckpt PATH"):
-        sample.resolve_checkpoint(None)
-
-
-def test_cli(tmp_path, tokenizer_dir):
-    sample.main(["--prompt", "the cat", "--random-weights", "tiny", "--steps", "2", "--H", "32", "--W", "32",
-                 "--tokenizer", tokenizer_dir, "--sampler", "ddim", "--eta", "0.5", "--outdir", str(tmp_path)])
-    assert json.loads(Image.open(tmp_path / "00000.png").text["parameters"])["eta"] == 0.5
+def test_dtype_and_attention_are_applied(tokenizer_dir):
+    sd = random_weights(TINY, tokenizer=tokenizer_dir)
+    image = generate(sd, "the cat", Sampling(steps=2, size=(32, 32), dtype="bf16", attention="math"))[0]
+    assert params(image)["dtype"] == "bfloat16" and params(image)["attention"] == "math"
+    assert sd.unet.out[2].weight.dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("kw,match", [
-    (dict(H=100), "multiple of 8"), (dict(W=0), "multiple of 8"), (dict(steps=0), "steps"),
-    (dict(sampler="euler"), "unknown sampler"), (dict(eta=0.3), "PLMS is deterministic"),
-    (dict(random="sdxl"), "random-weights preset"), (dict(dtype="int8"), "dtype")])
-def test_bad_arguments_fail_before_loading(tmp_path, kw, match):
-    """The checkpoint path does not exist: the argument error must come first."""
+    (dict(steps=0), "--steps"), (dict(steps=2.5), "--steps"), (dict(scale=math.nan), "--scale must be a finite"),
+    (dict(scale=math.inf), "--scale must be a finite"), (dict(sampler="euler"), "unknown sampler"),
+    (dict(sampler="ddim", eta=math.nan), "--eta must be a finite"), (dict(eta=0.3), "PLMS is deterministic"),
+    (dict(seed=1.5), "--seed must be a whole number"), (dict(dtype="int8"), "--dtype"),
+    (dict(attention="flash"), "--attention"), (dict(batch_size=0), "batch size"),
+    (dict(size=(64,)), "size must be"), (dict(accel=Acceleration(TokenPruning("dato", schedule=(0.5,) * 3))),
+                                          "3 ratios, but this run makes 51")])
+def test_bad_settings_are_refused_at_once(kw, match):
     with pytest.raises(ValueError, match=match):
-        sample.generate(["x"], **{"ckpt": str(tmp_path / "missing.safetensors"), "random": None, **kw})
+        Sampling(**kw)
 
 
-@pytest.mark.parametrize("args,match", [
-    (["--from-file", "nope.txt"], "does not exist"), ([], "give a prompt"), (["--prompt", "x", "--H", "65"], "multiple of 8"),
-    (["--prompt", "x", "--from-file", "p.txt"], "not both")])
-def test_cli_errors(tmp_path, capsys, args, match):
-    (tmp_path / "empty.txt").write_text("\n\n")
-    with pytest.raises(SystemExit):
-        sample.main(args + ["--ckpt", str(tmp_path / "missing.safetensors")])
-    assert match in capsys.readouterr().err
+@pytest.mark.parametrize("prompts,seed,match", [
+    ([], 0, "non-empty list"), ([1, 2], 0, "non-empty list"), (["a"], -1, "between 0 and 2\\*\\*64 - 1"),
+    (["a", "b"], 2 ** 64 - 1, "between 0 and 2\\*\\*64 - 2"), (["a"], 2 ** 70, "--seed")])
+def test_bad_prompts_and_seed_ranges_fail_before_sampling(sd, prompts, seed, match):
+    with pytest.raises(ValueError, match=match):
+        generate(sd, prompts, Sampling(steps=2, seed=seed, size=(32, 32)))
 
 
-def test_prediction_override_with_random_weights(tmp_path, tokenizer_dir):
-    paths = sample.generate(["x"], random="tiny", tokenizer=tokenizer_dir, prediction="v", steps=2, H=32, W=32,
-                            outdir=str(tmp_path), progress=False)
-    assert json.loads(Image.open(paths[0]).text["parameters"])["prediction"] == "v"
+def test_the_largest_seed_works_and_is_recorded(sd):
+    image = generate(sd, "the cat", Sampling(steps=2, seed=2 ** 64 - 1, size=(32, 32)))[0]
+    assert params(image)["seed"] == 2 ** 64 - 1
 
 
-def test_unknown_viz_block(tmp_path, tokenizer_dir, capsys):
-    with pytest.raises(SystemExit):
-        sample.main(["--prompt", "x", "--random-weights", "tiny", "--steps", "2", "--H", "32", "--W", "32",
-                     "--tokenizer", tokenizer_dir, "--prune", "sito", "--viz-prune", str(tmp_path / "viz"),
-                     "--viz-block", "input_blocks.1.1.transformer_blocks.O", "--outdir", str(tmp_path / "out")])
-    assert "is not a transformer block" in capsys.readouterr().err
+def test_size_must_fit_the_vae(sd):
+    with pytest.raises(ValueError, match="--H 30 must be a positive multiple of 8"):
+        generate(sd, "x", Sampling(steps=2, size=(30, 32)))
+    with pytest.warns(UserWarning, match="far beyond"):
+        with pytest.raises(ValueError, match="--W"):   # the warning comes first, the bad W still fails
+            generate(sd, "x", Sampling(steps=2, size=(512, 31)))
 
 
-def test_missing_tokenizer_is_a_clear_exit(tmp_path, capsys):
-    (tmp_path / "tok").mkdir()
-    with pytest.raises(SystemExit, match="must contain vocab.json and merges.txt"):
-        sample.main(["--prompt", "x", "--random-weights", "tiny", "--steps", "2", "--H", "32", "--W", "32",
-                     "--tokenizer", str(tmp_path / "tok"), "--outdir", str(tmp_path / "out")])
+def test_writer_numbers_files_and_never_overwrites(sd, tmp_path):
+    images = generate(sd, ["the cat", "a cat"], RUN)
+    out = tmp_path / "new" / "folder"
+    first = save_pngs(images, str(out))
+    assert [p.rsplit("/", 1)[1] for p in first] == ["00000.png", "00001.png"]
+    before = pixels(Image.open(first[0]))
+    second = save_pngs(images[:1], str(out))
+    assert second[0].endswith("00002.png") and np.array_equal(pixels(Image.open(first[0])), before)
+    assert json.loads(Image.open(second[0]).text["parameters"])["prompt"] == "the cat"
+    with pytest.raises(FileExistsError):
+        save_png(images[1], first[0])
 
 
-def test_empty_prompt_file(tmp_path):
-    (tmp_path / "empty.txt").write_text("\n  \n")
-    with pytest.raises(ValueError, match="holds no prompts"):
-        sample.read_prompts(from_file=str(tmp_path / "empty.txt"))
-
-
-def test_cli_pruning_and_pictures(tmp_path, tokenizer_dir):
-    sample.main(["--prompt", "the cat", "--random-weights", "tiny", "--steps", "3", "--H", "64", "--W", "64",
-                 "--tokenizer", tokenizer_dir, "--outdir", str(tmp_path / "out"), "--prune", "sito",
-                 "--prune-ratio", "0.6", "--prune-layers", "attn1,attn2", "--viz-prune", str(tmp_path / "viz")])
-    accel = json.loads(Image.open(tmp_path / "out" / "00000.png").text["parameters"])["acceleration"]
-    assert accel["prune"]["method"] == "sito" and accel["prune"]["layers"] == ["attn1", "attn2"]
-    pictures = sorted(p.name for p in (tmp_path / "viz").iterdir())
-    assert pictures == [f"seed42_call{i:03d}.png" for i in range(4)]   # PLMS-3: 4 UNet calls
-    roles = np.asarray(Image.open(tmp_path / "viz" / pictures[0]))[::4, ::4]
-    assert roles.shape[:2] == (8, 8)
-    colors = {tuple(c) for c in roles.reshape(-1, 3)}
-    counts = {c: int((roles.reshape(-1, 3) == c).all(-1).sum()) for c in colors}
-    assert sorted(counts.values()) == [10, 16, 38]   # 38 of 64 pruned, 16 base tokens, 10 other kept
-
-
-def test_viz_needs_a_method(tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        sample.main(["--prompt", "x", "--random-weights", "tiny", "--viz-prune", str(tmp_path)])
-    assert "--viz-prune needs" in capsys.readouterr().err
-
-
-def test_cli_caching(tmp_path, tokenizer_dir):
-    common = ["--prompt", "the cat", "--random-weights", "tiny", "--H", "32", "--W", "32", "--tokenizer", tokenizer_dir]
-    sample.main(common + ["--steps", "50", "--preset", "dato-coco", "--outdir", str(tmp_path)])
-    accel = json.loads(Image.open(tmp_path / "00000.png").text["parameters"])["acceleration"]
-    assert accel["prune"]["method"] == "dato" and accel["cache"]["depths"][:3] == [12, 1, 1]
-    sample.main(common + ["--steps", "3", "--cache", "dato", "--cache-schedule", "12, 0, 1, 2",
-                          "--prune", "tome", "--prune-schedule", "0.5,0.4,0.3,0.2", "--outdir", str(tmp_path)])
-    accel = json.loads(Image.open(tmp_path / "00001.png").text["parameters"])["acceleration"]
-    assert accel["cache"]["depths"] == [12, 0, 1, 2] and accel["prune"]["schedule"] == [0.5, 0.4, 0.3, 0.2]
-    sample.main(common + ["--steps", "4", "--sampler", "ddim", "--cache", "nonuniform", "--cache-interval", "2",
-                          "--cache-center", "1", "--outdir", str(tmp_path)])
-
-
-@pytest.mark.parametrize("args,match", [
-    (["--preset", "dato-fixed"], "51 entries, but this run makes 11 UNet calls"),
-    (["--preset", "dato-fixed", "--prune", "sito"], "leave out --prune and --cache"),
-    (["--cache-schedule", "12,1"], "use it with --cache dato"),
-    (["--cache", "dato", "--cache-schedule", "12,1"], "2 entries, but this run makes 11"),
-    (["--cache", "dato", "--cache-schedule", "1," * 10 + "1"], "first call"),
-    (["--cache", "uniform", "--cache-depth", "14"], "cache depth"),
-    (["--prune-schedule", "0.5"], "needs a pruning method"),
-    (["--prune", "dato", "--prune-schedule", "0.5,0.9"], "prune ratio 0.9 out of range"),
-    (["--prune-ratio", "0.3"], "--prune-ratio given without a pruning method"),
-    (["--preset", "dato-coco", "--prune-recover", "base", "--cache-depth", "1"], "leave out --prune-recover, --cache-depth"),
-    (["--cache-interval", "3"], "--cache-interval: no effect with --cache none"),
-    (["--prune", "tome", "--prune-recover", "base"], "--prune-recover: no effect with --prune tome"),
-    (["--cache", "uniform", "--cache-power", "1.2"], "--cache-power: no effect with --cache uniform"),
-    (["--cache", "dato", "--cache-schedule", "12,1", "--cache-depth", "1"], "--cache-depth: no effect with --cache dato")])
-def test_cli_cache_errors(tmp_path, capsys, args, match):
-    with pytest.raises(SystemExit):
-        sample.main(["--prompt", "x", "--steps", "10", "--ckpt", str(tmp_path / "missing.safetensors")] + args)
-    assert match in capsys.readouterr().err
+def test_outdir_checks(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        check_outdir(str(tmp_path / "file"))
+    with pytest.raises(ValueError, match="cannot be created"):
+        check_outdir(str(tmp_path / "file" / "sub"))
+    check_outdir(str(tmp_path / "a" / "b"))
+    assert not (tmp_path / "a").exists()   # checking creates nothing

@@ -17,7 +17,8 @@ def hooked_macs(unet, x, context, accel=None):
     counts = {}
 
     def add(name, value):
-        block = ".".join(name.split(".")[:2]) if name.startswith(("input_blocks", "output_blocks")) else name.split(".")[0]
+        parts = name.split(".")
+        block = ".".join(parts[:2]) if name.startswith(("input_blocks", "output_blocks")) else parts[0]
         counts[block] = counts.get(block, 0) + value // x.shape[0]
 
     for name, m in unet.named_modules():
@@ -27,10 +28,10 @@ def hooked_macs(unet, x, context, accel=None):
         elif isinstance(m, nn.Linear):
             m.register_forward_hook(lambda m, a, out, name=name: add(name, out.numel() * m.in_features))
         elif isinstance(m, CrossAttention):   # QK^T and AV: 2 * N * M * inner
-            m.register_forward_hook(lambda m, a, out, name=name: add(
-                name, 2 * a[0].shape[0] * a[0].shape[1] * (a[1] if len(a) > 1 else a[0]).shape[1] * m.to_q.out_features))
+            m.register_forward_hook(lambda m, a, out, name=name: add(name, 2 * a[0].shape[0] * a[0].shape[1] * (
+                a[1] if len(a) > 1 else a[0]).shape[1] * m.to_q.out_features))
     with torch.no_grad():
-        unet(x, 500, context, accel=accel)
+        unet(x, 500, context, state=accel)
     return counts
 
 
@@ -52,7 +53,7 @@ def test_cached_call_matches_hooks(depth):
     x, c = torch.randn(2, 4, 16, 12), torch.randn(2, 77, 32)
     state = Acceleration(cache=CacheSchedule("dato", depths=(FULL, depth))).start(2, 0)
     state.begin_call(0, x)
-    unet(x, 500, c, accel=state)
+    unet(x, 500, c, state=state)
     state.begin_call(1, x)
     counted = hooked_macs(unet, x, c, state)
     assert analytic(unet, (16, 12), depth=depth) == counted

@@ -8,10 +8,14 @@ import pytest
 import torch
 from diffusers import AutoencoderKL as DiffusersVAE
 from diffusers import UNet2DConditionModel
-from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
-                                                 convert_ldm_vae_checkpoint, convert_open_clip_checkpoint,
-                                                 create_unet_diffusers_config_from_ldm,
-                                                 create_vae_diffusers_config_from_ldm)
+from diffusers.loaders.single_file_utils import (
+    convert_ldm_clip_checkpoint,
+    convert_ldm_unet_checkpoint,
+    convert_ldm_vae_checkpoint,
+    convert_open_clip_checkpoint,
+    create_unet_diffusers_config_from_ldm,
+    create_vae_diffusers_config_from_ldm,
+)
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 

@@ -7,20 +7,24 @@ from tomesd.merge import bipartite_soft_matching_random2d
 from conftest import tiny_unet
 from model.unet import BasicTransformerBlock, CrossAttention
 from prune import TokenPruning, dato, sito, tome
-from sampler import Acceleration, sample
+from prune.tokens import cell_indices, gather_rows
+from sampler import PRESETS, Acceleration, sample
+from sampler.acceleration import stream_seed
 
 GRIDS = [(8, 8), (6, 10), (7, 5), (9, 9)]   # square, non-square, and sides not divisible by the cell
 
 
 def plan_of(method, x, hw, ratio, **kw):
     g = torch.Generator().manual_seed(0)
+    if method == "dato_random":
+        return dato.plan(x, hw, ratio, base_tokens="local_random", generator=g, **kw)
     if method == "dato":
         return dato.plan(x, hw, ratio, dynamics=kw.pop("dynamics", torch.rand(x.shape[0], *hw, generator=g)),
                          generator=g, **kw)
     return {"tome": tome.plan, "sito": sito.plan}[method](x, hw, ratio, generator=g, **kw)
 
 
-@pytest.mark.parametrize("method", ["tome", "sito", "dato"])
+@pytest.mark.parametrize("method", ["tome", "sito", "dato", "dato_random"])
 @pytest.mark.parametrize("hw", GRIDS)
 @pytest.mark.parametrize("ratio", [0.0, 0.3, 0.75])
 @pytest.mark.parametrize("batch", [1, 3, 4])
@@ -40,9 +44,8 @@ def test_plan_properties(method, hw, ratio, batch):
     prune, recover = plan
     y = recover(prune(x))
     if method != "tome":   # dropped, then copied back: kept tokens are themselves, pruned ones their source
-        assert torch.equal(y.gather(1, kept[..., None].expand(-1, -1, 16)), x.gather(1, kept[..., None].expand(-1, -1, 16)))
-        src = kept.gather(1, plan.source)
-        assert torch.equal(y.gather(1, pruned[..., None].expand(-1, -1, 16)), x.gather(1, src[..., None].expand(-1, -1, 16)))
+        assert torch.equal(gather_rows(y, kept), gather_rows(x, kept))
+        assert torch.equal(gather_rows(y, pruned), gather_rows(x, kept.gather(1, plan.source)))
     else:                  # merged: each merged token holds the mean of its group, as its dst does
         assert torch.allclose(y.gather(1, pruned[..., None].expand(-1, -1, 16)),
                               y.gather(1, kept.gather(1, plan.source)[..., None].expand(-1, -1, 16)))
@@ -65,7 +68,7 @@ def sito_reference(x, hw, k, recover_from):
     pruned, unpruned = [cand[i] for i in order[:k]], [cand[i] for i in order[k:]]
     targets = base if recover_from == "base" else unpruned + base
     source = [targets[gram[p, targets].argmax().item()] for p in pruned]
-    return sorted(base), sorted(pruned), dict(zip(pruned, source))
+    return sorted(base), sorted(pruned), dict(zip(pruned, source, strict=True))
 
 
 @pytest.mark.parametrize("hw", GRIDS)
@@ -78,7 +81,7 @@ def test_sito_matches_full_gram_reference(hw, recover_from, ratio):
     for b in range(2):
         base, pruned, source = sito_reference(x[b], hw, k, recover_from)
         assert sorted(plan.base[b].tolist()) == base and sorted(plan.pruned[b].tolist()) == pruned
-        ours = dict(zip(plan.pruned[b].tolist(), plan.kept[b][plan.source[b]].tolist()))
+        ours = dict(zip(plan.pruned[b].tolist(), plan.kept[b][plan.source[b]].tolist(), strict=True))
         assert ours == source
 
 
@@ -135,6 +138,101 @@ def test_dato_without_dynamics_uses_noise():
     x = torch.randn(2, 64, 16)
     a, b = (dato.plan(x, (8, 8), 0.5, dynamics=None, generator=torch.Generator().manual_seed(s)) for s in (0, 1))
     assert not torch.equal(a.base, b.base)
+
+
+def dato_local_random_reference(x, hw, num_prune, rand_idx, sx=2, sy=2):
+    """The official DaTo plan with local_random=True (datosd/dato.py prune_and_recover_tokens), written
+    plainly for one row x [N, C]: rand_idx [h//sy, w//sx, 1] is its randint draw. Its argsorts are
+    made stable here; the official ones are not, which only reorders tokens within a set."""
+    h, w = hw
+    hc, wc = h // sy, w // sx
+    m = x / x.norm(dim=-1, keepdim=True)
+    gram = m @ m.T                                                   # the N x N cosine graph
+    buffer = torch.zeros(hc, wc, sy * sx, dtype=torch.long).scatter_(-1, rand_idx, -1)
+    buffer = buffer.view(hc, wc, sy, sx).transpose(1, 2).reshape(hc * sy, wc * sx)
+    padded = torch.zeros(h, w, dtype=torch.long)                     # remainder rows/columns: candidates
+    padded[:hc * sy, :wc * sx] = buffer
+    order = padded.flatten().argsort(stable=True)
+    b_idx, a_idx = order[:hc * wc], order[hc * wc:]                  # base (dst), candidates (src)
+    edge = (-gram[a_idx][:, b_idx].max(-1).values).argsort(stable=True)
+    pruned, unpruned = a_idx[edge[:num_prune]], a_idx[edge[num_prune:]]
+    combined = torch.cat([unpruned, b_idx])                          # kept, in the pruned tensor's order
+    source = combined[gram[combined][:, pruned].argmax(0)]           # most similar kept token
+    return b_idx, pruned, combined, source
+
+
+@pytest.mark.parametrize("hw,sx,sy", [((8, 8), 2, 2), ((6, 10), 2, 2), ((7, 5), 2, 2), ((9, 9), 2, 2),
+                                      ((7, 8), 3, 2), ((10, 7), 2, 3)])
+@pytest.mark.parametrize("ratio", [0.25, 0.5, 0.6])
+def test_dato_local_random_matches_official(hw, sx, sy, ratio):
+    """Given the same randint draw, our local_random plan is the official one: the same base, pruned
+    and kept tokens and the same source for each pruned token, for every row of the batch."""
+    h, w = hw
+    x = torch.randn(3, h * w, 24, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    ratio = min(ratio, 1 - 1 / (sx * sy))
+    k = int(h * w * ratio)
+    rand_idx = torch.randint(sy * sx, (h // sy, w // sx, 1), generator=torch.Generator().manual_seed(7))
+    plan = dato.plan(x, hw, ratio, base_tokens="local_random", generator=torch.Generator().manual_seed(7),
+                     sx=sx, sy=sy, dynamics=torch.rand(3, h, w), align_cfg=False)
+    for b in range(3):
+        base, pruned, kept, source = dato_local_random_reference(x[b], hw, k, rand_idx, sx, sy)
+        assert sorted(plan.base[b].tolist()) == sorted(base.tolist())
+        assert plan.pruned[b].tolist() == pruned.tolist()          # same tokens, removed in the same order
+        assert sorted(plan.kept[b].tolist()) == sorted(kept.tolist())
+        assert plan.kept[b][plan.source[b]].tolist() == source.tolist()
+
+
+@pytest.mark.parametrize("guided", [True, False])
+def test_dato_local_random_one_pattern_per_call(guided):
+    """In a sampling run every pruned block of a UNet call and every batch row (guided or not) gets
+    the same base tokens, drawn from the call's own stream; each call gets a new pattern."""
+    bases = []
+
+    class Record(TokenPruning):
+        def plan(self, x, hw, ratio, **kw):
+            plan = super().plan(x, hw, ratio, **kw)
+            bases.append(plan.base)
+            return plan
+
+    unet, hw = tiny_unet(), (16, 12)
+    x = torch.randn(2, 4, *hw, generator=torch.Generator().manual_seed(0))
+    c = torch.randn(4, 77, 32, generator=torch.Generator().manual_seed(0))
+    accel = Acceleration(Record("dato", ratio=0.5, base_tokens="local_random"))
+    with torch.no_grad():
+        sample(unet, x, c[:2], c[2:] if guided else None, steps=6, accel=accel, seed=5)
+    assert len(bases) == 5 * 7   # five 64x64-type blocks, 6 PLMS steps = 7 calls
+    calls = [bases[i:i + 5] for i in range(0, len(bases), 5)]
+    for i, blocks in enumerate(calls):
+        first = blocks[0]
+        assert first.shape[0] == (4 if guided else 2)
+        assert all(torch.equal(base, first) for base in blocks)
+        assert all(torch.equal(row, first[0]) for row in first)
+        g = torch.Generator().manual_seed(stream_seed(5, f"accel/call{i}"))
+        assert torch.equal(first[0], cell_indices(dato.random_cells(hw, 2, 2, g), hw[1], 2, 2))
+    assert len({tuple(blocks[0][0].tolist()) for blocks in calls}) == len(calls)
+
+
+def test_base_tokens_setting_is_checked():
+    for method in ("tome", "sito"):
+        with pytest.raises(ValueError, match="is a DaTo setting"):
+            TokenPruning(method, base_tokens="local_random")
+    with pytest.raises(ValueError, match=r"base_tokens must be one of \('dynamics', 'local_random'\)"):
+        TokenPruning("dato", base_tokens="random")
+    with pytest.raises(ValueError, match="base_tokens must be one of"):
+        dato.plan(torch.randn(2, 64, 8), (8, 8), 0.5, base_tokens="simscore")
+    assert not TokenPruning("dato", base_tokens="local_random").uses_dynamics
+    assert TokenPruning("dato").uses_dynamics
+
+
+def test_dato_presets_follow_the_official_recipes():
+    """dato-fixed: the search driver's settings (diff_gema 0.1, dynamics); dato-coco: run_command9
+    (diff_gema 1, dynamics, align_cfg); dato-coco-random: run_command8 (local_random), same vector."""
+    fixed, coco, rand = (PRESETS[name] for name in ("dato-fixed", "dato-coco", "dato-coco-random"))
+    assert fixed.prune == TokenPruning("dato", ratio=0.4, gamma=0.1, noise_alpha=0.1, base_tokens="dynamics")
+    assert coco.prune == TokenPruning("dato", ratio=0.4, gamma=1.0, noise_alpha=0.1, align_cfg=True)
+    assert rand.prune == TokenPruning("dato", ratio=0.4, base_tokens="local_random")
+    assert rand.cache == coco.cache and rand.calls == coco.calls == 51
+    assert "run_command9" in coco.about and "run_command8" in rand.about
 
 
 @pytest.mark.parametrize("method", ["tome", "sito", "dato"])

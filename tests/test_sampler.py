@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sampler import Acceleration, check_args, sample, sample_steps, unet_calls
-from sampler.accel import RunState, stream_seed
+from sampler.acceleration import AcceleratedRun, stream_seed
 from sampler.schedule import alphas_cumprod, timesteps
 
 ALPHAS = alphas_cumprod()
@@ -158,7 +158,7 @@ def test_run_state_sees_every_call():
     """The per-run state is told each call index and receives each raw (unguided) output."""
     seen, outputs = [], []
 
-    class Watch(RunState):
+    class Watch(AcceleratedRun):
         def begin_call(self, index, x):
             seen.append(index)
             super().begin_call(index, x)
@@ -172,8 +172,8 @@ def test_run_state_sees_every_call():
             assert calls == 51 and guided
             return Watch(self, calls, seed, guided)
 
-    def unet(x, t, context, accel=None):
-        assert isinstance(accel, Watch)
+    def unet(x, t, context, state=None):
+        assert isinstance(state, Watch)
         return gaussian_eps(x, t)
 
     sample(unet, x_T()[:1].float(), torch.zeros(1, 77, 8), torch.zeros(1, 77, 8), accel=Watched())

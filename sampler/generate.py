@@ -1,0 +1,236 @@
+"""Text to image on a loaded model: the one generation API that sample.py, bench.py, evaluate.py
+and search.py share. Load once, then render any number of settings from the same weights:
+
+    sd = load_checkpoint("v1-5-pruned-emaonly.safetensors")
+    run = Sampling(steps=50, seed=42, accel=PRESETS["dato-coco"].acceleration())
+    images = generate(sd, ["a red fox in the snow"], run)   # PIL images, settings in image.info["parameters"]
+    save_pngs(images, "outputs")                            # numbered PNGs with that metadata, never overwriting
+
+Image k of a call starts from noise seeded with seed + k, drawn on the CPU in fp32, so the same
+(prompt, seed, batch) gives the same image on every device and in every tool.
+"""
+import json
+import os
+import warnings
+from dataclasses import asdict, dataclass
+
+import torch
+from PIL import Image, PngImagePlugin
+from tqdm import tqdm
+
+from model.hardware import DTYPE_CHOICES, dtype_name, resolve_dtype, timed
+from model.unet import ATTENTION_BACKENDS, BasicTransformerBlock
+
+from . import check_args, final_latent, sample_steps, unet_calls
+from .acceleration import Acceleration
+
+MAX_SEED = 2 ** 64 - 1   # torch.Generator.manual_seed takes seeds up to this
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How to sample; every field has the recommended default.
+
+    steps: sampler steps (50; PLMS-50 makes 51 UNet calls). scale: guidance (None: the model's,
+    7.5 for SD1, 9.0 for SD2; 1 turns guidance off). sampler: "plms" | "ddim". eta: DDIM noise (0).
+    seed: image k of a generate() call starts from seed + k (0 <= seed + k < 2**64).
+    size: (H, W) in pixels, multiples of the VAE factor (None, or a None side: the model's native size).
+    dtype: None keeps the model's precision; "auto" | "fp32" | "bf16" | "fp16" casts the model
+        first (load it in the precision you want: casting back up does not restore bits).
+    attention: "sdpa" | "math". accel: an Acceleration (token pruning, caching) or None.
+    negative_prompt: the unconditional prompt (""). batch_size: images per sampler batch (1).
+    """
+    steps: int = 50
+    scale: float | None = None
+    sampler: str = "plms"
+    eta: float = 0.0
+    seed: int = 42
+    size: tuple | None = None
+    dtype: str | None = None
+    attention: str = "sdpa"
+    accel: Acceleration | None = None
+    negative_prompt: str = ""
+    batch_size: int = 1
+
+    def __post_init__(self):
+        check_args(self.steps, 1.0 if self.scale is None else self.scale, self.sampler, self.eta)
+        if not is_int(self.seed):
+            raise ValueError(f"--seed must be a whole number, got {self.seed!r}")
+        if self.size is not None and (len(self.size) != 2 or not all(s is None or is_int(s) for s in self.size)):
+            raise ValueError(f"size must be (H, W) in pixels (None: the model's native side), got {self.size!r}")
+        if self.dtype is not None and self.dtype not in DTYPE_CHOICES:
+            raise ValueError(f"--dtype {self.dtype!r} is not a precision; choose one of {', '.join(DTYPE_CHOICES)}")
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"--attention {self.attention!r}: choose one of {', '.join(ATTENTION_BACKENDS)}")
+        if self.accel is not None and not isinstance(self.accel, Acceleration):
+            raise ValueError(f"accel must be an Acceleration or None, got {type(self.accel).__name__}")
+        if not isinstance(self.negative_prompt, str):
+            raise ValueError(f"--negative-prompt must be text, got {type(self.negative_prompt).__name__}")
+        if not is_int(self.batch_size) or self.batch_size < 1:
+            raise ValueError(f"--n-samples (batch size) must be >= 1, got {self.batch_size!r}")
+        if self.accel is not None:   # schedules must fit this sampler and step count
+            self.accel.check(unet_calls(self.steps, self.sampler))
+
+
+def is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_prompts(prompts):
+    """A str is one prompt; otherwise a non-empty list of str."""
+    if isinstance(prompts, str):
+        return [prompts]
+    if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError("prompts must be a prompt (str) or a non-empty list of prompts")
+    return list(prompts)
+
+
+def check_seeds(seed, count):
+    """Image k uses seed + k: the whole range must be a valid generator seed, checked up front."""
+    if not 0 <= seed <= MAX_SEED - (count - 1):
+        raise ValueError(f"--seed {seed}: image k uses seed + k, so with {count} image(s) the seed must be "
+                         f"between 0 and 2**64 - {count}")
+
+
+def check_size(sd, size):
+    """(H, W) or None -> (H, W) that this model can decode; warns far beyond its training size."""
+    factor, native = sd.config.vae.factor, sd.config.image_size
+    H, W = (native if side is None else side for side in size or (None, None))
+    for flag, side in (("--H", H), ("--W", W)):
+        if side <= 0 or side % factor:
+            raise ValueError(f"{flag} {side} must be a positive multiple of {factor} (the VAE works on "
+                             f"{factor}x{factor} pixel cells)")
+        if side > 4 * native:
+            warnings.warn(f"{flag} {side}: far beyond this model's {native} px training size (images repeat "
+                          "and memory grows with the square of the side)", stacklevel=3)
+    return H, W
+
+
+class Timer:
+    """Seconds spent per phase (text, unet, decode) over generate() calls."""
+
+    def __init__(self, device):
+        self.device, self.totals = device, {}
+
+    def __call__(self, phase, fn, *args):
+        out, seconds = timed(fn, self.device, *args)
+        self.totals[phase] = self.totals.get(phase, 0.0) + seconds
+        return out
+
+
+def to_pil(images):
+    """[B, 3, H, W] in [-1, 1] -> PIL images."""
+    pixels = ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
+    return [Image.fromarray(p.numpy()) for p in pixels]
+
+
+def prepare(sd, run):
+    """Put the model in the run's precision and attention; check what needs the model (size,
+    picture block). -> (H, W)."""
+    if run.dtype is not None:
+        device = sd.unet.out[2].weight.device
+        dtype = resolve_dtype(run.dtype, device)
+        if dtype != sd.unet.out[2].weight.dtype:
+            sd.to(dtype=dtype)
+    check_args(run.steps, 1.0 if run.scale is None else run.scale, run.sampler, run.eta, sd.config.prediction)
+    sd.unet.set_attention(run.attention)
+    viz = run.accel.viz if run.accel is not None else None
+    if viz is not None:
+        blocks = [name for name, m in sd.unet.named_modules() if isinstance(m, BasicTransformerBlock)]
+        if viz.block not in blocks:
+            raise ValueError(f"--viz-block {viz.block!r} is not a transformer block of this UNet; "
+                             f"choose one of {', '.join(blocks[:4])}, ... ({len(blocks)} in all)")
+    return check_size(sd, run.size)
+
+
+def generate_batches(sd, prompts, run, *, progress=False, timer=None):
+    """Yield (images, latents) per batch of run.batch_size prompts, in order; each PIL image
+    carries its settings as JSON in image.info["parameters"] (what save_pngs writes)."""
+    prompts = check_prompts(prompts)
+    check_seeds(run.seed, len(prompts))
+    H, W = prepare(sd, run)
+    device, config = sd.unet.out[2].weight.device, sd.config
+    timer = timer or Timer(device)
+    scale = config.guidance if run.scale is None else run.scale
+    shape = (config.vae.z_channels, H // config.vae.factor, W // config.vae.factor)
+    settings = dict(negative_prompt=run.negative_prompt, steps=run.steps, scale=scale, sampler=run.sampler,
+                    eta=run.eta, H=H, W=W, checkpoint=sd.source, model=config.version,
+                    prediction=config.prediction, dtype=dtype_name(sd.unet.out[2].weight.dtype),
+                    attention=run.attention, acceleration=asdict(run.accel) if run.accel else None)
+    with torch.inference_mode():
+        for k in range(0, len(prompts), run.batch_size):
+            batch = prompts[k:k + run.batch_size]
+            seeds = [run.seed + k + i for i in range(len(batch))]
+            cond = timer("text", sd.text, batch)
+            uncond = timer("text", sd.text, [run.negative_prompt] * len(batch)) if scale != 1 else None
+            x_T = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+            loop = sample_steps(sd.unet, x_T.to(device), cond, uncond, run.steps, scale, run.sampler, run.eta,
+                                config.prediction, run.accel, seeds[0])
+            bar = tqdm(loop, total=run.steps, desc=f"images {k}-{k + len(batch) - 1}", disable=not progress)
+            latent = timer("unet", final_latent, bar)
+            images = to_pil(timer("decode", sd.vae.decode, latent.to(device)))
+            for prompt, seed, image in zip(batch, seeds, images, strict=True):
+                image.info["parameters"] = json.dumps(dict(prompt=prompt, seed=seed, **settings), allow_nan=False)
+            yield images, latent
+
+
+def generate(sd, prompts, run=Sampling(), *, latents=False, progress=False, timer=None):
+    """Images for `prompts` (a str or a list) with settings `run` on the loaded model `sd`.
+    Returns PIL images, or (images, final latents [N, c, h, w]) with latents=True. Writes no files."""
+    images, finals = [], []
+    for batch, latent in generate_batches(sd, prompts, run, progress=progress, timer=timer):
+        images += batch
+        finals.append(latent)
+    return (images, torch.cat(finals)) if latents else images
+
+
+def check_outdir(outdir):
+    """Raise ValueError (naming --outdir) unless PNGs can be written to `outdir`; creates nothing."""
+    if os.path.exists(outdir):
+        if not os.path.isdir(outdir):
+            raise ValueError(f"--outdir {outdir!r} is a file, not a folder; choose another --outdir")
+        if not os.access(outdir, os.W_OK | os.X_OK):
+            raise ValueError(f"--outdir {outdir!r} is not writable; choose another --outdir")
+        return
+    parent = os.path.dirname(os.path.abspath(outdir))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--outdir {outdir!r} cannot be created ({parent!r} is not a writable folder); "
+                         "choose another --outdir")
+
+
+def save_png(image, path):
+    """Write `image` with its settings (image.info["parameters"]) to `path`, which must not exist.
+    Raises FileExistsError rather than overwrite; an interrupted write leaves no partial file."""
+    info = PngImagePlugin.PngInfo()
+    if "parameters" in image.info:
+        info.add_text("parameters", image.info["parameters"])
+    with open(path, "xb") as f:
+        try:
+            image.save(f, format="PNG", pnginfo=info)
+        except BaseException:
+            f.close()
+            os.remove(path)
+            raise
+    return path
+
+
+def save_pngs(images, outdir):
+    """Write images as outdir/NNNNN.png, numbered after the highest existing number and never
+    overwriting; the folder is created with the first image. Returns the paths."""
+    paths = []
+    for image in images:
+        os.makedirs(outdir, exist_ok=True)
+        taken = [int(f[:-4]) for f in os.listdir(outdir) if f.endswith(".png") and f[:-4].isdigit()]
+        n = max(taken, default=-1) + 1
+        while True:
+            try:
+                paths.append(save_png(image, os.path.join(outdir, f"{n:05d}.png")))
+                break
+            except FileExistsError:   # another writer took the number
+                n += 1
+    return paths
+
+
+__all__ = ["Sampling", "generate", "generate_batches", "save_png", "save_pngs", "check_outdir", "Timer", "to_pil"]

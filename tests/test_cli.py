@@ -1,0 +1,227 @@
+"""sample.py end to end on the TINY presets with a synthesized tokenizer: files, metadata, flags,
+and bad input refused in one line before any heavy work, leaving nothing behind."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors.torch import save_file
+
+import sample
+from conftest import layout_shapes, random_state
+from model import TINY
+from model.hardware import native_bf16_cpu
+
+TINY_RUN = ["--random-weights", "tiny", "--steps", "2", "--H", "32", "--W", "32"]
+
+
+def params(path):
+    return json.loads(Image.open(path).text["parameters"])
+
+
+def cli(tmp_path, tokenizer_dir, *args):
+    return sample.main([*TINY_RUN, "--tokenizer", tokenizer_dir, "--outdir", str(tmp_path), *args])
+
+
+def test_writes_numbered_pngs_with_metadata(tmp_path, tokenizer_dir):
+    paths = cli(tmp_path, tokenizer_dir, "--prompt", "the cat", "--n-samples", "2", "--n-iter", "2", "--seed", "7")
+    assert [p.rsplit("/", 1)[1] for p in paths] == ["00000.png", "00001.png", "00002.png", "00003.png"]
+    p = params(paths[3])
+    assert p["prompt"] == "the cat" and p["seed"] == 10 and p["steps"] == 2
+    assert p["checkpoint"] == "random weights: tiny"
+    again = cli(tmp_path, tokenizer_dir, "--prompt", "the cat", "--seed", "7")
+    assert again[0].endswith("00004.png")
+    assert np.array_equal(np.asarray(Image.open(again[0])), np.asarray(Image.open(paths[0])))
+
+
+def test_default_precision_follows_the_cpu(tmp_path, tokenizer_dir, capsys):
+    path = cli(tmp_path, tokenizer_dir, "--prompt", "a red cube")[0]
+    expected = "bfloat16" if native_bf16_cpu() else "float32"
+    assert params(path)["dtype"] == expected and f"{expected} on cpu" in capsys.readouterr().out
+
+
+def test_prompt_file_batches(tmp_path, tokenizer_dir):
+    (tmp_path / "prompts.txt").write_text("the cat\n\na photo of the cat\nthe\n")
+    paths = cli(tmp_path / "out", tokenizer_dir, "--from-file", str(tmp_path / "prompts.txt"), "--n-samples", "2")
+    assert [params(p)["prompt"] for p in paths] == ["the cat", "a photo of the cat", "the"]
+
+
+def test_ldm_spellings_are_accepted(tmp_path, tokenizer_dir):
+    (tmp_path / "prompts.txt").write_text("the cat\n")
+    paths = sample.main(["--random-weights", "tiny", "--H", "32", "--W", "32", "--tokenizer", tokenizer_dir,
+                         "--outdir", str(tmp_path / "out"), "--from_file", str(tmp_path / "prompts.txt"),
+                         "--n_samples", "2", "--n_iter", "1", "--ddim_steps", "3", "--plms", "--ddim_eta", "0"])
+    assert len(paths) == 2 and params(paths[0])["steps"] == 3 and params(paths[0])["sampler"] == "plms"
+
+
+def test_help_shows_defaults_and_limits(capsys):
+    with pytest.raises(SystemExit):
+        sample.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for expected in ("images per batch (default: 1)", "(default: 50", "1 to 999", "(default: 42)",
+                     "(default: outputs)", "(default: plms", "--n-samples N_SAMPLES, --n_samples N_SAMPLES"):
+        assert expected in text
+
+
+def test_checkpoint_from_environment(tmp_path, tokenizer_dir, monkeypatch):
+    save_file(random_state(layout_shapes(TINY)), str(tmp_path / "tiny.safetensors"))
+    monkeypatch.setenv("SD_CKPT", str(tmp_path / "tiny.safetensors"))
+    paths = sample.main(["--prompt", "the cat", "--steps", "2", "--H", "32", "--W", "32", "--sampler", "ddim",
+                         "--eta", "0.5", "--tokenizer", tokenizer_dir, "--outdir", str(tmp_path / "out")])
+    assert params(paths[0])["checkpoint"].endswith("tiny.safetensors") and params(paths[0])["eta"] == 0.5
+
+
+def test_missing_sd_ckpt_names_the_variable(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SD_CKPT", str(tmp_path / "missing.safetensors"))
+    with pytest.raises(SystemExit):
+        sample.main(["--prompt", "x", "--outdir", str(tmp_path / "out")])
+    assert "came from the SD_CKPT environment variable" in capsys.readouterr().err
+
+
+def test_download_failure_says_what_to_pass(monkeypatch):
+    import huggingface_hub
+    monkeypatch.delenv("SD_CKPT", raising=False)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    with pytest.raises(SystemExit, match="--ckpt PATH"):
+        sample.resolve_checkpoint(None)
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--from-file", "nope.txt"], "does not exist"), ([], "give a prompt"),
+    (["--prompt", "x", "--from-file", "p.txt"], "not both"),
+    (["--prompt", "x", "--scale", "nan"], "--scale must be a finite number"),
+    (["--prompt", "x", "--scale", "inf"], "--scale must be a finite number"),
+    (["--prompt", "x", "--sampler", "ddim", "--eta", "nan"], "--eta must be a finite number"),
+    (["--prompt", "x", "--prune", "sito", "--prune-noise", "nan"], "noise_alpha must be a finite number"),
+    (["--prompt", "x", "--seed", str(2 ** 70)], "--seed"),
+    (["--prompt", "x", "--seed", str(2 ** 64 - 1), "--n-iter", "2"], "between 0 and 2**64 - 2"),
+    (["--prompt", "x", "--seed", "-1"], "between 0 and 2**64 - 1"),
+    (["--prompt", "x", "--device", "foo"], "--device 'foo' is not a device"),
+    (["--prompt", "x", "--device", "cuda:7"], "--device cuda:7"),
+    (["--prompt", "x", "--steps", "0"], "--steps must be a whole number from 1 to 999"),
+    (["--prompt", "x", "--n-samples", "0"], "--n-samples"),
+    (["--prompt", "x", "--preset", "deepcache-n3", "--prune", "sito"], "fixes caching and prunes nothing"),
+    (["--prompt", "x", "--preset", "dato-coco", "--steps", "3"], "preset dato-coco is for PLMS-50"),
+    (["--prompt", "x", "--preset", "dato-fixed", "--prune", "sito"], "leave out --prune and --cache"),
+    (["--prompt", "x", "--threads", "0"], "--threads must be >= 1")])
+def test_bad_input_is_one_line_before_loading(tmp_path, capsys, args, match):
+    """The checkpoint does not exist: each argument error must come first, and create nothing."""
+    with pytest.raises(SystemExit):
+        sample.main(args + ["--ckpt", str(tmp_path / "missing.safetensors"), "--outdir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert match in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_outdir_that_is_a_file(tmp_path, tokenizer_dir, capsys):
+    (tmp_path / "taken").write_text("x")
+    with pytest.raises(SystemExit):
+        sample.main([*TINY_RUN, "--prompt", "x", "--outdir", str(tmp_path / "taken")])
+    assert "is a file, not a folder" in capsys.readouterr().err
+
+
+def test_failed_run_leaves_no_outdir(tmp_path, tokenizer_dir, capsys):
+    """An error found after loading (a size the VAE cannot decode) writes nothing, creates nothing."""
+    with pytest.raises(SystemExit):
+        sample.main(["--random-weights", "tiny", "--steps", "2", "--H", "36", "--W", "32", "--prompt", "x",
+                     "--tokenizer", tokenizer_dir, "--outdir", str(tmp_path / "out")])
+    assert "multiple of 8" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_interrupt_is_one_line(tmp_path, tokenizer_dir, monkeypatch):
+    real = sample.generate_batches
+
+    def interrupted(*args, **kwargs):
+        for n, batch in enumerate(real(*args, **kwargs)):
+            if n == 1:
+                raise KeyboardInterrupt
+            yield batch
+    monkeypatch.setattr(sample, "generate_batches", interrupted)
+    with pytest.raises(SystemExit, match="interrupted after 1 image"):
+        cli(tmp_path, tokenizer_dir, "--prompt", "x", "--n-iter", "3")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00000.png"]
+
+
+def test_unknown_viz_block(tmp_path, tokenizer_dir, capsys):
+    with pytest.raises(SystemExit):
+        cli(tmp_path / "out", tokenizer_dir, "--prompt", "x", "--prune", "sito", "--viz-prune", str(tmp_path / "viz"),
+            "--viz-block", "input_blocks.1.1.transformer_blocks.O")
+    assert "is not a transformer block" in capsys.readouterr().err
+
+
+def test_missing_tokenizer_is_a_clear_exit(tmp_path):
+    (tmp_path / "tok").mkdir()
+    with pytest.raises(SystemExit, match="must contain vocab.json and merges.txt"):
+        cli(tmp_path / "out", str(tmp_path / "tok"), "--prompt", "x")
+
+
+def test_empty_prompt_file(tmp_path):
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    with pytest.raises(ValueError, match="holds no prompts"):
+        sample.read_prompts(from_file=str(tmp_path / "empty.txt"))
+
+
+def test_prediction_override_with_random_weights(tmp_path, tokenizer_dir):
+    paths = cli(tmp_path, tokenizer_dir, "--prompt", "x", "--prediction", "v")
+    assert params(paths[0])["prediction"] == "v"
+
+
+def test_pruning_and_pictures(tmp_path, tokenizer_dir):
+    sample.main(["--prompt", "the cat", "--random-weights", "tiny", "--steps", "3", "--H", "64", "--W", "64",
+                 "--tokenizer", tokenizer_dir, "--outdir", str(tmp_path / "out"), "--prune", "sito",
+                 "--prune-ratio", "0.6", "--prune-layers", "attn1,attn2", "--viz-prune", str(tmp_path / "viz")])
+    sample.main(["--prompt", "the cat", "--random-weights", "tiny", "--steps", "2", "--H", "32", "--W", "32",
+                 "--tokenizer", tokenizer_dir, "--outdir", str(tmp_path / "out"), "--prune", "dato",
+                 "--prune-base", "local_random"])
+    assert params(tmp_path / "out" / "00001.png")["acceleration"]["prune"]["base_tokens"] == "local_random"
+    accel = params(tmp_path / "out" / "00000.png")["acceleration"]
+    assert accel["prune"]["method"] == "sito" and accel["prune"]["layers"] == ["attn1", "attn2"]
+    pictures = sorted(p.name for p in (tmp_path / "viz").iterdir())
+    assert pictures == [f"seed42_call{i:03d}.png" for i in range(4)]   # PLMS-3: 4 UNet calls
+    roles = np.asarray(Image.open(tmp_path / "viz" / pictures[0]))[::4, ::4]
+    assert roles.shape[:2] == (8, 8)
+    colors = {tuple(c) for c in roles.reshape(-1, 3)}
+    counts = {c: int((roles.reshape(-1, 3) == c).all(-1).sum()) for c in colors}
+    assert sorted(counts.values()) == [10, 16, 38]   # 38 of 64 pruned, 16 base tokens, 10 other kept
+
+
+def test_viz_needs_a_method(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        sample.main(["--prompt", "x", "--random-weights", "tiny", "--viz-prune", str(tmp_path)])
+    assert "--viz-prune needs" in capsys.readouterr().err
+
+
+def test_caching(tmp_path, tokenizer_dir):
+    common = ["--prompt", "the cat", "--random-weights", "tiny", "--H", "32", "--W", "32", "--tokenizer", tokenizer_dir]
+    sample.main(common + ["--steps", "50", "--preset", "dato-coco", "--outdir", str(tmp_path)])
+    accel = params(tmp_path / "00000.png")["acceleration"]
+    assert accel["prune"]["method"] == "dato" and accel["cache"]["depths"][:3] == [12, 1, 1]
+    sample.main(common + ["--steps", "3", "--cache", "dato", "--cache-schedule", "12, 0, 1, 2",
+                          "--prune", "tome", "--prune-schedule", "0.5,0.4,0.3,0.2", "--outdir", str(tmp_path)])
+    accel = params(tmp_path / "00001.png")["acceleration"]
+    assert accel["cache"]["depths"] == [12, 0, 1, 2] and accel["prune"]["schedule"] == [0.5, 0.4, 0.3, 0.2]
+    sample.main(common + ["--steps", "4", "--sampler", "ddim", "--cache", "nonuniform", "--cache-interval", "2",
+                          "--cache-center", "1", "--outdir", str(tmp_path)])
+    assert (tmp_path / "00002.png").exists()
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--cache-schedule", "12,1"], "use it with --cache dato"),
+    (["--cache", "dato", "--cache-schedule", "12,1"], "2 entries, but this run makes 11"),
+    (["--cache", "dato", "--cache-schedule", "1," * 10 + "1"], "first call"),
+    (["--cache", "uniform", "--cache-depth", "14"], "cache depth"),
+    (["--prune-schedule", "0.5"], "needs a pruning method"),
+    (["--prune", "dato", "--prune-schedule", "0.5,0.9"], "prune ratio 0.9 out of range"),
+    (["--prune-ratio", "0.3"], "--prune-ratio given without a pruning method"),
+    (["--preset", "dato-coco", "--prune-recover", "base", "--cache-depth", "1"],
+     "leave out --prune-recover, --cache-depth"),
+    (["--cache-interval", "3"], "--cache-interval: no effect with --cache none"),
+    (["--prune", "tome", "--prune-recover", "base"], "--prune-recover: no effect with --prune tome"),
+    (["--prune", "sito", "--prune-base", "local_random"], "--prune-base: no effect with --prune sito"),
+    (["--cache", "uniform", "--cache-power", "1.2"], "--cache-power: no effect with --cache uniform"),
+    (["--cache", "dato", "--cache-schedule", "12,1", "--cache-depth", "1"],
+     "--cache-depth: no effect with --cache dato")])
+def test_cache_errors(tmp_path, capsys, args, match):
+    with pytest.raises(SystemExit):
+        sample.main(["--prompt", "x", "--steps", "10", "--ckpt", str(tmp_path / "missing.safetensors")] + args)
+    assert match in capsys.readouterr().err
