@@ -18,10 +18,11 @@ import torch
 from cache import FULL, CacheSchedule
 from cache import MODES as CACHE_MODES
 from model import PRESETS, load_checkpoint, random_weights
+from model.config import PREDICTIONS
 from model.hardware import DTYPE_CHOICES, check_device, dtype_name, resolve_dtype
 from model.text import TokenizerError, byte_tokenizer
 from model.unet import ATTENTION_BACKENDS
-from prune import BASE_TOKENS, LAYERS, RECOVER, TokenPruning, max_ratio
+from prune import BASE_TOKENS, LAYERS, MAX_DOWNSAMPLES, RECOVER, TokenPruning, max_ratio
 from prune import METHODS as PRUNE_METHODS
 from prune.viz import PruneViz
 from sampler import METHODS, unet_calls
@@ -144,7 +145,7 @@ def parser():
     p.add_argument("--random-weights", choices=list(PRESETS),
                    help="random weights of this architecture (offline test runs)")
     p.add_argument("--tokenizer", help="folder with vocab.json + merges.txt, or a hub id")
-    p.add_argument("--prediction", choices=["eps", "v"], help="override the detected prediction type")
+    p.add_argument("--prediction", choices=PREDICTIONS, help="override the detected prediction type")
     p.add_argument("--device", help="cpu, cuda, cuda:N, mps (default: the best available)")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
                    help="precision (default: auto = fp16 on GPUs, bf16 on CPUs with AVX512-BF16/AMX, else fp32)")
@@ -160,7 +161,7 @@ def parser():
     g.add_argument("--prune", choices=("none",) + PRUNE_METHODS, default="none", help="token method (default: none)")
     g.add_argument("--prune-ratio", type=float,
                    help=f"fraction of tokens removed per block (0.5, at most {max_ratio():g} with 2x2 cells)")
-    g.add_argument("--prune-maxdown", type=int, choices=(1, 2, 4, 8),
+    g.add_argument("--prune-maxdown", type=int, choices=MAX_DOWNSAMPLES,
                    help="prune blocks at most this much below the latent resolution (1: the five 64x64 blocks)")
     g.add_argument("--prune-layers", type=lambda text: tuple(text.split(",")),
                    help=f"comma-separated sub-layers from {','.join(LAYERS)} (attn1 = self-attention only)")

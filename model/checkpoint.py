@@ -24,7 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .config import PRESETS, SD1, SD2, SD2_V, TINY, TINY_SD2, SDConfig
+from .config import PREDICTIONS, PRESETS, SD1, SD2, SD2_V, TINY, TINY_SD2, SDConfig
 from .convert import diffusers_unet_to_ldm, diffusers_vae_to_ldm, openclip_to_hf
 from .hardware import resolve_dtype
 from .text import TextEncoder
@@ -338,7 +338,7 @@ def load_checkpoint(path, *, device="cpu", dtype=torch.float32, prediction=None,
     tokenizer: CLIPTokenizer, folder with vocab.json + merges.txt, or hub id; default the diffusers
         folder's tokenizer/, else openai/clip-vit-large-patch14 (downloaded on first use).
     """
-    if prediction not in (None, "eps", "v"):
+    if prediction is not None and prediction not in PREDICTIONS:
         raise ValueError(f"prediction must be 'eps' or 'v', not {prediction!r}")
     path = os.fspath(path)
     if os.path.isdir(path):

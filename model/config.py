@@ -8,6 +8,8 @@ channels, so tests and offline runs exercise every code path in seconds.
 """
 from dataclasses import dataclass, replace
 
+PREDICTIONS = ("eps", "v")   # what the UNet outputs: the noise (SD1, SD2-512) or v = √ᾱ·eps − √(1−ᾱ)·x0 (SD2-768)
+
 
 @dataclass(frozen=True)
 class UNetConfig:

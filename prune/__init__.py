@@ -16,6 +16,7 @@ from .tokens import check_ratio, max_ratio
 METHODS = ("tome", "sito", "dato")
 LAYERS = ("attn1", "attn2", "ff")   # self-attention, cross-attention, feed-forward
 RECOVER = ("kept", "base")
+MAX_DOWNSAMPLES = (1, 2, 4, 8)   # the grid sizes below the latent that a UNet's levels have
 
 
 @dataclass(frozen=True)
@@ -70,8 +71,8 @@ class TokenPruning:
             raise ValueError(f"cell size must be positive, got sx={self.sx}, sy={self.sy}")
         for r in (self.ratio, *self.schedule):
             check_ratio(r, self.sx, self.sy)
-        if self.max_downsample not in (1, 2, 4, 8):
-            raise ValueError(f"max_downsample must be 1, 2, 4 or 8, got {self.max_downsample}")
+        if self.max_downsample not in MAX_DOWNSAMPLES:
+            raise ValueError(f"max_downsample must be one of {MAX_DOWNSAMPLES}, got {self.max_downsample}")
         if not self.layers or set(self.layers) - set(LAYERS):
             raise ValueError(f"layers must be a non-empty subset of {LAYERS}, got {self.layers}")
         if self.recover_from not in RECOVER:
@@ -120,4 +121,5 @@ class TokenPruning:
                          base_tokens=self.base_tokens, generator=generator)
 
 
-__all__ = ["TokenPruning", "METHODS", "LAYERS", "RECOVER", "BASE_TOKENS", "max_ratio", "tome", "sito", "dato"]
+__all__ = ["TokenPruning", "METHODS", "LAYERS", "RECOVER", "MAX_DOWNSAMPLES", "BASE_TOKENS", "max_ratio",
+           "tome", "sito", "dato"]

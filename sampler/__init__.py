@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from model.config import PREDICTIONS
+
 from .acceleration import PRESETS, Acceleration, parse_method, stream_seed
 from .ddim import ddim_steps
 from .plms import plms_steps
@@ -50,7 +52,7 @@ def check_args(steps=50, scale=7.5, method="plms", eta=0.0, prediction="eps"):
         raise ValueError(f"PLMS is deterministic: --eta must be 0 (got {eta}); use --sampler ddim for eta > 0")
     if eta < 0:
         raise ValueError(f"--eta must be >= 0, got {eta}")
-    if prediction not in ("eps", "v"):
+    if prediction not in PREDICTIONS:
         raise ValueError(f"--prediction must be 'eps' or 'v', got {prediction!r}")
     if scale < 0:
         raise ValueError(f"--scale (guidance) must be >= 0, got {scale}")
