@@ -22,6 +22,15 @@ OPPOSITE = {"to the left of": "to the right of", "to the right of": "to the left
             "below": "above"}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Small tensors on a shared 2-core machine: a second thread only waits for the first."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def scenes():
     rng = random.Random(2024)
@@ -113,8 +122,8 @@ def test_sizes_inside_and_gaps(scenes, images):
             assert 0.2 * 128 <= placed.side <= 0.45 * 128
             left, top, right, bottom = box = extent(image, scene, placed)
             assert 0 < left and 0 < top and right < 128 and bottom < 128          # fully inside
-            assert right - left >= placed.side - 1 and bottom - top >= placed.side - 1
-            assert (right - left) / 128 <= 0.45 and (bottom - top) / 128 >= 0.19
+            assert placed.side - 1 <= right - left <= placed.side and placed.side - 1 <= bottom - top <= placed.side
+            assert 0.2 * 128 - 1 <= right - left <= 0.45 * 128 and 0.2 * 128 - 1 <= bottom - top <= 0.45 * 128
             boxes.append(box)
         if len(boxes) == 2:
             (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = boxes
@@ -181,7 +190,7 @@ def test_same_seed_same_scene():
     again, caption2 = S.random_scene(random.Random(3))
     assert caption == caption2 and image.tobytes() == again.tobytes()
     flat = S.render("a red circle", 7, replace(CFG, noise=0))
-    assert len(set(flat.crop((0, 0, 128, 2)).getdata())) == 1
+    assert len(set(flat.crop((0, 0, 128, 2)).tobytes()[i:i + 3] for i in range(0, 768, 3))) == 1
 
 
 def test_cli_writes_images_and_captions(tmp_path):
@@ -220,7 +229,7 @@ def test_checker_accepts_the_generators_images(scenes, images):
             assert f.shape == placed.shape
             assert abs(f.centroid[0] - placed.centroid[0]) < 1 and abs(f.centroid[1] - placed.centroid[1]) < 1
             true_area = placed.side ** 2 * {"square": 1, "circle": 0.785, "triangle": 0.5}[placed.shape]
-            assert 0.85 < f.area / true_area < 1.2
+            assert 0.85 < f.area / true_area < 1.3      # the edge pixels counted are over half covered
 
 
 def test_checker_rejects_deranged_captions(scenes, images):
@@ -290,7 +299,8 @@ def test_checker_rejects_wrong_captions(scenes, images):
     for scene, image in singles:
         (a,) = scene.description.objects
         other = S.Item(next(c for c in S.COLORS if c != a.color), "circle")
-        for caption in (str(replace(a, color=other.color)), str(replace(a, shape=next(s for s in S.SHAPES if s != a.shape))),
+        other_shape = next(s for s in S.SHAPES if s != a.shape)
+        for caption in (str(replace(a, color=other.color)), str(replace(a, shape=other_shape)),
                         f"{a} above {other}"):                                      # a missing object
             verdict = C.check(image, caption)
             assert not verdict.correct and verdict.reason, caption
