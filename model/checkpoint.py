@@ -21,10 +21,10 @@ import warnings
 from dataclasses import dataclass, replace
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 
-from .config import PREDICTIONS, PRESETS, SD1, SD2, SD2_V, TINY, TINY_SD2, SDConfig
+from .config import PREDICTIONS, PRESETS, SD1, SD2, SD2_V, TINY, TINY_SD2, SDConfig, config_from_json, config_to_json
 from .convert import diffusers_unet_to_ldm, diffusers_vae_to_ldm, openclip_to_hf
 from .hardware import resolve_dtype
 from .text import TextEncoder
@@ -44,6 +44,7 @@ IGNORED = re.compile(
     r"|cond_stage_model\..*position_ids|cond_stage_model\.model\.(text_projection|logit_scale))")
 
 ARCHITECTURES = (SD1, SD2, TINY, TINY_SD2)   # told apart by UNet width and context size
+CONFIG_KEY, TOKENIZER_KEY = "sd_config", "tokenizer"   # .safetensors metadata written by save_checkpoint
 
 
 class CheckpointError(ValueError):
@@ -327,6 +328,44 @@ def _load(module, state, what, where, config):
 
 # ---------------------------------------------------------------------------------------------
 
+def read_metadata(path):
+    """The text metadata of a .safetensors file ({} for other files)."""
+    if not path.lower().endswith(".safetensors"):
+        return {}
+    with safe_open(path, "pt") as f:
+        return f.metadata() or {}
+
+
+def _stated_config(metadata, path):
+    try:
+        return config_from_json(metadata[CONFIG_KEY])
+    except ValueError as e:
+        raise CheckpointError(f"{path}: the {CONFIG_KEY!r} metadata is {e}") from None
+
+
+def save_checkpoint(sd, path, *, dtype=torch.float16, tokenizer=None):
+    """Write `sd` as one .safetensors file in the official SD 1.x single-file layout
+    (model.diffusion_model.*, first_stage_model.* with the encoder if built, cond_stage_model.*),
+    its SDConfig in the metadata so load_checkpoint needs no detection; `tokenizer`: a folder name
+    relative to the file, recorded for loading. Floating tensors are stored in `dtype`
+    (fp16: half the size). Never overwrites: an existing `path` is an error."""
+    if sd.config.version != "sd1":
+        raise ValueError("save_checkpoint writes the SD 1.x layout (a CLIP text encoder); this model is "
+                         f"{sd.config.version}")
+    if os.path.exists(path):
+        raise FileExistsError(f"{path} exists; choose another name (checkpoints are never overwritten)")
+    state = {UNET + k: v for k, v in sd.unet.state_dict().items()}
+    state.update({VAE + k: v for k, v in sd.vae.state_dict().items()})
+    state.update({CLIP + (k if k.startswith("text_model.") else "text_model." + k): v
+                  for k, v in sd.text.transformer.state_dict().items() if not k.endswith("position_ids")})
+    state = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
+    metadata = {CONFIG_KEY: config_to_json(sd.config)}
+    if tokenizer is not None:
+        metadata[TOKENIZER_KEY] = tokenizer
+    save_file(state, path, metadata=metadata)
+    return path
+
+
 def load_checkpoint(path, *, device="cpu", dtype=torch.float32, prediction=None, tokenizer=None):
     """Load an SD 1.x / 2.x checkpoint -> StableDiffusion(unet, vae, text, config).
 
@@ -348,7 +387,10 @@ def load_checkpoint(path, *, device="cpu", dtype=torch.float32, prediction=None,
             tokenizer = os.path.join(path, "tokenizer")
     else:
         unet, vae, text, openclip = _split_single_file(read_state_dict(path), path)
-        config, stated = _detect(unet, path), None
+        metadata, stated = read_metadata(path), None
+        config = _stated_config(metadata, path) if CONFIG_KEY in metadata else _detect(unet, path)
+        if tokenizer is None and TOKENIZER_KEY in metadata:   # shipped beside the weights
+            tokenizer = os.path.join(os.path.dirname(path), metadata[TOKENIZER_KEY])
         if openclip:
             text = {**text, **openclip_to_hf(openclip, config.text.layers)}
     if prediction == "v" and config.version == "sd1":

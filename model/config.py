@@ -6,7 +6,8 @@ projections, 16-channel heads, OpenCLIP-style text encoder padded with 0) keep t
 structure (12 input blocks, 12 output blocks, transformers at the top three levels) with few
 channels, so tests and offline runs exercise every code path in seconds.
 """
-from dataclasses import dataclass, replace
+import json
+from dataclasses import asdict, dataclass, replace
 
 PREDICTIONS = ("eps", "v")   # what the UNet outputs: the noise (SD1, SD2-512) or v = √ᾱ·eps − √(1−ᾱ)·x0 (SD2-768)
 
@@ -56,7 +57,9 @@ class TextConfig:
     act: str = "quick_gelu"      # OpenAI CLIP (SD1) uses quick_gelu, OpenCLIP ViT-H (SD2) plain gelu
     pad_id: int = 49407          # SD1 pads with <|endoftext|>, SD2 (open_clip.tokenize) with 0
     vocab_size: int = 49408
-    max_length: int = 77
+    max_length: int = 77         # tokens per prompt, <|startoftext|> and <|endoftext|> included
+    bos_id: int = 49406          # <|startoftext|> and <|endoftext|> in the tokenizer's vocabulary
+    eos_id: int = 49407
 
 
 @dataclass(frozen=True)
@@ -99,4 +102,38 @@ TINY_SD2 = SDConfig(
     image_size=64, guidance=9.0,
 )
 
-PRESETS = {"sd1": SD1, "sd2": SD2, "sd2-v": SD2_V, "tiny": TINY, "tiny-sd2": TINY_SD2}
+# The lab model (lab/): SD1's structure at 128 px with small widths and a factor-4 VAE, so a
+# 128x128 image is a 4x32x32 latent and the top transformer blocks see 1024 tokens, as pruning
+# expects; a compact tokenizer (vocab.json + merges.txt shipped beside the weights) with 564 ids.
+# lab/train.py trains it; the shipped file carries this config in its metadata.
+LAB = SDConfig(
+    "sd1", "eps",
+    UNetConfig(model_channels=32, head_channels=32, context_dim=128),
+    VAEConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1),
+    TextConfig(width=128, layers=3, heads=4, mlp=512, vocab_size=564, max_length=16, bos_id=562, eos_id=563,
+               pad_id=563),
+    scale_factor=0.84134, image_size=128, guidance=4.0,   # 1 / std of the shipped VAE's latents
+)
+
+PRESETS = {"sd1": SD1, "sd2": SD2, "sd2-v": SD2_V, "tiny": TINY, "tiny-sd2": TINY_SD2, "lab": LAB}
+
+
+def config_to_json(config):
+    """SDConfig -> JSON text (what a checkpoint's metadata carries)."""
+    return json.dumps(asdict(config))
+
+
+def _tuples(fields):
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+
+
+def config_from_json(text):
+    """JSON text from config_to_json -> SDConfig (lists become the dataclasses' tuples).
+    Raises ValueError naming the fields that do not belong."""
+    data = json.loads(text)
+    try:
+        parts = {"unet": UNetConfig(**_tuples(data.pop("unet"))), "vae": VAEConfig(**_tuples(data.pop("vae"))),
+                 "text": TextConfig(**data.pop("text"))}
+        return SDConfig(**data, **parts)
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"not an SDConfig: {e}") from None

@@ -37,13 +37,16 @@ def bytes_to_unicode():
     return {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(others)}
 
 
-def write_tokenizer(folder, merges=()):
+def write_tokenizer(folder, merges=(), compact=False):
     """Write a CLIP BPE tokenizer (vocab.json, merges.txt) into `folder`: the 512 byte symbols
     (plain and word-final), the given merges (pairs of symbols), and the special tokens at their
-    real ids (<|startoftext|> 49406, <|endoftext|> 49407). Returns the folder."""
+    real ids (<|startoftext|> 49406, <|endoftext|> 49407), or, with `compact`, right after the
+    merges (a small vocabulary for a small model: TextConfig's vocab_size, bos_id and eos_id must
+    match). Any text still tokenizes: what no merge covers falls back to byte symbols. Returns the folder."""
     chars = list(bytes_to_unicode().values())
     vocab = {tok: i for i, tok in enumerate(chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges])}
-    vocab.update({"<|startoftext|>": 49406, "<|endoftext|>": 49407})
+    first = len(vocab) if compact else 49406
+    vocab.update({"<|startoftext|>": first, "<|endoftext|>": first + 1})
     with open(os.path.join(folder, "vocab.json"), "w") as f:
         json.dump(vocab, f)
     with open(os.path.join(folder, "merges.txt"), "w") as f:
@@ -200,7 +203,7 @@ class TextEncoder(nn.Module):
         self.transformer = CLIPTextModel(CLIPTextConfig(
             vocab_size=cfg.vocab_size, hidden_size=cfg.width, intermediate_size=cfg.mlp,
             num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, max_position_embeddings=cfg.max_length,
-            hidden_act=cfg.act, layer_norm_eps=1e-5, bos_token_id=49406, eos_token_id=49407))
+            hidden_act=cfg.act, layer_norm_eps=1e-5, bos_token_id=cfg.bos_id, eos_token_id=cfg.eos_id))
         if isinstance(tokenizer, CLIPTokenizer):   # an object is checked now; a folder or hub id when loaded
             check_tokenizer(tokenizer)
         self._tokenizer = tokenizer
@@ -227,7 +230,8 @@ class TextEncoder(nn.Module):
         return self._tokenizer
 
     def tokenize(self, prompts):
-        """list[str] -> token ids [B, 77]: <|startoftext|>, at most 75 tokens, <|endoftext|>, padding."""
+        """list[str] -> token ids [B, max_length]: <|startoftext|>, at most max_length - 2 tokens (75 for
+        SD), <|endoftext|>, padding."""
         n = self.config.max_length
         rows = []
         for prompt, ids in zip(prompts, self.tokenizer(list(prompts)).input_ids, strict=True):

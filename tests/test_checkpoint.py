@@ -2,6 +2,8 @@
 guessing, and clear errors on bad input. Tiny presets in the official key layout; diffusers'
 own converters are the oracle for the renamed tensors."""
 import json
+import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -16,7 +18,7 @@ from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from conftest import CLIP, OPENCLIP, UNET, VAE, layout_shapes, random_state
-from model import TINY, TINY_SD2, CheckpointError, load_checkpoint
+from model import TINY, TINY_SD2, CheckpointError, load_checkpoint, random_weights, save_checkpoint
 from model.hardware import resolve_dtype
 
 
@@ -313,3 +315,26 @@ def test_unknown_keys_are_named(tmp_path):
 def test_bad_prediction_argument(tmp_path):
     with pytest.raises(ValueError, match="'eps' or 'v'"):
         load_checkpoint(tmp_path / "whatever.safetensors", prediction="x0")
+
+
+def test_save_checkpoint_round_trip_with_config_and_tokenizer(tmp_path, tokenizer_dir):
+    """A model whose architecture no detection knows loads from the config in the file's metadata,
+    with the tokenizer folder recorded beside it; fp16 storage, exact up to that rounding."""
+    config = replace(TINY, unet=replace(TINY.unet, model_channels=64), scale_factor=0.5, guidance=3.0)
+    sd = random_weights(config, tokenizer=tokenizer_dir)
+    shutil.copytree(tokenizer_dir, tmp_path / "tok")
+    path = save_checkpoint(sd, str(tmp_path / "m.safetensors"), tokenizer="tok")
+    loaded = load_checkpoint(path)
+    assert loaded.config == config and loaded.text.tokenizer.name_or_path == str(tmp_path / "tok")
+    for ours, theirs in ((loaded.unet, sd.unet), (loaded.vae, sd.vae), (loaded.text, sd.text)):
+        for (k, a), b in zip(ours.state_dict().items(), theirs.state_dict().values(), strict=True):
+            assert torch.equal(a, b.half().float()), k
+    with pytest.raises(FileExistsError, match="never overwritten"):
+        save_checkpoint(sd, path)
+
+
+def test_bad_config_metadata_is_named(tmp_path):
+    path = str(tmp_path / "m.safetensors")
+    save_file(random_state(layout_shapes(TINY)), path, metadata={"sd_config": '{"version": "sd1"}'})
+    with pytest.raises(CheckpointError, match="'sd_config' metadata is not an SDConfig"):
+        load_checkpoint(path)
