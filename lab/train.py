@@ -1,0 +1,395 @@
+"""Train the lab model from nothing on a CPU: a small Stable Diffusion (model.config.LAB) on
+generated scenes (lab/scenes.py), judged by the exact caption checker (lab/check.py).
+
+    python -m lab.train --out runs/lab                    # every stage; checkpoints as it goes
+    python -m lab.train --out runs/lab --resume           # continue exactly where it stopped
+    python -m lab.train --out runs/lab --resume --unet-minutes 30   # train the UNet longer
+    python -m lab.train --out runs/lab --export lab/lab-sd.safetensors
+
+Stages, each resumable from its checkpoint in --out:
+1. tokenizer: a CLIP BPE tokenizer whose merges spell the scene words (any other text falls back
+   to byte symbols, as for any CLIP model).
+2. vae: the KL autoencoder (factor 4) on random 64x64 crops of scenes (it is convolutional: it
+   works on 128x128 after), L1 + MSE reconstruction and a small KL term, as LDM's first stage
+   without the GAN.
+3. latents: N scenes rendered once and encoded (posterior means); scale_factor = 1 / their std.
+4. unet: UNet and text encoder together, eps-prediction on LDM's schedule, min-SNR-5 loss
+   weights, 10% empty captions (for guidance), AdamW with warm-up, an EMA of the weights, bf16
+   autocast where the CPU has native bf16. Every --eval-minutes the EMA model samples fixed
+   captions through the real pipeline (sampler.generate) and the checker scores them: the
+   learning curve (accuracy against training time) goes to log.jsonl and curve.png.
+5. export: the EMA weights as one fp16 .safetensors in the official SD1 layout with the config in
+   its metadata, and the tokenizer beside it.
+Batches, noise and timesteps are drawn from generators seeded by (seed, step), so a resumed run
+equals an uninterrupted one.
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from lab.check import check
+from lab.scenes import COLORS, RELATIONS, SHAPES, image_seed, render, sample_captions
+from model import LAB, StableDiffusion, save_checkpoint
+from model.checkpoint import CLIP, CONFIG_KEY, UNET, VAE, read_metadata, read_state_dict
+from model.config import config_from_json
+from model.hardware import native_bf16_cpu
+from model.text import TextEncoder, write_tokenizer
+from model.unet import UNetModel
+from model.vae import AutoencoderKL
+from sampler.generate import Sampling, generate
+from sampler.schedule import alphas_cumprod
+
+WORDS = ("a", "of", "to", "the", *COLORS, *SHAPES, *" ".join(RELATIONS).split())
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The recipe; defaults are the shipped model's (2 CPU cores: about 2 h in all)."""
+    seed: int = 0
+    vae_steps: int = 1000          # batches of vae_batch crops
+    vae_batch: int = 16
+    vae_crop: int = 64
+    vae_lr: float = 4e-4
+    kl_weight: float = 1e-6        # LDM's first-stage KL weight: latents stay near a Gaussian, detail survives
+    latents: int = 24000           # scenes encoded once for the UNet ...
+    pairs: float = 0.6             # ... this fraction of them two-object scenes (the harder kind)
+    unet_minutes: float = 75.0     # UNet training time budget (wall clock, evaluation excluded) ...
+    unet_steps: int | None = None  # ... or a number of steps (None: the time budget decides)
+    batch: int = 64
+    lr: float = 5e-4
+    warmup: int = 200
+    ema: float = 0.999
+    min_snr: float = 5.0           # min-SNR-gamma loss weights (Hang et al., 2023)
+    uncond: float = 0.1            # fraction of empty captions, for classifier-free guidance
+    eval_minutes: float = 10.0
+    eval_captions: int = 32        # fixed captions (their own seed) sampled with PLMS-eval_steps
+    eval_steps: int = 25
+
+
+def lab_merges(words=WORDS):
+    """BPE merges that build each word, longest words first (so no shorter word's merge splits one)."""
+    merges = []
+    for word in sorted(set(words), key=len, reverse=True):
+        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        for k in range(1, len(symbols)):
+            pair = ("".join(symbols[:k]), symbols[k])
+            if pair not in merges:
+                merges.append(pair)
+    return merges
+
+
+def write_lab_tokenizer(folder):
+    os.makedirs(folder, exist_ok=True)
+    return write_tokenizer(folder, lab_merges(), compact=True)
+
+
+def save(state, path):
+    """Write atomically: an interrupted save never leaves a half-written checkpoint."""
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def autocast():
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=native_bf16_cpu())
+
+
+def to_tensor(images):
+    """PIL images -> [B, 3, H, W] in [-1, 1]."""
+    data = torch.stack([torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(im.height, im.width, 3)
+                        for im in images])
+    return data.permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+# ---------------------------------------------------------------------------------------------
+# stage 2: the autoencoder
+
+def train_vae(cfg, out, resume):
+    path = os.path.join(out, "vae.pt")
+    torch.manual_seed(cfg.seed)
+    vae = AutoencoderKL(LAB.vae, scale_factor=1.0, encoder=True)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    step = 0
+    if resume and os.path.exists(path):
+        ckpt = torch.load(path)
+        vae.load_state_dict(ckpt["vae"])
+        if ckpt["step"] >= cfg.vae_steps:
+            return vae
+        opt.load_state_dict(ckpt["opt"])
+        step = ckpt["step"]
+    bar = tqdm(range(step, cfg.vae_steps), initial=step, total=cfg.vae_steps, desc="vae")
+    for step in bar:
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        rng = random.Random(f"vae/{cfg.seed}/{step}")
+        captions = sample_captions(cfg.vae_batch, seed=f"vae/{cfg.seed}/{step}")
+        images = to_tensor([render(c, rng) for c in captions])
+        y, x = (int(v) for v in torch.randint(0, 128 - cfg.vae_crop + 1, (2,), generator=g))
+        images = images[..., y:y + cfg.vae_crop, x:x + cfg.vae_crop]
+        with autocast():
+            mean, logvar = vae.moments(images)
+            z = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=g)
+            recon = vae.decoder(vae.post_quant_conv(z))
+        mean, logvar, recon = mean.float(), logvar.float(), recon.float()
+        rec = (recon - images).abs().mean() + F.mse_loss(recon, images)
+        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).sum(dim=(1, 2, 3)).mean()
+        loss = rec + cfg.kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.set_postfix(rec=f"{rec.item():.4f}", kl=f"{kl.item():.0f}")
+        if (step + 1) % 100 == 0 or step + 1 == cfg.vae_steps:
+            save({"vae": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1}, path)
+    return vae
+
+
+# ---------------------------------------------------------------------------------------------
+# stage 3: latents
+
+@torch.no_grad()
+def encode_latents(cfg, out, vae, resume, scale_factor=None):
+    """The training latents; scale_factor 1 / their std unless given (a model being continued keeps its own)."""
+    path = os.path.join(out, "latents.pt")
+    if resume and os.path.exists(path):
+        return torch.load(path)
+    captions = sample_captions(cfg.latents, seed=f"train/{cfg.seed}", pairs=cfg.pairs)
+    chunks = []
+    for k in tqdm(range(0, len(captions), 64), desc="latents"):
+        batch = captions[k:k + 64]
+        images = to_tensor([render(c, image_seed(f"train/{cfg.seed}", k + i)) for i, c in enumerate(batch)])
+        with autocast():
+            chunks.append(vae.moments(images)[0].float())
+    latents = torch.cat(chunks)
+    data = {"latents": latents.half(), "captions": captions, "scale_factor": scale_factor or 1 / latents.std().item()}
+    save(data, path)
+    return data
+
+
+# ---------------------------------------------------------------------------------------------
+# stage 4: UNet and text encoder
+
+def lab_model(vae, scale_factor, tokenizer):
+    """A StableDiffusion with the LAB architecture, the trained VAE (its encoder kept, so that an
+    export can be trained on) and a fresh UNet and text encoder."""
+    config = replace(LAB, scale_factor=round(scale_factor, 5))
+    vae.scale_factor = config.scale_factor
+    return StableDiffusion(UNetModel(config.unet), vae, TextEncoder(config.text, tokenizer), config)
+
+
+def min_snr_weights(alphas, t, gamma):
+    """For eps-prediction: min(SNR, gamma) / SNR, SNR = ᾱ / (1 - ᾱ)."""
+    snr = alphas[t] / (1 - alphas[t])
+    return snr.clamp(max=gamma) / snr
+
+
+def evaluate(sd, ema, cfg, captions):
+    """Checker accuracy of the EMA model on fixed captions, through the real sampling pipeline."""
+    model = StableDiffusion(ema["unet"], sd.vae, ema["text"], sd.config, "lab (training)")
+    images = generate(model, captions, Sampling(steps=cfg.eval_steps, seed=1000, batch_size=16))
+    verdicts = [check(image, caption) for image, caption in zip(images, captions, strict=True)]
+    single = [v.correct for v, c in zip(verdicts, captions, strict=True) if len(c.split()) == 3]
+    pair = [v.correct for v, c in zip(verdicts, captions, strict=True) if len(c.split()) > 3]
+    return {"accuracy": sum(v.correct for v in verdicts) / len(verdicts),
+            "single": sum(single) / max(len(single), 1), "pair": sum(pair) / max(len(pair), 1)}, images
+
+
+def train_unet(cfg, out, sd, data, resume):
+    path, log_path = os.path.join(out, "unet.pt"), os.path.join(out, "log.jsonl")
+    torch.manual_seed(cfg.seed)
+    sd.unet.train().requires_grad_(True)
+    sd.text.train().requires_grad_(True)
+    params = [*sd.unet.parameters(), *sd.text.parameters()]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
+    ema = {"unet": copy.deepcopy(sd.unet).eval().requires_grad_(False),
+           "text": copy.deepcopy(sd.text).eval().requires_grad_(False)}
+    step, elapsed, next_eval = 0, 0.0, 0.0
+    if resume and os.path.exists(path):
+        ckpt = torch.load(path)
+        sd.unet.load_state_dict(ckpt["unet"])
+        sd.text.load_state_dict(ckpt["text"])
+        ema["unet"].load_state_dict(ckpt["ema_unet"])
+        ema["text"].load_state_dict(ckpt["ema_text"])
+        opt.load_state_dict(ckpt["opt"])
+        step, elapsed, next_eval = ckpt["step"], ckpt["elapsed"], ckpt["next_eval"]
+    latents = data["latents"].float() * sd.config.scale_factor
+    captions, n = data["captions"], len(data["captions"])
+    eval_captions = sample_captions(cfg.eval_captions, seed=f"eval/{cfg.seed}")
+    alphas = alphas_cumprod().float()
+    ema_params = [*ema["unet"].parameters(), *ema["text"].parameters()]
+
+    def checkpoint():
+        save({"unet": sd.unet.state_dict(), "text": sd.text.state_dict(), "ema_unet": ema["unet"].state_dict(),
+              "ema_text": ema["text"].state_dict(), "opt": opt.state_dict(), "step": step, "elapsed": elapsed,
+              "next_eval": next_eval, "config": asdict(cfg)}, path)
+
+    def done():
+        return step >= cfg.unet_steps if cfg.unet_steps is not None else elapsed >= cfg.unet_minutes * 60
+
+    bar = tqdm(desc="unet", initial=step, total=cfg.unet_steps)
+    while not done():
+        if elapsed >= next_eval:   # the learning curve: accuracy of the EMA model against training time
+            metrics, images = evaluate(sd, ema, cfg, eval_captions)
+            with open(log_path, "a") as f:
+                f.write(json.dumps({"step": step, "minutes": elapsed / 60, **metrics}) + "\n")
+            grid(images[:16], eval_captions[:16]).save(os.path.join(out, f"samples_{step:06d}.png"))
+            draw_curve(log_path, os.path.join(out, "curve.png"))
+            next_eval += cfg.eval_minutes * 60
+            checkpoint()
+        start = time.perf_counter()
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        epoch, offset = divmod(step * cfg.batch, n)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
+        index = order[offset:offset + cfg.batch]
+        x0 = latents[index]
+        text = [captions[i] for i in index.tolist()]
+        drop = torch.rand(len(text), generator=g) < cfg.uncond
+        text = ["" if d else c for d, c in zip(drop.tolist(), text, strict=True)]
+        t = torch.randint(0, len(alphas), (len(text),), generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        a = alphas[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+        with autocast():
+            eps = sd.unet(x_t, t, sd.text(text))
+        loss = (min_snr_weights(alphas, t, cfg.min_snr) * (eps.float() - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            decay = min(cfg.ema, (1 + step) / (10 + step))   # warms up, so early evaluations mean something
+            torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1 - decay)
+        step += 1
+        elapsed += time.perf_counter() - start
+        bar.update()
+        bar.set_postfix(loss=f"{loss.item():.4f}", min=f"{elapsed / 60:.1f}")
+        if step % 100 == 0:
+            checkpoint()
+    metrics, images = evaluate(sd, ema, cfg, eval_captions)
+    with open(log_path, "a") as f:
+        f.write(json.dumps({"step": step, "minutes": elapsed / 60, **metrics}) + "\n")
+    draw_curve(log_path, os.path.join(out, "curve.png"))
+    checkpoint()
+    return ema
+
+
+# ---------------------------------------------------------------------------------------------
+# pictures
+
+def grid(images, captions, columns=4):
+    """Images with their captions above, in a grid (pillow only)."""
+    side, band = images[0].width, 24
+    rows = math.ceil(len(images) / columns)
+    sheet = Image.new("RGB", (columns * side, rows * (side + band)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for k, (image, caption) in enumerate(zip(images, captions, strict=True)):
+        x, y = k % columns * side, k // columns * (side + band)
+        sheet.paste(image, (x, y + band))
+        words = caption.split()
+        draw.text((x + 2, y), " ".join(words[:5]), fill="black")
+        draw.text((x + 2, y + 11), " ".join(words[5:]), fill="black")
+    return sheet
+
+
+def draw_curve(log_path, path, width=480, height=300):
+    """Checker accuracy (all, single, pair) against training minutes, from log.jsonl."""
+    rows = [json.loads(line) for line in open(log_path)]
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    left, bottom, top = 40, height - 30, 10
+    span = max(r["minutes"] for r in rows) or 1
+    draw.line((left, top, left, bottom, width - 10, bottom), fill="black")
+    for frac in (0, 0.5, 1):
+        y = bottom - frac * (bottom - top)
+        draw.text((5, y - 6), f"{frac:.0%}", fill="black")
+    draw.text((width - 130, bottom + 8), f"training minutes (0-{span:.0f})", fill="black")
+    for key, color in (("accuracy", "black"), ("single", (40, 110, 200)), ("pair", (200, 60, 40))):
+        points = [(left + r["minutes"] / span * (width - 60), bottom - r[key] * (bottom - top)) for r in rows]
+        if len(points) > 1:
+            draw.line(points, fill=color, width=2)
+        draw.text((width - 70, top + 14 * ("accuracy", "single", "pair").index(key)), key, fill=color)
+    image.save(path)
+
+
+# ---------------------------------------------------------------------------------------------
+
+def export(out, path):
+    """The EMA weights of `out` -> `path` (fp16, official SD1 layout) with the tokenizer beside it."""
+    data = torch.load(os.path.join(out, "latents.pt"))
+    ckpt = torch.load(os.path.join(out, "unet.pt"))
+    sd = lab_model(train_vae(TrainConfig(**ckpt["config"]), out, True), data["scale_factor"], None)
+    sd.unet.load_state_dict(ckpt["ema_unet"])
+    sd.text.load_state_dict(ckpt["ema_text"])
+    folder = os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer")
+    if not os.path.exists(folder):
+        shutil.copytree(os.path.join(out, "tokenizer"), folder)
+    return save_checkpoint(sd, path, tokenizer="tokenizer")
+
+
+def start_from(path, out, cfg):
+    """Continue a shipped model: its VAE becomes the finished stage 2 and its UNet and text encoder
+    the start of stage 4 (the optimizer starts afresh). -> (scale_factor, the file's state dict)."""
+    state = {k: v.float() for k, v in read_state_dict(path).items()}
+    vae = {k[len(VAE):]: v for k, v in state.items() if k.startswith(VAE)}
+    save({"vae": vae, "step": cfg.vae_steps}, os.path.join(out, "vae.pt"))
+    return config_from_json(read_metadata(path)[CONFIG_KEY]).scale_factor, state
+
+
+def run(cfg, out, resume, init=None):
+    """Every stage, each continuing from its checkpoint when `resume`; `init`: a shipped .safetensors to
+    continue training (a new --out)."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(asdict(cfg), f, indent=1)
+    tokenizer = write_lab_tokenizer(os.path.join(out, "tokenizer"))
+    scale_factor, shipped = start_from(init, out, cfg) if init else (None, None)
+    vae = train_vae(cfg, out, resume or init is not None).eval().requires_grad_(False)
+    data = encode_latents(cfg, out, vae, resume, scale_factor)
+    torch.manual_seed(cfg.seed)   # the fresh UNet and text encoder, whatever the earlier stages drew
+    sd = lab_model(vae, data["scale_factor"], tokenizer)
+    if shipped is not None:
+        sd.unet.load_state_dict({k[len(UNET):]: v for k, v in shipped.items() if k.startswith(UNET)})
+        text = {k[len(CLIP):]: v for k, v in shipped.items() if k.startswith(CLIP) and "position_ids" not in k}
+        sd.text.transformer.load_state_dict(sd.text.adapt_keys(text))
+    try:
+        return sd, train_unet(cfg, out, sd, data, resume)
+    except KeyboardInterrupt:   # the checkpoints are whole (written atomically); the last one is the restart point
+        raise SystemExit(f"interrupted; python -m lab.train --out {out} --resume continues from the last "
+                         "checkpoint") from None
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/lab", help="folder for checkpoints, logs and pictures (runs/lab)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
+    p.add_argument("--unet-minutes", type=float, help=f"UNet training budget ({TrainConfig.unet_minutes:g})")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's; give a background run its share)")
+    p.add_argument("--export", metavar="FILE", help="write the trained model to FILE (.safetensors) and stop")
+    p.add_argument("--init", metavar="FILE", help="start from a shipped model (e.g. lab/lab-sd.safetensors): its VAE "
+                                                  "is kept, its UNet and text encoder train on")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.export:
+        print(export(args.out, args.export))
+        return
+    if os.path.exists(os.path.join(args.out, "config.json")) and not args.resume:
+        p.error(f"{args.out} holds a run; pass --resume to continue it, or choose another --out")
+    cfg = TrainConfig()
+    if args.unet_minutes is not None:
+        cfg = replace(cfg, unet_minutes=args.unet_minutes)
+    run(cfg, args.out, args.resume, args.init)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""lab/train.py on a few steps: the tokenizer spells the scene words, training lowers the loss,
+a resumed run equals an uninterrupted one, and the export loads through the normal loader."""
+import os
+from dataclasses import replace
+
+import pytest
+import torch
+from transformers import CLIPTokenizer
+
+from lab.train import WORDS, TrainConfig, export, min_snr_weights, run, write_lab_tokenizer
+from model import LAB, load_checkpoint
+from model.checkpoint import read_state_dict
+from sampler.generate import Sampling, generate
+from sampler.schedule import alphas_cumprod
+
+TINY_RUN = TrainConfig(vae_steps=2, vae_batch=2, latents=8, unet_steps=2, batch=4, eval_captions=2, eval_steps=2,
+                       eval_minutes=1e6)
+
+
+def test_tokenizer_spells_every_scene_word_and_falls_back_for_others(tmp_path):
+    tokenizer = CLIPTokenizer.from_pretrained(write_lab_tokenizer(str(tmp_path)))
+    assert len(tokenizer) == LAB.text.vocab_size
+    assert tokenizer.bos_token_id == LAB.text.bos_id and tokenizer.eos_token_id == LAB.text.eos_id
+    for word in WORDS:
+        assert len(tokenizer(word, add_special_tokens=False).input_ids) == 1, word
+    assert len(tokenizer("purple", add_special_tokens=False).input_ids) > 1   # bytes, no crash
+
+
+def test_min_snr_weights():
+    alphas = alphas_cumprod().float()
+    t = torch.tensor([0, 500, 999])
+    w = min_snr_weights(alphas, t, 5.0)
+    snr = alphas[t] / (1 - alphas[t])
+    assert w[0] == pytest.approx(5.0 / snr[0].item()) and w[2] == 1.0 and torch.all(w <= 1)
+
+
+def fixed_loss(sd, data):
+    """The eps loss of the model on the first latents at fixed timesteps and noise."""
+    g = torch.Generator().manual_seed(0)
+    x0 = data["latents"][:4].float() * sd.config.scale_factor
+    t, noise = torch.tensor([100, 300, 500, 700]), torch.randn(x0.shape, generator=g)
+    a = alphas_cumprod().float()[t].view(-1, 1, 1, 1)
+    with torch.no_grad():
+        eps = sd.unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, sd.text(data["captions"][:4]))
+    return (eps - noise).pow(2).mean().item()
+
+
+def test_training_lowers_the_loss(tmp_path):
+    sd, _ = run(replace(TINY_RUN, unet_steps=0), str(tmp_path), False)
+    data = torch.load(tmp_path / "latents.pt")
+    before = fixed_loss(sd, data)
+    sd, _ = run(replace(TINY_RUN, unet_steps=25, lr=1e-3, warmup=1, batch=4, latents=8), str(tmp_path), True)
+    assert fixed_loss(sd, data) < 0.7 * before
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path):
+    straight, _ = run(replace(TINY_RUN, unet_steps=4), str(tmp_path / "a"), False)
+    run(replace(TINY_RUN, unet_steps=2), str(tmp_path / "b"), False)
+    resumed, _ = run(replace(TINY_RUN, unet_steps=4), str(tmp_path / "b"), True)
+    for (k, a), b in zip(straight.unet.state_dict().items(), resumed.unet.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    assert [line.split(",")[0] for line in open(tmp_path / "a" / "log.jsonl")][-1] == \
+        [line.split(",")[0] for line in open(tmp_path / "b" / "log.jsonl")][-1]
+
+
+def test_export_loads_and_samples(tmp_path):
+    run(TINY_RUN, str(tmp_path / "run"), False)
+    os.makedirs(tmp_path / "ship")
+    path = export(str(tmp_path / "run"), str(tmp_path / "ship" / "lab.safetensors"))
+    assert os.path.getsize(path) < 25e6 and os.path.isfile(tmp_path / "ship" / "tokenizer" / "vocab.json")
+    sd = load_checkpoint(path)   # no flags: config and tokenizer come with the file
+    assert sd.config.image_size == 128 and sd.config.unet == LAB.unet
+    image = generate(sd, "a red circle to the left of a blue square", Sampling(steps=2))[0]
+    assert image.size == (128, 128)
+
+
+def test_training_continues_from_shipped_weights(tmp_path):
+    run(TINY_RUN, str(tmp_path / "run"), False)
+    os.makedirs(tmp_path / "ship")
+    path = export(str(tmp_path / "run"), str(tmp_path / "ship" / "lab.safetensors"))
+    shipped = load_checkpoint(path)
+    sd, _ = run(replace(TINY_RUN, unet_steps=0), str(tmp_path / "more"), False, init=path)
+    assert sd.config.scale_factor == shipped.config.scale_factor
+    ours = {"model.diffusion_model." + k: v for k, v in sd.unet.state_dict().items()}
+    ours.update({"first_stage_model." + k: v for k, v in sd.vae.state_dict().items()})   # the encoder included
+    stored = read_state_dict(path)
+    for k, v in ours.items():
+        assert torch.equal(v, stored[k].float()), k
+    assert any(k.startswith("first_stage_model.encoder.") for k in ours)
