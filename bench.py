@@ -286,6 +286,27 @@ def selection_bench(args, device, dtype):
     return rows
 
 
+def markdown(results):
+    """The README's results table: per method, each backend's ms/call (min-max), UNet s/run and
+    speed-up, then the analytic MACs and peak memory per backend."""
+    backends = list(results)
+    head = " | ".join(f"{b} ms/call (min-max) | UNet s/run | speed-up" for b in backends)
+    lines = [f"| method | {head} | GMAC/call | + attn mm | MAC ratio | peak MB ({' / '.join(backends)}) |",
+             "|---" * (1 + 3 * len(backends) + 4) + "|"]
+    for name, first in results[backends[0]].items():
+        cells = []
+        for b in backends:
+            r = results[b][name]
+            cells += [f"{r['call_ms']:.0f} ({r['call_min_ms']:.0f}–{r['call_max_ms']:.0f})", f"{r['run_s']:.1f}",
+                      ratio_text(r["speedup"], 0).strip()]
+        macs = ["", "", ""]
+        if "gmacs_run" in first:
+            macs = [f"{first['gmacs_call']:.1f}", f"{first['gmacs_call_mm']:.1f}", ratio_text(first["macs_ratio"], 0)]
+        memory = " / ".join(f"{results[b][name]['peak_mb']:.0f}" for b in backends)
+        lines.append(f"| {name} | " + " | ".join(cells + macs + [memory]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(results, path):
     """Speed-up per method as horizontal bars, one group per attention backend (pillow only)."""
     from PIL import Image, ImageDraw
@@ -348,6 +369,7 @@ def main(argv=None):
     p.add_argument("--selection", action="store_true", help="time token selection alone (no UNet)")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--plot", help="draw the speed-ups into this PNG")
+    p.add_argument("--markdown", help="write the results table (README format) to this file")
     args = p.parse_args(argv)
     try:
         device, dtype, methods, attentions = check_args(args)
@@ -378,6 +400,9 @@ def main(argv=None):
             results["methods"][attention] = rows
         if args.plot:
             plot(results["methods"], args.plot)
+        if args.markdown:
+            with open(args.markdown, "w") as f:
+                f.write(markdown(results["methods"]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

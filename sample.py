@@ -95,7 +95,7 @@ def run(args):
     accel = acceleration(args)
     if args.preset:
         check_preset_fits(args.preset, unet_calls(args.steps, args.sampler), args.sampler, args.steps)
-    size = (args.H, args.W) if args.H or args.W else None
+    size = None if args.H is None and args.W is None else (args.H, args.W)
     settings = Sampling(steps=args.steps, scale=args.scale, sampler=args.sampler, eta=args.eta, seed=args.seed,
                         size=size, attention=args.attention, accel=accel, negative_prompt=args.negative_prompt,
                         batch_size=args.n_samples)

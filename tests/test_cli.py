@@ -120,6 +120,15 @@ def test_outdir_that_is_a_file(tmp_path, tokenizer_dir, capsys):
     assert "is a file, not a folder" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("size,match", [(["--H", "0"], "--H 0 must be a positive multiple of 8"),
+                                        (["--W", "36"], "--W 36 must be a positive multiple of 8")])
+def test_sizes_the_vae_cannot_decode(tmp_path, tokenizer_dir, capsys, size, match):
+    with pytest.raises(SystemExit):
+        sample.main(["--random-weights", "tiny", "--steps", "2", "--prompt", "x", "--tokenizer", tokenizer_dir,
+                     "--outdir", str(tmp_path / "out"), *size])
+    assert match in capsys.readouterr().err
+
+
 def test_failed_run_leaves_no_outdir(tmp_path, tokenizer_dir, capsys):
     """An error found after loading (a size the VAE cannot decode) writes nothing, creates nothing."""
     with pytest.raises(SystemExit):
