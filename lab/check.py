@@ -336,12 +336,17 @@ def check_folder(folder, config=CheckConfig()):
         verdict = check(path, caption, config)
         images.append({"file": os.path.basename(path), "caption": caption, "correct": verdict.correct,
                        "found": [f.to_json() for f in verdict.found], "reason": verdict.reason})
-    kinds = {r["file"]: parse(r["caption"]) for r in images}
-    return {"accuracy": _accuracy(images)["accuracy"], "n": len(images),
-            "by_kind": {k: _accuracy([r for r in images if kinds[r["file"]].kind == k]) for k in ("single", "pair")},
-            "by_relation": {rel: _accuracy([r for r in images if kinds[r["file"]].relation == rel])
-                            for rel in RELATIONS},
-            "images": images}
+    return {**summary(images), "images": images}
+
+
+def summary(rows):
+    """Rows with "caption" and "correct" -> accuracy overall, by kind and by relation (each with its n)."""
+    kinds = [parse(r["caption"]) for r in rows]
+    return {"accuracy": _accuracy(rows)["accuracy"], "n": len(rows),
+            "by_kind": {k: _accuracy([r for r, d in zip(rows, kinds, strict=True) if d.kind == k])
+                        for k in ("single", "pair")},
+            "by_relation": {rel: _accuracy([r for r, d in zip(rows, kinds, strict=True) if d.relation == rel])
+                            for rel in RELATIONS}}
 
 
 def _percent(entry):

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from lab.check import check
+from lab.check import check, summary
 from lab.scenes import COLORS, RELATIONS, SHAPES, image_seed, render, sample_captions
 from model import LAB, StableDiffusion, save_checkpoint
 from model.checkpoint import CLIP, CONFIG_KEY, UNET, VAE, read_metadata, read_state_dict
@@ -195,11 +195,10 @@ def evaluate(sd, ema, cfg, captions):
     """Checker accuracy of the EMA model on fixed captions, through the real sampling pipeline."""
     model = StableDiffusion(ema["unet"], sd.vae, ema["text"], sd.config, "lab (training)")
     images = generate(model, captions, Sampling(steps=cfg.eval_steps, seed=1000, batch_size=16))
-    verdicts = [check(image, caption) for image, caption in zip(images, captions, strict=True)]
-    single = [v.correct for v, c in zip(verdicts, captions, strict=True) if len(c.split()) == 3]
-    pair = [v.correct for v, c in zip(verdicts, captions, strict=True) if len(c.split()) > 3]
-    return {"accuracy": sum(v.correct for v in verdicts) / len(verdicts),
-            "single": sum(single) / max(len(single), 1), "pair": sum(pair) / max(len(pair), 1)}, images
+    report = summary([{"caption": c, "correct": check(image, c).correct}
+                      for image, c in zip(images, captions, strict=True)])
+    kinds = {kind: entry["accuracy"] or 0.0 for kind, entry in report["by_kind"].items()}
+    return {"accuracy": report["accuracy"], **kinds}, images
 
 
 def train_unet(cfg, out, sd, data, resume):

@@ -65,6 +65,15 @@ class StableDiffusion:
         return cls(UNetModel(config.unet), AutoencoderKL(config.vae, config.scale_factor),
                    TextEncoder(config.text, tokenizer), config)
 
+    @property
+    def device(self):
+        return self.unet.out[2].weight.device
+
+    @property
+    def dtype(self):
+        """The precision the model runs in (its weights')."""
+        return self.unet.out[2].weight.dtype
+
     def to(self, device=None, dtype=None):
         for m in (self.unet, self.vae, self.text):
             m.to(device=device, dtype=dtype).eval().requires_grad_(False)

@@ -128,9 +128,8 @@ def prepare(sd, run):
     """Put the model in the run's precision and attention; check what needs the model (size,
     picture block). -> (H, W)."""
     if run.dtype is not None:
-        device = sd.unet.out[2].weight.device
-        dtype = resolve_dtype(run.dtype, device)
-        if dtype != sd.unet.out[2].weight.dtype:
+        dtype = resolve_dtype(run.dtype, sd.device)
+        if dtype != sd.dtype:
             sd.to(dtype=dtype)
     check_args(run.steps, 1.0 if run.scale is None else run.scale, run.sampler, run.eta, sd.config.prediction)
     sd.unet.set_attention(run.attention)
@@ -149,13 +148,13 @@ def generate_batches(sd, prompts, run, *, progress=False, timer=None):
     prompts = check_prompts(prompts)
     check_seeds(run.seed, len(prompts))
     H, W = prepare(sd, run)
-    device, config = sd.unet.out[2].weight.device, sd.config
+    device, config = sd.device, sd.config
     timer = timer or Timer(device)
     scale = config.guidance if run.scale is None else run.scale
     shape = (config.vae.z_channels, H // config.vae.factor, W // config.vae.factor)
     settings = dict(negative_prompt=run.negative_prompt, steps=run.steps, scale=scale, sampler=run.sampler,
                     eta=run.eta, H=H, W=W, checkpoint=sd.source, model=config.version,
-                    prediction=config.prediction, dtype=dtype_name(sd.unet.out[2].weight.dtype),
+                    prediction=config.prediction, dtype=dtype_name(sd.dtype),
                     attention=run.attention, acceleration=asdict(run.accel) if run.accel else None)
     with torch.inference_mode():
         for k in range(0, len(prompts), run.batch_size):
