@@ -5,28 +5,32 @@ generated scenes (lab/scenes.py), judged by the exact caption checker (lab/check
     python -m lab.train --out runs/lab --resume           # continue exactly where it stopped
     python -m lab.train --out runs/lab --resume --unet-minutes 30   # train the UNet longer
     python -m lab.train --out runs/lab --export lab/lab-sd.safetensors
+    python -m lab.train --out runs/gpu --init lab/lab-sd.safetensors --device cuda --batch 256 --latents 60000
+
 
 Stages, each resumable from its checkpoint in --out:
 1. tokenizer: a CLIP BPE tokenizer whose merges spell the scene words (any other text falls back
-   to byte symbols, as for any CLIP model).
+   to byte symbols, as for any CLIP model); a run continued with --init keeps its model's.
 2. vae: the KL autoencoder (factor 4) on random 64x64 crops of scenes (it is convolutional: it
    works on 128x128 after), L1 + MSE reconstruction and a small KL term, as LDM's first stage
    without the GAN.
 3. latents: N scenes rendered once and encoded (posterior means); scale_factor = 1 / their std.
 4. unet: UNet and text encoder together, eps-prediction on LDM's schedule, min-SNR-5 loss
    weights, 10% empty captions (for guidance), AdamW with warm-up, an EMA of the weights, bf16
-   autocast where the CPU has native bf16. Every --eval-minutes the EMA model samples fixed
+   autocast on GPUs and on CPUs with native bf16. Every --eval-minutes the EMA model samples fixed
    captions through the real pipeline (sampler.generate) and the checker scores them: the
    learning curve (accuracy against training time) goes to log.jsonl and curve.png.
 5. export: the EMA weights as one fp16 .safetensors in the official SD1 layout with the config in
    its metadata, and the tokenizer beside it.
-Batches, noise and timesteps are drawn from generators seeded by (seed, step), so a resumed run
-equals an uninterrupted one.
+Batches, noise and timesteps are drawn from CPU generators seeded by (seed, step), so a resumed run
+equals an uninterrupted one, and a GPU run (--device cuda) draws the same batches as a CPU run.
 """
 import argparse
 import copy
+import filecmp
 import json
 import math
+import multiprocessing
 import os
 import random
 import shutil
@@ -41,9 +45,9 @@ from tqdm import tqdm
 from lab.check import check, summary
 from lab.scenes import COLORS, RELATIONS, SHAPES, image_seed, render, sample_captions
 from model import LAB, StableDiffusion, save_checkpoint
-from model.checkpoint import CLIP, CONFIG_KEY, UNET, VAE, read_metadata, read_state_dict
+from model.checkpoint import CLIP, CONFIG_KEY, TOKENIZER_KEY, UNET, VAE, read_metadata, read_state_dict
 from model.config import config_from_json
-from model.hardware import native_bf16_cpu
+from model.hardware import check_device, native_bf16_cpu
 from model.text import TextEncoder, write_tokenizer
 from model.unet import UNetModel
 from model.vae import AutoencoderKL
@@ -78,9 +82,11 @@ class TrainConfig:
 
 
 def lab_merges(words=WORDS):
-    """BPE merges that build each word, longest words first (so no shorter word's merge splits one)."""
+    """BPE merges that build each word, longest words first (so no shorter word's merge splits one), ties
+    in the order given. Never iterate a set here: its order changes with the hash seed of each process,
+    and with it the token ids that a trained text encoder depends on."""
     merges = []
-    for word in sorted(set(words), key=len, reverse=True):
+    for word in sorted(dict.fromkeys(words), key=len, reverse=True):
         symbols = list(word[:-1]) + [word[-1] + "</w>"]
         for k in range(1, len(symbols)):
             pair = ("".join(symbols[:k]), symbols[k])
@@ -100,8 +106,13 @@ def save(state, path):
     os.replace(path + ".tmp", path)
 
 
-def autocast():
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=native_bf16_cpu())
+def autocast(device):
+    kind = torch.device(device).type
+    return torch.autocast(kind, dtype=torch.bfloat16, enabled=kind == "cuda" or native_bf16_cpu())
+
+
+def load(path):
+    return torch.load(path, map_location="cpu")
 
 
 def to_tensor(images):
@@ -114,14 +125,14 @@ def to_tensor(images):
 # ---------------------------------------------------------------------------------------------
 # stage 2: the autoencoder
 
-def train_vae(cfg, out, resume):
+def train_vae(cfg, out, resume, device="cpu"):
     path = os.path.join(out, "vae.pt")
     torch.manual_seed(cfg.seed)
-    vae = AutoencoderKL(LAB.vae, scale_factor=1.0, encoder=True)
+    vae = AutoencoderKL(LAB.vae, scale_factor=1.0, encoder=True).to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     step = 0
     if resume and os.path.exists(path):
-        ckpt = torch.load(path)
+        ckpt = load(path)
         vae.load_state_dict(ckpt["vae"])
         if ckpt["step"] >= cfg.vae_steps:
             return vae
@@ -134,10 +145,10 @@ def train_vae(cfg, out, resume):
         captions = sample_captions(cfg.vae_batch, seed=f"vae/{cfg.seed}/{step}")
         images = to_tensor([render(c, rng) for c in captions])
         y, x = (int(v) for v in torch.randint(0, 128 - cfg.vae_crop + 1, (2,), generator=g))
-        images = images[..., y:y + cfg.vae_crop, x:x + cfg.vae_crop]
-        with autocast():
+        images = images[..., y:y + cfg.vae_crop, x:x + cfg.vae_crop].to(device)
+        with autocast(device):
             mean, logvar = vae.moments(images)
-            z = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=g)
+            z = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=g).to(device)
             recon = vae.decoder(vae.post_quant_conv(z))
         mean, logvar, recon = mean.float(), logvar.float(), recon.float()
         rec = (recon - images).abs().mean() + F.mse_loss(recon, images)
@@ -155,19 +166,27 @@ def train_vae(cfg, out, resume):
 # ---------------------------------------------------------------------------------------------
 # stage 3: latents
 
+def render_scene(args):
+    caption, seed = args
+    return render(caption, seed)
+
+
 @torch.no_grad()
-def encode_latents(cfg, out, vae, resume, scale_factor=None):
-    """The training latents; scale_factor 1 / their std unless given (a model being continued keeps its own)."""
+def encode_latents(cfg, out, vae, resume, scale_factor=None, device="cpu"):
+    """The training latents; scale_factor 1 / their std unless given (a model being continued keeps its own).
+    Scenes render in worker processes (spawned: safe beside an initialised GPU), the VAE encodes on `device`."""
     path = os.path.join(out, "latents.pt")
     if resume and os.path.exists(path):
-        return torch.load(path)
+        return load(path)
     captions = sample_captions(cfg.latents, seed=f"train/{cfg.seed}", pairs=cfg.pairs)
-    chunks = []
-    for k in tqdm(range(0, len(captions), 64), desc="latents"):
-        batch = captions[k:k + 64]
-        images = to_tensor([render(c, image_seed(f"train/{cfg.seed}", k + i)) for i, c in enumerate(batch)])
-        with autocast():
-            chunks.append(vae.moments(images)[0].float())
+    jobs = [(c, image_seed(f"train/{cfg.seed}", k)) for k, c in enumerate(captions)]
+    chunks, size = [], 1024
+    with multiprocessing.get_context("spawn").Pool(os.cpu_count()) as pool:
+        for k in tqdm(range(0, len(jobs), size), desc="latents"):
+            images = to_tensor(pool.map(render_scene, jobs[k:k + size], chunksize=32))
+            for batch in images.split(256):
+                with autocast(device):
+                    chunks.append(vae.moments(batch.to(device))[0].float().cpu())
     latents = torch.cat(chunks)
     data = {"latents": latents.half(), "captions": captions, "scale_factor": scale_factor or 1 / latents.std().item()}
     save(data, path)
@@ -202,6 +221,7 @@ def evaluate(sd, ema, cfg, captions):
 
 
 def train_unet(cfg, out, sd, data, resume):
+    """Trains sd.unet and sd.text where they are (their device)."""
     path, log_path = os.path.join(out, "unet.pt"), os.path.join(out, "log.jsonl")
     torch.manual_seed(cfg.seed)
     sd.unet.train().requires_grad_(True)
@@ -212,17 +232,18 @@ def train_unet(cfg, out, sd, data, resume):
            "text": copy.deepcopy(sd.text).eval().requires_grad_(False)}
     step, elapsed, next_eval = 0, 0.0, 0.0
     if resume and os.path.exists(path):
-        ckpt = torch.load(path)
+        ckpt = load(path)
         sd.unet.load_state_dict(ckpt["unet"])
         sd.text.load_state_dict(ckpt["text"])
         ema["unet"].load_state_dict(ckpt["ema_unet"])
         ema["text"].load_state_dict(ckpt["ema_text"])
         opt.load_state_dict(ckpt["opt"])
         step, elapsed, next_eval = ckpt["step"], ckpt["elapsed"], ckpt["next_eval"]
-    latents = data["latents"].float() * sd.config.scale_factor
+    device = sd.device
+    latents = data["latents"].to(device).float() * sd.config.scale_factor
     captions, n = data["captions"], len(data["captions"])
     eval_captions = sample_captions(cfg.eval_captions, seed=f"eval/{cfg.seed}")
-    alphas = alphas_cumprod().float()
+    alphas = alphas_cumprod().float().to(device)
     ema_params = [*ema["unet"].parameters(), *ema["text"].parameters()]
 
     def checkpoint():
@@ -248,17 +269,17 @@ def train_unet(cfg, out, sd, data, resume):
         epoch, offset = divmod(step * cfg.batch, n)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
         index = order[offset:offset + cfg.batch]
-        x0 = latents[index]
+        x0 = latents[index.to(device)]
         text = [captions[i] for i in index.tolist()]
         drop = torch.rand(len(text), generator=g) < cfg.uncond
         text = ["" if d else c for d, c in zip(drop.tolist(), text, strict=True)]
-        t = torch.randint(0, len(alphas), (len(text),), generator=g)
-        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, len(alphas), (len(text),), generator=g).to(device)
+        noise = torch.randn(x0.shape, generator=g).to(device)
         a = alphas[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
         for group in opt.param_groups:
             group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
-        with autocast():
+        with autocast(device):
             eps = sd.unet(x_t, t, sd.text(text))
         loss = (min_snr_weights(alphas, t, cfg.min_snr) * (eps.float() - noise).pow(2).mean(dim=(1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
@@ -323,43 +344,58 @@ def draw_curve(log_path, path, width=480, height=300):
 # ---------------------------------------------------------------------------------------------
 
 def export(out, path):
-    """The EMA weights of `out` -> `path` (fp16, official SD1 layout) with the tokenizer beside it."""
-    data = torch.load(os.path.join(out, "latents.pt"))
-    ckpt = torch.load(os.path.join(out, "unet.pt"))
+    """The EMA weights of `out` -> `path` (fp16, official SD1 layout) with the run's tokenizer beside it
+    (in tokenizer/; refused if a different tokenizer is there: nothing is overwritten)."""
+    folder = os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer")
+    ours = os.path.join(out, "tokenizer")
+    if os.path.exists(folder) and not all(filecmp.cmp(os.path.join(folder, name), os.path.join(ours, name),
+                                                      shallow=False) for name in ("vocab.json", "merges.txt")):
+        raise SystemExit(f"{folder} holds a different tokenizer from {ours}, whose token ids this model was "
+                         "trained on; export into another folder, or move that tokenizer away first")
+    data = load(os.path.join(out, "latents.pt"))
+    ckpt = load(os.path.join(out, "unet.pt"))
     sd = lab_model(train_vae(TrainConfig(**ckpt["config"]), out, True), data["scale_factor"], None)
     sd.unet.load_state_dict(ckpt["ema_unet"])
     sd.text.load_state_dict(ckpt["ema_text"])
-    folder = os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer")
     if not os.path.exists(folder):
-        shutil.copytree(os.path.join(out, "tokenizer"), folder)
+        shutil.copytree(ours, folder)
     return save_checkpoint(sd, path, tokenizer="tokenizer")
 
 
 def start_from(path, out, cfg):
-    """Continue a shipped model: its VAE becomes the finished stage 2 and its UNet and text encoder
-    the start of stage 4 (the optimizer starts afresh). -> (scale_factor, the file's state dict)."""
+    """Continue a shipped model: its tokenizer becomes the run's (its text encoder learned those token
+    ids), its VAE the finished stage 2, and its UNet and text encoder the start of stage 4 (the optimizer
+    starts afresh). -> (scale_factor, the file's state dict)."""
+    metadata = read_metadata(path)
+    folder = os.path.join(out, "tokenizer")
+    if not os.path.exists(folder):
+        shutil.copytree(os.path.join(os.path.dirname(os.path.abspath(path)), metadata.get(TOKENIZER_KEY, "tokenizer")),
+                        folder)
     state = {k: v.float() for k, v in read_state_dict(path).items()}
     vae = {k[len(VAE):]: v for k, v in state.items() if k.startswith(VAE)}
     save({"vae": vae, "step": cfg.vae_steps}, os.path.join(out, "vae.pt"))
-    return config_from_json(read_metadata(path)[CONFIG_KEY]).scale_factor, state
+    return config_from_json(metadata[CONFIG_KEY]).scale_factor, state
 
 
-def run(cfg, out, resume, init=None):
+def run(cfg, out, resume, init=None, device="cpu"):
     """Every stage, each continuing from its checkpoint when `resume`; `init`: a shipped .safetensors to
     continue training (a new --out)."""
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(asdict(cfg), f, indent=1)
-    tokenizer = write_lab_tokenizer(os.path.join(out, "tokenizer"))
     scale_factor, shipped = start_from(init, out, cfg) if init else (None, None)
-    vae = train_vae(cfg, out, resume or init is not None).eval().requires_grad_(False)
-    data = encode_latents(cfg, out, vae, resume, scale_factor)
+    tokenizer = os.path.join(out, "tokenizer")   # a resumed or continued run keeps the one it has
+    if not os.path.exists(tokenizer):
+        write_lab_tokenizer(tokenizer)
+    vae = train_vae(cfg, out, resume or init is not None, device).eval().requires_grad_(False)
+    data = encode_latents(cfg, out, vae, resume, scale_factor, device)
     torch.manual_seed(cfg.seed)   # the fresh UNet and text encoder, whatever the earlier stages drew
     sd = lab_model(vae, data["scale_factor"], tokenizer)
     if shipped is not None:
         sd.unet.load_state_dict({k[len(UNET):]: v for k, v in shipped.items() if k.startswith(UNET)})
         text = {k[len(CLIP):]: v for k, v in shipped.items() if k.startswith(CLIP) and "position_ids" not in k}
         sd.text.transformer.load_state_dict(sd.text.adapt_keys(text))
+    sd.to(device)
     try:
         return sd, train_unet(cfg, out, sd, data, resume)
     except KeyboardInterrupt:   # the checkpoints are whole (written atomically); the last one is the restart point
@@ -372,6 +408,11 @@ def main(argv=None):
     p.add_argument("--out", default="runs/lab", help="folder for checkpoints, logs and pictures (runs/lab)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
     p.add_argument("--unet-minutes", type=float, help=f"UNet training budget ({TrainConfig.unet_minutes:g})")
+    p.add_argument("--batch", type=int, help=f"UNet batch size ({TrainConfig.batch}; 256 on a GPU)")
+    p.add_argument("--latents", type=int, help=f"scenes encoded for the UNet ({TrainConfig.latents})")
+    p.add_argument("--eval-minutes", type=float, help=f"training minutes between checker evaluations "
+                                                      f"({TrainConfig.eval_minutes:g})")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's; give a background run its share)")
     p.add_argument("--export", metavar="FILE", help="write the trained model to FILE (.safetensors) and stop")
     p.add_argument("--init", metavar="FILE", help="start from a shipped model (e.g. lab/lab-sd.safetensors): its VAE "
@@ -384,10 +425,14 @@ def main(argv=None):
         return
     if os.path.exists(os.path.join(args.out, "config.json")) and not args.resume:
         p.error(f"{args.out} holds a run; pass --resume to continue it, or choose another --out")
-    cfg = TrainConfig()
-    if args.unet_minutes is not None:
-        cfg = replace(cfg, unet_minutes=args.unet_minutes)
-    run(cfg, args.out, args.resume, args.init)
+    try:
+        device = check_device(args.device)
+    except ValueError as e:
+        p.error(str(e))
+    flags = {"unet_minutes": args.unet_minutes, "batch": args.batch, "latents": args.latents,
+             "eval_minutes": args.eval_minutes}
+    cfg = replace(TrainConfig(), **{k: v for k, v in flags.items() if v is not None})
+    run(cfg, args.out, args.resume, args.init, device)
 
 
 if __name__ == "__main__":

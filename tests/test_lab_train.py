@@ -1,15 +1,18 @@
 """lab/train.py on a few steps: the tokenizer spells the scene words, training lowers the loss,
 a resumed run equals an uninterrupted one, and the export loads through the normal loader."""
 import os
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
 import torch
 from transformers import CLIPTokenizer
 
-from lab.train import WORDS, TrainConfig, export, min_snr_weights, run, write_lab_tokenizer
+from lab.train import WORDS, TrainConfig, export, lab_merges, min_snr_weights, run, write_lab_tokenizer
 from model import LAB, load_checkpoint
 from model.checkpoint import read_state_dict
+from model.text import write_tokenizer
 from sampler.generate import Sampling, generate
 from sampler.schedule import alphas_cumprod
 
@@ -24,6 +27,16 @@ def test_tokenizer_spells_every_scene_word_and_falls_back_for_others(tmp_path):
     for word in WORDS:
         assert len(tokenizer(word, add_special_tokens=False).input_ids) == 1, word
     assert len(tokenizer("purple", add_special_tokens=False).input_ids) > 1   # bytes, no crash
+
+
+def test_tokenizer_is_the_same_in_every_process():
+    """Token ids are what a trained text encoder knows: a new process (another hash seed) must write
+    the same vocabulary."""
+    code = "from lab.train import lab_merges; print(lab_merges())"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    outputs = {subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True,
+                              env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2", "3")}
+    assert outputs == {f"{lab_merges()}\n"}
 
 
 def test_min_snr_weights():
@@ -87,3 +100,27 @@ def test_training_continues_from_shipped_weights(tmp_path):
     for k, v in ours.items():
         assert torch.equal(v, stored[k].float()), k
     assert any(k.startswith("first_stage_model.encoder.") for k in ours)
+
+
+def test_continued_training_keeps_the_shipped_tokenizer(tmp_path):
+    """A shipped tokenizer whose ids differ from a new one's (other tie order) is the one training continues with."""
+    run(TINY_RUN, str(tmp_path / "run"), False)
+    os.makedirs(tmp_path / "ship")
+    path = export(str(tmp_path / "run"), str(tmp_path / "ship" / "lab.safetensors"))
+    write_tokenizer(str(tmp_path / "ship" / "tokenizer"), lab_merges(WORDS[::-1]), compact=True)
+    shipped = CLIPTokenizer.from_pretrained(str(tmp_path / "ship" / "tokenizer"))
+    caption = "a red circle to the left of a blue square"
+    assert shipped(caption).input_ids != CLIPTokenizer.from_pretrained(str(tmp_path / "run" / "tokenizer"))(
+        caption).input_ids
+    sd, _ = run(replace(TINY_RUN, unet_steps=0), str(tmp_path / "more"), False, init=path)
+    ids = shipped(caption).input_ids
+    assert sd.text.tokenize([caption])[0, :len(ids)].tolist() == ids
+
+
+def test_export_refuses_a_different_tokenizer_beside(tmp_path):
+    run(TINY_RUN, str(tmp_path / "run"), False)
+    os.makedirs(tmp_path / "ship" / "tokenizer")
+    write_tokenizer(str(tmp_path / "ship" / "tokenizer"), lab_merges(WORDS[::-1]), compact=True)
+    with pytest.raises(SystemExit, match="different tokenizer"):
+        export(str(tmp_path / "run"), str(tmp_path / "ship" / "lab.safetensors"))
+    assert not os.path.exists(tmp_path / "ship" / "lab.safetensors")
