@@ -35,26 +35,16 @@ from cache import FULL, CacheSchedule
 from model import PRESETS as MODELS
 from model import load_checkpoint, random_weights
 from model.hardware import DTYPE_CHOICES, check_device, cpu_description, dtype_name, resolve_dtype, timed
-from model.macs import unet_macs
 from model.text import byte_tokenizer
 from model.unet import ATTENTION_BACKENDS
 from prune import dato, sito, tome
 from sampler import METHODS as SAMPLERS
 from sampler import unet_calls
-from sampler.acceleration import Acceleration, parse_method
+from sampler.acceleration import Acceleration, call_kinds, kind_macs, parse_methods
 from sampler.generate import Sampling, Timer, check_size, generate
 
 DEFAULT_METHODS = ("baseline,tome:0.3,tome:0.5,tome:0.7,sito:0.3,sito:0.5,sito:0.7,dato:0.5,"
                    "deepcache-n3,deepcache-n5,dato-fixed,dato-coco")
-
-
-def call_kinds(accel, calls):
-    """The kind (cache depth, FULL for a full call; prune ratio) of each UNet call of a run."""
-    kinds = []
-    for i, depth in enumerate(accel.depths(calls) if accel else [FULL] * calls):
-        ratio = accel.prune.ratio_at(i) if accel and accel.prune else 0.0
-        kinds.append((depth, ratio if depth else 0.0))   # depth 0 runs no transformer block: nothing to prune
-    return kinds
 
 
 def kind_settings(accel, kind):
@@ -81,18 +71,6 @@ def kind_call(unet, settings, x, t, context):
         state.begin_call(1 if depth != FULL else 0, x)
         return unet(x, t, context, state=state)
     return call
-
-
-def kind_macs(unet, accel, kind, hw, matmuls):
-    """Analytic MACs per image of one call of this kind."""
-    depth, ratio = kind
-    prune = accel.prune if accel else None
-
-    def keep(st, grid, sub):
-        n = grid[0] * grid[1]
-        pruned = ratio and sub in prune.layers and prune.applies(grid, hw[0] * hw[1])
-        return n - int(n * ratio) if pruned else n
-    return sum(unet_macs(unet, hw, depth=depth, keep=keep, matmuls=matmuls).values())
 
 
 def compare(calls, runs, warmup, device):
@@ -146,18 +124,6 @@ def diffusers_unet(config, dtype, device, attention):
     if attention == "math":
         unet.set_attn_processor(AttnProcessor())
     return unet.to(device=device, dtype=dtype).eval().requires_grad_(False)
-
-
-def parse_methods(text, calls):
-    """--methods 'a,b,c' -> {spec: Acceleration or None}, every spec checked against the run length."""
-    specs = [spec.strip() for spec in text.split(",")]
-    if not all(specs) or len(set(specs)) != len(specs):
-        raise ValueError(f"--methods {text!r}: give a comma-separated list of distinct methods")
-    methods = {spec: parse_method(spec) for spec in specs}
-    for accel in methods.values():
-        if accel is not None:
-            accel.check(calls)
-    return methods
 
 
 def bench_methods(args, unet, config, methods, attention, device, dtype):

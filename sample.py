@@ -9,64 +9,20 @@ generation settings in a `parameters` text chunk (JSON). LDM's spellings (--n_sa
 --ddim_steps, --plms, --ddim_eta, --from_file, --n_iter) are accepted too.
 """
 import argparse
-import os
 import time
 from dataclasses import replace
 
-import torch
-
 from cache import FULL, CacheSchedule
 from cache import MODES as CACHE_MODES
-from model import PRESETS, load_checkpoint, random_weights
-from model.config import PREDICTIONS
-from model.hardware import DTYPE_CHOICES, check_device, dtype_name, resolve_dtype
-from model.text import TokenizerError, byte_tokenizer
-from model.unet import ATTENTION_BACKENDS
+from model.hardware import check_device, dtype_name, resolve_dtype
 from prune import BASE_TOKENS, LAYERS, MAX_DOWNSAMPLES, RECOVER, TokenPruning, max_ratio
 from prune import METHODS as PRUNE_METHODS
 from prune.viz import PruneViz
-from sampler import METHODS, unet_calls
+from sampler import unet_calls
 from sampler.acceleration import PRESETS as ACCEL_PRESETS
 from sampler.acceleration import Acceleration, check_preset_fits
-from sampler.generate import Sampling, Timer, check_outdir, check_seeds, generate_batches, save_pngs
-from sampler.schedule import MAX_STEPS
-
-SD15 = ("stable-diffusion-v1-5/stable-diffusion-v1-5", "v1-5-pruned-emaonly.safetensors")
-
-
-def resolve_checkpoint(ckpt):
-    """--ckpt, else $SD_CKPT, else the official SD 1.5 single file from the hub (cached after the first download)."""
-    if ckpt:
-        return ckpt
-    if env := os.environ.get("SD_CKPT"):
-        if not os.path.exists(env):
-            raise ValueError(f"SD_CKPT={env!r} does not exist (the checkpoint path came from the SD_CKPT environment "
-                             "variable); fix SD_CKPT or pass --ckpt PATH")
-        return env
-    try:
-        from huggingface_hub import hf_hub_download
-        print(f"no --ckpt given and SD_CKPT unset: fetching {SD15[1]} from {SD15[0]} (about 4 GB, once)")
-        return hf_hub_download(*SD15)
-    except Exception as e:
-        raise SystemExit(f"could not download the SD 1.5 checkpoint ({type(e).__name__}: {e}).\n"
-                         "Pass --ckpt PATH (a .safetensors/.ckpt file or a diffusers folder), or set SD_CKPT, "
-                         "or run offline with --random-weights tiny (the output is noise).") from None
-
-
-def read_prompts(prompt=None, from_file=None):
-    if prompt is not None and from_file:
-        raise ValueError("give either --prompt or --from-file, not both")
-    if from_file:
-        if not os.path.isfile(from_file):
-            raise ValueError(f"prompt file {from_file!r} does not exist")
-        with open(from_file) as f:
-            prompts = [line.strip() for line in f if line.strip()]
-        if not prompts:
-            raise ValueError(f"prompt file {from_file!r} holds no prompts (one per line expected)")
-        return prompts
-    if prompt is None:
-        raise ValueError("give a prompt (--prompt) or a prompt file (--from-file)")
-    return [prompt]
+from sampler.cli import add_model_flags, add_sampling_flags, load_model, read_prompts, run_tool, sampling
+from sampler.generate import Timer, check_outdir, check_seeds, generate_batches, save_pngs
 
 
 def image_prompts(prompts, n_samples, n_iter):
@@ -75,30 +31,13 @@ def image_prompts(prompts, n_samples, n_iter):
     return (prompts * n_samples if len(prompts) == 1 else prompts) * n_iter
 
 
-def load_model(args, device, dtype):
-    """The checkpoint (or random weights) the command line names, in `dtype` on `device`."""
-    if args.random_weights is not None:
-        if args.ckpt:
-            raise ValueError("give either --ckpt or --random-weights, not both")
-        print(f"random weights ({args.random_weights}): the images are noise, useful only to exercise the pipeline")
-        config = PRESETS[args.random_weights]
-        config = replace(config, prediction=args.prediction or config.prediction)
-        return random_weights(config, device=device, dtype=dtype, tokenizer=args.tokenizer or byte_tokenizer(),
-                              name=args.random_weights)
-    return load_checkpoint(resolve_checkpoint(args.ckpt), device=device, dtype=dtype, prediction=args.prediction,
-                           tokenizer=args.tokenizer)
-
-
 def run(args):
     """Check everything, load the model, write the images; returns the paths."""
     prompts = image_prompts(read_prompts(args.prompt, args.from_file), args.n_samples, args.n_iter)
     accel = acceleration(args)
     if args.preset:
         check_preset_fits(args.preset, unet_calls(args.steps, args.sampler), args.sampler, args.steps)
-    size = None if args.H is None and args.W is None else (args.H, args.W)
-    settings = Sampling(steps=args.steps, scale=args.scale, sampler=args.sampler, eta=args.eta, seed=args.seed,
-                        size=size, attention=args.attention, accel=accel, negative_prompt=args.negative_prompt,
-                        batch_size=args.n_samples)
+    settings = sampling(args, seed=args.seed, accel=accel, batch_size=args.n_samples)
     check_seeds(args.seed, len(prompts))
     check_outdir(args.outdir)
     device = check_device(args.device)
@@ -125,37 +64,15 @@ def parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompt", help="the text prompt")
     p.add_argument("--from-file", "--from_file", help="a file with one prompt per line (instead of --prompt)")
-    p.add_argument("--negative-prompt", default="", help="what to steer away from (default: the empty prompt)")
     p.add_argument("--n-samples", "--n_samples", type=int, default=1, help="images per batch (default: 1)")
     p.add_argument("--n-iter", "--n_iter", type=int, default=1,
                    help="how many times to repeat the batches (default: 1)")
-    p.add_argument("--steps", "--ddim_steps", type=int, default=50,
-                   help=f"sampling steps, 1 to {MAX_STEPS} (default: 50; PLMS-50 makes 51 UNet calls)")
-    p.add_argument("--scale", type=float, help="guidance scale (default: 7.5 for SD1, 9.0 for SD2)")
     p.add_argument("--seed", type=int, default=42, help="image k uses seed + k (default: 42)")
-    p.add_argument("--H", type=int, help="height in pixels, a multiple of the VAE factor, 8 for SD (default: native)")
-    p.add_argument("--W", type=int, help="width in pixels (default: the model's native size)")
-    p.add_argument("--sampler", choices=METHODS, default="plms",
-                   help="LDM's PLMS, or DDIM (default: plms; --plms is accepted as in LDM)")
-    p.add_argument("--plms", dest="sampler", action="store_const", const="plms", help=argparse.SUPPRESS)
-    p.add_argument("--eta", "--ddim_eta", type=float, default=0.0,
-                   help="DDIM noise (default: 0 = deterministic; PLMS needs 0)")
-    p.add_argument("--ckpt", help=".safetensors / .ckpt file or diffusers folder "
-                                  "(default: $SD_CKPT, else download SD 1.5)")
-    p.add_argument("--random-weights", choices=list(PRESETS),
-                   help="random weights of this architecture (offline test runs)")
-    p.add_argument("--tokenizer", help="folder with vocab.json + merges.txt, or a hub id")
-    p.add_argument("--prediction", choices=PREDICTIONS, help="override the detected prediction type")
-    p.add_argument("--device", help="cpu, cuda, cuda:N, mps (default: the best available)")
-    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
-                   help="precision (default: auto = fp16 on GPUs, bf16 on CPUs with AVX512-BF16/AMX, else fp32)")
-    p.add_argument("--attention", choices=ATTENTION_BACKENDS, default="sdpa",
-                   help="sdpa, or math: materialise the score matrix as the original LDM code did (default: sdpa)")
+    add_sampling_flags(p)
+    add_model_flags(p)
     p.add_argument("--outdir", default="outputs",
                    help="folder for the PNGs, created with the first image; files are never overwritten "
                         "(default: outputs)")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice; on a shared or "
-                                               "small machine fewer threads can be much faster)")
 
     g = p.add_argument_group("token pruning (prune/)")
     g.add_argument("--prune", choices=("none",) + PRUNE_METHODS, default="none", help="token method (default: none)")
@@ -191,18 +108,7 @@ def parser():
 
 
 def main(argv=None):
-    p = parser()
-    args = p.parse_args(argv)
-    if args.threads is not None:
-        if args.threads < 1:
-            p.error(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-    try:
-        return run(args)
-    except ValueError as e:   # bad arguments, checkpoint or schedule: usage and the reason
-        p.error(str(e))
-    except TokenizerError as e:
-        raise SystemExit(f"error: {e}") from None
+    return run_tool(parser(), run, argv)
 
 
 def parse_numbers(text, kind, flag):

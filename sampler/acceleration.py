@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from cache import DATO_COCO, DATO_FIXED, FULL, CacheSchedule, from_dato
+from model.macs import unet_macs
 from prune import LAYERS, METHODS, TokenPruning, max_ratio
 from prune.dato import dynamics_map
 from prune.viz import PruneViz
@@ -116,6 +117,45 @@ def parse_method(spec):
     if not math.isfinite(value):
         raise ValueError(f"method {spec!r}: the ratio must be a finite number")
     return Acceleration(TokenPruning(name, ratio=value))
+
+
+def parse_methods(text, calls):
+    """A comma-separated list of method specs (the tools' --methods) -> {spec: Acceleration or None},
+    each checked against the run length `calls`."""
+    specs = [spec.strip() for spec in text.split(",")]
+    if not all(specs) or len(set(specs)) != len(specs):
+        raise ValueError(f"--methods {text!r}: give a comma-separated list of distinct methods")
+    methods = {spec: parse_method(spec) for spec in specs}
+    for accel in methods.values():
+        if accel is not None:
+            accel.check(calls)
+    return methods
+
+
+def call_kinds(accel, calls):
+    """The kind (cache depth, FULL for a full call; prune ratio) of each UNet call of a run."""
+    kinds = []
+    for i, depth in enumerate(accel.depths(calls) if accel else [FULL] * calls):
+        ratio = accel.prune.ratio_at(i) if accel and accel.prune else 0.0
+        kinds.append((depth, ratio if depth else 0.0))   # depth 0 runs no transformer block: nothing to prune
+    return kinds
+
+
+def kind_macs(unet, accel, kind, hw, matmuls=False):
+    """Analytic MACs per image of one UNet call of this kind on an hw latent (model/macs.py)."""
+    depth, ratio = kind
+    prune = accel.prune if accel else None
+
+    def keep(st, grid, sub):
+        n = grid[0] * grid[1]
+        pruned = ratio and sub in prune.layers and prune.applies(grid, hw[0] * hw[1])
+        return n - int(n * ratio) if pruned else n
+    return sum(unet_macs(unet, hw, depth=depth, keep=keep, matmuls=matmuls).values())
+
+
+def run_macs(unet, accel, calls, hw, matmuls=False):
+    """Analytic MACs per image of a whole run of `calls` UNet calls (None: the baseline)."""
+    return sum(kind_macs(unet, accel, kind, hw, matmuls) for kind in call_kinds(accel, calls))
 
 
 def check_preset_fits(name, calls, sampler, steps):

@@ -11,6 +11,7 @@ import sample
 from conftest import layout_shapes, random_state
 from model import TINY
 from model.hardware import native_bf16_cpu
+from sampler.cli import resolve_checkpoint
 
 TINY_RUN = ["--random-weights", "tiny", "--steps", "2", "--H", "32", "--W", "32"]
 
@@ -83,7 +84,7 @@ def test_download_failure_says_what_to_pass(monkeypatch):
     monkeypatch.delenv("SD_CKPT", raising=False)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
     with pytest.raises(SystemExit, match="--ckpt PATH"):
-        sample.resolve_checkpoint(None)
+        resolve_checkpoint(None)
 
 
 @pytest.mark.parametrize("args,match", [

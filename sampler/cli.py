@@ -1,0 +1,137 @@
+"""What the command-line tools share (sample.py, evaluate.py): the model and sampling flags, each
+defined once with its default, and what they turn into, the loaded model and a Sampling.
+
+    p = argparse.ArgumentParser()
+    add_model_flags(p)
+    add_sampling_flags(p)
+
+    def run(args):
+        sd = load_model(args, check_device(args.device), torch.float32)
+        return generate(sd, ["a red circle"], sampling(args, seed=0, batch_size=16))
+
+    run_tool(p, run)   # parse, set the threads, run; bad input ends in one usage line
+"""
+import argparse
+import os
+from dataclasses import replace
+
+import torch
+
+from model import PRESETS, load_checkpoint, random_weights
+from model.config import PREDICTIONS
+from model.hardware import DTYPE_CHOICES
+from model.text import TokenizerError, byte_tokenizer
+from model.unet import ATTENTION_BACKENDS
+
+from . import METHODS
+from .generate import Sampling
+from .schedule import MAX_STEPS
+
+SD15 = ("stable-diffusion-v1-5/stable-diffusion-v1-5", "v1-5-pruned-emaonly.safetensors")
+
+
+def add_model_flags(p):
+    p.add_argument("--ckpt", help=".safetensors / .ckpt file or diffusers folder "
+                                  "(default: $SD_CKPT, else download SD 1.5)")
+    p.add_argument("--random-weights", choices=list(PRESETS),
+                   help="random weights of this architecture (offline test runs)")
+    p.add_argument("--tokenizer", help="folder with vocab.json + merges.txt, or a hub id")
+    p.add_argument("--prediction", choices=PREDICTIONS, help="override the detected prediction type")
+    p.add_argument("--device", help="cpu, cuda, cuda:N, mps (default: the best available)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                   help="precision (default: auto = fp16 on GPUs, bf16 on CPUs with AVX512-BF16/AMX, else fp32)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice; on a shared or "
+                                               "small machine fewer threads can be much faster)")
+
+
+def add_sampling_flags(p):
+    p.add_argument("--negative-prompt", default="", help="what to steer away from (default: the empty prompt)")
+    p.add_argument("--steps", "--ddim_steps", type=int, default=50,
+                   help=f"sampling steps, 1 to {MAX_STEPS} (default: 50; PLMS-50 makes 51 UNet calls)")
+    p.add_argument("--scale", type=float, help="guidance scale (default: the model's; 7.5 for SD1, 9.0 for SD2)")
+    p.add_argument("--H", type=int, help="height in pixels, a multiple of the VAE factor, 8 for SD (default: native)")
+    p.add_argument("--W", type=int, help="width in pixels (default: the model's native size)")
+    p.add_argument("--sampler", choices=METHODS, default="plms",
+                   help="LDM's PLMS, or DDIM (default: plms; --plms is accepted as in LDM)")
+    p.add_argument("--plms", dest="sampler", action="store_const", const="plms", help=argparse.SUPPRESS)
+    p.add_argument("--eta", "--ddim_eta", type=float, default=0.0,
+                   help="DDIM noise (default: 0 = deterministic; PLMS needs 0)")
+    p.add_argument("--attention", choices=ATTENTION_BACKENDS, default="sdpa",
+                   help="sdpa, or math: materialise the score matrix as the original LDM code did (default: sdpa)")
+
+
+def sampling(args, **fields):
+    """The Sampling of the sampling flags; `fields` fill the rest (seed, accel, batch_size)."""
+    size = None if args.H is None and args.W is None else (args.H, args.W)
+    return Sampling(steps=args.steps, scale=args.scale, sampler=args.sampler, eta=args.eta, size=size,
+                    attention=args.attention, negative_prompt=args.negative_prompt, **fields)
+
+
+def set_threads(p, args):
+    if args.threads is not None:
+        if args.threads < 1:
+            p.error(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+
+
+def run_tool(p, run, argv=None):
+    """A tool's main: parse `argv`, set the threads, `run(args)`; bad input (arguments, checkpoint,
+    schedule) ends in the usage line and the reason, a tokenizer problem in one line."""
+    args = p.parse_args(argv)
+    set_threads(p, args)
+    try:
+        return run(args)
+    except ValueError as e:
+        p.error(str(e))
+    except TokenizerError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def resolve_checkpoint(ckpt):
+    """--ckpt, else $SD_CKPT, else the official SD 1.5 single file from the hub (cached after the first download)."""
+    if ckpt:
+        return ckpt
+    if env := os.environ.get("SD_CKPT"):
+        if not os.path.exists(env):
+            raise ValueError(f"SD_CKPT={env!r} does not exist (the checkpoint path came from the SD_CKPT environment "
+                             "variable); fix SD_CKPT or pass --ckpt PATH")
+        return env
+    try:
+        from huggingface_hub import hf_hub_download
+        print(f"no --ckpt given and SD_CKPT unset: fetching {SD15[1]} from {SD15[0]} (about 4 GB, once)")
+        return hf_hub_download(*SD15)
+    except Exception as e:
+        raise SystemExit(f"could not download the SD 1.5 checkpoint ({type(e).__name__}: {e}).\n"
+                         "Pass --ckpt PATH (a .safetensors/.ckpt file or a diffusers folder), or set SD_CKPT, "
+                         "or run offline with --random-weights tiny (the output is noise).") from None
+
+
+def load_model(args, device, dtype):
+    """The checkpoint (or random weights) the command line names, in `dtype` on `device`."""
+    if args.random_weights is not None:
+        if args.ckpt:
+            raise ValueError("give either --ckpt or --random-weights, not both")
+        print(f"random weights ({args.random_weights}): the images are noise, useful only to exercise the pipeline")
+        config = PRESETS[args.random_weights]
+        config = replace(config, prediction=args.prediction or config.prediction)
+        return random_weights(config, device=device, dtype=dtype, tokenizer=args.tokenizer or byte_tokenizer(),
+                              name=args.random_weights)
+    return load_checkpoint(resolve_checkpoint(args.ckpt), device=device, dtype=dtype, prediction=args.prediction,
+                           tokenizer=args.tokenizer)
+
+
+def read_prompts(prompt=None, from_file=None, flag="--from-file"):
+    """[prompt], or the non-empty lines of the file `from_file` (named `flag` in errors)."""
+    if prompt is not None and from_file:
+        raise ValueError(f"give either --prompt or {flag}, not both")
+    if from_file:
+        if not os.path.isfile(from_file):
+            raise ValueError(f"prompt file {from_file!r} ({flag}) does not exist")
+        with open(from_file) as f:
+            prompts = [line.strip() for line in f if line.strip()]
+        if not prompts:
+            raise ValueError(f"prompt file {from_file!r} ({flag}) holds no prompts (one per line expected)")
+        return prompts
+    if prompt is None:
+        raise ValueError(f"give a prompt (--prompt) or a prompt file ({flag})")
+    return [prompt]
