@@ -290,13 +290,18 @@ def draw_tradeoff(results, path, width=560, height=360):
     draw.text((4, bottom - 10), f"{y_min:g}", fill="black")
     draw.text((left + 6, top), "lab accuracy (95% interval)" if key == "accuracy" else "PSNR vs baseline (dB)",
               fill="black")
+    labels = []   # (x, y) of the labels drawn: a label that would overlap one moves down a line
     for spec, r in points.items():
         x, y = xy(r["mac_ratio"], r[key])
         if "accuracy_ci" in r and key == "accuracy":
             draw.line((*xy(r["mac_ratio"], r["accuracy_ci"][0]), *xy(r["mac_ratio"], r["accuracy_ci"][1])),
                       fill=(120, 120, 120))
         draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=(200, 60, 40))
-        draw.text((x + 5, y - 6), spec, fill="black")
+        ty = y - 6
+        while any(abs(ty - ly) < 11 and abs(x - lx) < 90 for lx, ly in labels):
+            ty += 11
+        labels.append((x, ty))
+        draw.text((x + 5, ty), spec, fill="black")
     image.save(path)
 
 

@@ -7,7 +7,6 @@ generated scenes (lab/scenes.py), judged by the exact caption checker (lab/check
     python -m lab.train --out runs/lab --export lab/lab-sd.safetensors
     python -m lab.train --out runs/gpu --init lab/lab-sd.safetensors --device cuda --batch 256 --latents 60000
 
-
 Stages, each resumable from its checkpoint in --out:
 1. tokenizer: a CLIP BPE tokenizer whose merges spell the scene words (any other text falls back
    to byte symbols, as for any CLIP model); a run continued with --init keeps its model's.
