@@ -49,7 +49,7 @@ from model.hardware import check_device, cpu_description, dtype_name, resolve_dt
 from sampler import unet_calls
 from sampler.acceleration import PRESETS, check_preset_fits, parse_methods, run_macs
 from sampler.cli import add_model_flags, add_sampling_flags, load_model, read_prompts, run_tool, sampling
-from sampler.generate import Timer, check_outdir, check_seeds, generate, save_png
+from sampler.generate import Timer, check_outdir, check_seeds, from_pil, generate, save_png
 
 INTERVAL_RESAMPLES = 2000
 
@@ -107,7 +107,7 @@ def image_path(out, spec, k):
 
 
 def is_whole(path):
-    """An existing, readable PNG (a truncated or foreign file counts as missing and is replaced)."""
+    """An existing, readable PNG (a truncated or foreign file counts as missing: write_image replaces it)."""
     if not os.path.exists(path):
         return False
     try:
@@ -115,7 +115,6 @@ def is_whole(path):
             image.verify()
         return True
     except Exception:
-        os.remove(path)
         print(f"{path}: unreadable, rendering it again")
         return False
 
@@ -137,25 +136,28 @@ def render(sd, prompts, methods, args, out, device):
     for spec in methods:
         os.makedirs(os.path.join(out, folder_name(spec)), exist_ok=True)
     for start in range(0, n, size):
-        indices = range(start, min(start + size, n))
+        stop = min(start + size, n)
         for spec, accel in methods.items():
-            todo = [k for k in indices if not is_whole(image_path(out, spec, k))]
+            todo = [k for k in range(start, stop) if not is_whole(image_path(out, spec, k))]
             if not todo:
                 continue
             timer = Timer(device)
-            images = generate(sd, prompts[indices.start:indices.stop],
+            images = generate(sd, prompts[start:stop],
                               sampling(args, seed=args.seed + start, accel=accel, batch_size=size), timer=timer)
             seconds[spec].append(timer.totals["unet"] / len(images))
             for k in todo:
                 write_image(images[k - start], image_path(out, spec, k))
-            print(f"{spec}: images {indices.start}-{indices.stop - 1} ({timer.totals['unet']:.1f}s UNet)", flush=True)
+            print(f"{spec}: images {start}-{stop - 1} ({timer.totals['unet']:.1f}s UNet)", flush=True)
     return seconds
 
 
 def update_timing(out, seconds, run_id, device):
     """timing.json keeps, per method, the per-image seconds of the last run that rendered any of its images."""
     path = os.path.join(out, "timing.json")
-    timing = json.load(open(path)) if os.path.exists(path) else {}
+    timing = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            timing = json.load(f)
     machine = cpu_description() if device.type == "cpu" else torch.cuda.get_device_name(device)
     for spec, values in seconds.items():
         if values:
@@ -178,8 +180,9 @@ def lab_accuracy(images, prompts):
     report = summary(rows)
     result = {"accuracy": report["accuracy"], "accuracy_ci": bootstrap_interval([r["correct"] for r in rows])}
     result["by_kind"] = {}
+    kinds = [parse(c).kind for c in prompts]
     for kind, entry in report["by_kind"].items():
-        picked = [r["correct"] for r in rows if parse(r["caption"]).kind == kind]
+        picked = [r["correct"] for r, k in zip(rows, kinds, strict=True) if k == kind]
         if picked:
             result["by_kind"][kind] = {**entry, "accuracy_ci": bootstrap_interval(picked)}
     result["by_relation"] = report["by_relation"]
@@ -188,9 +191,7 @@ def lab_accuracy(images, prompts):
 
 def pixels(images):
     """PIL images -> [N, 3, H, W] floats in [0, 1]."""
-    data = torch.stack([torch.frombuffer(bytearray(im.convert("RGB").tobytes()), dtype=torch.uint8)
-                        .view(im.height, im.width, 3) for im in images])
-    return data.permute(0, 3, 1, 2).double() / 255
+    return from_pil(images).double() / 255
 
 
 def fidelity(images, baseline):
@@ -275,9 +276,8 @@ def draw_tradeoff(results, path, width=560, height=360):
         image.save(path)
         return
     x_max = max(r["mac_ratio"] for r in points.values()) * 1.1
-    lows = [r.get("accuracy_ci", [r[key]])[0] for r in points.values()]
-    highs = [r.get("accuracy_ci", [0, r[key]])[-1] for r in points.values()]
-    y_min, y_max = (0.0, 1.0) if key == "accuracy" else (math.floor(min(lows)) - 1, math.ceil(max(highs)) + 1)
+    values = [r[key] for r in points.values()]
+    y_min, y_max = (0.0, 1.0) if key == "accuracy" else (math.floor(min(values)) - 1, math.ceil(max(values)) + 1)
 
     def xy(x, y):
         return (left + (x - 1) / max(x_max - 1, 1e-9) * (right - left),
@@ -293,7 +293,7 @@ def draw_tradeoff(results, path, width=560, height=360):
     labels = []   # (x, y) of the labels drawn: a label that would overlap one moves down a line
     for spec, r in points.items():
         x, y = xy(r["mac_ratio"], r[key])
-        if "accuracy_ci" in r and key == "accuracy":
+        if key == "accuracy":
             draw.line((*xy(r["mac_ratio"], r["accuracy_ci"][0]), *xy(r["mac_ratio"], r["accuracy_ci"][1])),
                       fill=(120, 120, 120))
         draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=(200, 60, 40))

@@ -50,7 +50,7 @@ from model.hardware import check_device, native_bf16_cpu
 from model.text import TextEncoder, write_tokenizer
 from model.unet import UNetModel
 from model.vae import AutoencoderKL
-from sampler.generate import Sampling, generate
+from sampler.generate import Sampling, from_pil, generate
 from sampler.schedule import alphas_cumprod
 
 WORDS = ("a", "of", "to", "the", *COLORS, *SHAPES, *" ".join(RELATIONS).split())
@@ -116,9 +116,7 @@ def load(path):
 
 def to_tensor(images):
     """PIL images -> [B, 3, H, W] in [-1, 1]."""
-    data = torch.stack([torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(im.height, im.width, 3)
-                        for im in images])
-    return data.permute(0, 3, 1, 2).float() / 127.5 - 1
+    return from_pil(images).float() / 127.5 - 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,11 +163,6 @@ def train_vae(cfg, out, resume, device="cpu"):
 # ---------------------------------------------------------------------------------------------
 # stage 3: latents
 
-def render_scene(args):
-    caption, seed = args
-    return render(caption, seed)
-
-
 @torch.no_grad()
 def encode_latents(cfg, out, vae, resume, scale_factor=None, device="cpu"):
     """The training latents; scale_factor 1 / their std unless given (a model being continued keeps its own).
@@ -182,7 +175,7 @@ def encode_latents(cfg, out, vae, resume, scale_factor=None, device="cpu"):
     chunks, size = [], 1024
     with multiprocessing.get_context("spawn").Pool(os.cpu_count()) as pool:
         for k in tqdm(range(0, len(jobs), size), desc="latents"):
-            images = to_tensor(pool.map(render_scene, jobs[k:k + size], chunksize=32))
+            images = to_tensor(pool.starmap(render, jobs[k:k + size], chunksize=32))
             for batch in images.split(256):
                 with autocast(device):
                     chunks.append(vae.moments(batch.to(device))[0].float().cpu())

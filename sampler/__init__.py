@@ -41,7 +41,7 @@ def unet_calls(steps, method="plms"):
 
 def check_args(steps=50, scale=7.5, method="plms", eta=0.0, prediction="eps"):
     """Raise ValueError for settings the samplers cannot run (before any heavy work). The messages
-    name the command-line flags (sample.py); the API arguments have the same names."""
+    name the command-line flags (sample.py, evaluate.py); the API arguments have the same names."""
     if method not in METHODS:
         raise ValueError(f"unknown sampler {method!r} (--sampler); choose one of {', '.join(METHODS)}")
     timesteps(steps)   # validates the step count

@@ -124,6 +124,13 @@ def to_pil(images):
     return [Image.fromarray(p.numpy()) for p in pixels]
 
 
+def from_pil(images):
+    """PIL images (of one size) -> [B, 3, H, W] uint8 RGB: to_pil's inverse, before scaling."""
+    data = torch.stack([torch.frombuffer(bytearray(im.convert("RGB").tobytes()), dtype=torch.uint8)
+                        .view(im.height, im.width, 3) for im in images])
+    return data.permute(0, 3, 1, 2)
+
+
 def prepare(sd, run):
     """Put the model in the run's precision and attention; check what needs the model (size,
     picture block). -> (H, W)."""
@@ -232,4 +239,5 @@ def save_pngs(images, outdir):
     return paths
 
 
-__all__ = ["Sampling", "generate", "generate_batches", "save_png", "save_pngs", "check_outdir", "Timer", "to_pil"]
+__all__ = ["Sampling", "generate", "generate_batches", "save_png", "save_pngs", "check_outdir", "Timer", "to_pil",
+           "from_pil"]
