@@ -1,14 +1,16 @@
 """Quality beside speed for a list of acceleration methods, measured on the same images.
 
     python evaluate.py --ckpt lab/lab-sd.safetensors --methods baseline,sito:0.5,dato-coco --n 256 --out runs/q
-    python evaluate.py --ckpt v1-5-pruned-emaonly.safetensors --prompts captions.txt --n 1000 \
-        --methods baseline,dato-coco --out runs/coco
+    torchrun --nproc-per-node 8 evaluate.py --ckpt v1-5-pruned-emaonly.safetensors --prompts coco.txt \
+        --methods baseline,dato-coco --inception pt_inception-2015-12-05-6726825d.pth --fid-ref coco_val.npz \
+        --clip openai/clip-vit-large-patch14 --out runs/coco
 
 Methods use bench.py's syntax (baseline, tome:R, sito:R, dato:R, the presets of sampler/acceleration.py).
 Prompts: --prompts FILE (one per line), or else --n captions of the lab's scene sampler (lab/scenes.py),
 drawn with --seed. Image k has prompt k and noise seed --seed + k, rendered in the fixed batch
-k // --batch-size, so it is the same image in every method folder and in every run (DDIM noise and
-token choices follow the batch's first seed). Sampling flags and defaults are sample.py's.
+k // --batch-size, so it is the same image in every method folder, in every run and with any number of
+processes (DDIM noise and token choices follow the batch's first seed). Sampling flags and defaults are
+sample.py's.
 
 Output, in --out:
     settings.json              what the images depend on; a later run with other settings is refused
@@ -16,14 +18,20 @@ Output, in --out:
     timing.json                UNet seconds per image, per method, with the run that measured them
     results.json, results.md   the metrics below, per method
     grid.png                   methods (rows) x the first prompts (columns)
-    quality_vs_speed.png       quality (lab accuracy, else PSNR) against MAC ratio
+    quality_vs_speed.png       quality (lab accuracy, else FID, else PSNR) against MAC ratio
 
-Metrics: `accuracy` by the lab checker (lab captions only; overall and per kind, with 95% bootstrap
-intervals); `psnr` (dB) and `ssim` against the baseline image of the same prompt and seed (torchmetrics;
-needs baseline among the methods); `mac_ratio` = baseline UNet MACs / the method's over a run
-(analytic, attention matmuls included, the code bench.py uses); `speedup` = baseline UNet seconds per
-image / the method's (medians over batches), when both were measured by the same process. A metric
-that does not apply is absent. Not yet here: FID, CLIP score, LPIPS, sharding over processes.
+Metrics (metrics.py says what each is and where its weights come from): `accuracy` by the lab checker
+(lab captions), `fd_lab` and `fd_lab_vs_baseline` in the lab feature network's space (lab captions),
+`fid` / `fid_vs_baseline` (--inception), `clip_score` (--clip), `psnr`, `ssim` and `lpips` (--lpips)
+against the baseline image of the same prompt and seed (these need baseline among the methods);
+`mac_ratio` = baseline UNet MACs / the method's over a run (analytic, attention matmuls included, the
+code bench.py uses); `speedup` = baseline UNet seconds per image / the method's (medians over batches),
+when both were measured by the same run. A metric that does not apply is absent; one whose weights are
+missing stops the run before anything is generated.
+
+Sharding: under torchrun every process renders and scores the batches b with b % processes == its rank
+and rank 0 combines them in batch order, so the files and metrics equal a one-process run's; each process
+gets cores / processes torch threads unless --threads says otherwise.
 
 Resume: rerunning the same command renders only the missing images (each batch with a missing image is
 rendered again and only the missing files are written; images are written atomically, so an
@@ -31,7 +39,6 @@ interrupted run leaves no partial file) and recomputes the metrics.
 """
 import argparse
 import hashlib
-import importlib.util
 import json
 import math
 import os
@@ -39,19 +46,87 @@ import re
 import statistics
 import time
 import uuid
+from dataclasses import dataclass
 
 import torch
-from PIL import Image, ImageDraw
+import torch.distributed as dist
+from PIL import Image, ImageDraw, ImageOps
 
-from lab.check import check, summary
-from lab.scenes import parse, sample_captions
+from lab.scenes import image_seed, render, sample_captions
+from metrics import LPIPS_WEIGHTS, Scorer, load_stats
 from model.hardware import check_device, cpu_description, dtype_name, resolve_dtype
 from sampler import unet_calls
 from sampler.acceleration import PRESETS, check_preset_fits, parse_methods, run_macs
 from sampler.cli import add_model_flags, add_sampling_flags, load_model, read_prompts, run_tool, sampling
-from sampler.generate import Timer, check_outdir, check_seeds, from_pil, generate, save_png
+from sampler.generate import Timer, check_outdir, check_seeds, generate, save_png
 
-INTERVAL_RESAMPLES = 2000
+LAB_FEATURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lab", "lab-features.safetensors")
+IMAGE_TYPES = (".png", ".jpg", ".jpeg", ".webp")
+GRID_COLUMNS = 6
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's share of a run: rank 0 of 1, or one of torchrun's processes. Work is split by
+    batch and a batch is fixed by the image list, so any process count renders the same images and, with
+    the scores combined in batch order on rank 0, gets the same metrics. Only Python objects travel
+    (timings, scores, features), so the group is gloo on CPU and GPU runs alike."""
+    rank: int = 0
+    world: int = 1
+    local_world: int = 1
+
+    @classmethod
+    def start(cls):
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world == 1:
+            return cls()
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")
+        return cls(dist.get_rank(), world, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+
+    @property
+    def tag(self):
+        return f"[rank {self.rank}] " if self.world > 1 else ""
+
+    def mine(self, starts):
+        return list(starts)[self.rank::self.world]
+
+    def gather(self, obj):
+        """Every process's `obj` (in rank order) on rank 0; None on the others."""
+        if self.world == 1:
+            return [obj]
+        every = [None] * self.world if self.rank == 0 else None
+        dist.gather_object(obj, every, dst=0)
+        return every
+
+    def share(self, obj):
+        """Rank 0's `obj` on every process."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def on_first(self, fn):
+        """fn() on rank 0 only (file writes); its ValueError is raised on every process."""
+        error = None
+        if self.rank == 0:
+            try:
+                fn()
+            except ValueError as e:
+                error = str(e)
+        if (error := self.share(error)) is not None:
+            raise ValueError(error)
+
+    def batches(self, n, size, work):
+        """[work(start, stop) for each batch of n items, in order] on rank 0 (None on the others), each
+        batch computed by the process it falls to."""
+        mine = {start: work(start, min(start + size, n)) for start in self.mine(range(0, n, size))}
+        every = self.gather(mine)
+        if every is None:
+            return None
+        merged = {start: part for parts in every for start, part in parts.items()}
+        return [merged[start] for start in range(0, n, size)]
 
 
 def folder_name(spec):
@@ -65,15 +140,6 @@ def draw_prompts(args):
         prompts = read_prompts(from_file=args.prompts, flag="--prompts")
         return prompts[:args.n] if args.n else prompts
     return sample_captions(args.n or 256, seed=f"evaluate/{args.seed}")
-
-
-def is_lab(prompts):
-    try:
-        for prompt in prompts:
-            parse(prompt)
-    except ValueError:
-        return False
-    return True
 
 
 def settings_record(args, sd, prompts, dtype):
@@ -128,14 +194,14 @@ def write_image(image, path):
     os.replace(tmp, path)
 
 
-def render(sd, prompts, methods, args, out, device):
-    """Render every missing image, batch by batch, each batch for every method in turn (so the methods'
-    timings see the same machine load). -> {spec: [UNet seconds per image of each batch rendered]}."""
-    seconds = {spec: [] for spec in methods}
+def render_missing(sd, prompts, methods, args, out, device, shard):
+    """Render every missing image of this process's batches, each batch for every method in turn (so the
+    methods' timings see the same machine load). -> {spec: {batch start: UNet seconds per image}}."""
+    seconds = {spec: {} for spec in methods}
     n, size = len(prompts), args.batch_size
     for spec in methods:
         os.makedirs(os.path.join(out, folder_name(spec)), exist_ok=True)
-    for start in range(0, n, size):
+    for start in shard.mine(range(0, n, size)):
         stop = min(start + size, n)
         for spec, accel in methods.items():
             todo = [k for k in range(start, stop) if not is_whole(image_path(out, spec, k))]
@@ -144,10 +210,10 @@ def render(sd, prompts, methods, args, out, device):
             timer = Timer(device)
             images = generate(sd, prompts[start:stop],
                               sampling(args, seed=args.seed + start, accel=accel, batch_size=size), timer=timer)
-            seconds[spec].append(timer.totals["unet"] / len(images))
+            seconds[spec][start] = timer.totals["unet"] / len(images)
             for k in todo:
                 write_image(images[k - start], image_path(out, spec, k))
-            print(f"{spec}: images {start}-{stop - 1} ({timer.totals['unet']:.1f}s UNet)", flush=True)
+            print(f"{shard.tag}{spec}: images {start}-{stop - 1} ({timer.totals['unet']:.1f}s UNet)", flush=True)
     return seconds
 
 
@@ -167,43 +233,6 @@ def update_timing(out, seconds, run_id, device):
     return timing
 
 
-def bootstrap_interval(correct, seed=0):
-    """95% percentile bootstrap interval of the mean of 0/1 outcomes."""
-    values = torch.tensor(correct, dtype=torch.float64)
-    picks = torch.randint(len(values), (INTERVAL_RESAMPLES, len(values)), generator=torch.Generator().manual_seed(seed))
-    means = values[picks].mean(dim=1)
-    return [means.quantile(0.025).item(), means.quantile(0.975).item()]
-
-
-def lab_accuracy(images, prompts):
-    rows = [{"caption": c, "correct": check(image, c).correct} for image, c in zip(images, prompts, strict=True)]
-    report = summary(rows)
-    result = {"accuracy": report["accuracy"], "accuracy_ci": bootstrap_interval([r["correct"] for r in rows])}
-    result["by_kind"] = {}
-    kinds = [parse(c).kind for c in prompts]
-    for kind, entry in report["by_kind"].items():
-        picked = [r["correct"] for r, k in zip(rows, kinds, strict=True) if k == kind]
-        if picked:
-            result["by_kind"][kind] = {**entry, "accuracy_ci": bootstrap_interval(picked)}
-    result["by_relation"] = report["by_relation"]
-    return result
-
-
-def pixels(images):
-    """PIL images -> [N, 3, H, W] floats in [0, 1]."""
-    return from_pil(images).double() / 255
-
-
-def fidelity(images, baseline):
-    """Mean PSNR (dB) and SSIM of each image against the baseline image of the same prompt and seed
-    (an identical image counts as 100 dB rather than infinity)."""
-    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
-    x, y = pixels(images), pixels(baseline)
-    psnr = peak_signal_noise_ratio(x, y, data_range=1.0, reduction="none", dim=(1, 2, 3))
-    ssim = structural_similarity_index_measure(x.float(), y.float(), data_range=1.0, reduction="none")
-    return {"psnr": psnr.clamp(max=100.0).mean().item(), "ssim": ssim.mean().item()}
-
-
 def speedup(timing, spec):
     base, ours = timing.get("baseline"), timing.get(spec)
     if not base or not ours or base["run"] != ours["run"]:
@@ -211,45 +240,113 @@ def speedup(timing, spec):
     return statistics.median(base["unet_seconds_per_image"]) / statistics.median(ours["unet_seconds_per_image"])
 
 
-def measure(sd, prompts, methods, out, timing, calls, hw):
-    """results.json's "methods" entry for every method."""
-    lab = is_lab(prompts)
-    load = {spec: [Image.open(image_path(out, spec, k)).convert("RGB") for k in range(len(prompts))]
-            for spec in methods}
+def load_images(paths, size=None):
+    """PIL RGB images; with `size` (W, H), centre-cropped to its aspect and resized (reference photos)."""
+    images = [Image.open(path).convert("RGB") for path in paths]
+    return [ImageOps.fit(im, size, Image.Resampling.LANCZOS) if size and im.size != size else im
+            for im in images]
+
+
+def reference_files(folder):
+    names = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_TYPES))
+    if len(names) < 2:
+        raise ValueError(f"--fid-ref {folder!r} holds {len(names)} images ({', '.join(IMAGE_TYPES)}); a Fréchet "
+                         "distance needs at least 2 (thousands for a stable one)")
+    return [os.path.join(folder, name) for name in names]
+
+
+def check_reference(args, scorer):
+    """Fail at start on a --fid-ref that cannot serve; -> reference statistics of a stats file, or None."""
+    if not args.fid_ref:
+        return None
+    if not scorer.features:
+        raise ValueError("--fid-ref needs a feature network: --inception FILE (or lab captions with --lab-features)")
+    if os.path.isdir(args.fid_ref):
+        reference_files(args.fid_ref)
+        return None
+    if not os.path.isfile(args.fid_ref):
+        raise ValueError(f"--fid-ref {args.fid_ref!r} does not exist (a folder of images or an .npz of mu, sigma)")
+    name, mu, sigma = load_stats(args.fid_ref, {name: net.num_features for name, net in scorer.features.items()})
+    return {name: (mu, sigma)}
+
+
+def reference_features(scorer, args, prompts, shard, stats, size):
+    """{feature name: reference features in batch order, or (mu, sigma)} on rank 0: --fid-ref's images or
+    statistics, else, for lab captions, the lab generator's own scenes for the same captions (its "real"
+    images). None when there is no reference."""
+    if stats is not None or not scorer.features:
+        return stats
+    if args.fid_ref:
+        files = reference_files(args.fid_ref)
+        parts = shard.batches(len(files), args.batch_size,
+                              lambda a, b: scorer.features_of(load_images(files[a:b], size)))
+    elif scorer.lab:
+        parts = shard.batches(len(prompts), args.batch_size, lambda a, b: scorer.features_of(
+            [render(prompts[k], image_seed(f"evaluate/{args.seed}", k)) for k in range(a, b)]))
+    else:
+        return None
+    return None if parts is None else {name: [part[name] for part in parts] for name in scorer.features}
+
+
+def measure(sd, scorer, prompts, methods, args, shard, timing, calls, hw, stats):
+    """results.json's "methods" entry for every method, on rank 0 (None on the others). Every process
+    scores its batches, one method at a time (memory: one method's features, not all of them)."""
+    n, size, out = len(prompts), args.batch_size, args.out
+    reference = reference_features(scorer, args, prompts, shard, stats, (hw[1] * sd.config.vae.factor,
+                                                                        hw[0] * sd.config.vae.factor))
     base_macs = run_macs(sd.unet, None, calls, hw, matmuls=True)   # attention matmuls: what pruning saves most
-    results = {}
-    for spec, accel in methods.items():
-        entry = {"n": len(prompts), "mac_ratio": base_macs / run_macs(sd.unet, accel, calls, hw, matmuls=True)}
-        if lab:
-            entry.update(lab_accuracy(load[spec], prompts))
-        if "baseline" in methods and spec != "baseline":
-            entry.update(fidelity(load[spec], load["baseline"]))
+    with_baseline = "baseline" in methods
+    results, baseline = {}, None
+    for spec in sorted(methods, key=lambda spec: spec != "baseline"):   # the baseline's features first
+        def work(a, b, spec=spec):
+            paths = [image_path(out, spec, k) for k in range(a, b)]
+            base = None if spec == "baseline" or not with_baseline else \
+                load_images([image_path(out, "baseline", k) for k in range(a, b)])
+            return scorer.score(load_images(paths), prompts[a:b], base)
+        parts = shard.batches(n, size, work)
+        if parts is None:
+            continue
+        features = {name: [part["features"][name] for part in parts] for name in scorer.features}
+        if spec == "baseline":
+            baseline = features
+        entry = {"n": n, "mac_ratio": base_macs / run_macs(sd.unet, methods[spec], calls, hw, matmuls=True)}
+        entry.update(scorer.summarize(parts, prompts, reference, None if spec == "baseline" else baseline))
         if (s := speedup(timing, spec)) is not None:
             entry["speedup"] = s
         results[spec] = entry
-    return results, load
+    return {spec: results[spec] for spec in methods} if shard.rank == 0 else None
+
+
+COLUMNS = [  # results.md: (key, heading, format); a column shows when any method has the value
+    ("accuracy", "lab accuracy", "{:.1%}"), ("single", "one object", "{:.1%}"), ("fd_lab", "lab FD", "{:.2f}"),
+    ("fd_lab_vs_baseline", "lab FD vs baseline", "{:.2f}"), ("fid", "FID", "{:.2f}"),
+    ("fid_vs_baseline", "FID vs baseline", "{:.2f}"), ("clip_score", "CLIP score", "{:.2f}"),
+    ("psnr", "PSNR (dB)", "{:.2f}"), ("ssim", "SSIM", "{:.3f}"), ("lpips", "LPIPS", "{:.3f}"),
+    ("mac_ratio", "MAC ratio", "{:.2f}x"), ("speedup", "speed-up", "{:.2f}x")]
+
+
+def cell(entry, key):
+    """(value, its 95% interval or None) of a results.md column."""
+    if key == "single":
+        single = entry.get("by_kind", {}).get("single")
+        return (single["accuracy"], single["accuracy_ci"]) if single else (None, None)
+    return entry.get(key), entry.get(key + "_ci")
 
 
 def markdown(results):
-    columns = [("accuracy", "lab accuracy", "{:.1%}"), ("psnr", "PSNR (dB)", "{:.2f}"), ("ssim", "SSIM", "{:.3f}"),
-               ("mac_ratio", "MAC ratio", "{:.2f}x"), ("speedup", "speed-up", "{:.2f}x")]
-    columns = [c for c in columns if any(c[0] in r for r in results.values())]
+    columns = [c for c in COLUMNS if any(cell(r, c[0])[0] is not None for r in results.values())]
     lines = ["| method | " + " | ".join(c[1] for c in columns) + " |", "|---|" + "---|" * len(columns)]
     for spec, r in results.items():
         cells = []
         for key, _, form in columns:
-            if key not in r:
-                cells.append("-")
-            elif key == "accuracy":
-                lo, hi = r["accuracy_ci"]
-                cells.append(f"{form.format(r[key])} ({lo:.1%}-{hi:.1%})")
-            else:
-                cells.append(form.format(r[key]))
+            value, interval = cell(r, key)
+            text = "-" if value is None else form.format(value)
+            cells.append(text if interval is None else f"{text} ({interval[0]:.1%}-{interval[1]:.1%})")
         lines.append(f"| {spec} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def draw_grid(load, prompts, columns=6, side=128, band=24, label=110):
+def draw_grid(load, prompts, columns=GRID_COLUMNS, side=128, band=24, label=110):
     """Methods as rows, the first prompts as columns, captions above."""
     columns = min(columns, len(prompts))
     sheet = Image.new("RGB", (label + columns * side, band + len(load) * side), "white")
@@ -266,8 +363,9 @@ def draw_grid(load, prompts, columns=6, side=128, band=24, label=110):
 
 
 def draw_tradeoff(results, path, width=560, height=360):
-    """Quality (lab accuracy with its interval, else PSNR) against MAC ratio, one point per method."""
-    key = "accuracy" if all("accuracy" in r for r in results.values()) else "psnr"
+    """Quality (lab accuracy with its interval, else FID, else PSNR) against MAC ratio, one point per method."""
+    key = "accuracy" if all("accuracy" in r for r in results.values()) else \
+        "fid" if any("fid" in r for r in results.values()) else "psnr"
     points = {spec: r for spec, r in results.items() if key in r}
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
@@ -277,7 +375,8 @@ def draw_tradeoff(results, path, width=560, height=360):
         return
     x_max = max(r["mac_ratio"] for r in points.values()) * 1.1
     values = [r[key] for r in points.values()]
-    y_min, y_max = (0.0, 1.0) if key == "accuracy" else (math.floor(min(values)) - 1, math.ceil(max(values)) + 1)
+    y_min, y_max = {"accuracy": (0.0, 1.0), "fid": (0.0, math.ceil(max(values) * 1.1))}.get(
+        key, (math.floor(min(values)) - 1, math.ceil(max(values)) + 1))
 
     def xy(x, y):
         return (left + (x - 1) / max(x_max - 1, 1e-9) * (right - left),
@@ -288,8 +387,8 @@ def draw_tradeoff(results, path, width=560, height=360):
     draw.text((right - 170, bottom + 18), "MAC ratio (baseline / method)", fill="black")
     draw.text((4, top), f"{y_max:g}", fill="black")
     draw.text((4, bottom - 10), f"{y_min:g}", fill="black")
-    draw.text((left + 6, top), "lab accuracy (95% interval)" if key == "accuracy" else "PSNR vs baseline (dB)",
-              fill="black")
+    title = {"accuracy": "lab accuracy (95% interval)", "fid": "FID (lower is better)"}.get(key, "PSNR (dB)")
+    draw.text((left + 6, top), title, fill="black")
     labels = []   # (x, y) of the labels drawn: a label that would overlap one moves down a line
     for spec, r in points.items():
         x, y = xy(r["mac_ratio"], r[key])
@@ -320,37 +419,50 @@ def run(args):
         raise ValueError(f"--n must be >= 1, got {args.n}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if "baseline" in methods and importlib.util.find_spec("torchmetrics") is None:
-        raise ValueError("PSNR and SSIM against the baseline need torchmetrics: pip install -r requirements-eval.txt "
-                         "(or leave baseline out of --methods)")
     prompts = draw_prompts(args)
     check_seeds(args.seed, len(prompts))
     check_outdir(args.out)
+    shard = Shard.start()
+    if shard.world > 1 and args.threads is None:   # torchrun's processes share the cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // shard.local_world))
     device = check_device(args.device)
+    if device.type == "cuda" and device.index is None and shard.world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    scorer = Scorer.open(prompts, "baseline" in methods, lab_features=args.lab_features or None,
+                         inception=args.inception, lpips=args.lpips, clip=args.clip, device=device)
+    stats = check_reference(args, scorer)
     dtype = resolve_dtype(args.dtype, device)
     sd = load_model(args, device, dtype)
     settings = settings_record(args, sd, prompts, dtype)
-    claim_folder(args.out, settings)
+    shard.on_first(lambda: claim_folder(args.out, settings))
 
-    start, run_id = time.perf_counter(), uuid.uuid4().hex
+    start, run_id = time.perf_counter(), shard.share(uuid.uuid4().hex)
     try:
-        seconds = render(sd, prompts, methods, args, args.out, device)
+        seconds = render_missing(sd, prompts, methods, args, args.out, device, shard)
     except KeyboardInterrupt:
         raise SystemExit(f"interrupted; rerun the same command to continue (finished images in {args.out}/ are kept)") \
             from None
-    timing = update_timing(args.out, seconds, run_id, device)
+    every = shard.gather(seconds)
+    timing = None
+    if shard.rank == 0:
+        merged = {spec: dict(sorted((s, t) for part in every for s, t in part[spec].items())) for spec in methods}
+        timing = update_timing(args.out, {spec: list(m.values()) for spec, m in merged.items()}, run_id, device)
     hw = tuple(side // sd.config.vae.factor for side in
                (settings["size"] or (sd.config.image_size, sd.config.image_size)))
-    results, load = measure(sd, prompts, methods, args.out, timing, calls, hw)
+    results = measure(sd, scorer, prompts, methods, args, shard, timing, calls, hw, stats)
+    if shard.rank != 0:
+        return None
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"methods": results, "settings": settings}, f, indent=1)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(markdown(results))
-    draw_grid(load, prompts).save(os.path.join(args.out, "grid.png"))
+    first = {spec: load_images([image_path(args.out, spec, k) for k in range(min(GRID_COLUMNS, len(prompts)))])
+             for spec in methods}
+    draw_grid(first, prompts).save(os.path.join(args.out, "grid.png"))
     draw_tradeoff(results, os.path.join(args.out, "quality_vs_speed.png"))
     print(markdown(results))
-    print(f"{len(prompts)} prompts x {len(methods)} methods in {args.out}/  |  {dtype_name(dtype)} on {device}  |  "
-          f"{time.perf_counter() - start:.0f}s")
+    print(f"{len(prompts)} prompts x {len(methods)} methods in {args.out}/  |  {dtype_name(dtype)} on {device}"
+          f"{f' x {shard.world} processes' if shard.world > 1 else ''}  |  {time.perf_counter() - start:.0f}s")
     return results
 
 
@@ -359,18 +471,35 @@ def parser():
     p.add_argument("--methods", default="baseline,sito:0.5,deepcache-n5,dato-coco",
                    help="comma-separated methods in bench.py's syntax (default: baseline,sito:0.5,deepcache-n5,"
                         "dato-coco)")
-    p.add_argument("--n", type=int, help="number of prompts (default: 256 lab captions, or every line of --prompts)")
+    p.add_argument("--n", "--num-prompts", dest="n", type=int,
+                   help="number of prompts (default: 256 lab captions, or every line of --prompts); under torchrun "
+                        "write --num-prompts: torchrun reads --n as an abbreviation of its own flags")
     p.add_argument("--prompts", metavar="FILE", help="one prompt per line (default: lab captions)")
     p.add_argument("--seed", type=int, default=0, help="draws the lab captions; image k has noise seed seed + k (0)")
     p.add_argument("--batch-size", type=int, default=16, help="images per sampler batch, fixed per folder (16)")
     p.add_argument("--out", required=True, help="output folder (resumable: rerun the same command)")
+    m = p.add_argument_group("metrics (weights that cannot be downloaded here come from these flags)")
+    m.add_argument("--lab-features", metavar="FILE", default=LAB_FEATURES,
+                   help="lab feature network for fd_lab, lab captions only ('' = off; default: the shipped one)")
+    m.add_argument("--inception", metavar="FILE", help="FID Inception weights (torch-fidelity's "
+                                                       "pt_inception-2015-12-05-6726825d.pth): fid, fid_vs_baseline")
+    m.add_argument("--fid-ref", metavar="DIR|NPZ", help="reference images (a folder), or their statistics (.npz with "
+                                                        "mu, sigma), for fid / fd_lab (lab default: the generator's "
+                                                        "scenes for the same captions)")
+    m.add_argument("--clip", metavar="DIR_OR_ID", help="CLIP model for clip_score (e.g. openai/clip-vit-large-patch14)")
+    m.add_argument("--lpips", action="store_true", help=f"LPIPS (AlexNet) against the baseline; needs {LPIPS_WEIGHTS} "
+                                                        "in torch's hub cache")
     add_sampling_flags(p)
     add_model_flags(p)
     return p
 
 
 def main(argv=None):
-    return run_tool(parser(), run, argv)
+    try:
+        return run_tool(parser(), run, argv)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,165 @@
+"""metrics.py against independent computations: PSNR/SSIM (Wang et al. 2004), the Fréchet distance
+(a symmetric square root instead of torchmetrics' eigenvalues of a product), CLIP score (transformers'
+CLIPModel on PIL images, a tiny random CLIP written offline); the shipped lab feature network reads
+scenes and its Fréchet distance grows with a degradation; metrics whose weights are missing say which
+flag provides them."""
+import math
+import os
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import ImageFilter
+
+import metrics
+from lab.features import accuracy, load, scenes
+from lab.scenes import draw, layout, sample_captions, sample_description
+from model.text import write_tokenizer
+from sampler.generate import from_pil
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAB_FEATURES = os.path.join(ROOT, "lab", "lab-features.safetensors")
+
+
+def reference_ssim(x, y, window=11, sigma=1.5, k1=0.01, k2=0.03):
+    """SSIM as Wang et al. (2004) define it: Gaussian-weighted local statistics, per channel, mean over
+    the valid region (no padding)."""
+    g = torch.exp(-(torch.arange(window, dtype=torch.float64) - window // 2) ** 2 / (2 * sigma ** 2))
+    g = (g / g.sum()).outer(g / g.sum()).expand(x.shape[1], 1, window, window)
+
+    def blur(t):
+        return F.conv2d(t, g, groups=x.shape[1])
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
+    c1, c2 = k1 ** 2, k2 ** 2
+    s = (2 * mx * my + c1) * (2 * cxy + c2) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
+    return s.mean(dim=(1, 2, 3))
+
+
+def test_psnr_and_ssim_equal_an_independent_computation():
+    g = torch.Generator().manual_seed(0)
+    base = (torch.rand(3, 3, 48, 48, generator=g) * 255).round()
+    other = (base + 25 * torch.randn(base.shape, generator=g)).clamp(0, 255).round()
+    psnr, ssim = metrics.fidelity(other.byte(), base.byte())
+    x, y = other.double() / 255, base.double() / 255
+    expected = 10 * torch.log10(1 / (x - y).pow(2).mean(dim=(1, 2, 3)))
+    assert psnr == pytest.approx(expected.tolist(), rel=1e-6)
+    assert ssim == pytest.approx(reference_ssim(x, y).tolist(), abs=2e-3)
+    assert metrics.fidelity(base.byte(), base.byte())[0] == [100.0] * 3
+
+
+def test_bootstrap_interval():
+    assert metrics.bootstrap_interval([1] * 20) == [1.0, 1.0]
+    lo, hi = metrics.bootstrap_interval([1, 0] * 200)
+    half = 1.96 * math.sqrt(0.25 / 400)
+    assert lo == pytest.approx(0.5 - half, abs=0.01) and hi == pytest.approx(0.5 + half, abs=0.01)
+
+
+def reference_frechet(a, b):
+    """||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2), symmetric square roots by eigh."""
+    mu_a, mu_b, s_a, s_b = a.mean(0), b.mean(0), torch.cov(a.T), torch.cov(b.T)
+    w, v = torch.linalg.eigh(s_a)
+    root = v @ torch.diag(w.clamp(min=0).sqrt()) @ v.T
+    cross = torch.linalg.eigvalsh(root @ s_b @ root).clamp(min=0).sqrt().sum()
+    return ((mu_a - mu_b).square().sum() + s_a.trace() + s_b.trace() - 2 * cross).item()
+
+
+def test_frechet_distance_equals_an_independent_computation_in_any_batching():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(300, 8, generator=g, dtype=torch.float64)
+    b = 0.8 * torch.randn(250, 8, generator=g, dtype=torch.float64) @ torch.randn(8, 8, generator=g).double() + 0.3
+    expected = reference_frechet(a, b)
+    assert expected > 1
+    assert metrics.frechet_distance([a], [b]) == pytest.approx(expected, rel=1e-6)
+    assert metrics.frechet_distance(list(a.split(7)), list(b.split(16))) == pytest.approx(expected, rel=1e-6)
+    stats = (a.mean(0), torch.cov(a.T))   # a reference given as statistics (an .npz of mu, sigma)
+    assert metrics.frechet_distance(stats, list(b.split(16))) == pytest.approx(expected, rel=1e-6)
+    assert metrics.frechet_distance([a], [a]) == pytest.approx(0, abs=1e-6)
+
+
+def test_reference_statistics_file_matches_a_feature_network_by_dimension(tmp_path):
+    import numpy as np
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(64), sigma=np.eye(64))
+    name, mu, sigma = metrics.load_stats(str(tmp_path / "ref.npz"), {"fid": 2048, "fd_lab": 64})
+    assert name == "fd_lab" and mu.shape == (64,) and sigma.shape == (64, 64)
+    with pytest.raises(ValueError, match="match none"):
+        metrics.load_stats(str(tmp_path / "ref.npz"), {"fid": 2048})
+    np.savez(tmp_path / "bad.npz", mean=np.zeros(64))
+    with pytest.raises(ValueError, match="'mu' and 'sigma'"):
+        metrics.load_stats(str(tmp_path / "bad.npz"), {"fd_lab": 64})
+
+
+def test_shipped_lab_feature_network_reads_fresh_scenes():
+    net = load(LAB_FEATURES)
+    right, error = accuracy(net, *scenes(256, "test/held-out"))
+    assert right >= 0.95 and error < 3.0   # measured: 100%, 2.1 px (of 128)
+
+
+def test_lab_frechet_distance_grows_with_blur():
+    net = load(LAB_FEATURES)
+    real, _, _ = scenes(192, "test/real")
+    rng = random.Random("test/other")
+    others = [draw(layout(sample_description(rng), rng)) for _ in range(192)]
+    with torch.no_grad():
+        features = [[net(real)]] + [[net(from_pil([im.filter(ImageFilter.GaussianBlur(r)) for im in others]))]
+                                    for r in (0, 1.5, 3)]
+    distances = [metrics.frechet_distance(features[0], f) for f in features[1:]]
+    assert distances[0] < distances[1] < distances[2], distances
+    assert distances[2] > 1.5 * distances[0]   # measured: 5.8 (another real set), 11.3 (blur radius 3)
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    """A random CLIP with a byte-level tokenizer, saved as a --clip folder (nothing downloaded)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+    folder = str(tmp_path_factory.mktemp("clip"))
+    tokenizer = CLIPTokenizer.from_pretrained(write_tokenizer(folder, compact=True))
+    text = dict(vocab_size=514, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                max_position_embeddings=77, bos_token_id=512, eos_token_id=513, pad_token_id=513)
+    vision = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2)
+    torch.manual_seed(0)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+    processor = CLIPProcessor(tokenizer=tokenizer, image_processor=CLIPImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}))
+    prompts, images = clip_inputs()
+    with torch.no_grad():   # a random CLIP's cosines have a random sign: make most of these positive,
+        out = model(**processor(text=prompts, images=images, return_tensors="pt", padding=True))
+        if F.cosine_similarity(out.image_embeds, out.text_embeds).mean() < 0:   # or the clamp hides them
+            model.text_projection.weight.neg_()
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def clip_inputs():
+    prompts = sample_captions(6, seed="clip")
+    return prompts, [draw(layout(p, k)) for k, p in enumerate(prompts)]
+
+
+def test_clip_score_equals_clip_on_pil_images(tiny_clip):
+    from transformers import CLIPModel, CLIPProcessor
+    prompts, images = clip_inputs()
+    scorer = metrics.Scorer.open(prompts, baseline=False, clip=tiny_clip)
+    parts = [scorer.score(images[:4], prompts[:4]), scorer.score(images[4:], prompts[4:])]
+    ours = scorer.summarize(parts, prompts)["clip_score"]
+    model, processor = CLIPModel.from_pretrained(tiny_clip), CLIPProcessor.from_pretrained(tiny_clip)
+    with torch.no_grad():   # PIL images: the processor rescales 0-255 pixels itself
+        out = model(**processor(text=prompts, images=images, return_tensors="pt", padding=True))
+    cosine = F.cosine_similarity(out.image_embeds, out.text_embeds)
+    assert (cosine > 0).sum() >= 3
+    assert ours == pytest.approx((100 * cosine).clamp(min=0).mean().item(), rel=1e-4)
+
+
+def test_missing_weights_name_the_flag_that_provides_them(tmp_path, monkeypatch):
+    prompts = sample_captions(2)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(ValueError, match="--lpips needs torchvision's AlexNet weights"):
+        metrics.Scorer.open(prompts, baseline=True, lpips=True)
+    with pytest.raises(ValueError, match="--inception .* does not exist"):
+        metrics.Scorer.open(prompts, baseline=True, inception=str(tmp_path / "pt_inception.pth"))
+    with pytest.raises(ValueError, match="--clip .*no CLIP model there"):
+        metrics.Scorer.open(prompts, baseline=True, clip=str(tmp_path / "no-clip"))
+    with pytest.raises(ValueError, match="--lab-features .* does not exist"):
+        metrics.Scorer.open(prompts, baseline=True, lab_features=str(tmp_path / "none.safetensors"))
