@@ -115,3 +115,15 @@ def test_two_processes_equal_one(tmp_path):
     for entry in (*one.values(), *two.values()):
         assert entry.pop("speedup") > 0
     assert one == two and "fd_lab_vs_baseline" in one["sito:0.5"] and "fd_lab" in one["baseline"]
+
+
+@pytest.mark.parametrize("flag, message", [
+    (["--lpips"], "--lpips needs torchvision's AlexNet weights"),
+    (["--inception", "missing.pth"], "--inception 'missing.pth' does not exist"),
+    (["--clip", "/no/such/clip"], "--clip '/no/such/clip': no CLIP model there"),
+])
+def test_missing_metric_weights_fail_before_generating(tmp_path, capsys, monkeypatch, flag, message):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(SystemExit):
+        run(tmp_path / "out", "--methods", "baseline,sito:0.5", *flag)
+    assert message in capsys.readouterr().err and not (tmp_path / "out").exists()
