@@ -310,7 +310,7 @@ def check_args(args):
     attentions = [a.strip() for a in args.attention.split(",")]
     if bad := [a for a in attentions if a not in ATTENTION_BACKENDS]:
         raise ValueError(f"--attention {', '.join(bad)}: choose from {', '.join(ATTENTION_BACKENDS)}")
-    return device, dtype, parse_methods(args.methods, unet_calls(args.steps, args.sampler)), attentions
+    return device, dtype, parse_methods(args.methods, args.sampler, args.steps), attentions
 
 
 def main(argv=None):

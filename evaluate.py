@@ -56,7 +56,7 @@ from lab.scenes import image_seed, render, sample_captions
 from metrics import LPIPS_WEIGHTS, Scorer, load_stats
 from model.hardware import check_device, cpu_description, dtype_name, resolve_dtype
 from sampler import unet_calls
-from sampler.acceleration import PRESETS, check_preset_fits, parse_methods, run_macs
+from sampler.acceleration import parse_methods, run_macs
 from sampler.cli import add_model_flags, add_sampling_flags, load_model, read_prompts, run_tool, sampling
 from sampler.generate import Timer, check_outdir, check_seeds, generate, save_png
 
@@ -404,17 +404,9 @@ def draw_tradeoff(results, path, width=560, height=360):
     image.save(path)
 
 
-def check_methods(text, steps, sampler):
-    calls = unet_calls(steps, sampler)
-    for spec in text.split(","):
-        if spec.strip() in PRESETS:
-            check_preset_fits(spec.strip(), calls, sampler, steps)
-    return parse_methods(text, calls), calls
-
-
 def run(args):
     """Check everything, load the model once, render what is missing, measure, write the results."""
-    methods, calls = check_methods(args.methods, args.steps, args.sampler)
+    methods, calls = parse_methods(args.methods, args.sampler, args.steps), unet_calls(args.steps, args.sampler)
     if args.n is not None and args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
     if args.batch_size < 1:

@@ -18,9 +18,8 @@ from model.hardware import check_device, dtype_name, resolve_dtype
 from prune import BASE_TOKENS, LAYERS, MAX_DOWNSAMPLES, RECOVER, TokenPruning, max_ratio
 from prune import METHODS as PRUNE_METHODS
 from prune.viz import PruneViz
-from sampler import unet_calls
 from sampler.acceleration import PRESETS as ACCEL_PRESETS
-from sampler.acceleration import Acceleration, check_preset_fits
+from sampler.acceleration import Acceleration, check_preset_fits, find_preset
 from sampler.cli import add_model_flags, add_sampling_flags, load_model, read_prompts, run_tool, sampling
 from sampler.generate import Timer, check_outdir, check_seeds, generate_batches, save_pngs
 
@@ -36,7 +35,7 @@ def run(args):
     prompts = image_prompts(read_prompts(args.prompt, args.from_file), args.n_samples, args.n_iter)
     accel = acceleration(args)
     if args.preset:
-        check_preset_fits(args.preset, unet_calls(args.steps, args.sampler), args.sampler, args.steps)
+        check_preset_fits(args.preset, args.sampler, args.steps)
     settings = sampling(args, seed=args.seed, accel=accel, batch_size=args.n_samples)
     check_seeds(args.seed, len(prompts))
     check_outdir(args.outdir)
@@ -102,8 +101,9 @@ def parser():
     g.add_argument("--cache-power", type=float, help="nonuniform: DeepCache's power (1.4)")
     g.add_argument("--cache-schedule", help=f"one depth per UNet call, comma-separated, {FULL} = full call "
                                             "(first entry must be full)")
-    g.add_argument("--preset", choices=list(ACCEL_PRESETS),
-                   help="published settings: " + "; ".join(f"{k}: {v.about}" for k, v in ACCEL_PRESETS.items()))
+    g.add_argument("--preset", metavar="NAME|FILE.json[#k]",
+                   help="published settings: " + "; ".join(f"{k}: {v.about}" for k, v in ACCEL_PRESETS.items())
+                        + "; or a schedule file (search.py's: FILE.json#k is its point k)")
     return p
 
 
@@ -137,13 +137,13 @@ def fields_from_flags(args, flags):
 
 def preset_settings(args, prune_flags, cache_flags):
     """(prune, cache) of --preset; the flags it fixes are refused, naming what to do instead."""
-    preset = ACCEL_PRESETS[args.preset]
+    preset = find_preset(args.preset)
     if args.prune != "none" or args.cache != "none":
-        if preset.prune is None:
+        if preset.prune is None and preset.cache is not None and preset.cache.mode != "dato":
             raise ValueError(f"--preset {args.preset} fixes caching and prunes nothing; to add pruning, spell the "
                              f"caching out (--cache {preset.cache.mode} --cache-interval {preset.cache.interval} "
                              f"--cache-depth {preset.cache.depth}) and add --prune")
-        raise ValueError(f"--preset {args.preset} sets both caching and pruning; leave out --prune and --cache")
+        raise ValueError(f"--preset {args.preset} fixes caching and pruning; leave out --prune and --cache")
     if fixed := prune_flags + cache_flags:
         raise ValueError(f"--preset {args.preset} fixes its settings; leave out {', '.join(fixed)} "
                          "(or spell the method out with --prune/--cache)")

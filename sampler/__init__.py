@@ -19,7 +19,7 @@ from model.config import PREDICTIONS
 from .acceleration import PRESETS, Acceleration, parse_method, stream_seed
 from .ddim import ddim_steps
 from .plms import plms_steps
-from .schedule import alphas_cumprod, timesteps
+from .schedule import alphas_cumprod, timesteps, unet_calls
 
 METHODS = ("plms", "ddim")
 
@@ -32,11 +32,6 @@ class Step:
     x: torch.Tensor         # latent after the step
     pred_x0: torch.Tensor   # the model's estimate of the clean latent at this step
     calls: int              # UNet calls so far
-
-
-def unet_calls(steps, method="plms"):
-    """UNet calls in a run: one per step, plus PLMS's extra call in its first step (50 -> 51)."""
-    return len(timesteps(steps)) + (method == "plms")
 
 
 def check_args(steps=50, scale=7.5, method="plms", eta=0.0, prediction="eps"):

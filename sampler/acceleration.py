@@ -9,8 +9,10 @@ an AcceleratedRun, which the sampler makes fresh for every batch and passes to e
 The UNet sees it only through the contract model.unet.RunState. Nothing leaks between runs.
 """
 import hashlib
+import json
 import math
-from dataclasses import dataclass
+import os
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -19,6 +21,8 @@ from model.macs import unet_macs
 from prune import LAYERS, METHODS, TokenPruning, max_ratio
 from prune.dato import dynamics_map
 from prune.viz import PruneViz
+
+from .schedule import unet_calls
 
 NO_PLANS = (None, None, None)
 
@@ -61,11 +65,12 @@ class Acceleration:
 
 @dataclass(frozen=True)
 class Preset:
-    """Published settings under a name (sample.py --preset NAME, bench.py / evaluate.py --methods NAME)."""
-    cache: CacheSchedule
+    """Settings under a name (sample.py --preset NAME, bench.py / evaluate.py --methods NAME): a published
+    one, or a schedule file (FILE.json or FILE.json#k, e.g. what search.py found)."""
+    cache: CacheSchedule | None
     prune: TokenPruning | None
     about: str
-    calls: int | None = None   # the run length the schedule was made for (None: any)
+    run: tuple | None = None   # (sampler, steps) the per-call schedule was made for (None: any run)
 
     def acceleration(self):
         return Acceleration(self.prune, self.cache)
@@ -83,30 +88,91 @@ PRESETS = {
                          TokenPruning("dato", ratio=0.4, gamma=0.1),
                          "DaTo: the cache vector its ratio searches use (6 full, 38 shallow, 7 reuse) + DaTo pruning "
                          "at 0.4 as in those searches (txt2img_gen): dynamics base tokens, gamma=0.1, noise_alpha=0.1; "
-                         "for PLMS-50", calls=51),
+                         "for PLMS-50", run=("plms", 50)),
     "dato-coco": Preset(CacheSchedule("dato", depths=from_dato(DATO_COCO)), TokenPruning("dato", ratio=0.4),
                         "DaTo: the vector it evaluates with pruning on COCO-30k (5 full, 21 shallow, 25 reuse) + DaTo "
                         "pruning at 0.4 as the official run_command9: dynamics base tokens, gamma=1, noise_alpha=0.1; "
-                        "for PLMS-50", calls=51),
+                        "for PLMS-50", run=("plms", 50)),
     "dato-coco-random": Preset(CacheSchedule("dato", depths=from_dato(DATO_COCO)),
                                TokenPruning("dato", ratio=0.4, base_tokens="local_random"),
                                "DaTo: the dato-coco cache vector + DaTo pruning at 0.4 as the official run_command8: "
-                               "local_random base tokens (one random pattern per UNet call); for PLMS-50", calls=51),
+                               "local_random base tokens (one random pattern per UNet call); for PLMS-50",
+                               run=("plms", 50)),
 }
 
-METHOD_SYNTAX = (f"'baseline', 'tome:R', 'sito:R', 'dato:R' (token pruning at ratio R, 0 <= R <= {max_ratio():g}) "
-                 f"or a preset ({', '.join(PRESETS)})")
+METHOD_SYNTAX = (f"'baseline', 'tome:R', 'sito:R', 'dato:R' (token pruning at ratio R, 0 <= R <= {max_ratio():g}), "
+                 f"a preset ({', '.join(PRESETS)}) or a schedule file (FILE.json, FILE.json#k)")
+
+
+def schedule_entry(accel, sampler, steps, about="", **extra):
+    """One schedule of a schedule file: the per-call cache depths and pruning of `accel` for a run of
+    `sampler` with `steps` steps, spelled out call by call; `extra` (e.g. measured quality) is kept."""
+    calls = unet_calls(steps, sampler)
+    prune = None
+    if accel.prune is not None:
+        prune = {**asdict(accel.prune), "layers": list(accel.prune.layers),
+                 "schedule": [accel.prune.ratio_at(i) for i in range(calls)]}
+    return {"sampler": sampler, "steps": steps, "depths": list(accel.depths(calls)), "prune": prune,
+            "about": about, **extra}
+
+
+def is_schedule_file(spec):
+    return spec.partition("#")[0].endswith(".json")
+
+
+def load_schedule(spec):
+    """The Preset of a schedule file: 'FILE.json' (a file of one schedule) or 'FILE.json#k' (point k of a
+    file of several under "points", as search.py writes its Pareto set)."""
+    path, hash_, index = spec.partition("#")
+    if not os.path.isfile(path):
+        raise ValueError(f"schedule file {path!r} does not exist")
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"schedule file {path!r} is not readable JSON ({e})") from None
+    points = data.get("points", [data]) if isinstance(data, dict) else None
+    if not isinstance(points, list) or not points:
+        raise ValueError(f"schedule file {path!r}: expected a schedule or {{\"points\": [schedules]}}")
+    if not hash_ and len(points) > 1:
+        raise ValueError(f"schedule file {path!r} holds {len(points)} schedules: pick one, {path}#0 .. "
+                         f"{path}#{len(points) - 1}")
+    if not (index if hash_ else "0").isdigit() or int(index or 0) >= len(points):
+        raise ValueError(f"{spec!r}: {path} holds schedules #0 .. #{len(points) - 1}")
+    entry = points[int(index or 0)]
+    try:
+        depths, prune = tuple(entry["depths"]), entry.get("prune")
+        cache = CacheSchedule("dato", depths=depths) if any(d != FULL for d in depths) else None
+        if prune is not None:
+            prune = TokenPruning(**{**prune, "layers": tuple(prune["layers"]), "schedule": tuple(prune["schedule"])})
+        run = (entry["sampler"], entry["steps"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{spec!r} is not a valid schedule ({type(e).__name__}: {e})") from None
+    if len(depths) != unet_calls(run[1], run[0]):
+        raise ValueError(f"{spec!r}: {len(depths)} depths for {run[0].upper()}-{run[1]}, which makes "
+                         f"{unet_calls(run[1], run[0])} UNet calls")
+    return Preset(cache, prune, entry.get("about", ""), run)
+
+
+def find_preset(spec):
+    """A preset by name, or a schedule file."""
+    if spec in PRESETS:
+        return PRESETS[spec]
+    if is_schedule_file(spec):
+        return load_schedule(spec)
+    raise ValueError(f"unknown preset {spec!r}: use one of {', '.join(PRESETS)} or a schedule file FILE.json[#k]")
 
 
 def parse_method(spec):
     """A method spec of the command-line tools -> Acceleration, or None for 'baseline'.
 
-    'baseline' | 'tome:R' | 'sito:R' | 'dato:R' (R: prune ratio, 0.5 if left out) | a preset name.
+    'baseline' | 'tome:R' | 'sito:R' | 'dato:R' (R: prune ratio, 0.5 if left out) | a preset name |
+    a schedule file.
     """
     if spec == "baseline":
         return None
-    if spec in PRESETS:
-        return PRESETS[spec].acceleration()
+    if spec in PRESETS or is_schedule_file(spec):
+        return find_preset(spec).acceleration()
     name, colon, ratio = spec.partition(":")
     if name not in METHODS:
         raise ValueError(f"unknown method {spec!r}: use {METHOD_SYNTAX}")
@@ -119,16 +185,18 @@ def parse_method(spec):
     return Acceleration(TokenPruning(name, ratio=value))
 
 
-def parse_methods(text, calls):
+def parse_methods(text, sampler, steps):
     """A comma-separated list of method specs (the tools' --methods) -> {spec: Acceleration or None},
-    each checked against the run length `calls`."""
+    each checked against a run of `sampler` with `steps` steps."""
     specs = [spec.strip() for spec in text.split(",")]
     if not all(specs) or len(set(specs)) != len(specs):
         raise ValueError(f"--methods {text!r}: give a comma-separated list of distinct methods")
     methods = {spec: parse_method(spec) for spec in specs}
-    for accel in methods.values():
+    for spec, accel in methods.items():
+        if spec in PRESETS or is_schedule_file(spec):
+            check_preset_fits(spec, sampler, steps)
         if accel is not None:
-            accel.check(calls)
+            accel.check(unet_calls(steps, sampler))
     return methods
 
 
@@ -158,12 +226,14 @@ def run_macs(unet, accel, calls, hw, matmuls=False):
     return sum(kind_macs(unet, accel, kind, hw, matmuls) for kind in call_kinds(accel, calls))
 
 
-def check_preset_fits(name, calls, sampler, steps):
-    """A preset made for one run length (DaTo's PLMS-50 vectors) is refused for another, by name."""
-    preset = PRESETS[name]
-    if preset.calls is not None and preset.calls != calls:
-        raise ValueError(f"preset {name} is for PLMS-50 ({preset.calls} UNet calls); this run "
-                         f"({sampler.upper()}-{steps}) makes {calls}: use --sampler plms --steps 50")
+def check_preset_fits(spec, sampler, steps):
+    """A preset or schedule file made for one run (DaTo's PLMS-50 vectors) is refused for another, by name."""
+    preset = find_preset(spec)
+    if preset.run is not None and preset.run != (sampler, steps):
+        made, calls = preset.run, unet_calls(preset.run[1], preset.run[0])
+        raise ValueError(f"preset {spec} is for {made[0].upper()}-{made[1]} ({calls} UNet calls); this run is "
+                         f"{sampler.upper()}-{steps} ({unet_calls(steps, sampler)} calls): use --sampler {made[0]} "
+                         f"--steps {made[1]}")
 
 
 class AcceleratedRun:

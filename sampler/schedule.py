@@ -25,6 +25,11 @@ def timesteps(steps):
     return [1 + i * (TRAIN_STEPS // steps) for i in range(steps)]
 
 
+def unet_calls(steps, sampler="plms"):
+    """UNet calls in a run: one per step, plus PLMS's extra call in its first step (50 -> 51)."""
+    return len(timesteps(steps)) + (sampler == "plms")
+
+
 def step_alphas(ts, alphas):
     """(ᾱ_t, ᾱ_prev) for each step of timesteps `ts` in sampling order (descending).
     The last step goes to ᾱ[0], not to 1, as in LDM."""

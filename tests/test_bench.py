@@ -51,9 +51,9 @@ def test_selection(tmp_path):
 @pytest.mark.parametrize("args,match", [
     (["--methods", "foo"], "unknown method 'foo': use 'baseline', 'tome:R'"),
     (["--methods", ""], "comma-separated list"), (["--methods", "baseline,baseline"], "distinct"),
-    (["--methods", "deepcache-n9"], "or a preset (deepcache-n3"), (["--methods", "sito:abc"], "is not a number"),
+    (["--methods", "deepcache-n9"], "a preset (deepcache-n3"), (["--methods", "sito:abc"], "is not a number"),
     (["--methods", "tome:0.9"], "prune ratio 0.9 out of range"),
-    (["--methods", "baseline,dato-coco", "--steps", "20"], "51 entries"),
+    (["--methods", "baseline,dato-coco", "--steps", "20"], "is for PLMS-50 (51 UNet calls); this run is PLMS-20"),
     (["--runs", "0"], "--runs must be >= 1"), (["--H", "60"], "multiples of 8"),
     (["--attention", "flash"], "--attention flash"), (["--device", "cuda:7"], "--device cuda:7")])
 def test_bad_input_before_timing(capsys, monkeypatch, args, match):

@@ -1,0 +1,85 @@
+"""Schedule files (what search.py writes, FILE.json or FILE.json#k) work wherever a preset does: they
+round-trip every preset call by call, render the preset's images in sample.py, plug into evaluate.py's
+and bench.py's --methods, and are refused, with a clear message, for a run they were not made for."""
+import json
+import os
+
+import pytest
+from PIL import Image
+
+import evaluate
+import sample
+from cache import FULL, CacheSchedule
+from prune import TokenPruning
+from sampler.acceleration import PRESETS, Acceleration, call_kinds, find_preset, parse_methods, schedule_entry
+from sampler.generate import from_pil
+
+SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lab", "lab-sd.safetensors")
+
+
+def write(path, *entries):
+    with open(path, "w") as f:
+        json.dump(entries[0] if len(entries) == 1 else {"points": list(entries)}, f)
+    return str(path)
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_preset_round_trips_call_by_call(tmp_path, name):
+    preset = PRESETS[name]
+    sampler, steps = preset.run or ("ddim", 20)
+    path = write(tmp_path / "s.json", schedule_entry(preset.acceleration(), sampler, steps, about=preset.about))
+    loaded = find_preset(path)
+    calls = len(loaded.acceleration().depths(51 if sampler == "plms" else steps))
+    assert loaded.run == (sampler, steps) and loaded.about == preset.about
+    assert call_kinds(loaded.acceleration(), calls) == call_kinds(preset.acceleration(), calls)
+    if preset.prune is not None:   # every other pruning setting carried over
+        keep = {k: v for k, v in vars(preset.prune).items() if k not in ("ratio", "schedule")}
+        assert {k: v for k, v in vars(loaded.prune).items() if k in keep} == keep
+
+
+def test_sample_with_a_schedule_file_draws_the_presets_image(tmp_path, tokenizer_dir):
+    path = write(tmp_path / "coco.json", schedule_entry(PRESETS["dato-coco"].acceleration(), "plms", 50))
+    common = ["--prompt", "the cat", "--random-weights", "tiny", "--H", "32", "--W", "32", "--steps", "50",
+              "--tokenizer", tokenizer_dir, "--outdir", str(tmp_path / "out")]
+    sample.main(common + ["--preset", "dato-coco"])
+    sample.main(common + ["--preset", path])
+    a, b = (Image.open(tmp_path / "out" / name) for name in ("00000.png", "00001.png"))
+    assert from_pil([a]).equal(from_pil([b]))
+
+
+def steps4(depths, ratios=None):
+    prune = TokenPruning("dato", ratio=0.4, schedule=tuple(ratios)) if ratios else None
+    return schedule_entry(Acceleration(prune, CacheSchedule("dato", depths=tuple(depths))), "plms", 4)
+
+
+def test_evaluate_renders_points_of_a_schedule_file(tmp_path):
+    path = write(tmp_path / "pareto.json", steps4([FULL, 1, 0, FULL, 1]),
+                 steps4([FULL, 0, 0, 0, 0], [0, 0.5, 0.5, 0.3, 0.3]))
+    results = evaluate.main(["--ckpt", SHIPPED, "--steps", "4", "--n", "2", "--dtype", "fp32", "--out",
+                             str(tmp_path / "q"), "--methods", f"baseline,{path}#0,{path}#1"])
+    assert 1 < results[f"{path}#0"]["mac_ratio"] < results[f"{path}#1"]["mac_ratio"]
+    assert sorted(os.listdir(tmp_path / "q" / evaluate.folder_name(f"{path}#1"))) == ["00000.png", "00001.png"]
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("{path}", "holds 2 schedules: pick one"),
+    ("{path}#2", "holds schedules #0 .. #1"),
+    ("{path}#x", "holds schedules #0 .. #1"),
+    ("{missing}", "does not exist"),
+])
+def test_bad_schedule_specs_are_refused(tmp_path, spec, message):
+    path = write(tmp_path / "p.json", steps4([FULL, 1, 0, FULL, 1]), steps4([FULL, 0, 0, 0, 0]))
+    with pytest.raises(ValueError, match=message):
+        parse_methods(spec.format(path=path, missing=tmp_path / "none.json"), "plms", 4)
+
+
+def test_a_schedule_file_is_refused_for_another_run(tmp_path, capsys):
+    path = write(tmp_path / "s.json", steps4([FULL, 1, 0, FULL, 1]))
+    with pytest.raises(ValueError, match="is for PLMS-4 .* use --sampler plms --steps 4"):
+        parse_methods(f"baseline,{path}", "ddim", 5)
+    with pytest.raises(SystemExit):
+        sample.main(["--prompt", "x", "--random-weights", "tiny", "--steps", "6", "--preset", path])
+    assert "is for PLMS-4" in capsys.readouterr().err
+    broken = dict(steps4([FULL, 1, 0, FULL, 1]), depths=[FULL, 1])
+    with pytest.raises(ValueError, match="2 depths for PLMS-4, which makes 5 UNet calls"):
+        find_preset(write(tmp_path / "broken.json", broken))
