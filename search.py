@@ -1,0 +1,408 @@
+"""DaTo's schedule search, working: NSGA-II (pymoo) over per-UNet-call cache depths and pruning ratios,
+with quality measured on the generated images and cost in analytic UNet MACs.
+
+    python search.py --ckpt lab/lab-sd.safetensors --out runs/search                 # search (resumable)
+    python evaluate.py ... --methods baseline,...,runs/search/pareto.json#0,...     # held-out (printed by the search)
+    python search.py --out runs/search --report runs/search/heldout                 # held-out figures + pareto.png
+
+What is searched, per UNet call of the run (any sampler and step count): a cache depth (--depths; FULL = 12
+is a full call, 0 reuses everything) and a pruning ratio (--ratios, 0 = off) of --method's token pruning.
+--search cache fixes the ratio (--fixed-ratio, DaTo's 0.4), --search prune fixes the depths
+(--fixed-depths, a preset or schedule file; DaTo's ratio search used dato-fixed's), --search joint
+searches both. Every candidate is repaired after crossover and mutation (and at initialisation): call 0
+full, at least --min-full full calls, at most --max-reuse consecutive reuse-all calls, and no ratio on a
+reuse-all call (it runs no transformer block). DaTo's released search kept none of this after its first
+generation, rewarded slower runs, and its ratio genes had no effect (shared/reference/methods.md §5.4).
+
+Objectives (both minimised by NSGA-II): quality on the search prompts (--quality: the lab checker's
+accuracy, PSNR against the baseline's images, or lab FD against them) and cost = the method's UNet MACs
+over the baseline's (attention matmuls included; deterministic, the code bench.py and evaluate.py use).
+Each candidate renders --n search prompts (lab captions drawn with --seed, never evaluate.py's default
+seed 0, so the held-out figures are on unseen prompts and noise).
+
+Resume: every evaluation is appended to DIR/evaluations.jsonl. pymoo is seeded, so a rerun of the same
+command replays the search, taking the stored evaluations instead of rendering, and continues where the
+last run stopped; --budget-minutes bounds the rendering time of all runs together.
+
+Output: DIR/pareto.json, the non-dominated schedules as a schedule file (FILE.json#k is point k, accepted
+by sample.py --preset, evaluate.py and bench.py --methods) with their MAC ratio and search-set quality;
+--report adds the held-out figures of evaluate.py's results.json and draws DIR/pareto.png.
+"""
+import argparse
+import importlib.util
+import json
+import os
+import time
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from cache import FULL, CacheSchedule
+from lab.scenes import sample_captions
+from metrics import Scorer, frechet_distance
+from model.hardware import check_device, resolve_dtype
+from prune import METHODS as PRUNE_METHODS
+from prune import TokenPruning
+from sampler import unet_calls
+from sampler.acceleration import Acceleration, check_preset_fits, find_preset, run_macs, schedule_entry
+from sampler.cli import add_model_flags, add_sampling_flags, load_model, run_tool, sampling
+from sampler.generate import check_seeds, generate
+
+QUALITIES = {"accuracy": 1, "psnr": 1, "fd_lab_vs_baseline": -1}   # +1: higher is better
+PRESETS_SHOWN = ("deepcache-n3", "deepcache-n5", "dato-fixed", "dato-coco")
+
+
+class Space:
+    """The genome of a schedule and its constraints: one depth gene and/or one ratio gene per UNet call,
+    each an index into its list of choices (ordered, so neighbouring indices are similar schedules)."""
+
+    def __init__(self, calls, search="joint", depths=(0, 1, 2, FULL), ratios=(0, 0.3, 0.4, 0.5, 0.6, 0.7),
+                 fixed_depths=None, fixed_ratio=0.4, min_full=2, max_reuse=3, method="dato"):
+        self.calls, self.search, self.method = calls, search, method
+        self.depths = tuple(sorted(set(depths) | {FULL}))
+        self.ratios = tuple(sorted(set(ratios) | {0}))
+        self.fixed_depths = tuple(fixed_depths) if fixed_depths is not None else (FULL,) * calls
+        self.fixed_ratio, self.min_full, self.max_reuse = fixed_ratio, min_full, max_reuse
+        if len(self.fixed_depths) != calls:
+            raise ValueError(f"--fixed-depths has {len(self.fixed_depths)} depths; this run makes {calls} UNet calls")
+        if not 1 <= min_full <= calls:
+            raise ValueError(f"--min-full must be from 1 to {calls}, got {min_full}")
+        if max_reuse < 0:
+            raise ValueError(f"--max-reuse must be >= 0, got {max_reuse}")
+
+    @property
+    def searches_depths(self):
+        return self.search in ("cache", "joint")
+
+    @property
+    def searches_ratios(self):
+        return self.search in ("prune", "joint")
+
+    @property
+    def bounds(self):
+        """Upper bound of each gene (the lower bounds are 0)."""
+        return ([len(self.depths) - 1] * self.calls * self.searches_depths
+                + [len(self.ratios) - 1] * self.calls * self.searches_ratios)
+
+    def decode(self, genes):
+        """(depths, ratios) per UNet call of a genome."""
+        genes = [int(g) for g in genes]
+        depths = [self.depths[g] for g in genes[:self.calls]] if self.searches_depths else list(self.fixed_depths)
+        ratios = [self.ratios[g] for g in genes[-self.calls:]] if self.searches_ratios else \
+            [self.fixed_ratio] * self.calls
+        return depths, ratios
+
+    def encode(self, depths, ratios):
+        """The genome of (depths, ratios); each value is taken to the nearest choice."""
+        nearest = lambda values, v: min(range(len(values)), key=lambda i: abs(values[i] - v))  # noqa: E731
+        genes = [nearest(self.depths, d) for d in depths] * self.searches_depths
+        return genes + [nearest(self.ratios, r) for r in ratios] * self.searches_ratios
+
+    def repair(self, depths, ratios):
+        """The constraints, kept by the smallest deterministic changes: call 0 full; every run of reuse-all
+        calls longer than max_reuse broken by a shallowest non-reuse call; a full call in the middle of the
+        longest stretch without one until there are min_full; no ratio on reuse-all calls."""
+        depths, ratios = list(depths), list(ratios)
+        depths[0] = FULL
+        shallowest = min((d for d in self.depths if d > 0), default=FULL)
+        run = 0
+        for i, d in enumerate(depths):
+            run = run + 1 if d == 0 else 0
+            if run > self.max_reuse:
+                depths[i], run = shallowest, 0
+        while depths.count(FULL) < self.min_full:
+            full = [i for i, d in enumerate(depths) if d == FULL] + [self.calls]
+            gap, start = max((b - a, a) for a, b in zip(full, full[1:], strict=False))
+            depths[start + gap // 2] = FULL
+        ratios = [0 if d == 0 else r for d, r in zip(depths, ratios, strict=True)]
+        return depths, ratios
+
+    def acceleration(self, depths, ratios):
+        cache = CacheSchedule("dato", depths=tuple(depths)) if any(d != FULL for d in depths) else None
+        prune = TokenPruning(self.method, ratio=max(ratios), schedule=tuple(ratios)) if any(ratios) else None
+        return Acceleration(prune, cache)
+
+
+class Evaluator:
+    """Renders the search prompts for a schedule and scores them; remembers every evaluation in
+    DIR/evaluations.jsonl (the resume log), keyed by the decoded schedule."""
+
+    def __init__(self, sd, args, space, prompts, scorer, log_path):
+        self.sd, self.args, self.space, self.prompts, self.scorer = sd, args, space, prompts, scorer
+        self.log_path, self.done, self.spent = log_path, {}, 0.0
+        if os.path.exists(log_path):
+            with open(log_path) as f:
+                for line in f:
+                    if line.strip():
+                        record = json.loads(line)
+                        self.done[record["key"]] = record
+                        self.spent += record["seconds"]
+        hw = tuple(side // sd.config.vae.factor for side in ((args.H or sd.config.image_size),
+                                                             (args.W or sd.config.image_size)))
+        self.hw = hw
+        self.base_macs = run_macs(sd.unet, None, space.calls, hw, matmuls=True)
+        self.baseline = None
+
+    def render(self, accel):
+        return generate(self.sd, self.prompts, sampling(self.args, seed=self.args.seed, accel=accel,
+                                                        batch_size=self.args.batch_size))
+
+    def score(self, images):
+        """The search's quality of a set of images: higher is better."""
+        size = self.args.batch_size
+        parts = [self.scorer.score(images[a:a + size], self.prompts[a:a + size],
+                                   self.baseline[a:a + size] if self.baseline else None)
+                 for a in range(0, len(images), size)]
+        if self.args.quality == "fd_lab_vs_baseline":
+            base = [self.scorer.features_of(self.baseline[a:a + size])["fd_lab"] for a in range(0, len(images), size)]
+            return -frechet_distance(base, [p["features"]["fd_lab"] for p in parts])
+        return self.scorer.summarize(parts, self.prompts)[self.args.quality]
+
+    def __call__(self, depths, ratios):
+        """{"quality", "mac_ratio", ...} of a repaired schedule, from the log when it was evaluated before."""
+        key = json.dumps([depths, ratios])
+        if key not in self.done:
+            if self.spent > 60 * self.args.budget_minutes:
+                raise BudgetSpent
+            if self.baseline is None and self.args.quality != "accuracy":
+                self.baseline = self.render(None)
+            start = time.perf_counter()
+            accel = self.space.acceleration(depths, ratios)
+            quality = self.score(self.render(accel))
+            record = {"key": key, "depths": depths, "ratios": ratios, "quality": quality,
+                      "mac_ratio": self.base_macs / run_macs(self.sd.unet, accel, self.space.calls, self.hw,
+                                                             matmuls=True),
+                      "seconds": time.perf_counter() - start}
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            self.done[key], self.spent = record, self.spent + record["seconds"]
+            print(f"quality {quality:.4f}  MAC ratio {record['mac_ratio']:.2f}x  ({record['seconds']:.0f}s, "
+                  f"{len(self.done)} evaluated, {self.spent / 60:.1f} of {self.args.budget_minutes} min)", flush=True)
+        return self.done[key]
+
+
+class BudgetSpent(Exception):
+    """--budget-minutes of rendering are spent: the search stops at the last whole generation."""
+
+
+def pymoo_problem(space, evaluate):
+    from pymoo.core.problem import ElementwiseProblem
+
+    class ScheduleProblem(ElementwiseProblem):
+        def __init__(self):
+            bounds = np.array(space.bounds)
+            super().__init__(n_var=len(bounds), n_obj=2, xl=np.zeros_like(bounds), xu=bounds, vtype=int)
+
+        def _evaluate(self, x, out, *args, **kwargs):
+            record = evaluate(*space.decode(x))
+            out["F"] = [-record["quality"], 1 / record["mac_ratio"]]
+    return ScheduleProblem()
+
+
+def pymoo_repair(space):
+    from pymoo.core.repair import Repair
+
+    class KeepConstraints(Repair):
+        def _do(self, problem, X, **kwargs):
+            return np.array([space.encode(*space.repair(*space.decode(np.rint(x)))) for x in X], dtype=float)
+    return KeepConstraints()
+
+
+def initial_population(space, size, rng):
+    """The known schedules that fit (the deepcache and dato presets, the baseline), then random ones
+    whose depths lean to the shallow end (most good schedules are mostly cached)."""
+    rows, calls = [], space.calls
+    for name in ("deepcache-n3", "deepcache-n5", "dato-fixed", "dato-coco"):
+        try:
+            accel = find_preset(name).acceleration()
+            depths = accel.depths(calls)
+        except ValueError:
+            continue
+        rows.append(space.encode(depths, [space.fixed_ratio if d else 0 for d in depths]))
+    rows.append(space.encode([FULL] * calls, [0] * calls))
+    while len(rows) < size:
+        depths = [space.depths[min(int(rng.exponential(1.0)), len(space.depths) - 1)] for _ in range(calls)]
+        ratios = [rng.choice(space.ratios) for _ in range(calls)]
+        rows.append(space.encode(depths, ratios))
+    return np.array(rows[:size], dtype=float)
+
+
+def search(args, evaluate, space):
+    """NSGA-II until --generations or the budget; -> the evaluated records of the final non-dominated set."""
+    from pymoo.algorithms.moo.nsga2 import NSGA2
+    from pymoo.operators.crossover.sbx import SBX
+    from pymoo.operators.mutation.pm import PM
+    from pymoo.operators.repair.rounding import RoundingRepair
+    from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
+
+    rng = np.random.default_rng(args.seed)
+    algorithm = NSGA2(pop_size=args.population, sampling=initial_population(space, args.population, rng),
+                      crossover=SBX(prob=0.9, eta=10, vtype=float, repair=RoundingRepair()),
+                      mutation=PM(prob=1.0, eta=10, vtype=float, repair=RoundingRepair()),
+                      repair=pymoo_repair(space), eliminate_duplicates=True)
+    algorithm.setup(pymoo_problem(space, evaluate), termination=("n_gen", args.generations), seed=args.seed,
+                    verbose=False)
+    try:
+        while algorithm.has_next():
+            algorithm.next()
+            print(f"generation {algorithm.n_gen - 1} of {args.generations} done", flush=True)
+    except BudgetSpent:
+        print(f"--budget-minutes {args.budget_minutes} spent: stopping at generation {algorithm.n_gen - 1}")
+    records = list({r["key"]: r for r in evaluate.done.values()}.values())
+    scores = np.array([[-r["quality"], 1 / r["mac_ratio"]] for r in records])
+    front = NonDominatedSorting().do(scores, only_non_dominated_front=True)
+    return sorted((records[i] for i in front), key=lambda r: r["mac_ratio"])
+
+
+def write_pareto(path, records, space, args):
+    points = [schedule_entry(space.acceleration(r["depths"], r["ratios"]), args.sampler, args.steps,
+                             about=f"search.py --search {args.search}: search-set {args.quality} "
+                                   f"{r['quality']:.4f} at {r['mac_ratio']:.2f}x fewer MACs",
+                             mac_ratio=r["mac_ratio"], search_quality=r["quality"]) for r in records]
+    settings = {k: getattr(args, k) for k in ("search", "quality", "n", "seed", "population", "generations",
+                                              "method", "min_full", "max_reuse", "steps", "sampler")}
+    with open(path, "w") as f:
+        json.dump({"points": points, "search": settings}, f, indent=1)
+
+
+def report(out, heldout):
+    """Held-out figures (evaluate.py's results.json in `heldout`) into pareto.json, and pareto.png."""
+    path = os.path.join(out, "pareto.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} does not exist: run the search first (python search.py --out {out} ...)")
+    results_path = os.path.join(heldout, "results.json")
+    if not os.path.isfile(results_path):
+        raise ValueError(f"{results_path} does not exist: run the evaluate.py command the search printed")
+    with open(path) as f:
+        pareto = json.load(f)
+    with open(results_path) as f:
+        results = json.load(f)["methods"]
+    for k, point in enumerate(pareto["points"]):
+        entry = results.get(f"{path}#{k}")
+        point["heldout"] = None if entry is None else {key: entry[key] for key in ("accuracy", "accuracy_ci",
+                                                                                     "mac_ratio", "n") if key in entry}
+    with open(path, "w") as f:
+        json.dump(pareto, f, indent=1)
+    draw_pareto(pareto, results, os.path.join(out, "pareto.png"))
+    base = results.get("baseline", {}).get("accuracy")
+    within = [p["heldout"]["mac_ratio"] for p in pareto["points"]
+              if p["heldout"] and base is not None and p["heldout"]["accuracy"] >= base - 0.01]
+    for k, p in enumerate(pareto["points"]):
+        if p["heldout"]:
+            print(f"#{k}: held-out accuracy {p['heldout']['accuracy']:.1%} at {p['heldout']['mac_ratio']:.2f}x")
+    if within:
+        print(f"highest MAC ratio within 1 point of the baseline's accuracy ({base:.1%}): {max(within):.2f}x")
+
+
+def draw_pareto(pareto, results, path, width=560, height=360):
+    """Held-out accuracy against MAC ratio: the searched points (red), the baseline and presets (blue)."""
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    left, right, top, bottom = 50, width - 20, 15, height - 35
+    points = [(p["heldout"]["mac_ratio"], p["heldout"]["accuracy"], f"#{k}", (200, 60, 40))
+              for k, p in enumerate(pareto["points"]) if p.get("heldout")]
+    points += [(results[n]["mac_ratio"], results[n]["accuracy"], n, (40, 80, 200))
+               for n in ("baseline", *PRESETS_SHOWN) if n in results and "accuracy" in results[n]]
+    x_max = max([p[0] for p in points] + [2]) * 1.1
+    y_min = min([p[1] for p in points] + [0.9]) - 0.05
+
+    def xy(x, y):
+        return left + (x - 1) / (x_max - 1) * (right - left), bottom - (y - y_min) / (1 - y_min) * (bottom - top)
+    draw.line((left, top, left, bottom, right, bottom), fill="black")
+    for tick in range(1, int(x_max) + 1):
+        draw.text((xy(tick, y_min)[0] - 3, bottom + 2), f"{tick}x", fill="black")
+    draw.text((right - 190, bottom + 18), "MAC ratio (baseline / schedule)", fill="black")
+    draw.text((left + 6, top), "held-out lab accuracy (red: searched, blue: presets)", fill="black")
+    draw.text((4, top), "1", fill="black")
+    draw.text((4, bottom - 10), f"{y_min:.2f}", fill="black")
+    for x, y, label, color in points:
+        px, py = xy(x, y)
+        draw.ellipse((px - 3, py - 3, px + 3, py + 3), fill=color)
+        draw.text((px + 5, py - 6), label, fill="black")
+    image.save(path)
+
+
+def heldout_command(args, out, points):
+    """evaluate.py on 256 held-out prompts: the baseline, the presets that fit the run, every point."""
+    fits = []
+    for name in PRESETS_SHOWN:
+        try:
+            check_preset_fits(name, args.sampler, args.steps)
+            fits.append(name)
+        except ValueError:
+            continue
+    specs = ",".join(["baseline", *fits] + [f"{out}/pareto.json#{k}" for k in range(points)])
+    model = f"--ckpt {args.ckpt}" if args.ckpt else f"--random-weights {args.random_weights}"
+    return (f"python evaluate.py {model} --steps {args.steps} --sampler {args.sampler} --n 256 "
+            f"--seed {args.heldout_seed} --methods {specs} --out {out}/heldout")
+
+
+def run(args):
+    if args.report:
+        return report(args.out, args.report)
+    if importlib.util.find_spec("pymoo") is None:
+        raise ValueError("search.py needs pymoo: pip install -r requirements-search.txt")
+    if args.quality not in QUALITIES:
+        raise ValueError(f"--quality must be one of {', '.join(QUALITIES)}")
+    if args.n < 1 or args.population < 2 or args.generations < 1:
+        raise ValueError("--n must be >= 1, --population >= 2 and --generations >= 1")
+    calls = unet_calls(args.steps, args.sampler)
+    fixed = find_preset(args.fixed_depths).acceleration().depths(calls) if args.search == "prune" else None
+    space = Space(calls, args.search, depths=args.depths, ratios=args.ratios, fixed_depths=fixed,
+                  fixed_ratio=args.fixed_ratio, min_full=args.min_full, max_reuse=args.max_reuse, method=args.method)
+    prompts = sample_captions(args.n, seed=f"search/{args.seed}")
+    check_seeds(args.seed, len(prompts))
+    os.makedirs(args.out, exist_ok=True)
+    device = check_device(args.device)
+    scorer = Scorer.open(prompts, baseline=args.quality != "accuracy", lab_features=LAB_FEATURES, device=device)
+    sd = load_model(args, device, resolve_dtype(args.dtype, device))
+    evaluate = Evaluator(sd, args, space, prompts, scorer, os.path.join(args.out, "evaluations.jsonl"))
+    records = search(args, evaluate, space)
+    write_pareto(os.path.join(args.out, "pareto.json"), records, space, args)
+    print(f"{len(records)} non-dominated schedules in {args.out}/pareto.json. Held-out figures:\n  "
+          f"{heldout_command(args, args.out, len(records))}\n"
+          f"  python search.py --out {args.out} --report {args.out}/heldout")
+    return records
+
+
+LAB_FEATURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lab", "lab-features.safetensors")
+
+
+def numbers(kind):
+    return lambda text: tuple(kind(v) for v in text.split(","))
+
+
+def parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="output folder: evaluations.jsonl (the resume log), pareto.json")
+    p.add_argument("--search", choices=("cache", "prune", "joint"), default="joint",
+                   help="what is searched per call: cache depths, pruning ratios, or both (joint)")
+    p.add_argument("--quality", default="accuracy", help=f"search objective: {', '.join(QUALITIES)} (accuracy)")
+    p.add_argument("--n", type=int, default=32, help="search prompts, lab captions (32)")
+    p.add_argument("--seed", type=int, default=1, help="search prompts and noise, and pymoo's seed (1)")
+    p.add_argument("--heldout-seed", type=int, default=0, help="evaluate.py's seed for the held-out figures (0)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per sampler batch (16)")
+    p.add_argument("--population", type=int, default=16, help="NSGA-II population (16)")
+    p.add_argument("--generations", type=int, default=12, help="NSGA-II generations (12)")
+    p.add_argument("--budget-minutes", type=float, default=60, help="rendering minutes, all runs together (60)")
+    p.add_argument("--depths", type=numbers(int), default=(0, 1, 2, FULL),
+                   help=f"cache depths a call may take, {FULL} = full (0,1,2,{FULL})")
+    p.add_argument("--ratios", type=numbers(float), default=(0, 0.3, 0.4, 0.5, 0.6, 0.7),
+                   help="pruning ratios a call may take (0,0.3,0.4,0.5,0.6,0.7)")
+    p.add_argument("--method", choices=PRUNE_METHODS, default="dato", help="token pruning method (dato)")
+    p.add_argument("--fixed-ratio", type=float, default=0.4, help="--search cache: every call's ratio (0.4)")
+    p.add_argument("--fixed-depths", default="dato-fixed", help="--search prune: depths of this preset/file")
+    p.add_argument("--min-full", type=int, default=2, help="at least this many full calls (2)")
+    p.add_argument("--max-reuse", type=int, default=3, help="at most this many reuse-all calls in a row (3)")
+    p.add_argument("--report", metavar="HELDOUT_DIR", help="add evaluate.py's held-out results to pareto.json")
+    add_sampling_flags(p)
+    add_model_flags(p)
+    return p
+
+
+def main(argv=None):
+    return run_tool(parser(), run, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""search.py: the repair keeps every constraint on random offspring, a tiny search on the tiny model
+returns a non-dominated set of schedule files, and a rerun continues the search instead of restarting."""
+import json
+
+import numpy as np
+import pytest
+
+import evaluate
+import search
+from cache import FULL
+from sampler.acceleration import find_preset
+
+pytest.importorskip("pymoo")
+
+
+def test_repair_keeps_constraints_on_random_offspring():
+    space = search.Space(51, "joint", min_full=4, max_reuse=2)
+    problem_repair = search.pymoo_repair(space)
+    rng = np.random.default_rng(0)
+    offspring = rng.uniform(0, np.array(space.bounds), size=(300, len(space.bounds)))   # as SBX/PM leave them
+    for x in problem_repair._do(None, offspring):
+        depths, ratios = space.decode(x)
+        assert depths[0] == FULL and depths.count(FULL) >= 4
+        zeros = "".join("0" if d == 0 else "x" for d in depths)
+        assert "000" not in zeros
+        assert all(r == 0 for d, r in zip(depths, ratios, strict=True) if d == 0)
+        assert space.repair(depths, ratios) == (depths, ratios)   # repaired schedules stay as they are
+    assert space.repair([1] * 51, [0.5] * 51)[0].count(FULL) == 4   # the repair changes only what it must
+
+
+def test_search_space_round_trips_the_presets():
+    space = search.Space(51, "cache")
+    depths = find_preset("dato-coco").acceleration().depths(51)
+    assert space.decode(space.encode(depths, [0.4] * 51)) == (list(depths), [0.4] * 51)
+
+
+TINY = ["--random-weights", "tiny", "--H", "32", "--W", "32", "--steps", "4", "--n", "2", "--batch-size", "2",
+        "--population", "4", "--quality", "psnr", "--min-full", "1", "--dtype", "fp32"]
+
+
+def test_tiny_search_is_non_dominated_and_a_rerun_continues(tmp_path):
+    out = str(tmp_path / "s")
+    search.main([*TINY, "--generations", "2", "--out", out])
+    first = (tmp_path / "s" / "evaluations.jsonl").read_text().splitlines()
+    search.main([*TINY, "--generations", "4", "--out", out])
+    lines = (tmp_path / "s" / "evaluations.jsonl").read_text().splitlines()
+    assert lines[:len(first)] == first and len(lines) > len(first)          # continued, nothing redone
+    keys = [json.loads(line)["key"] for line in lines]
+    assert len(set(keys)) == len(keys)
+    points = json.load(open(tmp_path / "s" / "pareto.json"))["points"]
+    scores = [(p["search_quality"], p["mac_ratio"]) for p in points]
+    for a in scores:   # no point is at least as good in both objectives and better in one than another
+        assert not any(b != a and b[0] >= a[0] and b[1] >= a[1] for b in scores)
+    for k in range(len(points)):   # every point is a schedule file for the run it was searched on
+        assert find_preset(f"{tmp_path}/s/pareto.json#{k}").run == ("plms", 4)
+    heldout = str(tmp_path / "heldout")
+    specs = ",".join(f"{out}/pareto.json#{k}" for k in range(len(points)))
+    evaluate.main([*TINY[:10], "--dtype", "fp32", "--methods", f"baseline,{specs}", "--out", heldout])
+    search.main(["--out", out, "--report", heldout])
+    reported = json.load(open(tmp_path / "s" / "pareto.json"))["points"]
+    assert all(p["heldout"]["n"] == 2 and p["heldout"]["mac_ratio"] == pytest.approx(p["mac_ratio"]) for p in reported)
+    assert (tmp_path / "s" / "pareto.png").stat().st_size > 0
