@@ -127,3 +127,22 @@ def test_missing_metric_weights_fail_before_generating(tmp_path, capsys, monkeyp
     with pytest.raises(SystemExit):
         run(tmp_path / "out", "--methods", "baseline,sito:0.5", *flag)
     assert message in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_fid_reference_folder_and_statistics(tmp_path):
+    """--fid-ref: a folder holding the baseline's own images, or their mu and sigma, is at distance 0 from
+    the baseline; the default lab reference (the generator's scenes for the same captions) is not."""
+    import numpy as np
+    default = run(tmp_path / "a", "--methods", "baseline")["baseline"]["fd_lab"]
+    folder = run(tmp_path / "b", "--methods", "baseline", "--fid-ref", str(tmp_path / "a" / "baseline"))
+    features = torch.cat([net_features(tmp_path / "a" / "baseline")]).double()
+    np.savez(tmp_path / "ref.npz", mu=features.mean(0).numpy(), sigma=torch.cov(features.T).numpy())
+    stats = run(tmp_path / "c", "--methods", "baseline", "--fid-ref", str(tmp_path / "ref.npz"))
+    assert default > 1 and abs(folder["baseline"]["fd_lab"]) < 1e-3 and abs(stats["baseline"]["fd_lab"]) < 1e-3
+
+
+def net_features(folder):
+    from lab.features import load
+    images = [Image.open(os.path.join(folder, name)) for name in sorted(os.listdir(folder))]
+    with torch.no_grad():
+        return load(evaluate.LAB_FEATURES)(from_pil(images))
