@@ -58,7 +58,7 @@ from model.hardware import check_device, cpu_description, dtype_name, resolve_dt
 from sampler import unet_calls
 from sampler.acceleration import parse_methods, run_macs
 from sampler.cli import add_model_flags, add_sampling_flags, load_model, read_prompts, run_tool, sampling
-from sampler.generate import Timer, check_outdir, check_seeds, generate, save_png
+from sampler.generate import Timer, check_outdir, check_seeds, check_size, generate, save_png
 
 LAB_FEATURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lab", "lab-features.safetensors")
 IMAGE_TYPES = (".png", ".jpg", ".jpeg", ".webp")
@@ -288,12 +288,12 @@ def reference_features(scorer, args, prompts, shard, stats, size):
     return None if parts is None else {name: [part[name] for part in parts] for name in scorer.features}
 
 
-def measure(sd, scorer, prompts, methods, args, shard, timing, calls, hw, stats):
+def measure(sd, scorer, prompts, methods, args, shard, timing, calls, image_size, stats):
     """results.json's "methods" entry for every method, on rank 0 (None on the others). Every process
     scores its batches, one method at a time (memory: one method's features, not all of them)."""
     n, size, out = len(prompts), args.batch_size, args.out
-    reference = reference_features(scorer, args, prompts, shard, stats, (hw[1] * sd.config.vae.factor,
-                                                                        hw[0] * sd.config.vae.factor))
+    reference = reference_features(scorer, args, prompts, shard, stats, image_size[::-1])   # PIL sizes: (W, H)
+    hw = tuple(side // sd.config.vae.factor for side in image_size)
     base_macs = run_macs(sd.unet, None, calls, hw, matmuls=True)   # attention matmuls: what pruning saves most
     with_baseline = "baseline" in methods
     results, baseline = {}, None
@@ -439,9 +439,8 @@ def run(args):
     if shard.rank == 0:
         merged = {spec: dict(sorted((s, t) for part in every for s, t in part[spec].items())) for spec in methods}
         timing = update_timing(args.out, {spec: list(m.values()) for spec, m in merged.items()}, run_id, device)
-    hw = tuple(side // sd.config.vae.factor for side in
-               (settings["size"] or (sd.config.image_size, sd.config.image_size)))
-    results = measure(sd, scorer, prompts, methods, args, shard, timing, calls, hw, stats)
+    image_size = check_size(sd, sampling(args).size)   # (H, W)
+    results = measure(sd, scorer, prompts, methods, args, shard, timing, calls, image_size, stats)
     if shard.rank != 0:
         return None
     with open(os.path.join(args.out, "results.json"), "w") as f:

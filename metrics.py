@@ -90,14 +90,6 @@ class Precomputed(nn.Module):
         return features
 
 
-def frechet(dim):
-    """torchmetrics' Fréchet distance over `dim`-dimensional features that keeps its reference ("real")
-    statistics across reset(): one reference, many methods. Never synced across processes: evaluate.py
-    gathers the features itself, so that the sums run in batch order whatever the process count."""
-    from torchmetrics.image.fid import FrechetInceptionDistance
-    return FrechetInceptionDistance(feature=Precomputed(dim), reset_real_features=False, sync_on_compute=False)
-
-
 def load_stats(path, dims):
     """(name, mu, sigma) of an .npz of reference statistics (pytorch-fid / clean-fid layout: mu, sigma),
     matched to the feature network whose dimension it has; dims = {name: dim}."""
@@ -216,18 +208,19 @@ class Scorer:
 
     @torch.no_grad()
     def features_of(self, images):
-        """{name: features [B, D]} of PIL images under every feature network."""
-        x = from_pil(images).to(self.device)
+        """{name: features [B, D]} of images (PIL, or uint8 [B, 3, H, W]) under every feature network."""
+        x = (images if torch.is_tensor(images) else from_pil(images)).to(self.device)
         return {name: net(x).float().cpu() for name, net in self.features.items()}
 
     @torch.no_grad()
     def score(self, images, prompts, baseline=None):
         """One batch of one method: per-image values (lists) and features."""
-        part = {"features": self.features_of(images)}
+        x = from_pil(images)
+        part = {"features": self.features_of(x)}
         if self.lab:
             part["correct"] = [check(image, c).correct for image, c in zip(images, prompts, strict=True)]
         if baseline is not None:
-            x, y = from_pil(images), from_pil(baseline)
+            y = from_pil(baseline)
             part["psnr"], part["ssim"] = fidelity(x, y)
             if self.lpips is not None:
                 self.lpips.reset()
@@ -256,8 +249,10 @@ class Scorer:
 
 def frechet_distance(real, fake):
     """Fréchet distance between two sets given as lists of feature batches (or (mu, sigma) for `real`)."""
-    dim = fake[0].shape[1]
-    metric = frechet(dim)
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    # never synced across processes: evaluate.py gathers the features itself, so that the sums run in
+    # batch order whatever the process count
+    metric = FrechetInceptionDistance(feature=Precomputed(fake[0].shape[1]), sync_on_compute=False)
     if isinstance(real, tuple):
         set_reference(metric, *real)
     else:

@@ -20,7 +20,7 @@ from prune import METHODS as PRUNE_METHODS
 from prune.viz import PruneViz
 from sampler.acceleration import PRESETS as ACCEL_PRESETS
 from sampler.acceleration import Acceleration, check_preset_fits, find_preset
-from sampler.cli import add_model_flags, add_sampling_flags, load_model, read_prompts, run_tool, sampling
+from sampler.cli import add_model_flags, add_sampling_flags, load_model, parse_numbers, read_prompts, run_tool, sampling
 from sampler.generate import Timer, check_outdir, check_seeds, generate_batches, save_pngs
 
 
@@ -109,14 +109,6 @@ def parser():
 
 def main(argv=None):
     return run_tool(parser(), run, argv)
-
-
-def parse_numbers(text, kind, flag):
-    """'0.5,0.4' -> (0.5, 0.4) for a comma-separated list flag."""
-    try:
-        return tuple(kind(v) for v in text.split(","))
-    except ValueError:
-        raise ValueError(f"{flag} must be comma-separated numbers, got {text!r}") from None
 
 
 # tuning flags (argparse dests) -> the TokenPruning / CacheSchedule fields they set

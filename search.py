@@ -39,14 +39,14 @@ from PIL import Image, ImageDraw
 
 from cache import FULL, CacheSchedule
 from lab.scenes import sample_captions
-from metrics import Scorer, frechet_distance
+from metrics import Scorer
 from model.hardware import check_device, resolve_dtype
 from prune import METHODS as PRUNE_METHODS
 from prune import TokenPruning
 from sampler import unet_calls
 from sampler.acceleration import Acceleration, check_preset_fits, find_preset, run_macs, schedule_entry
-from sampler.cli import add_model_flags, add_sampling_flags, load_model, run_tool, sampling
-from sampler.generate import check_seeds, generate
+from sampler.cli import add_model_flags, add_sampling_flags, load_model, parse_numbers, run_tool, sampling
+from sampler.generate import check_seeds, check_size, generate
 
 QUALITIES = {"accuracy": 1, "psnr": 1, "fd_lab_vs_baseline": -1}   # +1: higher is better
 PRESETS_SHOWN = ("deepcache-n3", "deepcache-n5", "dato-fixed", "dato-coco")
@@ -137,26 +137,26 @@ class Evaluator:
                         record = json.loads(line)
                         self.done[record["key"]] = record
                         self.spent += record["seconds"]
-        hw = tuple(side // sd.config.vae.factor for side in ((args.H or sd.config.image_size),
-                                                             (args.W or sd.config.image_size)))
-        self.hw = hw
-        self.base_macs = run_macs(sd.unet, None, space.calls, hw, matmuls=True)
-        self.baseline = None
+        self.hw = tuple(side // sd.config.vae.factor for side in check_size(sd, sampling(args).size))
+        self.base_macs = run_macs(sd.unet, None, space.calls, self.hw, matmuls=True)
+        self.baseline = self.baseline_features = None
 
     def render(self, accel):
         return generate(self.sd, self.prompts, sampling(self.args, seed=self.args.seed, accel=accel,
                                                         batch_size=self.args.batch_size))
 
-    def score(self, images):
-        """The search's quality of a set of images: higher is better."""
+    def batches(self, images):
         size = self.args.batch_size
-        parts = [self.scorer.score(images[a:a + size], self.prompts[a:a + size],
+        return [(a, images[a:a + size]) for a in range(0, len(images), size)]
+
+    def score(self, images):
+        """The search's quality of a set of images, higher is better (a distance counts negatively)."""
+        size = self.args.batch_size
+        parts = [self.scorer.score(batch, self.prompts[a:a + size],
                                    self.baseline[a:a + size] if self.baseline else None)
-                 for a in range(0, len(images), size)]
-        if self.args.quality == "fd_lab_vs_baseline":
-            base = [self.scorer.features_of(self.baseline[a:a + size])["fd_lab"] for a in range(0, len(images), size)]
-            return -frechet_distance(base, [p["features"]["fd_lab"] for p in parts])
-        return self.scorer.summarize(parts, self.prompts)[self.args.quality]
+                 for a, batch in self.batches(images)]
+        entry = self.scorer.summarize(parts, self.prompts, baseline=self.baseline_features)
+        return QUALITIES[self.args.quality] * entry[self.args.quality]
 
     def __call__(self, depths, ratios):
         """{"quality", "mac_ratio", ...} of a repaired schedule, from the log when it was evaluated before."""
@@ -166,6 +166,8 @@ class Evaluator:
                 raise BudgetSpent
             if self.baseline is None and self.args.quality != "accuracy":
                 self.baseline = self.render(None)
+                features = [self.scorer.features_of(batch) for _, batch in self.batches(self.baseline)]
+                self.baseline_features = {name: [f[name] for f in features] for name in self.scorer.features}
             start = time.perf_counter()
             accel = self.space.acceleration(depths, ratios)
             quality = self.score(self.render(accel))
@@ -248,7 +250,7 @@ def search(args, evaluate, space):
             print(f"generation {algorithm.n_gen - 1} of {args.generations} done", flush=True)
     except BudgetSpent:
         print(f"--budget-minutes {args.budget_minutes} spent: stopping at generation {algorithm.n_gen - 1}")
-    records = list({r["key"]: r for r in evaluate.done.values()}.values())
+    records = list(evaluate.done.values())
     scores = np.array([[-r["quality"], 1 / r["mac_ratio"]] for r in records])
     front = NonDominatedSorting().do(scores, only_non_dominated_front=True)
     return sorted((records[i] for i in front), key=lambda r: r["mac_ratio"])
@@ -368,10 +370,6 @@ def run(args):
 LAB_FEATURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lab", "lab-features.safetensors")
 
 
-def numbers(kind):
-    return lambda text: tuple(kind(v) for v in text.split(","))
-
-
 def parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output folder: evaluations.jsonl (the resume log), pareto.json")
@@ -385,9 +383,10 @@ def parser():
     p.add_argument("--population", type=int, default=16, help="NSGA-II population (16)")
     p.add_argument("--generations", type=int, default=12, help="NSGA-II generations (12)")
     p.add_argument("--budget-minutes", type=float, default=60, help="rendering minutes, all runs together (60)")
-    p.add_argument("--depths", type=numbers(int), default=(0, 1, 2, FULL),
+    p.add_argument("--depths", type=lambda text: parse_numbers(text, int, "--depths"), default=(0, 1, 2, FULL),
                    help=f"cache depths a call may take, {FULL} = full (0,1,2,{FULL})")
-    p.add_argument("--ratios", type=numbers(float), default=(0, 0.3, 0.4, 0.5, 0.6, 0.7),
+    p.add_argument("--ratios", type=lambda text: parse_numbers(text, float, "--ratios"),
+                   default=(0, 0.3, 0.4, 0.5, 0.6, 0.7),
                    help="pruning ratios a call may take (0,0.3,0.4,0.5,0.6,0.7)")
     p.add_argument("--method", choices=PRUNE_METHODS, default="dato", help="token pruning method (dato)")
     p.add_argument("--fixed-ratio", type=float, default=0.4, help="--search cache: every call's ratio (0.4)")

@@ -120,6 +120,14 @@ def load_model(args, device, dtype):
                            tokenizer=args.tokenizer)
 
 
+def parse_numbers(text, kind, flag):
+    """'0.5,0.4' -> (0.5, 0.4) for a comma-separated list flag."""
+    try:
+        return tuple(kind(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"{flag} must be comma-separated numbers, got {text!r}") from None
+
+
 def read_prompts(prompt=None, from_file=None, flag="--from-file"):
     """[prompt], or the non-empty lines of the file `from_file` (named `flag` in errors)."""
     if prompt is not None and from_file:
