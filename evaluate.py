@@ -29,9 +29,9 @@ code bench.py uses); `speedup` = baseline UNet seconds per image / the method's 
 when both were measured by the same run. A metric that does not apply is absent; one whose weights are
 missing stops the run before anything is generated.
 
-Sharding: under torchrun every process renders and scores the batches b with b % processes == its rank
-and rank 0 combines them in batch order, so the files and metrics equal a one-process run's; each process
-gets cores / processes torch threads unless --threads says otherwise.
+Sharding: with --workers K (or under torchrun) every process renders and scores the batches b with
+b % processes == its rank and rank 0 combines them in batch order, so the files and metrics equal a
+one-process run's; each process gets cores / processes torch threads unless --threads says otherwise.
 
 Resume: rerunning the same command renders only the missing images (each batch with a missing image is
 rendered again and only the missing files are written; images are written atomically, so an
@@ -46,10 +46,8 @@ import re
 import statistics
 import time
 import uuid
-from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from PIL import Image, ImageDraw, ImageOps
 
 from lab.scenes import image_seed, render, sample_captions
@@ -59,74 +57,11 @@ from sampler import unet_calls
 from sampler.acceleration import parse_methods, run_macs
 from sampler.cli import add_model_flags, add_sampling_flags, load_model, read_prompts, run_tool, sampling
 from sampler.generate import Timer, check_outdir, check_seeds, check_size, generate, save_png
+from sampler.shard import Shard, add_worker_flag, run_workers, wants_workers
 
 LAB_FEATURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lab", "lab-features.safetensors")
 IMAGE_TYPES = (".png", ".jpg", ".jpeg", ".webp")
 GRID_COLUMNS = 6
-
-
-@dataclass(frozen=True)
-class Shard:
-    """This process's share of a run: rank 0 of 1, or one of torchrun's processes. Work is split by
-    batch and a batch is fixed by the image list, so any process count renders the same images and, with
-    the scores combined in batch order on rank 0, gets the same metrics. Only Python objects travel
-    (timings, scores, features), so the group is gloo on CPU and GPU runs alike."""
-    rank: int = 0
-    world: int = 1
-    local_world: int = 1
-
-    @classmethod
-    def start(cls):
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world == 1:
-            return cls()
-        if not dist.is_initialized():
-            dist.init_process_group("gloo")
-        return cls(dist.get_rank(), world, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
-
-    @property
-    def tag(self):
-        return f"[rank {self.rank}] " if self.world > 1 else ""
-
-    def mine(self, starts):
-        return list(starts)[self.rank::self.world]
-
-    def gather(self, obj):
-        """Every process's `obj` (in rank order) on rank 0; None on the others."""
-        if self.world == 1:
-            return [obj]
-        every = [None] * self.world if self.rank == 0 else None
-        dist.gather_object(obj, every, dst=0)
-        return every
-
-    def share(self, obj):
-        """Rank 0's `obj` on every process."""
-        if self.world == 1:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def on_first(self, fn):
-        """fn() on rank 0 only (file writes); its ValueError is raised on every process."""
-        error = None
-        if self.rank == 0:
-            try:
-                fn()
-            except ValueError as e:
-                error = str(e)
-        if (error := self.share(error)) is not None:
-            raise ValueError(error)
-
-    def batches(self, n, size, work):
-        """[work(start, stop) for each batch of n items, in order] on rank 0 (None on the others), each
-        batch computed by the process it falls to."""
-        mine = {start: work(start, min(start + size, n)) for start in self.mine(range(0, n, size))}
-        every = self.gather(mine)
-        if every is None:
-            return None
-        merged = {start: part for parts in every for start, part in parts.items()}
-        return [merged[start] for start in range(0, n, size)]
 
 
 def folder_name(spec):
@@ -414,15 +349,13 @@ def run(args):
     prompts = draw_prompts(args)
     check_seeds(args.seed, len(prompts))
     check_outdir(args.out)
-    shard = Shard.start()
-    if shard.world > 1 and args.threads is None:   # torchrun's processes share the cores
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // shard.local_world))
-    device = check_device(args.device)
-    if device.type == "cuda" and device.index is None and shard.world > 1:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    shard = Shard.start(args)
+    device = shard.device(check_device(args.device))
     scorer = Scorer.open(prompts, "baseline" in methods, lab_features=args.lab_features or None,
                          inception=args.inception, lpips=args.lpips, clip=args.clip, device=device)
     stats = check_reference(args, scorer)
+    if wants_workers(args):   # after the checks, so bad input is reported once, here
+        return run_workers(run, args)
     dtype = resolve_dtype(args.dtype, device)
     sd = load_model(args, device, dtype)
     settings = settings_record(args, sd, prompts, dtype)
@@ -480,17 +413,14 @@ def parser():
     m.add_argument("--clip", metavar="DIR_OR_ID", help="CLIP model for clip_score (e.g. openai/clip-vit-large-patch14)")
     m.add_argument("--lpips", action="store_true", help=f"LPIPS (AlexNet) against the baseline; needs {LPIPS_WEIGHTS} "
                                                         "in torch's hub cache")
+    add_worker_flag(p)
     add_sampling_flags(p)
     add_model_flags(p)
     return p
 
 
 def main(argv=None):
-    try:
-        return run_tool(parser(), run, argv)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    return run_tool(parser(), run, argv)
 
 
 if __name__ == "__main__":

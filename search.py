@@ -20,9 +20,13 @@ over the baseline's (attention matmuls included; deterministic, the code bench.p
 Each candidate renders --n search prompts (lab captions drawn with --seed, never evaluate.py's default
 seed 0, so the held-out figures are on unseen prompts and noise).
 
+Parallel: --workers K (or torchrun --nproc-per-node K) evaluates each generation's new schedules K at a
+time, schedule i by process i % K, with the same results and log as one process.
+
 Resume: every evaluation is appended to DIR/evaluations.jsonl. pymoo is seeded, so a rerun of the same
 command replays the search, taking the stored evaluations instead of rendering, and continues where the
-last run stopped; --budget-minutes bounds the rendering time of all runs together.
+last run stopped; --budget-minutes bounds the rendering time of all runs together (wall-clock: an
+evaluation counts its seconds / processes).
 
 Output: DIR/pareto.json, the non-dominated schedules as a schedule file (FILE.json#k is point k, accepted
 by sample.py --preset, evaluate.py and bench.py --methods) with their MAC ratio and search-set quality;
@@ -47,6 +51,7 @@ from sampler import unet_calls
 from sampler.acceleration import Acceleration, check_preset_fits, find_preset, run_macs, schedule_entry
 from sampler.cli import add_model_flags, add_sampling_flags, load_model, parse_numbers, run_tool, sampling
 from sampler.generate import check_seeds, check_size, generate
+from sampler.shard import Shard, add_worker_flag, run_workers, wants_workers
 
 QUALITIES = {"accuracy": 1, "psnr": 1, "fd_lab_vs_baseline": -1}   # +1: higher is better
 PRESETS_SHOWN = ("deepcache-n3", "deepcache-n5", "dato-fixed", "dato-coco")
@@ -127,16 +132,16 @@ class Evaluator:
     """Renders the search prompts for a schedule and scores them; remembers every evaluation in
     DIR/evaluations.jsonl (the resume log), keyed by the decoded schedule."""
 
-    def __init__(self, sd, args, space, prompts, scorer, log_path):
+    def __init__(self, sd, args, space, prompts, scorer, log_path, shard):
         self.sd, self.args, self.space, self.prompts, self.scorer = sd, args, space, prompts, scorer
-        self.log_path, self.done, self.spent = log_path, {}, 0.0
+        self.log_path, self.shard, self.done, self.spent = log_path, shard, {}, 0.0
         if os.path.exists(log_path):
             with open(log_path) as f:
                 for line in f:
                     if line.strip():
                         record = json.loads(line)
                         self.done[record["key"]] = record
-                        self.spent += record["seconds"]
+                        self.spent += record["share"]
         self.hw = tuple(side // sd.config.vae.factor for side in check_size(sd, sampling(args).size))
         self.base_macs = run_macs(sd.unet, None, space.calls, self.hw, matmuls=True)
         self.baseline = self.baseline_features = None
@@ -158,29 +163,40 @@ class Evaluator:
         entry = self.scorer.summarize(parts, self.prompts, baseline=self.baseline_features)
         return QUALITIES[self.args.quality] * entry[self.args.quality]
 
-    def __call__(self, depths, ratios):
-        """{"quality", "mac_ratio", ...} of a repaired schedule, from the log when it was evaluated before."""
-        key = json.dumps([depths, ratios])
-        if key not in self.done:
+    def __call__(self, schedules):
+        """[{"quality", "mac_ratio", ...}] of repaired (depths, ratios) schedules, on every process. Those not
+        in the log are evaluated, one per process at a time (schedule i by rank i % processes), and logged
+        by rank 0 in the order given."""
+        keys = [json.dumps([depths, ratios]) for depths, ratios in schedules]
+        todo = list(dict.fromkeys(key for key in keys if key not in self.done))
+        if todo:
             if self.spent > 60 * self.args.budget_minutes:
                 raise BudgetSpent
             if self.baseline is None and self.args.quality != "accuracy":
-                self.baseline = self.render(None)
+                self.baseline = self.render(None)   # every process renders it: the same images, no waiting
                 features = [self.scorer.features_of(batch) for _, batch in self.batches(self.baseline)]
                 self.baseline_features = {name: [f[name] for f in features] for name in self.scorer.features}
-            start = time.perf_counter()
-            accel = self.space.acceleration(depths, ratios)
-            quality = self.score(self.render(accel))
-            record = {"key": key, "depths": depths, "ratios": ratios, "quality": quality,
-                      "mac_ratio": self.base_macs / run_macs(self.sd.unet, accel, self.space.calls, self.hw,
-                                                             matmuls=True),
-                      "seconds": time.perf_counter() - start}
-            with open(self.log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            self.done[key], self.spent = record, self.spent + record["seconds"]
-            print(f"quality {quality:.4f}  MAC ratio {record['mac_ratio']:.2f}x  ({record['seconds']:.0f}s, "
-                  f"{len(self.done)} evaluated, {self.spent / 60:.1f} of {self.args.budget_minutes} min)", flush=True)
-        return self.done[key]
+            def work(i, _):
+                return self.evaluate(*json.loads(todo[i]))
+            records = self.shard.share(self.shard.batches(len(todo), 1, work))
+            for record in records:
+                record["share"] = record["seconds"] / self.shard.world   # of the search's wall-clock
+                self.done[record["key"]], self.spent = record, self.spent + record["share"]
+                if self.shard.rank == 0:
+                    with open(self.log_path, "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                    print(f"quality {record['quality']:.4f}  MAC ratio {record['mac_ratio']:.2f}x  "
+                          f"({record['seconds']:.0f}s, {len(self.done)} evaluated, {self.spent / 60:.1f} of "
+                          f"{self.args.budget_minutes} min)", flush=True)
+        return [self.done[key] for key in keys]
+
+    def evaluate(self, depths, ratios):
+        start = time.perf_counter()
+        accel = self.space.acceleration(depths, ratios)
+        quality = self.score(self.render(accel))
+        return {"key": json.dumps([depths, ratios]), "depths": depths, "ratios": ratios, "quality": quality,
+                "mac_ratio": self.base_macs / run_macs(self.sd.unet, accel, self.space.calls, self.hw, matmuls=True),
+                "seconds": time.perf_counter() - start}
 
 
 class BudgetSpent(Exception):
@@ -188,16 +204,17 @@ class BudgetSpent(Exception):
 
 
 def pymoo_problem(space, evaluate):
-    from pymoo.core.problem import ElementwiseProblem
+    from pymoo.core.problem import Problem
 
-    class ScheduleProblem(ElementwiseProblem):
+    class ScheduleProblem(Problem):
+        """A whole population at a time, so that its schedules can be evaluated in parallel."""
         def __init__(self):
             bounds = np.array(space.bounds)
             super().__init__(n_var=len(bounds), n_obj=2, xl=np.zeros_like(bounds), xu=bounds, vtype=int)
 
-        def _evaluate(self, x, out, *args, **kwargs):
-            record = evaluate(*space.decode(x))
-            out["F"] = [-record["quality"], 1 / record["mac_ratio"]]
+        def _evaluate(self, X, out, *args, **kwargs):
+            records = evaluate([space.decode(x) for x in X])
+            out["F"] = np.array([[-r["quality"], 1 / r["mac_ratio"]] for r in records])
     return ScheduleProblem()
 
 
@@ -247,9 +264,11 @@ def search(args, evaluate, space):
     try:
         while algorithm.has_next():
             algorithm.next()
-            print(f"generation {algorithm.n_gen - 1} of {args.generations} done", flush=True)
+            if evaluate.shard.rank == 0:
+                print(f"generation {algorithm.n_gen - 1} of {args.generations} done", flush=True)
     except BudgetSpent:
-        print(f"--budget-minutes {args.budget_minutes} spent: stopping at generation {algorithm.n_gen - 1}")
+        if evaluate.shard.rank == 0:
+            print(f"--budget-minutes {args.budget_minutes} spent: stopping at generation {algorithm.n_gen - 1}")
     records = list(evaluate.done.values())
     scores = np.array([[-r["quality"], 1 / r["mac_ratio"]] for r in records])
     front = NonDominatedSorting().do(scores, only_non_dominated_front=True)
@@ -355,11 +374,16 @@ def run(args):
     prompts = sample_captions(args.n, seed=f"search/{args.seed}")
     check_seeds(args.seed, len(prompts))
     os.makedirs(args.out, exist_ok=True)
-    device = check_device(args.device)
+    shard = Shard.start(args)
+    device = shard.device(check_device(args.device))
     scorer = Scorer.open(prompts, baseline=args.quality != "accuracy", lab_features=LAB_FEATURES, device=device)
+    if wants_workers(args):   # after the checks, so bad input is reported once, here
+        return run_workers(run, args)
     sd = load_model(args, device, resolve_dtype(args.dtype, device))
-    evaluate = Evaluator(sd, args, space, prompts, scorer, os.path.join(args.out, "evaluations.jsonl"))
+    evaluate = Evaluator(sd, args, space, prompts, scorer, os.path.join(args.out, "evaluations.jsonl"), shard)
     records = search(args, evaluate, space)
+    if shard.rank != 0:
+        return None
     write_pareto(os.path.join(args.out, "pareto.json"), records, space, args)
     print(f"{len(records)} non-dominated schedules in {args.out}/pareto.json. Held-out figures:\n  "
           f"{heldout_command(args, args.out, len(records))}\n"
@@ -394,6 +418,7 @@ def parser():
     p.add_argument("--min-full", type=int, default=2, help="at least this many full calls (2)")
     p.add_argument("--max-reuse", type=int, default=3, help="at most this many reuse-all calls in a row (3)")
     p.add_argument("--report", metavar="HELDOUT_DIR", help="add evaluate.py's held-out results to pareto.json")
+    add_worker_flag(p)
     add_sampling_flags(p)
     add_model_flags(p)
     return p

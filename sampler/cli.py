@@ -26,6 +26,7 @@ from model.unet import ATTENTION_BACKENDS
 from . import METHODS
 from .generate import Sampling
 from .schedule import MAX_STEPS
+from .shard import leave_group
 
 SD15 = ("stable-diffusion-v1-5/stable-diffusion-v1-5", "v1-5-pruned-emaonly.safetensors")
 
@@ -76,7 +77,8 @@ def set_threads(p, args):
 
 def run_tool(p, run, argv=None):
     """A tool's main: parse `argv`, set the threads, `run(args)`; bad input (arguments, checkpoint,
-    schedule) ends in the usage line and the reason, a tokenizer problem in one line."""
+    schedule) ends in the usage line and the reason, a tokenizer problem in one line. A process group
+    that `run` joined (torchrun) is left at the end."""
     args = p.parse_args(argv)
     set_threads(p, args)
     try:
@@ -85,6 +87,8 @@ def run_tool(p, run, argv=None):
         p.error(str(e))
     except TokenizerError as e:
         raise SystemExit(f"error: {e}") from None
+    finally:
+        leave_group()
 
 
 def resolve_checkpoint(ckpt):

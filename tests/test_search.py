@@ -60,3 +60,16 @@ def test_tiny_search_is_non_dominated_and_a_rerun_continues(tmp_path):
     reported = json.load(open(tmp_path / "s" / "pareto.json"))["points"]
     assert all(p["heldout"]["n"] == 2 and p["heldout"]["mac_ratio"] == pytest.approx(p["mac_ratio"]) for p in reported)
     assert (tmp_path / "s" / "pareto.png").stat().st_size > 0
+
+
+def test_two_workers_search_as_one_process_does(tmp_path):
+    """--workers 2 splits each generation's new schedules between two processes: the same evaluations
+    (in the same log order) and the same Pareto set as one process."""
+    runs = {}
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        search.main([*TINY, "--generations", "2", "--threads", "1", "--workers", str(workers), "--out", str(out)])
+        records = [json.loads(line) for line in (out / "evaluations.jsonl").read_text().splitlines()]
+        runs[workers] = ([{k: v for k, v in r.items() if k not in ("seconds", "share")} for r in records],
+                         json.load(open(out / "pareto.json"))["points"])
+    assert runs[2] == runs[1] and len(runs[1][0]) > 4
