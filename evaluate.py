@@ -38,7 +38,6 @@ rendered again and only the missing files are written; images are written atomic
 interrupted run leaves no partial file) and recomputes the metrics.
 """
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -55,7 +54,16 @@ from metrics import LPIPS_WEIGHTS, Scorer, load_stats
 from model.hardware import check_device, cpu_description, dtype_name, resolve_dtype
 from sampler import unet_calls
 from sampler.acceleration import parse_methods, run_macs
-from sampler.cli import add_model_flags, add_sampling_flags, load_model, read_prompts, run_tool, sampling
+from sampler.cli import (
+    add_model_flags,
+    add_sampling_flags,
+    claim_folder,
+    load_model,
+    read_prompts,
+    run_tool,
+    sampling,
+    settings_record,
+)
 from sampler.generate import Timer, check_outdir, check_seeds, check_size, generate, save_png
 from sampler.shard import Shard, add_worker_flag, run_workers, wants_workers
 
@@ -75,32 +83,6 @@ def draw_prompts(args):
         prompts = read_prompts(from_file=args.prompts, flag="--prompts")
         return prompts[:args.n] if args.n else prompts
     return sample_captions(args.n or 256, seed=f"evaluate/{args.seed}")
-
-
-def settings_record(args, sd, prompts, dtype):
-    """What the images depend on (besides the method, which names its folder)."""
-    run = sampling(args, seed=args.seed, batch_size=args.batch_size)
-    return {"checkpoint": sd.source, "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
-            "n": len(prompts), "seed": args.seed, "batch_size": args.batch_size, "steps": run.steps,
-            "scale": sd.config.guidance if run.scale is None else run.scale, "sampler": run.sampler, "eta": run.eta,
-            "size": list(run.size) if run.size else None, "dtype": dtype_name(dtype), "attention": run.attention,
-            "negative_prompt": run.negative_prompt}
-
-
-def claim_folder(out, settings):
-    """Write settings.json, or check that the folder's images were made with these settings."""
-    path = os.path.join(out, "settings.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            stored = json.load(f)
-        if stored != settings:
-            changed = sorted(k for k in set(stored) | set(settings) if stored.get(k) != settings.get(k))
-            raise ValueError(f"--out {out!r} holds images made with other settings ({', '.join(changed)} differ); "
-                             "choose another --out, or rerun with the same settings to resume")
-        return
-    os.makedirs(out, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(settings, f, indent=1)
 
 
 def image_path(out, spec, k):
@@ -359,7 +341,7 @@ def run(args):
     dtype = resolve_dtype(args.dtype, device)
     sd = load_model(args, device, dtype)
     settings = settings_record(args, sd, prompts, dtype)
-    shard.on_first(lambda: claim_folder(args.out, settings))
+    shard.on_first(lambda: claim_folder(args.out, settings, "images"))
 
     start, run_id = time.perf_counter(), shard.share(uuid.uuid4().hex)
     try:

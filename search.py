@@ -49,11 +49,21 @@ from prune import METHODS as PRUNE_METHODS
 from prune import TokenPruning
 from sampler import unet_calls
 from sampler.acceleration import Acceleration, check_preset_fits, find_preset, run_macs, schedule_entry
-from sampler.cli import add_model_flags, add_sampling_flags, load_model, parse_numbers, run_tool, sampling
-from sampler.generate import check_seeds, check_size, generate
+from sampler.cli import (
+    add_model_flags,
+    add_sampling_flags,
+    claim_folder,
+    load_model,
+    parse_numbers,
+    run_tool,
+    sampling,
+    settings_record,
+)
+from sampler.generate import Timer, check_seeds, check_size, generate
 from sampler.shard import Shard, add_worker_flag, run_workers, wants_workers
 
 QUALITIES = {"accuracy": 1, "psnr": 1, "fd_lab_vs_baseline": -1}   # +1: higher is better
+COSTS = {"macs": "mac_ratio", "time": "speedup"}   # --cost -> the record's field; the objective is its inverse
 PRESETS_SHOWN = ("deepcache-n3", "deepcache-n5", "dato-fixed", "dato-coco")
 
 
@@ -144,11 +154,18 @@ class Evaluator:
                         self.spent += record["share"]
         self.hw = tuple(side // sd.config.vae.factor for side in check_size(sd, sampling(args).size))
         self.base_macs = run_macs(sd.unet, None, space.calls, self.hw, matmuls=True)
-        self.baseline = self.baseline_features = None
+        self.baseline = self.baseline_features = self.baseline_seconds = None
 
     def render(self, accel):
-        return generate(self.sd, self.prompts, sampling(self.args, seed=self.args.seed, accel=accel,
-                                                        batch_size=self.args.batch_size))
+        """The search prompts' images under `accel` and the UNet seconds per image they took."""
+        timer = Timer(self.sd.device)
+        images = generate(self.sd, self.prompts, sampling(self.args, seed=self.args.seed, accel=accel,
+                                                          batch_size=self.args.batch_size), timer=timer)
+        return images, timer.totals["unet"] / len(images)
+
+    def objectives(self, record):
+        """What NSGA-II minimises: minus the quality, and the cost relative to the baseline."""
+        return [-record["quality"], 1 / record[COSTS[self.args.cost]]]
 
     def batches(self, images):
         size = self.args.batch_size
@@ -172,10 +189,8 @@ class Evaluator:
         if todo:
             if self.spent > 60 * self.args.budget_minutes:
                 raise BudgetSpent
-            if self.baseline is None and self.args.quality != "accuracy":
-                self.baseline = self.render(None)   # every process renders it: the same images, no waiting
-                features = [self.scorer.features_of(batch) for _, batch in self.batches(self.baseline)]
-                self.baseline_features = {name: [f[name] for f in features] for name in self.scorer.features}
+            if self.baseline_seconds is None and (self.args.quality != "accuracy" or self.args.cost == "time"):
+                self.prepare_baseline()
             def work(i, _):
                 return self.evaluate(*json.loads(todo[i]))
             records = self.shard.share(self.shard.batches(len(todo), 1, work))
@@ -185,18 +200,31 @@ class Evaluator:
                 if self.shard.rank == 0:
                     with open(self.log_path, "a") as f:
                         f.write(json.dumps(record) + "\n")
-                    print(f"quality {record['quality']:.4f}  MAC ratio {record['mac_ratio']:.2f}x  "
+                    speed = f"  speed-up {record['speedup']:.2f}x" if "speedup" in record else ""
+                    print(f"quality {record['quality']:.4f}  MAC ratio {record['mac_ratio']:.2f}x{speed}  "
                           f"({record['seconds']:.0f}s, {len(self.done)} evaluated, {self.spent / 60:.1f} of "
                           f"{self.args.budget_minutes} min)", flush=True)
         return [self.done[key] for key in keys]
 
+    def prepare_baseline(self):
+        """The baseline's images and features (a quality against them) and UNet time (--cost time), rendered
+        by every process (the same images, and a time measured under the same load as its evaluations)."""
+        images, self.baseline_seconds = self.render(None)
+        if self.args.quality != "accuracy":
+            self.baseline = images
+            features = [self.scorer.features_of(batch) for _, batch in self.batches(images)]
+            self.baseline_features = {name: [f[name] for f in features] for name in self.scorer.features}
+
     def evaluate(self, depths, ratios):
         start = time.perf_counter()
         accel = self.space.acceleration(depths, ratios)
-        quality = self.score(self.render(accel))
-        return {"key": json.dumps([depths, ratios]), "depths": depths, "ratios": ratios, "quality": quality,
-                "mac_ratio": self.base_macs / run_macs(self.sd.unet, accel, self.space.calls, self.hw, matmuls=True),
-                "seconds": time.perf_counter() - start}
+        images, unet_seconds = self.render(accel)
+        record = {"key": json.dumps([depths, ratios]), "depths": depths, "ratios": ratios,
+                  "quality": self.score(images), "unet_seconds": unet_seconds,
+                  "mac_ratio": self.base_macs / run_macs(self.sd.unet, accel, self.space.calls, self.hw, matmuls=True)}
+        if self.args.cost == "time":   # kept in the record: a resumed run replays the same objectives
+            record["speedup"] = self.baseline_seconds / unet_seconds
+        return {**record, "seconds": time.perf_counter() - start}
 
 
 class BudgetSpent(Exception):
@@ -213,8 +241,7 @@ def pymoo_problem(space, evaluate):
             super().__init__(n_var=len(bounds), n_obj=2, xl=np.zeros_like(bounds), xu=bounds, vtype=int)
 
         def _evaluate(self, X, out, *args, **kwargs):
-            records = evaluate([space.decode(x) for x in X])
-            out["F"] = np.array([[-r["quality"], 1 / r["mac_ratio"]] for r in records])
+            out["F"] = np.array([evaluate.objectives(r) for r in evaluate([space.decode(x) for x in X])])
     return ScheduleProblem()
 
 
@@ -270,7 +297,7 @@ def search(args, evaluate, space):
         if evaluate.shard.rank == 0:
             print(f"--budget-minutes {args.budget_minutes} spent: stopping at generation {algorithm.n_gen - 1}")
     records = list(evaluate.done.values())
-    scores = np.array([[-r["quality"], 1 / r["mac_ratio"]] for r in records])
+    scores = np.array([evaluate.objectives(r) for r in records])
     front = NonDominatedSorting().do(scores, only_non_dominated_front=True)
     return sorted((records[i] for i in front), key=lambda r: r["mac_ratio"])
 
@@ -279,8 +306,9 @@ def write_pareto(path, records, space, args):
     points = [schedule_entry(space.acceleration(r["depths"], r["ratios"]), args.sampler, args.steps,
                              about=f"search.py --search {args.search}: search-set {args.quality} "
                                    f"{r['quality']:.4f} at {r['mac_ratio']:.2f}x fewer MACs",
-                             mac_ratio=r["mac_ratio"], search_quality=r["quality"]) for r in records]
-    settings = {k: getattr(args, k) for k in ("search", "quality", "n", "seed", "population", "generations",
+                             mac_ratio=r["mac_ratio"], search_quality=r["quality"],
+                             **({"speedup": r["speedup"]} if "speedup" in r else {})) for r in records]
+    settings = {k: getattr(args, k) for k in ("search", "quality", "cost", "n", "seed", "population", "generations",
                                               "method", "min_full", "max_reuse", "steps", "sampler")}
     with open(path, "w") as f:
         json.dump({"points": points, "search": settings}, f, indent=1)
@@ -379,7 +407,12 @@ def run(args):
     scorer = Scorer.open(prompts, baseline=args.quality != "accuracy", lab_features=LAB_FEATURES, device=device)
     if wants_workers(args):   # after the checks, so bad input is reported once, here
         return run_workers(run, args)
-    sd = load_model(args, device, resolve_dtype(args.dtype, device))
+    dtype = resolve_dtype(args.dtype, device)
+    sd = load_model(args, device, dtype)
+    # what an evaluation depends on: a resumed search reuses the log's records only under the same settings
+    settings = {**settings_record(args, sd, prompts, dtype), "quality": args.quality, "cost": args.cost,
+                "method": args.method}
+    shard.on_first(lambda: claim_folder(args.out, settings, "evaluations"))
     evaluate = Evaluator(sd, args, space, prompts, scorer, os.path.join(args.out, "evaluations.jsonl"), shard)
     records = search(args, evaluate, space)
     if shard.rank != 0:
@@ -400,6 +433,9 @@ def parser():
     p.add_argument("--search", choices=("cache", "prune", "joint"), default="joint",
                    help="what is searched per call: cache depths, pruning ratios, or both (joint)")
     p.add_argument("--quality", default="accuracy", help=f"search objective: {', '.join(QUALITIES)} (accuracy)")
+    p.add_argument("--cost", choices=list(COSTS), default="macs",
+                   help="cost objective: analytic UNet MACs (deterministic), or measured UNet time, which is noisy: "
+                        "use one process on an otherwise idle machine (macs)")
     p.add_argument("--n", type=int, default=32, help="search prompts, lab captions (32)")
     p.add_argument("--seed", type=int, default=1, help="search prompts and noise, and pymoo's seed (1)")
     p.add_argument("--heldout-seed", type=int, default=0, help="evaluate.py's seed for the held-out figures (0)")

@@ -12,6 +12,8 @@ defined once with its default, and what they turn into, the loaded model and a S
     run_tool(p, run)   # parse, set the threads, run; bad input ends in one usage line
 """
 import argparse
+import hashlib
+import json
 import os
 from dataclasses import replace
 
@@ -19,7 +21,7 @@ import torch
 
 from model import PRESETS, load_checkpoint, random_weights
 from model.config import PREDICTIONS
-from model.hardware import DTYPE_CHOICES
+from model.hardware import DTYPE_CHOICES, dtype_name
 from model.text import TokenizerError, byte_tokenizer
 from model.unet import ATTENTION_BACKENDS
 
@@ -89,6 +91,33 @@ def run_tool(p, run, argv=None):
         raise SystemExit(f"error: {e}") from None
     finally:
         leave_group()
+
+
+def settings_record(args, sd, prompts, dtype):
+    """What images rendered by these flags depend on, besides the method: the record claim_folder keeps."""
+    run = sampling(args, seed=args.seed, batch_size=args.batch_size)
+    return {"checkpoint": sd.source, "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
+            "n": len(prompts), "seed": args.seed, "batch_size": args.batch_size, "steps": run.steps,
+            "scale": sd.config.guidance if run.scale is None else run.scale, "sampler": run.sampler, "eta": run.eta,
+            "size": list(run.size) if run.size else None, "dtype": dtype_name(dtype), "attention": run.attention,
+            "negative_prompt": run.negative_prompt}
+
+
+def claim_folder(out, settings, what):
+    """Write out/settings.json, or check that the `what` (images, evaluations) already in `out` were made
+    with these settings: a resumed run never mixes results of different settings."""
+    path = os.path.join(out, "settings.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            stored = json.load(f)
+        if stored != settings:
+            changed = sorted(k for k in set(stored) | set(settings) if stored.get(k) != settings.get(k))
+            raise ValueError(f"--out {out!r} holds {what} made with other settings ({', '.join(changed)} differ); "
+                             "choose another --out, or rerun with the same settings to resume")
+        return
+    os.makedirs(out, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(settings, f, indent=1)
 
 
 def resolve_checkpoint(ckpt):

@@ -70,6 +70,19 @@ def test_two_workers_search_as_one_process_does(tmp_path):
         out = tmp_path / f"w{workers}"
         search.main([*TINY, "--generations", "2", "--threads", "1", "--workers", str(workers), "--out", str(out)])
         records = [json.loads(line) for line in (out / "evaluations.jsonl").read_text().splitlines()]
-        runs[workers] = ([{k: v for k, v in r.items() if k not in ("seconds", "share")} for r in records],
+        runs[workers] = ([{k: v for k, v in r.items() if k not in ("seconds", "share", "unet_seconds")} for r in records],
                          json.load(open(out / "pareto.json"))["points"])
     assert runs[2] == runs[1] and len(runs[1][0]) > 4
+
+
+def test_cost_time_searches_measured_speed_and_a_rerun_with_other_settings_is_refused(tmp_path, capsys):
+    out = str(tmp_path / "s")
+    search.main([*TINY, "--generations", "1", "--cost", "time", "--out", out])
+    records = [json.loads(line) for line in (tmp_path / "s" / "evaluations.jsonl").read_text().splitlines()]
+    assert all(r["speedup"] > 0 and r["unet_seconds"] > 0 for r in records)
+    points = json.load(open(tmp_path / "s" / "pareto.json"))["points"]
+    scores = [(p["search_quality"], p["speedup"]) for p in points]
+    assert all(not any(b != a and b[0] >= a[0] and b[1] >= a[1] for b in scores) for a in scores)
+    with pytest.raises(SystemExit):   # the log's evaluations were measured with another objective
+        search.main([*TINY, "--generations", "2", "--cost", "macs", "--out", out])
+    assert "(cost differ)" in capsys.readouterr().err
