@@ -70,7 +70,8 @@ def test_two_workers_search_as_one_process_does(tmp_path):
         out = tmp_path / f"w{workers}"
         search.main([*TINY, "--generations", "2", "--threads", "1", "--workers", str(workers), "--out", str(out)])
         records = [json.loads(line) for line in (out / "evaluations.jsonl").read_text().splitlines()]
-        runs[workers] = ([{k: v for k, v in r.items() if k not in ("seconds", "share", "unet_seconds")} for r in records],
+        timings = ("seconds", "share", "unet_seconds")
+        runs[workers] = ([{k: v for k, v in r.items() if k not in timings} for r in records],
                          json.load(open(out / "pareto.json"))["points"])
     assert runs[2] == runs[1] and len(runs[1][0]) > 4
 
