@@ -50,7 +50,7 @@ import torch
 from PIL import Image, ImageDraw, ImageOps
 
 from lab.scenes import image_seed, render, sample_captions
-from metrics import LPIPS_WEIGHTS, Scorer, load_stats
+from metrics import LPIPS_WEIGHTS, Scorer, load_stats, markdown
 from model.hardware import check_device, cpu_description, dtype_name, resolve_dtype
 from sampler import unet_calls
 from sampler.acceleration import parse_methods, run_macs
@@ -232,35 +232,6 @@ def measure(sd, scorer, prompts, methods, args, shard, timing, calls, image_size
             entry["speedup"] = s
         results[spec] = entry
     return {spec: results[spec] for spec in methods} if shard.rank == 0 else None
-
-
-COLUMNS = [  # results.md: (key, heading, format); a column shows when any method has the value
-    ("accuracy", "lab accuracy", "{:.1%}"), ("single", "one object", "{:.1%}"), ("fd_lab", "lab FD", "{:.2f}"),
-    ("fd_lab_vs_baseline", "lab FD vs baseline", "{:.2f}"), ("fid", "FID", "{:.2f}"),
-    ("fid_vs_baseline", "FID vs baseline", "{:.2f}"), ("clip_score", "CLIP score", "{:.2f}"),
-    ("psnr", "PSNR (dB)", "{:.2f}"), ("ssim", "SSIM", "{:.3f}"), ("lpips", "LPIPS", "{:.3f}"),
-    ("mac_ratio", "MAC ratio", "{:.2f}x"), ("speedup", "speed-up", "{:.2f}x")]
-
-
-def cell(entry, key):
-    """(value, its 95% interval or None) of a results.md column."""
-    if key == "single":
-        single = entry.get("by_kind", {}).get("single")
-        return (single["accuracy"], single["accuracy_ci"]) if single else (None, None)
-    return entry.get(key), entry.get(key + "_ci")
-
-
-def markdown(results):
-    columns = [c for c in COLUMNS if any(cell(r, c[0])[0] is not None for r in results.values())]
-    lines = ["| method | " + " | ".join(c[1] for c in columns) + " |", "|---|" + "---|" * len(columns)]
-    for spec, r in results.items():
-        cells = []
-        for key, _, form in columns:
-            value, interval = cell(r, key)
-            text = "-" if value is None else form.format(value)
-            cells.append(text if interval is None else f"{text} ({interval[0]:.1%}-{interval[1]:.1%})")
-        lines.append(f"| {spec} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
 
 
 def draw_grid(load, prompts, columns=GRID_COLUMNS, side=128, band=24, label=110):

@@ -262,3 +262,32 @@ def frechet_distance(real, fake):
         metric.update(batch, real=False)
     return metric.compute().item()
 
+
+COLUMNS = [  # markdown tables: (key, heading, format); a column shows when any method has the value
+    ("accuracy", "lab accuracy", "{:.1%}"), ("single", "one object", "{:.1%}"), ("fd_lab", "lab FD", "{:.2f}"),
+    ("fd_lab_vs_baseline", "lab FD vs baseline", "{:.2f}"), ("fid", "FID", "{:.2f}"),
+    ("fid_vs_baseline", "FID vs baseline", "{:.2f}"), ("clip_score", "CLIP score", "{:.2f}"),
+    ("psnr", "PSNR (dB)", "{:.2f}"), ("ssim", "SSIM", "{:.3f}"), ("lpips", "LPIPS", "{:.3f}"),
+    ("mac_ratio", "MAC ratio", "{:.2f}x"), ("speedup", "speed-up", "{:.2f}x")]
+
+
+def cell(entry, key):
+    """(value, its 95% interval or None) of a table column."""
+    if key == "single":
+        single = entry.get("by_kind", {}).get("single")
+        return (single["accuracy"], single["accuracy_ci"]) if single else (None, None)
+    return entry.get(key), entry.get(key + "_ci")
+
+
+def markdown(results):
+    """{method: results.json entry} as a markdown table (evaluate.py's results.md, search.py --ship)."""
+    columns = [c for c in COLUMNS if any(cell(r, c[0])[0] is not None for r in results.values())]
+    lines = ["| method | " + " | ".join(c[1] for c in columns) + " |", "|---|" + "---|" * len(columns)]
+    for spec, r in results.items():
+        cells = []
+        for key, _, form in columns:
+            value, interval = cell(r, key)
+            text = "-" if value is None else form.format(value)
+            cells.append(text if interval is None else f"{text} ({interval[0]:.1%}-{interval[1]:.1%})")
+        lines.append(f"| {spec} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -43,7 +43,7 @@ from PIL import Image, ImageDraw
 
 from cache import FULL, CacheSchedule
 from lab.scenes import sample_captions
-from metrics import Scorer
+from metrics import Scorer, markdown
 from model.hardware import check_device, resolve_dtype
 from prune import METHODS as PRUNE_METHODS
 from prune import TokenPruning
@@ -314,8 +314,11 @@ def write_pareto(path, records, space, args):
         json.dump({"points": points, "search": settings}, f, indent=1)
 
 
-def report(out, heldout):
-    """Held-out figures (evaluate.py's results.json in `heldout`) into pareto.json, and pareto.png."""
+def report(out, heldout, ship=None):
+    """Held-out figures (evaluate.py's results.json in `heldout`) into pareto.json, and pareto.png; with
+    `ship`, the held-out Pareto set written there as a schedule file."""
+    if ship and os.path.exists(ship):
+        raise ValueError(f"--ship {ship} exists; remove it or choose another file (it is not overwritten)")
     path = os.path.join(out, "pareto.json")
     if not os.path.isfile(path):
         raise ValueError(f"{path} does not exist: run the search first (python search.py --out {out} ...)")
@@ -332,6 +335,8 @@ def report(out, heldout):
         json.dump(pareto, f, indent=1)
     base = results.get("baseline")
     if base is None or "accuracy" not in base:
+        if ship:
+            raise ValueError("--ship needs the held-out accuracy: evaluate the baseline on lab captions")
         print(f"held-out figures added to {path}; pareto.png needs the baseline and lab captions (accuracy)")
         return
     measures = accuracy_measures(base)
@@ -347,6 +352,19 @@ def report(out, heldout):
         print(f"highest MAC ratio within 1 point of the baseline's {label} ({value(base):.1%}): searched "
               f"{max(within, default=1):.2f}x, presets {max(presets, default=1):.2f}x")
     draw_pareto(pareto, results, *measures[-1], os.path.join(out, "pareto.png"))
+    if ship:
+        shipped = heldout_front(pareto["points"], measures[-1][1])
+        with open(ship, "w") as f:
+            json.dump({"points": shipped, "search": pareto["search"]}, f, indent=1)
+        shown = {n: results[n] for n in ("baseline", *PRESETS_SHOWN) if n in results}
+        print(f"{len(shipped)} held-out non-dominated schedules in {ship}:\n" + markdown(
+            {**shown, **{f"{ship}#{k}": p["heldout"] for k, p in enumerate(shipped)}}))
+
+
+def heldout_front(points, value):
+    """The points with held-out figures that no other one beats in both `value` and MAC ratio."""
+    held = [(value(p["heldout"]), p["heldout"]["mac_ratio"], p) for p in points if p["heldout"]]
+    return [p for a, r, p in held if not any(b >= a and s >= r and (b, s) != (a, r) for b, s, _ in held)]
 
 
 def accuracy_measures(baseline):
@@ -403,7 +421,7 @@ def heldout_command(args, out, points):
 
 def run(args):
     if args.report:
-        return report(args.out, args.report)
+        return report(args.out, args.report, args.ship)
     if importlib.util.find_spec("pymoo") is None:
         raise ValueError("search.py needs pymoo: pip install -r requirements-search.txt")
     if args.quality not in QUALITIES:
@@ -469,6 +487,8 @@ def parser():
     p.add_argument("--min-full", type=int, default=2, help="at least this many full calls (2)")
     p.add_argument("--max-reuse", type=int, default=3, help="at most this many reuse-all calls in a row (3)")
     p.add_argument("--report", metavar="HELDOUT_DIR", help="add evaluate.py's held-out results to pareto.json")
+    p.add_argument("--ship", metavar="FILE", help="with --report: write the held-out Pareto set (one-object accuracy "
+                                                  "on lab captions, else accuracy, against MAC ratio) to FILE")
     add_worker_flag(p)
     add_sampling_flags(p)
     add_model_flags(p)

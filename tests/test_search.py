@@ -56,10 +56,21 @@ def test_tiny_search_is_non_dominated_and_a_rerun_continues(tmp_path):
     heldout = str(tmp_path / "heldout")
     specs = ",".join(f"{out}/pareto.json#{k}" for k in range(len(points)))
     evaluate.main([*TINY[:10], "--dtype", "fp32", "--methods", f"baseline,{specs}", "--out", heldout])
-    search.main(["--out", out, "--report", heldout])
+    ship = str(tmp_path / "shipped.json")
+    search.main(["--out", out, "--report", heldout, "--ship", ship])
     reported = json.load(open(tmp_path / "s" / "pareto.json"))["points"]
     assert all(p["heldout"]["n"] == 2 and p["heldout"]["mac_ratio"] == pytest.approx(p["mac_ratio"]) for p in reported)
     assert (tmp_path / "s" / "pareto.png").stat().st_size > 0
+    shipped = json.load(open(ship))["points"]   # the held-out front: no point beats a shipped one in both
+    key = lambda p: json.dumps([p["depths"], p["prune"]])   # noqa: E731
+    held = {key(p): (p["heldout"]["by_kind"]["single"]["accuracy"], p["heldout"]["mac_ratio"]) for p in reported}
+    beats = lambda b, a: b[0] >= a[0] and b[1] >= a[1] and b != a   # noqa: E731
+    ships = {key(p) for p in shipped}
+    assert ships and all(not any(beats(b, held[s]) for b in held.values()) for s in ships)
+    assert all(any(beats(held[s], a) for s in ships) for k, a in held.items() if k not in ships)
+    assert find_preset(f"{ship}#{len(shipped) - 1}").run == ("plms", 4)
+    with pytest.raises(SystemExit):   # an existing file is not overwritten
+        search.main(["--out", out, "--report", heldout, "--ship", ship])
 
 
 def test_two_workers_search_as_one_process_does(tmp_path):
