@@ -1,9 +1,10 @@
 """DaTo's schedule search, working: NSGA-II (pymoo) over per-UNet-call cache depths and pruning ratios,
-with quality measured on the generated images and cost in analytic UNet MACs.
+with quality measured on the generated images and cost in analytic UNet MACs (or measured UNet time).
 
     python search.py --ckpt lab/lab-sd.safetensors --out runs/search                 # search (resumable)
     python evaluate.py ... --methods baseline,...,runs/search/pareto.json#0,...     # held-out (printed by the search)
     python search.py --out runs/search --report runs/search/heldout                 # held-out figures + pareto.png
+    python search.py --out runs/search --report runs/search/heldout --ship lab/schedules/plms50.json
 
 What is searched, per UNet call of the run (any sampler and step count): a cache depth (--depths; FULL = 12
 is a full call, 0 reuses everything) and a pruning ratio (--ratios, 0 = off) of --method's token pruning.
@@ -16,7 +17,8 @@ generation, rewarded slower runs, and its ratio genes had no effect (shared/refe
 
 Objectives (both minimised by NSGA-II): quality on the search prompts (--quality: the lab checker's
 accuracy, PSNR against the baseline's images, or lab FD against them) and cost = the method's UNet MACs
-over the baseline's (attention matmuls included; deterministic, the code bench.py and evaluate.py use).
+over the baseline's (attention matmuls included; deterministic, the code bench.py and evaluate.py use),
+or with --cost time its UNet seconds over the baseline's, measured as it renders (noisy).
 Each candidate renders --n search prompts (lab captions drawn with --seed, never evaluate.py's default
 seed 0, so the held-out figures are on unseen prompts and noise).
 
@@ -30,7 +32,8 @@ evaluation counts its seconds / processes).
 
 Output: DIR/pareto.json, the non-dominated schedules as a schedule file (FILE.json#k is point k, accepted
 by sample.py --preset, evaluate.py and bench.py --methods) with their MAC ratio and search-set quality;
---report adds the held-out figures of evaluate.py's results.json and draws DIR/pareto.png.
+--report adds the held-out figures of evaluate.py's results.json and draws DIR/pareto.png; --ship FILE
+writes the points that stay non-dominated on the held-out images (accuracy against MAC ratio) to FILE.
 """
 import argparse
 import importlib.util
