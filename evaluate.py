@@ -45,6 +45,7 @@ import re
 import statistics
 import time
 import uuid
+from dataclasses import asdict
 
 import torch
 from PIL import Image, ImageDraw, ImageOps
@@ -75,6 +76,15 @@ GRID_COLUMNS = 6
 def folder_name(spec):
     """A method spec as a folder name: sito:0.5 -> sito_0.5."""
     return re.sub(r"[^A-Za-z0-9._-]", "_", spec)
+
+
+def claim_methods(out, settings, methods):
+    """Claim --out for these settings and each method's folder for its acceleration: a spec whose meaning
+    changed (a schedule file rewritten, a preset redefined) is refused rather than served stale images."""
+    claim_folder(out, settings, "images")
+    for spec, accel in methods.items():
+        record = {"method": spec, "acceleration": json.loads(json.dumps(asdict(accel) if accel else None))}
+        claim_folder(os.path.join(out, folder_name(spec)), record, "images")
 
 
 def draw_prompts(args):
@@ -116,8 +126,6 @@ def render_missing(sd, prompts, methods, args, out, device, shard):
     methods' timings see the same machine load). -> {spec: {batch start: UNet seconds per image}}."""
     seconds = {spec: {} for spec in methods}
     n, size = len(prompts), args.batch_size
-    for spec in methods:
-        os.makedirs(os.path.join(out, folder_name(spec)), exist_ok=True)
     for start in shard.mine(range(0, n, size)):
         stop = min(start + size, n)
         for spec, accel in methods.items():
@@ -312,7 +320,7 @@ def run(args):
     dtype = resolve_dtype(args.dtype, device)
     sd = load_model(args, device, dtype)
     settings = settings_record(args, sd, prompts, dtype)
-    shard.on_first(lambda: claim_folder(args.out, settings, "images"))
+    shard.on_first(lambda: claim_methods(args.out, settings, methods))
 
     start, run_id = time.perf_counter(), shard.share(uuid.uuid4().hex)
     try:

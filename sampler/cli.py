@@ -112,7 +112,7 @@ def claim_folder(out, settings, what):
             stored = json.load(f)
         if stored != settings:
             changed = sorted(k for k in set(stored) | set(settings) if stored.get(k) != settings.get(k))
-            raise ValueError(f"--out {out!r} holds {what} made with other settings ({', '.join(changed)} differ); "
+            raise ValueError(f"{out!r} holds {what} made with other settings ({', '.join(changed)} differ); "
                              "choose another --out, or rerun with the same settings to resume")
         return
     os.makedirs(out, exist_ok=True)

@@ -31,7 +31,7 @@ def files(folder):
 
 def test_methods_share_prompts_and_seeds_and_results_are_complete(tmp_path):
     results = run(tmp_path, "--methods", "baseline,sito:0.5,deepcache-n3")
-    assert sorted(os.listdir(tmp_path / "sito_0.5")) == [f"{k:05d}.png" for k in range(6)]
+    assert sorted(os.listdir(tmp_path / "sito_0.5")) == [f"{k:05d}.png" for k in range(6)] + ["settings.json"]
     prompts = sample_captions(6, seed="evaluate/3")
     for k in (0, 5):   # image k: prompt k, seed 3 + k, in every folder
         params = [json.loads(Image.open(tmp_path / m / f"{k:05d}.png").info["parameters"])
@@ -143,6 +143,6 @@ def test_fid_reference_folder_and_statistics(tmp_path):
 
 def net_features(folder):
     from lab.features import load
-    images = [Image.open(os.path.join(folder, name)) for name in sorted(os.listdir(folder))]
+    images = [Image.open(os.path.join(folder, name)) for name in sorted(os.listdir(folder)) if name.endswith(".png")]
     with torch.no_grad():
         return load(evaluate.LAB_FEATURES)(from_pil(images))

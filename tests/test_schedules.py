@@ -10,8 +10,9 @@ from PIL import Image
 import evaluate
 import sample
 from cache import FULL, CacheSchedule
+from model import load_checkpoint
 from prune import TokenPruning
-from sampler.acceleration import PRESETS, Acceleration, call_kinds, find_preset, parse_methods, schedule_entry
+from sampler.acceleration import PRESETS, Acceleration, call_kinds, find_preset, parse_methods, run_macs, schedule_entry
 from sampler.generate import from_pil
 
 SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lab", "lab-sd.safetensors")
@@ -52,13 +53,19 @@ def steps4(depths, ratios=None):
     return schedule_entry(Acceleration(prune, CacheSchedule("dato", depths=tuple(depths))), "plms", 4)
 
 
-def test_evaluate_renders_points_of_a_schedule_file(tmp_path):
+def test_evaluate_renders_points_of_a_schedule_file_and_refuses_a_changed_one(tmp_path, capsys):
     path = write(tmp_path / "pareto.json", steps4([FULL, 1, 0, FULL, 1]),
                  steps4([FULL, 0, 0, 0, 0], [0, 0.5, 0.5, 0.3, 0.3]))
     results = evaluate.main(["--ckpt", SHIPPED, "--steps", "4", "--n", "2", "--dtype", "fp32", "--out",
                              str(tmp_path / "q"), "--methods", f"baseline,{path}#0,{path}#1"])
     assert 1 < results[f"{path}#0"]["mac_ratio"] < results[f"{path}#1"]["mac_ratio"]
-    assert sorted(os.listdir(tmp_path / "q" / evaluate.folder_name(f"{path}#1"))) == ["00000.png", "00001.png"]
+    write(tmp_path / "pareto.json", steps4([FULL, 0, 0, 0, 0], [0, 0.5, 0.5, 0.3, 0.3]), steps4([FULL, 1, 0, FULL, 1]))
+    with pytest.raises(SystemExit):   # pareto.json#0 now names another schedule than its folder's images
+        evaluate.main(["--ckpt", SHIPPED, "--steps", "4", "--n", "2", "--dtype", "fp32", "--out",
+                       str(tmp_path / "q"), "--methods", f"baseline,{path}#0"])
+    assert "(acceleration differ)" in capsys.readouterr().err
+    kept = sorted(os.listdir(tmp_path / "q" / evaluate.folder_name(f"{path}#1")))
+    assert kept == ["00000.png", "00001.png", "settings.json"]   # nothing was overwritten
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -83,3 +90,24 @@ def test_a_schedule_file_is_refused_for_another_run(tmp_path, capsys):
     broken = dict(steps4([FULL, 1, 0, FULL, 1]), depths=[FULL, 1])
     with pytest.raises(ValueError, match="2 depths for PLMS-4, which makes 5 UNet calls"):
         find_preset(write(tmp_path / "broken.json", broken))
+
+
+def test_shipped_lab_schedules_load_and_their_recorded_figures_are_theirs():
+    """lab/schedules/*.json (search.py's Pareto sets on the lab model): every point is a PLMS-50 schedule
+    that keeps the search's constraints, and the MAC ratio it records is the one its schedule has."""
+    folder = os.path.join(os.path.dirname(SHIPPED), "schedules")
+    files = sorted(f for f in os.listdir(folder) if f.endswith(".json"))
+    assert files
+    unet = load_checkpoint(SHIPPED).unet
+    base = run_macs(unet, None, 51, (32, 32), matmuls=True)
+    for name in files:
+        path = os.path.join(folder, name)
+        with open(path) as f:
+            points = json.load(f)["points"]
+        for k, point in enumerate(points):
+            preset = find_preset(f"{path}#{k}")
+            depths = preset.acceleration().depths(51)
+            assert preset.run == ("plms", 50) and depths[0] == FULL and depths.count(FULL) >= 2
+            assert "0000" not in "".join("0" if d == 0 else "x" for d in depths)   # at most 3 reuses in a row
+            mac_ratio = base / run_macs(unet, preset.acceleration(), 51, (32, 32), matmuls=True)
+            assert mac_ratio == pytest.approx(point["mac_ratio"]) == pytest.approx(point["heldout"]["mac_ratio"])
