@@ -15,6 +15,7 @@ sample.py's.
 Output, in --out:
     settings.json              what the images depend on; a later run with other settings is refused
     <method>/NNNNN.png         image k of each method (the spec made file-safe: sito:0.5 -> sito_0.5)
+    <method>/settings.json     the method's acceleration; a spec that now means another one is refused
     timing.json                UNet seconds per image, per method, with the run that measured them
     results.json, results.md   the metrics below, per method
     grid.png                   methods (rows) x the first prompts (columns)
