@@ -357,6 +357,7 @@ def report(out, heldout, ship=None):
     draw_pareto(pareto, results, *measures[-1], os.path.join(out, "pareto.png"))
     if ship:
         shipped = heldout_front(pareto["points"], measures[-1][1])
+        os.makedirs(os.path.dirname(os.path.abspath(ship)), exist_ok=True)
         with open(ship, "w") as f:
             json.dump({"points": shipped, "search": pareto["search"]}, f, indent=1)
         shown = {n: results[n] for n in ("baseline", *PRESETS_SHOWN) if n in results}
@@ -425,6 +426,8 @@ def heldout_command(args, out, points):
 def run(args):
     if args.report:
         return report(args.out, args.report, args.ship)
+    if args.ship:
+        raise ValueError("--ship goes with --report HELDOUT_DIR (it ships the held-out Pareto set)")
     if importlib.util.find_spec("pymoo") is None:
         raise ValueError("search.py needs pymoo: pip install -r requirements-search.txt")
     if args.quality not in QUALITIES:
