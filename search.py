@@ -380,11 +380,11 @@ def accuracy_measures(baseline):
     return measures
 
 
-def draw_pareto(pareto, results, label, value, path, width=560, height=360):
+def draw_pareto(pareto, results, label, value, path, width=560, height=372):
     """Held-out `label` against MAC ratio: the searched points (red), the baseline and presets (blue)."""
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
-    left, right, top, bottom = 50, width - 20, 15, height - 35
+    left, right, top, bottom = 50, width - 20, 15, height - 47
     points = [(p["heldout"]["mac_ratio"], value(p["heldout"]), f"#{k}", (200, 60, 40))
               for k, p in enumerate(pareto["points"]) if p.get("heldout")]
     points += [(results[n]["mac_ratio"], value(results[n]), n, (40, 80, 200))
@@ -398,7 +398,7 @@ def draw_pareto(pareto, results, label, value, path, width=560, height=360):
     for tick in range(1, int(x_max) + 1):
         draw.text((xy(tick, y_min)[0] - 3, bottom + 2), f"{tick}x", fill="black")
     draw.text((right - 190, bottom + 18), "MAC ratio (baseline / schedule)", fill="black")
-    draw.text((left + 6, top), f"held-out {label} (red: searched, blue: presets)", fill="black")
+    draw.text((left, height - 13), f"held-out {label} (red: searched, blue: presets)", fill="black")
     draw.text((4, top), "1", fill="black")
     draw.text((4, bottom - 10), f"{y_min:.2f}", fill="black")
     for x, y, text, color in points:
