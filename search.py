@@ -282,7 +282,6 @@ def search(args, evaluate, space):
     from pymoo.operators.crossover.sbx import SBX
     from pymoo.operators.mutation.pm import PM
     from pymoo.operators.repair.rounding import RoundingRepair
-    from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
 
     rng = np.random.default_rng(args.seed)
     algorithm = NSGA2(pop_size=args.population, sampling=initial_population(space, args.population, rng),
@@ -300,9 +299,14 @@ def search(args, evaluate, space):
         if evaluate.shard.rank == 0:
             print(f"--budget-minutes {args.budget_minutes} spent: stopping at generation {algorithm.n_gen - 1}")
     records = list(evaluate.done.values())
-    scores = np.array([evaluate.objectives(r) for r in records])
-    front = NonDominatedSorting().do(scores, only_non_dominated_front=True)
+    front = non_dominated([evaluate.objectives(r) for r in records])
     return sorted((records[i] for i in front), key=lambda r: r["mac_ratio"])
+
+
+def non_dominated(scores):
+    """Indices of the rows of `scores` (objectives, all minimised) that no other row dominates."""
+    from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
+    return NonDominatedSorting().do(np.array(scores, dtype=float), only_non_dominated_front=True)
 
 
 def write_pareto(path, records, space, args):
@@ -367,8 +371,9 @@ def report(out, heldout, ship=None):
 
 def heldout_front(points, value):
     """The points with held-out figures that no other one beats in both `value` and MAC ratio."""
-    held = [(value(p["heldout"]), p["heldout"]["mac_ratio"], p) for p in points if p["heldout"]]
-    return [p for a, r, p in held if not any(b >= a and s >= r and (b, s) != (a, r) for b, s, _ in held)]
+    held = [p for p in points if p["heldout"]]
+    front = non_dominated([[-value(p["heldout"]), -p["heldout"]["mac_ratio"]] for p in held])
+    return [held[i] for i in sorted(front)]
 
 
 def accuracy_measures(baseline):
@@ -440,7 +445,6 @@ def run(args):
                   fixed_ratio=args.fixed_ratio, min_full=args.min_full, max_reuse=args.max_reuse, method=args.method)
     prompts = sample_captions(args.n, seed=f"search/{args.seed}")
     check_seeds(args.seed, len(prompts))
-    os.makedirs(args.out, exist_ok=True)
     shard = Shard.start(args)
     device = shard.device(check_device(args.device))
     scorer = Scorer.open(prompts, baseline=args.quality != "accuracy", lab_features=LAB_FEATURES, device=device)
