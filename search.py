@@ -14,6 +14,8 @@ searches both. Every candidate is repaired after crossover and mutation (and at 
 full, at least --min-full full calls, at most --max-reuse consecutive reuse-all calls, and no ratio on a
 reuse-all call (it runs no transformer block). DaTo's released search kept none of this after its first
 generation, rewarded slower runs, and its ratio genes had no effect (shared/reference/methods.md §5.4).
+--min-mac-ratio R spends the search on the fast end: a schedule that saves fewer MACs breaks a constraint
+and is never rendered (MACs are analytic), and the initial population is drawn among those that do.
 
 Objectives (both minimised by NSGA-II): quality on the search prompts (--quality: the lab checker's
 accuracy, PSNR against the baseline's images, or lab FD against them) and cost = the method's UNet MACs
@@ -135,6 +137,12 @@ class Space:
         ratios = [0 if d == 0 else r for d, r in zip(depths, ratios, strict=True)]
         return depths, ratios
 
+    def cheapest(self):
+        """The schedule with the fewest MACs the constraints allow: every call reuse-all where it may be, and the
+        highest pruning ratio."""
+        genes = [0] * self.calls * self.searches_depths + [len(self.ratios) - 1] * self.calls * self.searches_ratios
+        return self.repair(*self.decode(genes))
+
     def acceleration(self, depths, ratios):
         cache = CacheSchedule("dato", depths=tuple(depths)) if any(d != FULL for d in depths) else None
         prune = TokenPruning(self.method, ratio=max(ratios), schedule=tuple(ratios)) if any(ratios) else None
@@ -218,13 +226,17 @@ class Evaluator:
             features = [self.scorer.features_of(batch) for _, batch in self.batches(images)]
             self.baseline_features = {name: [f[name] for f in features] for name in self.scorer.features}
 
+    def mac_ratio(self, depths, ratios):
+        """The baseline's UNet MACs over the schedule's (analytic: known before rendering)."""
+        accel = self.space.acceleration(depths, ratios)
+        return self.base_macs / run_macs(self.sd.unet, accel, self.space.calls, self.hw, matmuls=True)
+
     def evaluate(self, depths, ratios):
         start = time.perf_counter()
-        accel = self.space.acceleration(depths, ratios)
-        images, unet_seconds = self.render(accel)
+        images, unet_seconds = self.render(self.space.acceleration(depths, ratios))
         record = {"key": json.dumps([depths, ratios]), "depths": depths, "ratios": ratios,
                   "quality": self.score(images), "unet_seconds": unet_seconds,
-                  "mac_ratio": self.base_macs / run_macs(self.sd.unet, accel, self.space.calls, self.hw, matmuls=True)}
+                  "mac_ratio": self.mac_ratio(depths, ratios)}
         if self.args.cost == "time":   # kept in the record: a resumed run replays the same objectives
             record["speedup"] = self.baseline_seconds / unet_seconds
         return {**record, "seconds": time.perf_counter() - start}
@@ -234,17 +246,28 @@ class BudgetSpent(Exception):
     """--budget-minutes of rendering are spent: the search stops at the last whole generation."""
 
 
-def pymoo_problem(space, evaluate):
+def pymoo_problem(space, evaluate, min_mac_ratio=1.0):
     from pymoo.core.problem import Problem
 
     class ScheduleProblem(Problem):
-        """A whole population at a time, so that its schedules can be evaluated in parallel."""
+        """A whole population at a time, so that its schedules can be evaluated in parallel. With a
+        min_mac_ratio above 1, schedules that save fewer MACs break a constraint and are not rendered: pymoo
+        ranks every feasible schedule above them, and them by how far they fall short."""
         def __init__(self):
             bounds = np.array(space.bounds)
-            super().__init__(n_var=len(bounds), n_obj=2, xl=np.zeros_like(bounds), xu=bounds, vtype=int)
+            super().__init__(n_var=len(bounds), n_obj=2, n_ieq_constr=int(min_mac_ratio > 1),
+                             xl=np.zeros_like(bounds), xu=bounds, vtype=int)
 
         def _evaluate(self, X, out, *args, **kwargs):
-            out["F"] = np.array([evaluate.objectives(r) for r in evaluate([space.decode(x) for x in X])])
+            schedules = [space.decode(x) for x in X]
+            ratios = np.array([evaluate.mac_ratio(*schedule) for schedule in schedules])
+            feasible = ratios >= min_mac_ratio
+            out["F"] = np.full((len(X), 2), np.inf)   # an infeasible schedule's objectives are never compared
+            if feasible.any():
+                records = evaluate([schedule for schedule, ok in zip(schedules, feasible, strict=True) if ok])
+                out["F"][feasible] = [evaluate.objectives(r) for r in records]
+            if self.n_ieq_constr:
+                out["G"] = (min_mac_ratio - ratios)[:, None]
     return ScheduleProblem()
 
 
@@ -257,21 +280,25 @@ def pymoo_repair(space):
     return KeepConstraints()
 
 
-def initial_population(space, size, rng):
-    """The known schedules that fit (the deepcache and dato presets, the baseline), then random ones
-    whose depths lean to the shallow end (most good schedules are mostly cached)."""
-    rows, calls = [], space.calls
+def initial_population(space, size, rng, feasible=lambda depths, ratios: True, tries=100):
+    """The known schedules that fit and are feasible once repaired (the deepcache and dato presets, the
+    baseline), then random ones whose depths lean to the shallow end (most good schedules are mostly cached),
+    each redrawn up to `tries` times until it is feasible."""
+    calls, known = space.calls, []
     for name in ("deepcache-n3", "deepcache-n5", "dato-fixed", "dato-coco"):
         try:
-            accel = find_preset(name).acceleration()
-            depths = accel.depths(calls)
+            depths = find_preset(name).acceleration().depths(calls)
         except ValueError:
             continue
-        rows.append(space.encode(depths, [space.fixed_ratio if d else 0 for d in depths]))
-    rows.append(space.encode([FULL] * calls, [0] * calls))
+        known.append(space.encode(depths, [space.fixed_ratio if d else 0 for d in depths]))
+    known.append(space.encode([FULL] * calls, [0] * calls))
+    rows = [row for row in known if feasible(*space.repair(*space.decode(row)))]
     while len(rows) < size:
-        depths = [space.depths[min(int(rng.exponential(1.0)), len(space.depths) - 1)] for _ in range(calls)]
-        ratios = [rng.choice(space.ratios) for _ in range(calls)]
+        for _ in range(tries):
+            depths = [space.depths[min(int(rng.exponential(1.0)), len(space.depths) - 1)] for _ in range(calls)]
+            ratios = [rng.choice(space.ratios) for _ in range(calls)]
+            if feasible(*space.repair(depths, ratios)):
+                break
         rows.append(space.encode(depths, ratios))
     return np.array(rows[:size], dtype=float)
 
@@ -284,12 +311,13 @@ def search(args, evaluate, space):
     from pymoo.operators.repair.rounding import RoundingRepair
 
     rng = np.random.default_rng(args.seed)
-    algorithm = NSGA2(pop_size=args.population, sampling=initial_population(space, args.population, rng),
+    feasible = lambda depths, ratios: evaluate.mac_ratio(depths, ratios) >= args.min_mac_ratio   # noqa: E731
+    algorithm = NSGA2(pop_size=args.population, sampling=initial_population(space, args.population, rng, feasible),
                       crossover=SBX(prob=0.9, eta=10, vtype=float, repair=RoundingRepair()),
                       mutation=PM(prob=1.0, eta=10, vtype=float, repair=RoundingRepair()),
                       repair=pymoo_repair(space), eliminate_duplicates=True)
-    algorithm.setup(pymoo_problem(space, evaluate), termination=("n_gen", args.generations), seed=args.seed,
-                    verbose=False)
+    algorithm.setup(pymoo_problem(space, evaluate, args.min_mac_ratio), termination=("n_gen", args.generations),
+                    seed=args.seed, verbose=False)
     try:
         while algorithm.has_next():
             algorithm.next()
@@ -298,7 +326,7 @@ def search(args, evaluate, space):
     except BudgetSpent:
         if evaluate.shard.rank == 0:
             print(f"--budget-minutes {args.budget_minutes} spent: stopping at generation {algorithm.n_gen - 1}")
-    records = list(evaluate.done.values())
+    records = [r for r in evaluate.done.values() if r["mac_ratio"] >= args.min_mac_ratio]
     front = non_dominated([evaluate.objectives(r) for r in records])
     return sorted((records[i] for i in front), key=lambda r: r["mac_ratio"])
 
@@ -316,7 +344,8 @@ def write_pareto(path, records, space, args):
                              mac_ratio=r["mac_ratio"], search_quality=r["quality"],
                              **({"speedup": r["speedup"]} if "speedup" in r else {})) for r in records]
     settings = {k: getattr(args, k) for k in ("search", "quality", "cost", "n", "seed", "population", "generations",
-                                              "method", "min_full", "max_reuse", "steps", "sampler")}
+                                              "method", "min_full", "max_reuse", "min_mac_ratio", "steps",
+                                              "sampler")}
     with open(path, "w") as f:
         json.dump({"points": points, "search": settings}, f, indent=1)
 
@@ -351,13 +380,18 @@ def report(out, heldout, ship=None):
         if p["heldout"]:
             print(f"#{k}: held-out " + ", ".join(f"{label} {value(p['heldout']):.1%}" for label, value in measures)
                   + f" at {p['heldout']['mac_ratio']:.2f}x")
+    held = [p["heldout"] for p in pareto["points"] if p["heldout"]]
+    highest = lambda entries: f"{max(e['mac_ratio'] for e in entries):.2f}x" if entries else "none"   # noqa: E731
     for label, value in measures:
-        within = [p["heldout"]["mac_ratio"] for p in pareto["points"]
-                  if p["heldout"] and value(p["heldout"]) >= value(base) - 0.01]
-        presets = [results[n]["mac_ratio"] for n in PRESETS_SHOWN
-                   if n in results and value(results[n]) >= value(base) - 0.01]
+        floor = value(base) - 0.01
         print(f"highest MAC ratio within 1 point of the baseline's {label} ({value(base):.1%}): searched "
-              f"{max(within, default=1):.2f}x, presets {max(presets, default=1):.2f}x")
+              f"{highest([e for e in held if value(e) >= floor])}, presets "
+              f"{highest([results[n] for n in PRESETS_SHOWN if n in results and value(results[n]) >= floor])}")
+        for name in (n for n in PRESETS_SHOWN if n in results):   # the search against each preset, at its cost
+            preset = results[name]
+            best = max((e for e in held if e["mac_ratio"] >= preset["mac_ratio"]), key=value, default=None)
+            print(f"  at >= {name}'s {preset['mac_ratio']:.2f}x: {name} {value(preset):.1%}, the most accurate "
+                  f"searched point " + (f"{value(best):.1%} at {best['mac_ratio']:.2f}x" if best else "none"))
     draw_pareto(pareto, results, *measures[-1], os.path.join(out, "pareto.png"))
     if ship:
         shipped = heldout_front(pareto["points"], measures[-1][1])
@@ -437,8 +471,8 @@ def run(args):
         raise ValueError("search.py needs pymoo: pip install -r requirements-search.txt")
     if args.quality not in QUALITIES:
         raise ValueError(f"--quality must be one of {', '.join(QUALITIES)}")
-    if args.n < 1 or args.population < 2 or args.generations < 1:
-        raise ValueError("--n must be >= 1, --population >= 2 and --generations >= 1")
+    if args.n < 1 or args.population < 2 or args.generations < 1 or args.min_mac_ratio < 1:
+        raise ValueError("--n must be >= 1, --population >= 2, --generations >= 1 and --min-mac-ratio >= 1")
     calls = unet_calls(args.steps, args.sampler)
     fixed = find_preset(args.fixed_depths).acceleration().depths(calls) if args.search == "prune" else None
     space = Space(calls, args.search, depths=args.depths, ratios=args.ratios, fixed_depths=fixed,
@@ -455,8 +489,12 @@ def run(args):
     # what an evaluation depends on: a resumed search reuses the log's records only under the same settings
     settings = {**settings_record(args, sd, prompts, dtype), "quality": args.quality, "cost": args.cost,
                 "method": args.method}
-    shard.on_first(lambda: claim_folder(args.out, settings, "evaluations"))
     evaluate = Evaluator(sd, args, space, prompts, scorer, os.path.join(args.out, "evaluations.jsonl"), shard)
+    reach = evaluate.mac_ratio(*space.cheapest())
+    if args.min_mac_ratio > reach:
+        raise ValueError(f"--min-mac-ratio {args.min_mac_ratio:g} is out of reach: the cheapest schedule these "
+                         f"constraints allow saves {reach:.2f}x; lower it, or relax --max-reuse / --min-full")
+    shard.on_first(lambda: claim_folder(args.out, settings, "evaluations"))
     records = search(args, evaluate, space)
     if shard.rank != 0:
         return None
@@ -496,6 +534,8 @@ def parser():
     p.add_argument("--fixed-depths", default="dato-fixed", help="--search prune: depths of this preset/file")
     p.add_argument("--min-full", type=int, default=2, help="at least this many full calls (2)")
     p.add_argument("--max-reuse", type=int, default=3, help="at most this many reuse-all calls in a row (3)")
+    p.add_argument("--min-mac-ratio", type=float, default=1.0,
+                   help="search only schedules with at least this MAC ratio; the others are not rendered (1: all)")
     p.add_argument("--report", metavar="HELDOUT_DIR", help="add evaluate.py's held-out results to pareto.json")
     p.add_argument("--ship", metavar="FILE", help="with --report: write the held-out Pareto set (one-object accuracy "
                                                   "on lab captions, else accuracy, against MAC ratio) to FILE")

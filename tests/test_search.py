@@ -73,6 +73,20 @@ def test_tiny_search_is_non_dominated_and_a_rerun_continues(tmp_path):
         search.main(["--out", out, "--report", heldout, "--ship", ship])
 
 
+def test_min_mac_ratio_renders_only_schedules_that_save_enough(tmp_path, capsys):
+    """--min-mac-ratio: schedules below it break pymoo's constraint and are never rendered or reported (the
+    baseline and the slow presets of the initial population included); an unreachable floor is refused."""
+    out = tmp_path / "s"
+    search.main([*TINY, "--generations", "3", "--min-mac-ratio", "2.5", "--out", str(out)])
+    records = [json.loads(line) for line in (out / "evaluations.jsonl").read_text().splitlines()]
+    assert len(records) > 4 and all(r["mac_ratio"] >= 2.5 for r in records)
+    points = json.load(open(out / "pareto.json"))["points"]
+    assert points and all(p["mac_ratio"] >= 2.5 for p in points)
+    with pytest.raises(SystemExit):
+        search.main([*TINY, "--generations", "1", "--min-mac-ratio", "50", "--out", str(tmp_path / "t")])
+    assert "out of reach" in capsys.readouterr().err and not (tmp_path / "t").exists()
+
+
 def test_two_workers_search_as_one_process_does(tmp_path):
     """--workers 2 splits each generation's new schedules between two processes: the same evaluations
     (in the same log order) and the same Pareto set as one process."""
