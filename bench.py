@@ -229,7 +229,7 @@ def official_selection(x, hw, ratio, noise_alpha=0.1, generator=None):
 
 def selection_bench(args, device, dtype):
     """Per-block selection cost at the top level of the UNet (N = latent tokens, C = 320)."""
-    h, w = args.H // 8, args.W // 8
+    h, w = (args.H or 512) // 8, (args.W or 512) // 8
     x = torch.randn(2 * args.batch, h * w, 320, device=device, dtype=dtype)
     g = torch.Generator().manual_seed(0)
     dynamics = torch.rand(x.shape[0], h, w, device=device)
@@ -299,12 +299,12 @@ def check_args(args):
     dtype = resolve_dtype(args.dtype, device)
     for flag, value, least in (("--runs", args.runs, 1), ("--warmup", args.warmup, 0), ("--batch", args.batch, 1),
                                ("--H", args.H, 1), ("--W", args.W, 1), ("--threads", args.threads or 1, 1)):
-        if value < least:
+        if value is not None and value < least:
             raise ValueError(f"{flag} must be >= {least}, got {value}")
     if args.selection:
         return device, dtype, {}, []
     factor = MODELS[args.model].vae.factor
-    if not args.ckpt and (args.H % factor or args.W % factor):
+    if not args.ckpt and any(side is not None and side % factor for side in (args.H, args.W)):
         raise ValueError(f"--H and --W must be multiples of {factor} (the VAE factor of {args.model}), "
                          f"got {args.H}x{args.W}")
     attentions = [a.strip() for a in args.attention.split(",")]
@@ -322,8 +322,9 @@ def main(argv=None):
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: the best available)")
     p.add_argument("--attention", default="sdpa", help=f"comma-separated backends from {', '.join(ATTENTION_BACKENDS)}")
     p.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated (see above)")
-    p.add_argument("--H", type=int, default=512, help="pixels, a multiple of the VAE factor (512)")
-    p.add_argument("--W", type=int, default=512, help="pixels (512)")
+    p.add_argument("--H", type=int, help="pixels, a multiple of the VAE factor (the model's training size: 512, 768 "
+                                         "for sd2-v, 128 for lab; 512 for --selection)")
+    p.add_argument("--W", type=int, help="pixels (as --H)")
     p.add_argument("--batch", type=int, default=1, help="images per call; CFG doubles it (1)")
     p.add_argument("--steps", type=int, default=50, help="sampler steps: the run the per-call times compose (50)")
     p.add_argument("--sampler", choices=SAMPLERS, default="plms", help="plms or ddim (plms)")
@@ -355,7 +356,7 @@ def main(argv=None):
             sd = load_checkpoint(args.ckpt, device=device, dtype=dtype)
         else:
             sd = random_weights(MODELS[args.model], device=device, dtype=dtype, tokenizer=byte_tokenizer())
-        check_size(sd, (args.H, args.W))
+        args.H, args.W = check_size(sd, (args.H, args.W))
         results["methods"] = {}
         for attention in attentions:
             rows = bench_methods(args, sd.unet, sd.config, methods, attention, device, dtype)

@@ -42,6 +42,13 @@ def test_without_a_baseline_there_are_no_ratios(tmp_path, capsys):
     assert "sito:0.5" in capsys.readouterr().out
 
 
+def test_the_size_defaults_to_the_models_training_size(tmp_path):
+    """Without --H/--W a model is timed at its own size (the tiny model's 64 px: 8x8 latents), not SD's 512."""
+    bench.main([*QUICK[:2], *QUICK[6:], "--methods", "baseline", "--steps", "2", "--json", str(tmp_path / "t.json")])
+    args = json.loads((tmp_path / "t.json").read_text())["args"]
+    assert (args["H"], args["W"]) == (64, 64)
+
+
 def test_selection(tmp_path):
     bench.main([*QUICK, "--selection", "--H", "64", "--W", "64", "--json", str(tmp_path / "sel.json")])
     rows = json.loads((tmp_path / "sel.json").read_text())["selection"]
