@@ -69,7 +69,7 @@ from sampler.shard import Shard, add_worker_flag, run_workers, wants_workers
 
 QUALITIES = {"accuracy": 1, "psnr": 1, "fd_lab_vs_baseline": -1}   # +1: higher is better
 COSTS = {"macs": "mac_ratio", "time": "speedup"}   # --cost -> the record's field; the objective is its inverse
-PRESETS_SHOWN = ("deepcache-n3", "deepcache-n5", "dato-fixed", "dato-coco")
+PRESETS_SHOWN = ("deepcache-n3", "deepcache-n5", "dato-fixed", "dato-coco")   # seeded, and compared in --report
 
 
 class Space:
@@ -285,7 +285,7 @@ def initial_population(space, size, rng, feasible=lambda depths, ratios: True, t
     baseline), then random ones whose depths lean to the shallow end (most good schedules are mostly cached),
     each redrawn up to `tries` times until it is feasible."""
     calls, known = space.calls, []
-    for name in ("deepcache-n3", "deepcache-n5", "dato-fixed", "dato-coco"):
+    for name in PRESETS_SHOWN:
         try:
             depths = find_preset(name).acceleration().depths(calls)
         except ValueError:
