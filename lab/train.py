@@ -4,6 +4,7 @@ generated scenes (lab/scenes.py), judged by the exact caption checker (lab/check
     python -m lab.train --out runs/lab                    # every stage; checkpoints as it goes
     python -m lab.train --out runs/lab --resume           # continue exactly where it stopped
     python -m lab.train --out runs/lab --resume --unet-minutes 30   # train the UNet longer
+    python -m lab.train --out runs/lab2 --init lab/lab-sd.safetensors --compile   # continue the shipped model
     python -m lab.train --out runs/lab --export lab/lab-sd.safetensors
     python -m lab.train --out runs/gpu --init lab/lab-sd.safetensors --device cuda --batch 256 --latents 60000
 
@@ -196,6 +197,17 @@ def lab_model(vae, scale_factor, tokenizer):
     return StableDiffusion(UNetModel(config.unet), vae, TextEncoder(config.text, tokenizer), config)
 
 
+def batch_indices(seed, step, batch, n):
+    """Scene indices of batch `step`: shuffled epochs (each scene once per epoch) laid end to end and cut
+    into full batches, so every batch has the same shape (a compiled UNet is never recompiled) and no
+    scene is skipped where an epoch ends."""
+    start = step * batch
+    epochs = range(start // n, (start + batch - 1) // n + 1)
+    stream = torch.cat([torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + e)) for e in epochs])
+    offset = start - epochs[0] * n
+    return stream[offset:offset + batch]
+
+
 def min_snr_weights(alphas, t, gamma):
     """For eps-prediction: min(SNR, gamma) / SNR, SNR = ᾱ / (1 - ᾱ)."""
     snr = alphas[t] / (1 - alphas[t])
@@ -212,8 +224,9 @@ def evaluate(sd, ema, cfg, captions):
     return {"accuracy": report["accuracy"], **kinds}, images
 
 
-def train_unet(cfg, out, sd, data, resume):
-    """Trains sd.unet and sd.text where they are (their device)."""
+def train_unet(cfg, out, sd, data, resume, compile_unet=False):
+    """Trains sd.unet and sd.text where they are (their device); `compile_unet`: through torch.compile
+    (the same parameters: checkpoints and the EMA see sd.unet as ever)."""
     path, log_path = os.path.join(out, "unet.pt"), os.path.join(out, "log.jsonl")
     torch.manual_seed(cfg.seed)
     sd.unet.train().requires_grad_(True)
@@ -237,6 +250,7 @@ def train_unet(cfg, out, sd, data, resume):
     eval_captions = sample_captions(cfg.eval_captions, seed=f"eval/{cfg.seed}")
     alphas = alphas_cumprod().float().to(device)
     ema_params = [*ema["unet"].parameters(), *ema["text"].parameters()]
+    unet = torch.compile(sd.unet) if compile_unet else sd.unet
 
     def checkpoint():
         save({"unet": sd.unet.state_dict(), "text": sd.text.state_dict(), "ema_unet": ema["unet"].state_dict(),
@@ -258,9 +272,7 @@ def train_unet(cfg, out, sd, data, resume):
             checkpoint()
         start = time.perf_counter()
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        epoch, offset = divmod(step * cfg.batch, n)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
-        index = order[offset:offset + cfg.batch]
+        index = batch_indices(cfg.seed, step, cfg.batch, n)
         x0 = latents[index.to(device)]
         text = [captions[i] for i in index.tolist()]
         drop = torch.rand(len(text), generator=g) < cfg.uncond
@@ -272,7 +284,7 @@ def train_unet(cfg, out, sd, data, resume):
         for group in opt.param_groups:
             group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
         with autocast(device):
-            eps = sd.unet(x_t, t, sd.text(text))
+            eps = unet(x_t, t, sd.text(text))
         loss = (min_snr_weights(alphas, t, cfg.min_snr) * (eps.float() - noise).pow(2).mean(dim=(1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -369,9 +381,9 @@ def start_from(path, out, cfg):
     return config_from_json(metadata[CONFIG_KEY]).scale_factor, state
 
 
-def run(cfg, out, resume, init=None, device="cpu"):
+def run(cfg, out, resume, init=None, device="cpu", compile_unet=False):
     """Every stage, each continuing from its checkpoint when `resume`; `init`: a shipped .safetensors to
-    continue training (a new --out)."""
+    continue training (a new --out); `compile_unet`: train the UNet through torch.compile."""
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(asdict(cfg), f, indent=1)
@@ -389,7 +401,7 @@ def run(cfg, out, resume, init=None, device="cpu"):
         sd.text.transformer.load_state_dict(sd.text.adapt_keys(text))
     sd.to(device)
     try:
-        return sd, train_unet(cfg, out, sd, data, resume)
+        return sd, train_unet(cfg, out, sd, data, resume, compile_unet)
     except KeyboardInterrupt:   # the checkpoints are whole (written atomically); the last one is the restart point
         raise SystemExit(f"interrupted; python -m lab.train --out {out} --resume continues from the last "
                          "checkpoint") from None
@@ -405,6 +417,9 @@ def main(argv=None):
     p.add_argument("--eval-minutes", type=float, help=f"training minutes between checker evaluations "
                                                       f"({TrainConfig.eval_minutes:g})")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--compile", action="store_true",
+                   help="train the UNet through torch.compile: steps 1.36x faster on a 2-core CPU after about 5 "
+                        "minutes of compiling, so worth it for runs longer than about 20 minutes")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's; give a background run its share)")
     p.add_argument("--export", metavar="FILE", help="write the trained model to FILE (.safetensors) and stop")
     p.add_argument("--init", metavar="FILE", help="start from a shipped model (e.g. lab/lab-sd.safetensors): its VAE "
@@ -424,7 +439,7 @@ def main(argv=None):
     flags = {"unet_minutes": args.unet_minutes, "batch": args.batch, "latents": args.latents,
              "eval_minutes": args.eval_minutes}
     cfg = replace(TrainConfig(), **{k: v for k, v in flags.items() if v is not None})
-    run(cfg, args.out, args.resume, args.init, device)
+    run(cfg, args.out, args.resume, args.init, device, args.compile)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """lab/train.py on a few steps: the tokenizer spells the scene words, training lowers the loss,
 a resumed run equals an uninterrupted one, and the export loads through the normal loader."""
+import functools
 import os
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import pytest
 import torch
 from transformers import CLIPTokenizer
 
-from lab.train import WORDS, TrainConfig, export, lab_merges, min_snr_weights, run, write_lab_tokenizer
+from lab.train import WORDS, TrainConfig, batch_indices, export, lab_merges, min_snr_weights, run, write_lab_tokenizer
 from model import LAB, load_checkpoint
 from model.checkpoint import read_state_dict
 from model.text import write_tokenizer
@@ -47,6 +48,18 @@ def test_min_snr_weights():
     assert w[0] == pytest.approx(5.0 / snr[0].item()) and w[2] == 1.0 and torch.all(w <= 1)
 
 
+def test_batches_are_full_and_cover_every_scene_once_per_epoch():
+    n, batch = 10, 4
+    stream = torch.cat([batch_indices(0, step, batch, n) for step in range(5)])   # two epochs
+    assert all(len(batch_indices(0, step, batch, n)) == batch for step in range(50))
+    assert sorted(stream[:n].tolist()) == sorted(stream[n:].tolist()) == list(range(n))
+    assert not torch.equal(stream[:n], stream[n:])   # each epoch its own order
+    # where batches divide the scenes, batch k is slice k of its epoch's permutation, as runs before full
+    # batches drew it: such runs resume unchanged
+    order = torch.randperm(12, generator=torch.Generator().manual_seed(3 * 7919 + 1))
+    assert torch.equal(batch_indices(3, 4, 4, 12), order[4:8])
+
+
 def fixed_loss(sd, data):
     """The eps loss of the model on the first latents at fixed timesteps and noise."""
     g = torch.Generator().manual_seed(0)
@@ -74,6 +87,24 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
         assert torch.equal(a, b), k
     assert [line.split(",")[0] for line in open(tmp_path / "a" / "log.jsonl")][-1] == \
         [line.split(",")[0] for line in open(tmp_path / "b" / "log.jsonl")][-1]
+
+
+def test_compiled_training_trains_the_model_itself(tmp_path, monkeypatch):
+    """--compile trains sd.unet's own parameters: the same steps as an uncompiled run, and checkpoints
+    with the UNet's plain key names (dynamo's eager backend: the wiring, without minutes of inductor)."""
+    compiled_modules, eager = [], functools.partial(torch.compile, backend="eager")
+
+    def compile_eager(module):
+        compiled_modules.append(module)
+        return eager(module)
+
+    monkeypatch.setattr(torch, "compile", compile_eager)
+    plain, _ = run(replace(TINY_RUN, unet_steps=2), str(tmp_path / "a"), False)
+    compiled, _ = run(replace(TINY_RUN, unet_steps=2), str(tmp_path / "b"), False, compile_unet=True)
+    assert compiled_modules == [compiled.unet]
+    for (k, a), b in zip(plain.unet.state_dict().items(), compiled.unet.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6), k
+    assert torch.load(tmp_path / "b" / "unet.pt")["unet"].keys() == plain.unet.state_dict().keys()
 
 
 def test_export_loads_and_samples(tmp_path):
