@@ -224,9 +224,10 @@ def evaluate(sd, ema, cfg, captions):
     return {"accuracy": report["accuracy"], **kinds}, images
 
 
-def train_unet(cfg, out, sd, data, resume, compile_unet=False):
+def train_unet(cfg, out, sd, data, resume, compile_unet=False, continued=False):
     """Trains sd.unet and sd.text where they are (their device); `compile_unet`: through torch.compile
-    (the same parameters: checkpoints and the EMA see sd.unet as ever)."""
+    (the same parameters: checkpoints and the EMA see sd.unet as ever). `continued`: the weights are a
+    trained model's EMA, so the EMA keeps its full decay from the first step (a run resumed remembers)."""
     path, log_path = os.path.join(out, "unet.pt"), os.path.join(out, "log.jsonl")
     torch.manual_seed(cfg.seed)
     sd.unet.train().requires_grad_(True)
@@ -244,6 +245,7 @@ def train_unet(cfg, out, sd, data, resume, compile_unet=False):
         ema["text"].load_state_dict(ckpt["ema_text"])
         opt.load_state_dict(ckpt["opt"])
         step, elapsed, next_eval = ckpt["step"], ckpt["elapsed"], ckpt["next_eval"]
+        continued = ckpt.get("continued", False)
     device = sd.device
     latents = data["latents"].to(device).float() * sd.config.scale_factor
     captions, n = data["captions"], len(data["captions"])
@@ -255,7 +257,7 @@ def train_unet(cfg, out, sd, data, resume, compile_unet=False):
     def checkpoint():
         save({"unet": sd.unet.state_dict(), "text": sd.text.state_dict(), "ema_unet": ema["unet"].state_dict(),
               "ema_text": ema["text"].state_dict(), "opt": opt.state_dict(), "step": step, "elapsed": elapsed,
-              "next_eval": next_eval, "config": asdict(cfg)}, path)
+              "next_eval": next_eval, "continued": continued, "config": asdict(cfg)}, path)
 
     def done():
         return step >= cfg.unet_steps if cfg.unet_steps is not None else elapsed >= cfg.unet_minutes * 60
@@ -291,7 +293,9 @@ def train_unet(cfg, out, sd, data, resume, compile_unet=False):
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         with torch.no_grad():
-            decay = min(cfg.ema, (1 + step) / (10 + step))   # warms up, so early evaluations mean something
+            # a fresh model's EMA warms up, so early evaluations mean something; a continued model's already
+            # averages many steps, and a warm-up would trade it for the last few noisy ones
+            decay = cfg.ema if continued else min(cfg.ema, (1 + step) / (10 + step))
             torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1 - decay)
         step += 1
         elapsed += time.perf_counter() - start
@@ -401,7 +405,7 @@ def run(cfg, out, resume, init=None, device="cpu", compile_unet=False):
         sd.text.transformer.load_state_dict(sd.text.adapt_keys(text))
     sd.to(device)
     try:
-        return sd, train_unet(cfg, out, sd, data, resume, compile_unet)
+        return sd, train_unet(cfg, out, sd, data, resume, compile_unet, continued=shipped is not None)
     except KeyboardInterrupt:   # the checkpoints are whole (written atomically); the last one is the restart point
         raise SystemExit(f"interrupted; python -m lab.train --out {out} --resume continues from the last "
                          "checkpoint") from None

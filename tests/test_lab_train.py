@@ -133,6 +133,24 @@ def test_training_continues_from_shipped_weights(tmp_path):
     assert any(k.startswith("first_stage_model.encoder.") for k in ours)
 
 
+def test_a_continued_run_keeps_its_ema_at_full_decay(tmp_path):
+    """The shipped weights are an EMA already: the first step moves the EMA by 1 - ema of the way, not by
+    the 90% of a fresh run's warm-up; and a resumed continued run remembers it."""
+    run(TINY_RUN, str(tmp_path / "run"), False)
+    os.makedirs(tmp_path / "ship")
+    path = export(str(tmp_path / "run"), str(tmp_path / "ship" / "lab.safetensors"))
+    start = {k[len("model.diffusion_model."):]: v.float() for k, v in read_state_dict(path).items()
+             if k.startswith("model.diffusion_model.")}
+    sd, ema = run(replace(TINY_RUN, unet_steps=1), str(tmp_path / "a"), False, init=path)
+    trained = sd.unet.state_dict()
+    for k, v in ema["unet"].state_dict().items():
+        assert torch.allclose(v, start[k] + (1 - TINY_RUN.ema) * (trained[k] - start[k]), atol=1e-6), k
+    _, straight = run(replace(TINY_RUN, unet_steps=2), str(tmp_path / "b"), False, init=path)
+    _, resumed = run(replace(TINY_RUN, unet_steps=2), str(tmp_path / "a"), True)
+    for (k, a), b in zip(straight["unet"].state_dict().items(), resumed["unet"].state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+
+
 def test_continued_training_keeps_the_shipped_tokenizer(tmp_path):
     """A shipped tokenizer whose ids differ from a new one's (other tie order) is the one training continues with."""
     run(TINY_RUN, str(tmp_path / "run"), False)
