@@ -422,8 +422,8 @@ def main(argv=None):
                                                       f"({TrainConfig.eval_minutes:g})")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--compile", action="store_true",
-                   help="train the UNet through torch.compile: steps 1.36x faster on a 2-core CPU after about 5 "
-                        "minutes of compiling, so worth it for runs longer than about 20 minutes")
+                   help="train the UNet through torch.compile: steps 1.26x faster on a 2-core CPU after about 5 "
+                        "minutes of compiling, so worth it for runs longer than about 25 minutes")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's; give a background run its share)")
     p.add_argument("--export", metavar="FILE", help="write the trained model to FILE (.safetensors) and stop")
     p.add_argument("--init", metavar="FILE", help="start from a shipped model (e.g. lab/lab-sd.safetensors): its VAE "
