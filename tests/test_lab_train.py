@@ -12,7 +12,7 @@ from transformers import CLIPTokenizer
 
 from lab.train import WORDS, TrainConfig, batch_indices, export, lab_merges, min_snr_weights, run, write_lab_tokenizer
 from model import LAB, load_checkpoint
-from model.checkpoint import read_state_dict
+from model.checkpoint import UNET, read_state_dict
 from model.text import write_tokenizer
 from sampler.generate import Sampling, generate
 from sampler.schedule import alphas_cumprod
@@ -107,10 +107,15 @@ def test_compiled_training_trains_the_model_itself(tmp_path, monkeypatch):
     assert torch.load(tmp_path / "b" / "unet.pt")["unet"].keys() == plain.unet.state_dict().keys()
 
 
-def test_export_loads_and_samples(tmp_path):
+def train_and_export(tmp_path):
+    """A tiny run in tmp_path/run, exported as tmp_path/ship/lab.safetensors (with its tokenizer): a shipped model."""
     run(TINY_RUN, str(tmp_path / "run"), False)
     os.makedirs(tmp_path / "ship")
-    path = export(str(tmp_path / "run"), str(tmp_path / "ship" / "lab.safetensors"))
+    return export(str(tmp_path / "run"), str(tmp_path / "ship" / "lab.safetensors"))
+
+
+def test_export_loads_and_samples(tmp_path):
+    path = train_and_export(tmp_path)
     assert os.path.getsize(path) < 25e6 and os.path.isfile(tmp_path / "ship" / "tokenizer" / "vocab.json")
     sd = load_checkpoint(path)   # no flags: config and tokenizer come with the file
     assert sd.config.image_size == 128 and sd.config.unet == LAB.unet
@@ -119,9 +124,7 @@ def test_export_loads_and_samples(tmp_path):
 
 
 def test_training_continues_from_shipped_weights(tmp_path):
-    run(TINY_RUN, str(tmp_path / "run"), False)
-    os.makedirs(tmp_path / "ship")
-    path = export(str(tmp_path / "run"), str(tmp_path / "ship" / "lab.safetensors"))
+    path = train_and_export(tmp_path)
     shipped = load_checkpoint(path)
     sd, _ = run(replace(TINY_RUN, unet_steps=0), str(tmp_path / "more"), False, init=path)
     assert sd.config.scale_factor == shipped.config.scale_factor
@@ -136,11 +139,8 @@ def test_training_continues_from_shipped_weights(tmp_path):
 def test_a_continued_run_keeps_its_ema_at_full_decay(tmp_path):
     """The shipped weights are an EMA already: the first step moves the EMA by 1 - ema of the way, not by
     the 90% of a fresh run's warm-up; and a resumed continued run remembers it."""
-    run(TINY_RUN, str(tmp_path / "run"), False)
-    os.makedirs(tmp_path / "ship")
-    path = export(str(tmp_path / "run"), str(tmp_path / "ship" / "lab.safetensors"))
-    start = {k[len("model.diffusion_model."):]: v.float() for k, v in read_state_dict(path).items()
-             if k.startswith("model.diffusion_model.")}
+    path = train_and_export(tmp_path)
+    start = {k[len(UNET):]: v.float() for k, v in read_state_dict(path).items() if k.startswith(UNET)}
     sd, ema = run(replace(TINY_RUN, unet_steps=1), str(tmp_path / "a"), False, init=path)
     trained = sd.unet.state_dict()
     for k, v in ema["unet"].state_dict().items():
@@ -153,9 +153,7 @@ def test_a_continued_run_keeps_its_ema_at_full_decay(tmp_path):
 
 def test_continued_training_keeps_the_shipped_tokenizer(tmp_path):
     """A shipped tokenizer whose ids differ from a new one's (other tie order) is the one training continues with."""
-    run(TINY_RUN, str(tmp_path / "run"), False)
-    os.makedirs(tmp_path / "ship")
-    path = export(str(tmp_path / "run"), str(tmp_path / "ship" / "lab.safetensors"))
+    path = train_and_export(tmp_path)
     write_tokenizer(str(tmp_path / "ship" / "tokenizer"), lab_merges(WORDS[::-1]), compact=True)
     shipped = CLIPTokenizer.from_pretrained(str(tmp_path / "ship" / "tokenizer"))
     caption = "a red circle to the left of a blue square"
