@@ -38,8 +38,7 @@ from model.hardware import DTYPE_CHOICES, check_device, cpu_description, dtype_n
 from model.text import byte_tokenizer
 from model.unet import ATTENTION_BACKENDS
 from prune import dato, sito, tome
-from sampler import METHODS as SAMPLERS
-from sampler import unet_calls
+from sampler import SAMPLERS, unet_calls
 from sampler.acceleration import Acceleration, call_kinds, kind_macs, parse_methods
 from sampler.generate import Sampling, Timer, check_size, generate
 
@@ -327,7 +326,7 @@ def main(argv=None):
     p.add_argument("--W", type=int, help="pixels (as --H)")
     p.add_argument("--batch", type=int, default=1, help="images per call; CFG doubles it (1)")
     p.add_argument("--steps", type=int, default=50, help="sampler steps: the run the per-call times compose (50)")
-    p.add_argument("--sampler", choices=SAMPLERS, default="plms", help="plms or ddim (plms)")
+    p.add_argument("--sampler", choices=list(SAMPLERS), default="plms", help=f"{', '.join(SAMPLERS)} (plms)")
     p.add_argument("--runs", type=int, default=5, help="timed runs per call kind, the median is reported (5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs first (1)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")

@@ -8,7 +8,7 @@ shallowest branch, DaTo's "1" and DeepCacheSDHelper's cache_branch_id=0 (the dif
 setting); depth 2 is the branch DeepCache's own SD pipeline uses for its paper numbers
 (diffusers' down/up block 0, layer 0); depth 0 reuses everything and re-runs only the final
 `out` layer. A schedule is one depth per UNet call of the run (FULL for full calls), keyed by
-call index: PLMS-50 makes 51 calls, DDIM-50 makes 50.
+call index within the run (the sampler table, sampler/samplers.py, says how many calls a run makes).
 """
 import math
 from dataclasses import dataclass
@@ -98,7 +98,7 @@ class CacheSchedule:
         if self.mode == "dato":
             if len(self.depths) != calls:
                 raise ValueError(f"cache schedule has {len(self.depths)} entries, but this run makes {calls} "
-                                 "UNet calls (PLMS: steps + 1, DDIM: steps); give one depth per call")
+                                 "UNet calls; give one depth per call")
             if self.depths[0] != FULL:
                 raise ValueError(f"the first call has nothing cached to reuse: its depth must be {FULL} (full)")
             return list(self.depths)

@@ -85,8 +85,8 @@ class TokenPruning:
 
     def check_calls(self, calls):
         if self.schedule and len(self.schedule) != calls:
-            raise ValueError(f"prune schedule has {len(self.schedule)} ratios, but this run makes {calls} UNet calls "
-                             "(PLMS: steps + 1, DDIM: steps); give one ratio per call")
+            raise ValueError(f"prune schedule has {len(self.schedule)} ratios, but this run makes {calls} UNet calls; "
+                             "give one ratio per call")
 
     @property
     def uses_dynamics(self):

@@ -1,117 +1,12 @@
-"""The denoising loop: classifier-free guidance, eps or v prediction, PLMS or DDIM.
+"""Sampling: the samplers (one file each, listed in samplers.py), the denoising loop (loop.py) and
+the generation API on a loaded model (generate.py).
 
     from sampler import sample
-    latent = sample(unet, x_T, cond, uncond, steps=50, scale=7.5, method="plms")
-
-`unet` is any callable unet(x, t, context) -> tensor (with `accel`, it is also given the
-run's state as the keyword `state`, see model.unet.RunState). `sample_steps` is the same loop as
-a generator that yields a Step after every step, for progress bars, previews and timing.
-`generate` (sampler/generate.py) is the whole text-to-image pipeline on a loaded model.
+    latent = sample(unet, x_T, cond, uncond, steps=20, scale=7.5, method="dpmpp-2m")
 """
-import math
-from collections import deque
-from dataclasses import dataclass
-
-import torch
-
-from model.config import PREDICTIONS
-
 from .acceleration import PRESETS, Acceleration, parse_method, stream_seed
-from .ddim import ddim_steps
-from .plms import plms_steps
-from .schedule import alphas_cumprod, timesteps, unet_calls
+from .loop import Step, check_args, final_latent, sample, sample_steps
+from .samplers import SAMPLERS, Sampler, find_sampler, sampler_timesteps, unet_calls
 
-METHODS = ("plms", "ddim")
-
-
-@dataclass
-class Step:
-    index: int              # 0-based step number
-    steps: int              # number of steps in the run
-    t: int                  # timestep of this step
-    x: torch.Tensor         # latent after the step
-    pred_x0: torch.Tensor   # the model's estimate of the clean latent at this step
-    calls: int              # UNet calls so far
-
-
-def check_args(steps=50, scale=7.5, method="plms", eta=0.0, prediction="eps"):
-    """Raise ValueError for settings the samplers cannot run (before any heavy work). The messages
-    name the command-line flags (sample.py, evaluate.py); the API arguments have the same names."""
-    if method not in METHODS:
-        raise ValueError(f"unknown sampler {method!r} (--sampler); choose one of {', '.join(METHODS)}")
-    timesteps(steps)   # validates the step count
-    for flag, value in (("--scale", scale), ("--eta", eta)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"{flag} must be a finite number, got {value!r}")
-    if method == "plms" and eta != 0:
-        raise ValueError(f"PLMS is deterministic: --eta must be 0 (got {eta}); use --sampler ddim for eta > 0")
-    if eta < 0:
-        raise ValueError(f"--eta must be >= 0, got {eta}")
-    if prediction not in PREDICTIONS:
-        raise ValueError(f"--prediction must be 'eps' or 'v', got {prediction!r}")
-    if scale < 0:
-        raise ValueError(f"--scale (guidance) must be >= 0, got {scale}")
-
-
-def sample_steps(unet, x_T, cond, uncond=None, steps=50, scale=7.5, method="plms", eta=0.0,
-                 prediction="eps", accel=None, seed=0):
-    """Run the sampler, yielding a Step after each step.
-
-    x_T: [B, c, h, w] initial noise; cond / uncond: [B, 77, C] contexts (uncond None or
-    scale == 1: no guidance, one conditional call per evaluation, as LDM does).
-    Guidance batches one call on [x; x] with contexts [uncond; cond]:
-    eps = eps_u + scale * (eps_c - eps_u). v-prediction outputs are converted per call:
-    eps = √ᾱ_t·v + √(1-ᾱ_t)·x_t. accel: an Acceleration (or None); its per-run state is made
-    here. `seed` (the one x_T was drawn from) seeds the random streams of the run: DDIM's noise
-    when eta > 0 and the token methods' choices, each through its own stream_seed.
-    """
-    check_args(steps, scale, method, eta, prediction)
-    alphas = alphas_cumprod()
-    ts = timesteps(steps)[::-1]
-    guided = uncond is not None and scale != 1
-    run = accel.start(unet_calls(steps, method), seed, guided) if accel is not None else None
-    calls = 0
-
-    def eps_fn(x, t):
-        nonlocal calls
-        x_in, c_in = (torch.cat([x, x]), torch.cat([uncond, cond])) if guided else (x, cond)
-        t_in = torch.full((x_in.shape[0],), t, device=x.device)
-        if run is None:
-            out = unet(x_in, t_in, c_in)
-        else:
-            run.begin_call(calls, x_in)
-            out = unet(x_in, t_in, c_in, state=run)
-            run.end_call(out)
-        calls += 1
-        out = out.to(x.dtype)
-        if guided:
-            e_uncond, e_cond = out.chunk(2)
-            out = e_uncond + scale * (e_cond - e_uncond)
-        if prediction == "v":
-            a = alphas[t].item()
-            out = a ** 0.5 * out + (1 - a) ** 0.5 * x
-        return out
-
-    x = x_T.to(torch.promote_types(x_T.dtype, torch.float32))   # latents stay in (at least) fp32
-    if method == "plms":
-        loop = plms_steps(eps_fn, x, ts, alphas)
-    else:
-        loop = ddim_steps(eps_fn, x, ts, alphas, eta, torch.Generator().manual_seed(stream_seed(seed, "ddim")))
-    for i, t, x, pred_x0 in loop:
-        yield Step(i, len(ts), t, x, pred_x0, calls)
-
-
-def final_latent(steps):
-    """Run a sample_steps loop (bare or wrapped, e.g. in a progress bar) to its end -> the last latent."""
-    return deque(steps, maxlen=1)[0].x
-
-
-def sample(unet, x_T, cond, uncond=None, steps=50, scale=7.5, method="plms", eta=0.0,
-           prediction="eps", accel=None, seed=0):
-    """Run the whole loop and return the final latent [B, c, h, w] (fp32, or fp64 for an fp64 x_T).
-    Arguments as for sample_steps."""
-    return final_latent(sample_steps(unet, x_T, cond, uncond, steps, scale, method, eta, prediction, accel, seed))
-
-
-__all__ = ["sample", "sample_steps", "final_latent", "Step", "unet_calls", "check_args", "METHODS",
-           "Acceleration", "PRESETS", "parse_method", "stream_seed"]
+__all__ = ["sample", "sample_steps", "final_latent", "Step", "unet_calls", "check_args", "SAMPLERS", "Sampler",
+           "find_sampler", "sampler_timesteps", "Acceleration", "PRESETS", "parse_method", "stream_seed"]

@@ -22,7 +22,7 @@ from prune import LAYERS, METHODS, TokenPruning, max_ratio
 from prune.dato import dynamics_map
 from prune.viz import PruneViz
 
-from .schedule import unet_calls
+from .samplers import unet_calls
 
 NO_PLANS = (None, None, None)
 
@@ -246,7 +246,6 @@ class AcceleratedRun:
     """
 
     def __init__(self, settings, calls, seed, guided=False):
-        settings.check(calls)
         self.depths = settings.depths(calls)
         self.settings, self.seed, self.guided = settings, seed, guided
         self.call = None            # index of the UNet call in progress, 0 .. calls-1

@@ -25,8 +25,8 @@ from model.hardware import DTYPE_CHOICES, dtype_name
 from model.text import TokenizerError, byte_tokenizer
 from model.unet import ATTENTION_BACKENDS
 
-from . import METHODS
 from .generate import Sampling
+from .samplers import SAMPLERS
 from .schedule import MAX_STEPS
 from .shard import leave_group
 
@@ -50,12 +50,14 @@ def add_model_flags(p):
 def add_sampling_flags(p):
     p.add_argument("--negative-prompt", default="", help="what to steer away from (default: the empty prompt)")
     p.add_argument("--steps", "--ddim_steps", type=int, default=50,
-                   help=f"sampling steps, 1 to {MAX_STEPS} (default: 50; PLMS-50 makes 51 UNet calls)")
+                   help=f"sampling steps, 1 to {MAX_STEPS} (default: 50, the papers' PLMS-50, 51 UNet calls; "
+                        "20-25 for dpmpp-2m)")
     p.add_argument("--scale", type=float, help="guidance scale (default: the model's; 7.5 for SD1, 9.0 for SD2)")
     p.add_argument("--H", type=int, help="height in pixels, a multiple of the VAE factor, 8 for SD (default: native)")
     p.add_argument("--W", type=int, help="width in pixels (default: the model's native size)")
-    p.add_argument("--sampler", choices=METHODS, default="plms",
-                   help="LDM's PLMS, or DDIM (default: plms; --plms is accepted as in LDM)")
+    p.add_argument("--sampler", choices=list(SAMPLERS), default="plms",
+                   help="plms (LDM's, what the papers use), ddim, dpmpp-2m (DPM-Solver++(2M), what most users run, "
+                        "at 20-25 steps) or dpmpp-2m-karras (default: plms; --plms is accepted as in LDM)")
     p.add_argument("--plms", dest="sampler", action="store_const", const="plms", help=argparse.SUPPRESS)
     p.add_argument("--eta", "--ddim_eta", type=float, default=0.0,
                    help="DDIM noise (default: 0 = deterministic; PLMS needs 0)")

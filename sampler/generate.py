@@ -21,8 +21,9 @@ from tqdm import tqdm
 from model.hardware import DTYPE_CHOICES, dtype_name, resolve_dtype, timed
 from model.unet import ATTENTION_BACKENDS, BasicTransformerBlock
 
-from . import check_args, final_latent, sample_steps, unet_calls
 from .acceleration import Acceleration
+from .loop import check_args, final_latent, run_steps
+from .samplers import unet_calls
 
 MAX_SEED = 2 ** 64 - 1   # torch.Generator.manual_seed takes seeds up to this
 
@@ -31,8 +32,10 @@ MAX_SEED = 2 ** 64 - 1   # torch.Generator.manual_seed takes seeds up to this
 class Sampling:
     """How to sample; every field has the recommended default.
 
-    steps: sampler steps (50; PLMS-50 makes 51 UNet calls). scale: guidance (None: the model's,
-    7.5 for SD1, 9.0 for SD2; 1 turns guidance off). sampler: "plms" | "ddim". eta: DDIM noise (0).
+    steps: sampler steps (50 for PLMS, the papers' setting: 51 UNet calls; 20-25 for DPM++).
+    scale: guidance (None: the model's, 7.5 for SD1, 9.0 for SD2; 1 turns guidance off).
+    sampler: a name of sampler.SAMPLERS: "plms", "ddim", "dpmpp-2m", "dpmpp-2m-karras".
+    eta: DDIM noise (0).
     seed: image k of a generate() call starts from seed + k (0 <= seed + k < 2**64).
     size: (H, W) in pixels, multiples of the VAE factor (None, or a None side: the model's native size).
     dtype: None keeps the model's precision; "auto" | "fp32" | "bf16" | "fp16" casts the model
@@ -133,12 +136,11 @@ def from_pil(images):
 
 def prepare(sd, run):
     """Put the model in the run's precision and attention; check what needs the model (size,
-    picture block). -> (H, W)."""
+    picture block; the run itself was checked when the Sampling was made). -> (H, W)."""
     if run.dtype is not None:
         dtype = resolve_dtype(run.dtype, sd.device)
         if dtype != sd.dtype:
             sd.to(dtype=dtype)
-    check_args(run.steps, 1.0 if run.scale is None else run.scale, run.sampler, run.eta, sd.config.prediction)
     sd.unet.set_attention(run.attention)
     viz = run.accel.viz if run.accel is not None else None
     if viz is not None:
@@ -170,8 +172,8 @@ def generate_batches(sd, prompts, run, *, progress=False, timer=None):
             cond = timer("text", sd.text, batch)
             uncond = timer("text", sd.text, [run.negative_prompt] * len(batch)) if scale != 1 else None
             x_T = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
-            loop = sample_steps(sd.unet, x_T.to(device), cond, uncond, run.steps, scale, run.sampler, run.eta,
-                                config.prediction, run.accel, seeds[0])
+            loop = run_steps(sd.unet, x_T.to(device), cond, uncond, run.steps, scale, run.sampler, run.eta,
+                             config.prediction, run.accel, seeds[0])
             bar = tqdm(loop, total=run.steps, desc=f"images {k}-{k + len(batch) - 1}", disable=not progress)
             latent = timer("unet", final_latent, bar)
             images = to_pil(timer("decode", sd.vae.decode, latent.to(device)))

@@ -10,21 +10,28 @@ eps' from the current and up to three previous noise estimates.
 where e1, e2, e3 are the previous steps' eps (as evaluated, not eps'). So S steps cost S + 1
 model calls: 50 steps = 51 calls.
 """
-from .schedule import ddim_update, step_alphas
+from .schedule import ddim_update, ldm_timesteps, step_alphas
 
 
-def plms_steps(eps_fn, x, ts, alphas):
-    """Yield (i, t, x_prev, pred_x0) for each step.
+def timesteps(steps):
+    """LDM's uniform spacing, in sampling order: 981, 961, ..., 1 for 50 steps."""
+    return ldm_timesteps(steps)[::-1]
 
-    eps_fn(x, t) -> guided noise estimate; ts: timesteps in sampling order (descending);
-    alphas: ᾱ indexed by timestep.
+
+def plms_steps(model, x, steps, alphas, eta=0.0, generator=None):
+    """Yield (i, t, x_prev, pred_x0) for each of `steps` steps.
+
+    model(x, t, ᾱ) -> guided noise estimate at timestep t (noise level ᾱ); alphas: ᾱ indexed by
+    timestep. Deterministic: eta and generator are not used.
     """
+    ts = timesteps(steps)
     old = []
     for i, (t, (a_t, a_prev)) in enumerate(zip(ts, step_alphas(ts, alphas), strict=True)):
-        eps = eps_fn(x, t)
+        eps = model(x, t, a_t)
         if not old:
             x_euler, _ = ddim_update(x, eps, a_t, a_prev)
-            eps_next = eps_fn(x_euler, ts[min(i + 1, len(ts) - 1)])
+            t_next = ts[min(i + 1, len(ts) - 1)]
+            eps_next = model(x_euler, t_next, alphas[t_next].item())
             eps_prime = (eps + eps_next) / 2
         elif len(old) == 1:
             eps_prime = (3 * eps - old[-1]) / 2

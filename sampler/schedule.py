@@ -1,18 +1,25 @@
-"""The noise schedule and timestep spacing of LDM (what SD was trained with and the papers sampled with)."""
+"""The noise schedule and timestep spacing of LDM (what SD was trained with and the papers sampled with),
+and the DDIM update PLMS and DDIM share."""
 import torch
 
 TRAIN_STEPS = 1000
 MAX_STEPS = TRAIN_STEPS - 1   # the +1 shift must stay on the schedule (t <= 999)
 
 
-def alphas_cumprod(start=0.00085, end=0.012, n=TRAIN_STEPS):
+def alphas_cumprod(start=0.00085, end=0.012, n=TRAIN_STEPS, dtype=torch.float64):
     """ᾱ_t = prod_{s<=t} (1 - β_s) with LDM's "linear" schedule: β linear in sqrt space,
-    β = linspace(√start, √end, n)². float64 [n]."""
-    betas = torch.linspace(start ** 0.5, end ** 0.5, n, dtype=torch.float64) ** 2
+    β = linspace(√start, √end, n)². [n], float64 (float32: diffusers' table, to the bit)."""
+    betas = torch.linspace(start ** 0.5, end ** 0.5, n, dtype=dtype) ** 2
     return torch.cumprod(1 - betas, dim=0)
 
 
-def timesteps(steps):
+def check_steps(steps):
+    """Raise ValueError unless `steps` is a step count every sampler can run (1 to 999)."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+        raise ValueError(f"--steps must be a whole number from 1 to {MAX_STEPS}, got {steps!r}")
+
+
+def ldm_timesteps(steps):
     """LDM's uniform spacing with its +1 shift, ascending: t_i = 1 + i * (1000 // steps).
 
     50 steps -> [1, 21, ..., 981], exactly LDM's range(0, 1000, 1000 // steps) + 1 (the shift,
@@ -20,14 +27,8 @@ def timesteps(steps):
     1000, LDM's range appends extra steps (30 -> 31 steps, 400 -> 500) and for some counts
     (3, 9, 27, ...) runs past the schedule and crashes; here `steps` steps are exactly `steps`,
     the prefix of LDM's list, which is what diffusers' DDIM/PNDM ("leading", offset 1) take too."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
-        raise ValueError(f"--steps must be a whole number from 1 to {MAX_STEPS}, got {steps!r}")
+    check_steps(steps)
     return [1 + i * (TRAIN_STEPS // steps) for i in range(steps)]
-
-
-def unet_calls(steps, sampler="plms"):
-    """UNet calls in a run: one per step, plus PLMS's extra call in its first step (50 -> 51)."""
-    return len(timesteps(steps)) + (sampler == "plms")
 
 
 def step_alphas(ts, alphas):

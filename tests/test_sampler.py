@@ -10,7 +10,8 @@ import torch
 
 from sampler import Acceleration, check_args, sample, sample_steps, unet_calls
 from sampler.acceleration import AcceleratedRun, stream_seed
-from sampler.schedule import alphas_cumprod, timesteps
+from sampler.schedule import alphas_cumprod
+from sampler.schedule import ldm_timesteps as timesteps
 
 ALPHAS = alphas_cumprod()
 MU, SIGMA = 0.7, 0.4
@@ -182,7 +183,8 @@ def test_run_state_sees_every_call():
 
 @pytest.mark.parametrize("kw,match", [
     (dict(steps=0), "steps"), (dict(steps=1000), "steps"), (dict(method="euler"), "unknown sampler"),
-    (dict(eta=0.5), "PLMS is deterministic"), (dict(method="ddim", eta=-1), "eta"),
+    (dict(eta=0.5), "plms is deterministic"),
+    (dict(method="dpmpp-2m", eta=0.5), "dpmpp-2m is deterministic"), (dict(method="ddim", eta=-1), "eta"),
     (dict(prediction="x0"), "prediction"), (dict(scale=-2), "scale")])
 def test_bad_arguments(kw, match):
     with pytest.raises(ValueError, match=match):

@@ -1,0 +1,105 @@
+"""DPM-Solver++(2M) (Lu et al. 2022), as diffusers' DPMSolverMultistepScheduler runs it for SD 1.5:
+what a diffusers user gets with `DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)`, and
+A1111's "DPM++ 2M" / "DPM++ 2M Karras". One model call per step.
+
+In the noise level σ = √((1-ᾱ)/ᾱ) (α_σ = 1/√(σ²+1), s_σ = σ·α_σ, λ = log(α_σ / s_σ)), each step turns
+the noise estimate into the data estimate x0 = (x - s_σ·eps) / α_σ and moves from σ_i to σ_{i+1}:
+    x' = (s_{i+1} / s_i)·x - α_{i+1}·(e^{-h} - 1)·D,   h = λ_{i+1} - λ_i
+    D = x0                                   first order (the first step and the last)
+    D = x0 + (x0 - x0_prev) / (2 r),  r = (λ_i - λ_{i-1}) / h      second order ("midpoint")
+The last step goes to σ = 0, where the update is x0 itself.
+
+Timesteps: "linspace" spacing, round(linspace(0, 999, S + 1)) descending without the 0 (20 steps:
+999, 949, ..., 50), σ read off the training schedule; with Karras sigmas (-karras), S values of
+σ spaced as ρ = 7 interpolates from σ(999) to σ(0), each timestep the rounded log-σ interpolation
+of its σ (20 steps: 999, 962, ..., 2, 0).
+"""
+import math
+
+import torch
+
+from .schedule import MAX_STEPS, alphas_cumprod
+
+KARRAS_RHO = 7.0
+
+
+def sigmas_of(alphas):
+    return ((1 - alphas) / alphas).sqrt()
+
+
+def linspace(start, stop, num):
+    """numpy's linspace to the bit (start + i * step, the end point exact), so the rounded timesteps
+    are diffusers' at every step count."""
+    if num == 1:
+        return [start]
+    step = (stop - start) / (num - 1)
+    return [start + i * step for i in range(num - 1)] + [stop]
+
+
+def timestep_of(sigma, log_sigmas):
+    """The fractional timestep whose σ is `sigma`: linear interpolation of log σ between the two
+    neighbouring training timesteps (clamped to the schedule)."""
+    log_sigma = math.log(max(sigma, 1e-10))
+    low = min(max(int(torch.searchsorted(log_sigmas, log_sigma, right=True)) - 1, 0), len(log_sigmas) - 2)
+    lo, hi = log_sigmas[low].item(), log_sigmas[low + 1].item()
+    w = min(max((lo - log_sigma) / (lo - hi), 0.0), 1.0)
+    return (1 - w) * low + w * (low + 1)
+
+
+def schedule(steps, alphas, karras=False):
+    """(timesteps in sampling order, their S + 1 values of σ, the last 0).
+
+    Karras sigmas are derived from diffusers' float32 table of ᾱ, as diffusers derives them: from
+    LDM's float64 table, the rounded timestep of one level in ten or so differs by one at some step
+    counts (18, 35, 43, ...), so the UNet would be called at other timesteps than a diffusers user's."""
+    if karras:
+        sigmas = sigmas_of(alphas_cumprod(dtype=torch.float32))
+        lo, hi = sigmas[0].item() ** (1 / KARRAS_RHO), sigmas[-1].item() ** (1 / KARRAS_RHO)
+        levels = [(hi + r * (lo - hi)) ** KARRAS_RHO for r in linspace(0.0, 1.0, steps)]
+        log_sigmas = sigmas.log()
+        ts = [round(timestep_of(s, log_sigmas)) for s in levels]
+    else:
+        ts = [round(v) for v in linspace(0.0, float(MAX_STEPS), steps + 1)][::-1][:-1]
+        levels = [sigmas_of(alphas[t]).item() for t in ts]
+    return ts, levels + [0.0]
+
+
+def timesteps(steps, alphas, karras=False):
+    return schedule(steps, alphas, karras)[0]
+
+
+def alpha_sigma(sigma):
+    """(α, s) of noise level σ: x = α·x0 + s·eps."""
+    alpha = 1 / (sigma ** 2 + 1) ** 0.5
+    return alpha, sigma * alpha
+
+
+def dpmpp_2m_steps(model, x, steps, alphas, eta=0.0, generator=None, karras=False):
+    """Yield (i, t, x_next, pred_x0) for each of `steps` steps.
+
+    model(x, t, ᾱ) -> guided noise estimate; ᾱ = α_σ² is the noise level of x (for Karras sigmas
+    between the training timesteps). Deterministic: eta and generator are not used.
+    """
+    ts, sigmas = schedule(steps, alphas, karras)
+    last = len(ts) - 1
+    prev_x0 = prev_lambda = None
+    for i, t in enumerate(ts):
+        (a_s, s_s), (a_t, s_t) = alpha_sigma(sigmas[i]), alpha_sigma(sigmas[i + 1])
+        eps = model(x, t, a_s ** 2)
+        x0 = (x - s_s * eps) / a_s
+        lambda_s = math.log(a_s / s_s)
+        if i == last:   # to σ = 0: the update is x0 (diffusers' final_sigmas_type="zero")
+            x = x0
+        else:
+            h = math.log(a_t / s_t) - lambda_s
+            x = (s_t / s_s) * x - (a_t * math.expm1(-h)) * x0
+            if prev_x0 is not None:   # second order on the previous data estimate
+                r = (lambda_s - prev_lambda) / h
+                x = x - 0.5 * (a_t * math.expm1(-h)) * ((x0 - prev_x0) / r)
+        prev_x0, prev_lambda = x0, lambda_s
+        yield i, t, x, x0
+
+
+def dpmpp_2m_karras_steps(model, x, steps, alphas, eta=0.0, generator=None):
+    """dpmpp_2m_steps on Karras sigmas."""
+    return dpmpp_2m_steps(model, x, steps, alphas, eta, generator, karras=True)
