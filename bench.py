@@ -7,7 +7,10 @@
 
 Methods: `baseline`, `tome:R`, `sito:R`, `dato:R` (token pruning at ratio R), and the presets of
 sampler/acceleration.py (`deepcache-n3`, `deepcache-n5`, `deepcache-n5-nonuniform`, `dato-fixed`,
-`dato-coco`). Weights are random (speed does not depend on their values) unless --ckpt is given.
+`dato-coco`), each on the command's --sampler/--steps or on its own run, SPEC@SAMPLER:STEPS
+(`baseline@dpmpp-2m:20`, `deepcache-n3@dpmpp-2m:25`): its time is that run's, its speed-up is
+against `baseline`, the command's run. Weights are random (speed does not depend on their values)
+unless --ckpt is given.
 Precision: --dtype auto (the default) is bf16 on CPUs with native bf16 units (AVX512-BF16, AMX),
 fp32 on other CPUs, fp16 on GPUs; the CPU model and its bf16 support are printed with the results.
 
@@ -133,10 +136,10 @@ def bench_methods(args, unet, config, methods, attention, device, dtype):
     x = torch.randn(b, config.unet.in_channels, *hw, device=device, dtype=dtype)
     t = torch.full((b,), 500, device=device)
     context = torch.randn(b, 77, config.unet.context_dim, device=device, dtype=dtype)
-    calls = unet_calls(args.steps, args.sampler)
-    plan = {spec: call_kinds(accel, calls) for spec, accel in methods.items()}
+    calls = unet_calls(args.steps, args.sampler)   # the command's run: what "baseline" and diffusers make
+    plan = {spec: call_kinds(m.accel, m.calls) for spec, m in methods.items()}
 
-    keys = {spec: [kind_settings(methods[spec], kind) for kind in kinds] for spec, kinds in plan.items()}
+    keys = {spec: [kind_settings(methods[spec].accel, kind) for kind in kinds] for spec, kinds in plan.items()}
     fns = {key: kind_call(unet, key, x, t, context) for key in dict.fromkeys(k for ks in keys.values() for k in ks)}
     if args.vs_diffusers:
         theirs = diffusers_unet(config, dtype, device, attention)
@@ -148,11 +151,13 @@ def bench_methods(args, unet, config, methods, attention, device, dtype):
     rows = {}
     for spec, kinds in plan.items():
         run = {f.__name__: sum(f(times[k]) for k in keys[spec]) for f in (statistics.median, min, max)}
-        macs = {mm: sum(kind_macs(unet, methods[spec], k, hw, mm) for k in kinds) for mm in (False, True)}
-        rows[spec] = dict(calls=calls, run_s=run["median"], run_min_s=run["min"], run_max_s=run["max"],
-                          call_ms=1e3 * run["median"] / calls, call_min_ms=1e3 * run["min"] / calls,
-                          call_max_ms=1e3 * run["max"] / calls,
-                          gmacs_call=macs[False] / calls / 1e9, gmacs_call_mm=macs[True] / calls / 1e9,
+        macs = {mm: sum(kind_macs(unet, methods[spec].accel, k, hw, mm) for k in kinds) for mm in (False, True)}
+        n = len(kinds)   # this method's UNet calls (its own run's)
+        rows[spec] = dict(calls=n, sampler=methods[spec].sampler, steps=methods[spec].steps, run_s=run["median"],
+                          run_min_s=run["min"], run_max_s=run["max"],
+                          call_ms=1e3 * run["median"] / n, call_min_ms=1e3 * run["min"] / n,
+                          call_max_ms=1e3 * run["max"] / n,
+                          gmacs_call=macs[False] / n / 1e9, gmacs_call_mm=macs[True] / n / 1e9,
                           gmacs_run=macs[False] / 1e9, gmacs_run_mm=macs[True] / 1e9,
                           peak_mb=max((memory[k] or 0) for k in keys[spec]) / 2 ** 20,
                           kinds={f"{'full' if d == FULL else f'depth {d}'} @ {r:g}": kinds.count((d, r))
@@ -173,9 +178,9 @@ def e2e_seconds(sd, methods, args, attention, device):
     """{spec: UNet seconds of one real sampling run}: generate() on one prompt per batch image,
     its UNet phase timed (text encoding and decoding are not part of the comparison)."""
     seconds = {}
-    for spec, accel in methods.items():
-        run = Sampling(steps=args.steps, scale=7.5, sampler=args.sampler, seed=0, size=(args.H, args.W),
-                       attention=attention, accel=accel, batch_size=args.batch)
+    for spec, m in methods.items():
+        run = Sampling(steps=m.steps, scale=7.5, sampler=m.sampler, seed=0, size=(args.H, args.W),
+                       attention=attention, accel=m.accel, batch_size=args.batch)
         timer = Timer(device)
         generate(sd, ["a red cube on a table"] * args.batch, run, timer=timer)
         seconds[spec] = timer.totals["unet"]
@@ -188,8 +193,8 @@ def ratio_text(value, width):
 
 def print_rows(rows, args, attention, device, dtype):
     print(f"\n{args.ckpt or args.model}, {args.H}x{args.W}, CFG batch {2 * args.batch}, {dtype_name(dtype)}, "
-          f"{attention} attention, {device}; {args.sampler.upper()}-{args.steps} = "
-          f"{next(iter(rows.values()))['calls']} UNet calls; median of {args.runs} runs")
+          f"{attention} attention, {device}; the baseline is {args.sampler.upper()}-{args.steps} = "
+          f"{unet_calls(args.steps, args.sampler)} UNet calls; median of {args.runs} runs")
     if device.type == "cpu":
         print(f"CPU: {cpu_description()}")
     print(f"{'method':24} {'ms/call':>8} {'min-max':>13} {'UNet s/run':>10} {'speed-up':>8} {'GMAC/call':>9} "

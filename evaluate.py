@@ -40,13 +40,12 @@ interrupted run leaves no partial file) and recomputes the metrics.
 """
 import argparse
 import json
-import math
 import os
 import re
 import statistics
 import time
 import uuid
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import torch
 from PIL import Image, ImageDraw, ImageOps
@@ -54,7 +53,7 @@ from PIL import Image, ImageDraw, ImageOps
 from lab.scenes import image_seed, render, sample_captions
 from metrics import LPIPS_WEIGHTS, Scorer, load_stats, markdown
 from model.hardware import check_device, cpu_description, dtype_name, resolve_dtype
-from sampler import unet_calls
+from sampler import SAMPLERS, unet_calls
 from sampler.acceleration import parse_methods, run_macs
 from sampler.cli import (
     add_model_flags,
@@ -80,12 +79,20 @@ def folder_name(spec):
 
 
 def claim_methods(out, settings, methods):
-    """Claim --out for these settings and each method's folder for its acceleration: a spec whose meaning
-    changed (a schedule file rewritten, a preset redefined) is refused rather than served stale images."""
+    """Claim --out for these settings and each method's folder for its acceleration and run: a spec whose
+    meaning changed (a schedule file rewritten, a preset redefined) is refused rather than served stale images."""
     claim_folder(out, settings, "images")
-    for spec, accel in methods.items():
-        record = {"method": spec, "acceleration": json.loads(json.dumps(asdict(accel) if accel else None))}
+    for spec, m in methods.items():
+        record = {"method": spec, "acceleration": json.loads(json.dumps(asdict(m.accel) if m.accel else None)),
+                  "sampler": m.sampler, "steps": m.steps}
         claim_folder(os.path.join(out, folder_name(spec)), record, "images")
+
+
+def method_sampling(args, method, **fields):
+    """The Sampling of one method: the command's flags on the method's own sampler and steps (--eta only
+    where that sampler takes it: the others are deterministic)."""
+    eta = args.eta if SAMPLERS[method.sampler].takes_eta else 0.0
+    return replace(sampling(args, **fields), sampler=method.sampler, steps=method.steps, eta=eta, accel=method.accel)
 
 
 def draw_prompts(args):
@@ -129,13 +136,13 @@ def render_missing(sd, prompts, methods, args, out, device, shard):
     n, size = len(prompts), args.batch_size
     for start in shard.mine(range(0, n, size)):
         stop = min(start + size, n)
-        for spec, accel in methods.items():
+        for spec, method in methods.items():
             todo = [k for k in range(start, stop) if not is_whole(image_path(out, spec, k))]
             if not todo:
                 continue
             timer = Timer(device)
-            images = generate(sd, prompts[start:stop],
-                              sampling(args, seed=args.seed + start, accel=accel, batch_size=size), timer=timer)
+            images = generate(sd, prompts[start:stop], method_sampling(args, method, seed=args.seed + start,
+                                                                       batch_size=size), timer=timer)
             seconds[spec][start] = timer.totals["unet"] / len(images)
             for k in todo:
                 write_image(images[k - start], image_path(out, spec, k))
@@ -216,13 +223,15 @@ def reference_features(scorer, args, prompts, shard, stats, size):
 
 def measure(sd, scorer, prompts, methods, args, shard, timing, calls, image_size, stats):
     """results.json's "methods" entry for every method, on rank 0 (None on the others). Every process
-    scores its batches, one method at a time (memory: one method's features, not all of them)."""
+    scores its batches, one method at a time (memory: one method's features, not all of them). The
+    command's own run (`calls` UNet calls; the method "baseline") is the reference of mac_ratio and
+    of every comparison with the baseline, whatever run a method has."""
     n, size, out = len(prompts), args.batch_size, args.out
     reference = reference_features(scorer, args, prompts, shard, stats, image_size[::-1])   # PIL sizes: (W, H)
     hw = tuple(side // sd.config.vae.factor for side in image_size)
     base_macs = run_macs(sd.unet, None, calls, hw, matmuls=True)   # attention matmuls: what pruning saves most
     with_baseline = "baseline" in methods
-    results, baseline = {}, None
+    results, baseline, baseline_correct = {}, None, None
     for spec in sorted(methods, key=lambda spec: spec != "baseline"):   # the baseline's features first
         def work(a, b, spec=spec):
             paths = [image_path(out, spec, k) for k in range(a, b)]
@@ -235,8 +244,12 @@ def measure(sd, scorer, prompts, methods, args, shard, timing, calls, image_size
         features = {name: [part["features"][name] for part in parts] for name in scorer.features}
         if spec == "baseline":
             baseline = features
-        entry = {"n": n, "mac_ratio": base_macs / run_macs(sd.unet, methods[spec], calls, hw, matmuls=True)}
-        entry.update(scorer.summarize(parts, prompts, reference, None if spec == "baseline" else baseline))
+            baseline_correct = [ok for part in parts for ok in part["correct"]] if scorer.lab else None
+        m = methods[spec]
+        entry = {"n": n, "sampler": m.sampler, "steps": m.steps,
+                 "mac_ratio": base_macs / run_macs(sd.unet, m.accel, m.calls, hw, matmuls=True)}
+        others = (None, None) if spec == "baseline" else (baseline, baseline_correct)
+        entry.update(scorer.summarize(parts, prompts, reference, *others))
         if (s := speedup(timing, spec)) is not None:
             entry["speedup"] = s
         results[spec] = entry
@@ -259,46 +272,60 @@ def draw_grid(load, prompts, columns=GRID_COLUMNS, side=128, band=24, label=110)
     return sheet
 
 
-def draw_tradeoff(results, path, width=560, height=360):
-    """Quality (lab accuracy with its interval, else FID, else PSNR) against MAC ratio, one point per method."""
-    key = "accuracy" if all("accuracy" in r for r in results.values()) else \
-        "fid" if any("fid" in r for r in results.values()) else "psnr"
-    points = {spec: r for spec, r in results.items() if key in r}
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    left, right, top, bottom = 50, width - 20, 15, height - 35
-    if not points:
-        image.save(path)
-        return
-    x_max = max(r["mac_ratio"] for r in points.values()) * 1.1
-    values = [r[key] for r in points.values()]
-    y_min, y_max = {"accuracy": (0.0, 1.0), "fid": (0.0, math.ceil(max(values) * 1.1))}.get(
-        key, (math.floor(min(values)) - 1, math.ceil(max(values)) + 1))
+def quality_axes(results):
+    """The plot's quality measures: [(key, label)] (one-object accuracy and lab FD for lab captions)."""
+    first = next(iter(results.values()))
+    if "by_kind" in first and "single" in first["by_kind"]:
+        axes = [("single", "one-object accuracy (95% interval)")]
+    elif "accuracy" in first:
+        axes = [("accuracy", "lab accuracy (95% interval)")]
+    else:
+        axes = [(key, label) for key, label in (("fid", "FID (lower is better)"), ("psnr", "PSNR vs baseline (dB)"))
+                if any(key in r for r in results.values())][:1]
+    if any("fd_lab" in r for r in results.values()):
+        axes.append(("fd_lab", "lab FD (lower is better)"))
+    return axes
 
-    def xy(x, y):
-        return (left + (x - 1) / max(x_max - 1, 1e-9) * (right - left),
-                bottom - (y - y_min) / (y_max - y_min) * (bottom - top))
-    draw.line((left, top, left, bottom, right, bottom), fill="black")
-    for tick in range(1, math.floor(x_max) + 1):
-        draw.text((xy(tick, y_min)[0] - 3, bottom + 2), f"{tick}x", fill="black")
-    draw.text((right - 170, bottom + 18), "MAC ratio (baseline / method)", fill="black")
-    draw.text((4, top), f"{y_max:g}", fill="black")
-    draw.text((4, bottom - 10), f"{y_min:g}", fill="black")
-    title = {"accuracy": "lab accuracy (95% interval)", "fid": "FID (lower is better)"}.get(key, "PSNR (dB)")
-    draw.text((left + 6, top), title, fill="black")
-    labels = []   # (x, y) of the labels drawn: a label that would overlap one moves down a line
-    for spec, r in points.items():
-        x, y = xy(r["mac_ratio"], r[key])
-        if key == "accuracy":
-            draw.line((*xy(r["mac_ratio"], r["accuracy_ci"][0]), *xy(r["mac_ratio"], r["accuracy_ci"][1])),
-                      fill=(120, 120, 120))
-        draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=(200, 60, 40))
-        ty = y - 6
-        while any(abs(ty - ly) < 11 and abs(x - lx) < 90 for lx, ly in labels):
-            ty += 11
-        labels.append((x, ty))
-        draw.text((x + 5, ty), spec, fill="black")
-    image.save(path)
+
+def draw_tradeoff(results, methods, path):
+    """Quality against MAC ratio (matplotlib): the plain runs of each sampler (methods without acceleration)
+    as one line per sampler, labelled with their step counts; accelerated methods as labelled points."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from metrics import cell
+    axes = quality_axes(results)
+    fig, panels = plt.subplots(1, max(len(axes), 1), figsize=(6.5 * max(len(axes), 1), 5), squeeze=False)
+    for (key, label), ax in zip(axes, panels[0], strict=False):
+        ladders = {}
+        for spec, r in results.items():
+            value, interval = cell(r, key)
+            if value is None:
+                continue
+            if methods[spec].accel is None:
+                ladders.setdefault(methods[spec].sampler, []).append((r["mac_ratio"], value, interval, r["steps"]))
+                continue
+            ax.plot(r["mac_ratio"], value, "o", color="tab:red", ms=4)
+            ax.annotate(spec, (r["mac_ratio"], value), fontsize=6, xytext=(3, 2), textcoords="offset points")
+        for sampler, points in sorted(ladders.items()):
+            points.sort()
+            xs, ys = [p[0] for p in points], [p[1] for p in points]
+            line, = ax.plot(xs, ys, "-o", ms=3, label=f"{sampler} (steps labelled)")
+            for x, y, interval, steps in points:
+                ax.annotate(str(steps), (x, y), fontsize=6, color=line.get_color(), xytext=(2, -8),
+                            textcoords="offset points")
+                if interval is not None:
+                    ax.plot([x, x], interval, color=line.get_color(), alpha=0.3, lw=1)
+        ax.set_xscale("log")
+        ax.set_xlabel("MAC ratio (UNet MACs of the reference run / the method's)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        if ladders:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
 
 
 def run(args):
@@ -345,7 +372,7 @@ def run(args):
     first = {spec: load_images([image_path(args.out, spec, k) for k in range(min(GRID_COLUMNS, len(prompts)))])
              for spec in methods}
     draw_grid(first, prompts).save(os.path.join(args.out, "grid.png"))
-    draw_tradeoff(results, os.path.join(args.out, "quality_vs_speed.png"))
+    draw_tradeoff(results, methods, os.path.join(args.out, "quality_vs_speed.png"))
     print(markdown(results))
     print(f"{len(prompts)} prompts x {len(methods)} methods in {args.out}/  |  {dtype_name(dtype)} on {device}"
           f"{f' x {shard.world} processes' if shard.world > 1 else ''}  |  {time.perf_counter() - start:.0f}s")

@@ -54,16 +54,33 @@ def is_lab(prompts):
     return True
 
 
-def lab_accuracy(correct, prompts):
-    """Accuracy of the checker's verdicts (one per prompt) overall, per kind and per relation."""
+def mcnemar(correct, reference):
+    """Exact McNemar test of paired 0/1 outcomes on the same images: wins (right where the reference is
+    wrong), losses (the reverse) and the two-sided p-value of the binomial test of wins among the
+    discordant pairs at 1/2 (scipy). p = 1 when no pair differs."""
+    from scipy.stats import binomtest
+    wins = sum(1 for a, b in zip(correct, reference, strict=True) if a and not b)
+    losses = sum(1 for a, b in zip(correct, reference, strict=True) if b and not a)
+    p = binomtest(wins, wins + losses, 0.5).pvalue if wins + losses else 1.0
+    return {"wins": wins, "losses": losses, "p": p}
+
+
+def lab_accuracy(correct, prompts, reference=None):
+    """Accuracy of the checker's verdicts (one per prompt) overall, per kind and per relation; with the
+    reference's verdicts on the same images (the baseline's), McNemar's test against them ("vs_baseline")."""
     rows = [{"caption": c, "correct": ok} for c, ok in zip(prompts, correct, strict=True)]
     report = summary(rows)
     result = {"accuracy": report["accuracy"], "accuracy_ci": bootstrap_interval(correct), "by_kind": {}}
+    if reference is not None:
+        result["vs_baseline"] = mcnemar(correct, reference)
     kinds = [parse(c).kind for c in prompts]
     for kind, entry in report["by_kind"].items():
-        picked = [ok for ok, k in zip(correct, kinds, strict=True) if k == kind]
+        picked = [i for i, k in enumerate(kinds) if k == kind]
         if picked:
-            result["by_kind"][kind] = {**entry, "accuracy_ci": bootstrap_interval(picked)}
+            result["by_kind"][kind] = {**entry, "accuracy_ci": bootstrap_interval([correct[i] for i in picked])}
+            if reference is not None:
+                result["by_kind"][kind]["vs_baseline"] = mcnemar([correct[i] for i in picked],
+                                                                 [reference[i] for i in picked])
     result["by_relation"] = report["by_relation"]
     return result
 
@@ -230,13 +247,14 @@ class Scorer:
             part["clip_score"] = self.clip(images, prompts)
         return part
 
-    def summarize(self, parts, prompts, reference=None, baseline=None):
+    def summarize(self, parts, prompts, reference=None, baseline=None, baseline_correct=None):
         """The results.json entry of one method from its parts in batch order. `reference` and `baseline`
-        are {feature name: [features [B, D] in batch order]} (None: that distance is not computed)."""
+        are {feature name: [features [B, D] in batch order]} (None: that distance is not computed);
+        `baseline_correct`: the baseline's checker verdicts on the same prompts, for McNemar's test."""
         values = {key: [v for part in parts for v in part[key]] for key in PER_IMAGE if key in parts[0]}
         entry = {}
         if self.lab:
-            entry.update(lab_accuracy(values.pop("correct"), prompts))
+            entry.update(lab_accuracy(values.pop("correct"), prompts, baseline_correct))
         for key, per_image in values.items():
             entry[key] = sum(per_image) / len(per_image)
         for name in self.features:
@@ -263,8 +281,15 @@ def frechet_distance(real, fake):
     return metric.compute().item()
 
 
+def paired_text(test):
+    """McNemar's result as a cell: wins and losses against the baseline on the same images, and p."""
+    return f"+{test['wins']} −{test['losses']}, p {test['p']:.2g}"
+
+
 COLUMNS = [  # markdown tables: (key, heading, format); a column shows when any method has the value
-    ("accuracy", "lab accuracy", "{:.1%}"), ("single", "one object", "{:.1%}"), ("fd_lab", "lab FD", "{:.2f}"),
+    ("accuracy", "lab accuracy", "{:.1%}"), ("vs_baseline", "vs baseline (McNemar)", paired_text),
+    ("single", "one object", "{:.1%}"), ("single_vs_baseline", "one object vs baseline", paired_text),
+    ("fd_lab", "lab FD", "{:.2f}"),
     ("fd_lab_vs_baseline", "lab FD vs baseline", "{:.2f}"), ("fid", "FID", "{:.2f}"),
     ("fid_vs_baseline", "FID vs baseline", "{:.2f}"), ("clip_score", "CLIP score", "{:.2f}"),
     ("psnr", "PSNR (dB)", "{:.2f}"), ("ssim", "SSIM", "{:.3f}"), ("lpips", "LPIPS", "{:.3f}"),
@@ -276,6 +301,8 @@ def cell(entry, key):
     if key == "single":
         single = entry.get("by_kind", {}).get("single")
         return (single["accuracy"], single["accuracy_ci"]) if single else (None, None)
+    if key == "single_vs_baseline":
+        return entry.get("by_kind", {}).get("single", {}).get("vs_baseline"), None
     return entry.get(key), entry.get(key + "_ci")
 
 
@@ -287,7 +314,7 @@ def markdown(results):
         cells = []
         for key, _, form in columns:
             value, interval = cell(r, key)
-            text = "-" if value is None else form.format(value)
+            text = "-" if value is None else form(value) if callable(form) else form.format(value)
             cells.append(text if interval is None else f"{text} ({interval[0]:.1%}-{interval[1]:.1%})")
         lines.append(f"| {spec} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

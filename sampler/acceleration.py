@@ -22,7 +22,7 @@ from prune import LAYERS, METHODS, TokenPruning, max_ratio
 from prune.dato import dynamics_map
 from prune.viz import PruneViz
 
-from .samplers import unet_calls
+from .samplers import SAMPLERS, unet_calls
 
 NO_PLANS = (None, None, None)
 
@@ -101,7 +101,8 @@ PRESETS = {
 }
 
 METHOD_SYNTAX = (f"'baseline', 'tome:R', 'sito:R', 'dato:R' (token pruning at ratio R, 0 <= R <= {max_ratio():g}), "
-                 f"a preset ({', '.join(PRESETS)}) or a schedule file (FILE.json, FILE.json#k)")
+                 f"a preset ({', '.join(PRESETS)}) or a schedule file (FILE.json, FILE.json#k), each optionally "
+                 "on its own run: SPEC@SAMPLER:STEPS (baseline@dpmpp-2m:20)")
 
 
 def schedule_entry(accel, sampler, steps, about="", **extra):
@@ -185,19 +186,52 @@ def parse_method(spec):
     return Acceleration(TokenPruning(name, ratio=value))
 
 
+@dataclass(frozen=True)
+class Method:
+    """One entry of the tools' --methods: an acceleration (None: the plain run) on a run of `sampler`
+    with `steps` steps."""
+    accel: Acceleration | None
+    sampler: str
+    steps: int
+
+    @property
+    def calls(self):
+        return unet_calls(self.steps, self.sampler)
+
+
+def parse_run(spec, text):
+    """'dpmpp-2m:20' (the part of a method spec after '@') -> (sampler, steps)."""
+    sampler, colon, steps = text.partition(":")
+    if sampler not in SAMPLERS or not colon or not steps.isdigit():
+        raise ValueError(f"method {spec!r}: after '@' give SAMPLER:STEPS, e.g. {spec.partition('@')[0]}@dpmpp-2m:20 "
+                         f"(samplers: {', '.join(SAMPLERS)})")
+    unet_calls(int(steps), sampler)   # validates the step count
+    return sampler, int(steps)
+
+
+def parse_run_method(spec, sampler, steps):
+    """One method spec 'SPEC' or 'SPEC@SAMPLER:STEPS' -> Method. Without '@' the method runs on the
+    command's run (`sampler`, `steps`), except a schedule file, which keeps the run it records."""
+    base, at, run = spec.partition("@")
+    if at:
+        sampler, steps = parse_run(spec, run)
+    elif is_schedule_file(base):
+        sampler, steps = find_preset(base).run
+    accel = parse_method(base)
+    if base in PRESETS or is_schedule_file(base):
+        check_preset_fits(base, sampler, steps)
+    if accel is not None:
+        accel.check(unet_calls(steps, sampler))
+    return Method(accel, sampler, steps)
+
+
 def parse_methods(text, sampler, steps):
-    """A comma-separated list of method specs (the tools' --methods) -> {spec: Acceleration or None},
-    each checked against a run of `sampler` with `steps` steps."""
+    """A comma-separated list of method specs (the tools' --methods) -> {spec: Method}, each on its own run
+    (SPEC@SAMPLER:STEPS) or on the command's (`sampler` with `steps` steps), and checked against it."""
     specs = [spec.strip() for spec in text.split(",")]
     if not all(specs) or len(set(specs)) != len(specs):
         raise ValueError(f"--methods {text!r}: give a comma-separated list of distinct methods")
-    methods = {spec: parse_method(spec) for spec in specs}
-    for spec, accel in methods.items():
-        if spec in PRESETS or is_schedule_file(spec):
-            check_preset_fits(spec, sampler, steps)
-        if accel is not None:
-            accel.check(unet_calls(steps, sampler))
-    return methods
+    return {spec: parse_run_method(spec, sampler, steps) for spec in specs}
 
 
 def call_kinds(accel, calls):
@@ -233,7 +267,7 @@ def check_preset_fits(spec, sampler, steps):
         made, calls = preset.run, unet_calls(preset.run[1], preset.run[0])
         raise ValueError(f"preset {spec} is for {made[0].upper()}-{made[1]} ({calls} UNet calls); this run is "
                          f"{sampler.upper()}-{steps} ({unet_calls(steps, sampler)} calls): use --sampler {made[0]} "
-                         f"--steps {made[1]}")
+                         f"--steps {made[1]} (or {spec}@{made[0]}:{made[1]} in --methods)")
 
 
 class AcceleratedRun:

@@ -28,6 +28,18 @@ def test_methods_json_and_plot(tmp_path):
     assert (tmp_path / "speed.png").stat().st_size > 0
 
 
+def test_methods_on_their_own_runs(tmp_path):
+    """SPEC@SAMPLER:STEPS times that run's calls; speed-ups and MAC ratios are against the command's baseline."""
+    bench.main([*QUICK, "--methods", "baseline,baseline@dpmpp-2m:20,deepcache-n3@dpmpp-2m:20", "--e2e",
+                "--steps", "5", "--json", str(tmp_path / "r.json")])
+    rows = json.loads((tmp_path / "r.json").read_text())["methods"]["sdpa"]
+    assert rows["baseline"]["calls"] == 6 and rows["baseline@dpmpp-2m:20"]["kinds"] == {"full @ 0": 20}
+    assert rows["deepcache-n3@dpmpp-2m:20"]["kinds"] == {"full @ 0": 7, "depth 2 @ 0": 13}
+    assert rows["baseline@dpmpp-2m:20"]["macs_ratio"] == pytest.approx(6 / 20)
+    assert rows["deepcache-n3@dpmpp-2m:20"]["macs_ratio"] > rows["baseline@dpmpp-2m:20"]["macs_ratio"]
+    assert all(r["e2e_s"] > 0 for r in rows.values())
+
+
 def test_end_to_end_runs_through_generate(tmp_path):
     bench.main([*QUICK, "--methods", "baseline,deepcache-n5", "--steps", "5", "--e2e",
                 "--json", str(tmp_path / "e.json")])

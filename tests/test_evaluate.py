@@ -146,3 +146,40 @@ def net_features(folder):
     images = [Image.open(os.path.join(folder, name)) for name in sorted(os.listdir(folder)) if name.endswith(".png")]
     with torch.no_grad():
         return load(evaluate.LAB_FEATURES)(from_pil(images))
+
+
+def test_methods_on_their_own_runs_share_images_and_reference(tmp_path):
+    """SPEC@SAMPLER:STEPS: each method on its own sampler and step count, image k on prompt k and noise
+    seed --seed + k as every other method; the command's run (PLMS-4, 5 UNet calls) is the reference
+    of mac_ratio and of the paired test."""
+    specs = "baseline,baseline@plms:2,baseline@dpmpp-2m:3,deepcache-n3@dpmpp-2m-karras:4"
+    results = run(tmp_path / "mixed", "--methods", specs)
+    run(tmp_path / "plms2", "--methods", "baseline", "--steps", "2")
+    for k in range(6):   # baseline@plms:2 is the baseline of a --steps 2 run, pixel for pixel
+        ours = Image.open(tmp_path / "mixed" / "baseline_plms_2" / f"{k:05d}.png")
+        assert torch.equal(from_pil([ours]), from_pil([Image.open(tmp_path / "plms2" / "baseline" / f"{k:05d}.png")]))
+        params = json.loads(ours.info["parameters"])
+        assert (params["sampler"], params["steps"], params["seed"]) == ("plms", 2, 3 + k)
+    dpm = json.loads(Image.open(tmp_path / "mixed" / "baseline_dpmpp-2m_3" / "00000.png").info["parameters"])
+    assert (dpm["sampler"], dpm["steps"]) == ("dpmpp-2m", 3)
+    assert results["baseline@plms:2"]["mac_ratio"] == pytest.approx(5 / 3)
+    assert results["baseline@dpmpp-2m:3"]["mac_ratio"] == pytest.approx(5 / 3)
+    assert results["deepcache-n3@dpmpp-2m-karras:4"]["mac_ratio"] > 5 / 4
+    base = results["baseline"]
+    assert "vs_baseline" not in base
+    for spec in specs.split(",")[1:]:
+        r, test = results[spec], results[spec]["vs_baseline"]
+        assert r["steps"] == int(spec[-1]) and 0 < test["p"] <= 1
+        assert test["wins"] - test["losses"] == round((r["accuracy"] - base["accuracy"]) * 6)
+    record = json.load(open(tmp_path / "mixed" / "baseline_dpmpp-2m_3" / "settings.json"))
+    assert (record["sampler"], record["steps"]) == ("dpmpp-2m", 3)
+    assert "McNemar" in open(tmp_path / "mixed" / "results.md").read()
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("baseline@euler:20", "after '@' give SAMPLER:STEPS"), ("baseline@plms", "after '@' give SAMPLER:STEPS"),
+    ("baseline@ddim:0", "--steps must be"), ("dato-coco@dpmpp-2m:20", "is for PLMS-50")])
+def test_bad_method_runs_are_refused_before_loading(tmp_path, capsys, spec, message):
+    with pytest.raises(SystemExit):
+        run(tmp_path, "--methods", f"baseline,{spec}")
+    assert message in capsys.readouterr().err and not os.path.exists(tmp_path / "settings.json")

@@ -80,10 +80,13 @@ def test_bad_schedule_specs_are_refused(tmp_path, spec, message):
         parse_methods(spec.format(path=path, missing=tmp_path / "none.json"), "plms", 4)
 
 
-def test_a_schedule_file_is_refused_for_another_run(tmp_path, capsys):
+def test_a_schedule_file_keeps_its_run_and_is_refused_for_another(tmp_path, capsys):
     path = write(tmp_path / "s.json", steps4([FULL, 1, 0, FULL, 1]))
+    methods = parse_methods(f"baseline,{path}", "ddim", 5)   # the tools' --methods: each on its own run
+    assert (methods["baseline"].sampler, methods["baseline"].steps) == ("ddim", 5)
+    assert (methods[path].sampler, methods[path].steps, methods[path].calls) == ("plms", 4, 5)
     with pytest.raises(ValueError, match="is for PLMS-4 .* use --sampler plms --steps 4"):
-        parse_methods(f"baseline,{path}", "ddim", 5)
+        parse_methods(f"baseline,{path}@ddim:5", "plms", 4)
     with pytest.raises(SystemExit):
         sample.main(["--prompt", "x", "--random-weights", "tiny", "--steps", "6", "--preset", path])
     assert "is for PLMS-4" in capsys.readouterr().err
