@@ -5,7 +5,10 @@
         --methods baseline,dato-coco --inception pt_inception-2015-12-05-6726825d.pth --fid-ref coco_val.npz \
         --clip openai/clip-vit-large-patch14 --out runs/coco
 
-Methods use bench.py's syntax (baseline, tome:R, sito:R, dato:R, the presets of sampler/acceleration.py).
+Methods use bench.py's syntax (baseline, tome:R, sito:R, dato:R, the presets of sampler/acceleration.py,
+schedule files), each on the command's --sampler/--steps or on its own run: SPEC@SAMPLER:STEPS
+(baseline@dpmpp-2m:20, deepcache-n3@dpmpp-2m:25); a schedule file keeps the run it records. The
+command's run ("baseline") is the reference of every vs-baseline metric, of mac_ratio and of speedup.
 Prompts: --prompts FILE (one per line), or else --n captions of the lab's scene sampler (lab/scenes.py),
 drawn with --seed. Image k has prompt k and noise seed --seed + k, rendered in the fixed batch
 k // --batch-size, so it is the same image in every method folder, in every run and with any number of
@@ -23,6 +26,7 @@ Output, in --out:
 
 Metrics (metrics.py says what each is and where its weights come from): `accuracy` by the lab checker
 (lab captions), `fd_lab` and `fd_lab_vs_baseline` in the lab feature network's space (lab captions),
+`vs_baseline` (McNemar's exact test of the checker's verdicts against the baseline's on the same images),
 `fid` / `fid_vs_baseline` (--inception), `clip_score` (--clip), `psnr`, `ssim` and `lpips` (--lpips)
 against the baseline image of the same prompt and seed (these need baseline among the methods);
 `mac_ratio` = baseline UNet MACs / the method's over a run (analytic, attention matmuls included, the
@@ -39,6 +43,7 @@ rendered again and only the missing files are written; images are written atomic
 interrupted run leaves no partial file) and recomputes the metrics.
 """
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -335,6 +340,8 @@ def run(args):
         raise ValueError(f"--n must be >= 1, got {args.n}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ValueError("evaluate.py plots with matplotlib: pip install -r requirements-eval.txt")
     prompts = draw_prompts(args)
     check_seeds(args.seed, len(prompts))
     check_outdir(args.out)

@@ -205,6 +205,8 @@ class Scorer:
         wanted = baseline or lab_features or inception or lpips or clip
         if wanted and importlib.util.find_spec("torchmetrics") is None:
             raise ValueError("the metrics need torchmetrics: pip install -r requirements-eval.txt")
+        if wanted and importlib.util.find_spec("scipy") is None:   # McNemar's test
+            raise ValueError("the paired test needs scipy: pip install -r requirements-eval.txt")
         if lpips and not baseline:
             raise ValueError("--lpips compares each image with the baseline's: add baseline to --methods")
         lab = is_lab(prompts)

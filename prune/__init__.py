@@ -43,7 +43,7 @@ class TokenPruning:
     recover_from: SiTo/DaTo: pruned tokens copy the most similar "kept" token (official code)
         or "base" token (the SiTo paper; cheaper).
     use_rand: ToMe: random dst per cell (True) or top-left.
-    schedule: per-UNet-call ratios, one per call of the run (PLMS-50: 51), overriding `ratio`
+    schedule: per-UNet-call ratios, one per UNet call of the run, overriding `ratio`
         (DaTo's searched per-step ratios). Empty: constant ratio.
     """
     method: str = "sito"

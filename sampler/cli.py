@@ -60,7 +60,7 @@ def add_sampling_flags(p):
                         "at 20-25 steps) or dpmpp-2m-karras (default: plms; --plms is accepted as in LDM)")
     p.add_argument("--plms", dest="sampler", action="store_const", const="plms", help=argparse.SUPPRESS)
     p.add_argument("--eta", "--ddim_eta", type=float, default=0.0,
-                   help="DDIM noise (default: 0 = deterministic; PLMS needs 0)")
+                   help="DDIM noise (default: 0 = deterministic; the other samplers need 0)")
     p.add_argument("--attention", choices=ATTENTION_BACKENDS, default="sdpa",
                    help="sdpa, or math: materialise the score matrix as the original LDM code did (default: sdpa)")
 
