@@ -65,19 +65,33 @@ def mcnemar(correct, reference):
     return {"wins": wins, "losses": losses, "p": p}
 
 
+def paired(results, reference, method, kind=None):
+    """McNemar's test of `method` against `reference`, two entries of one evaluate.py results.json (the
+    same images), over all captions or over one kind ("single", "pair")."""
+    a, b = results[method]["verdicts"], results[reference]["verdicts"]
+    if kind is not None:
+        images = results[method]["by_kind"][kind]["images"]
+        a, b = [a[i] for i in images], [b[i] for i in images]
+    return mcnemar(a, b)
+
+
 def lab_accuracy(correct, prompts, reference=None):
     """Accuracy of the checker's verdicts (one per prompt) overall, per kind and per relation; with the
-    reference's verdicts on the same images (the baseline's), McNemar's test against them ("vs_baseline")."""
+    reference's verdicts on the same images (the baseline's), McNemar's test against them ("vs_baseline").
+    The verdicts (0/1 per image) and each kind's image indices are kept, so that any two methods of one
+    run can be paired later (paired())."""
     rows = [{"caption": c, "correct": ok} for c, ok in zip(prompts, correct, strict=True)]
     report = summary(rows)
-    result = {"accuracy": report["accuracy"], "accuracy_ci": bootstrap_interval(correct), "by_kind": {}}
+    result = {"accuracy": report["accuracy"], "accuracy_ci": bootstrap_interval(correct),
+              "verdicts": [int(ok) for ok in correct], "by_kind": {}}
     if reference is not None:
         result["vs_baseline"] = mcnemar(correct, reference)
     kinds = [parse(c).kind for c in prompts]
     for kind, entry in report["by_kind"].items():
         picked = [i for i, k in enumerate(kinds) if k == kind]
         if picked:
-            result["by_kind"][kind] = {**entry, "accuracy_ci": bootstrap_interval([correct[i] for i in picked])}
+            result["by_kind"][kind] = {**entry, "accuracy_ci": bootstrap_interval([correct[i] for i in picked]),
+                                       "images": picked}
             if reference is not None:
                 result["by_kind"][kind]["vs_baseline"] = mcnemar([correct[i] for i in picked],
                                                                  [reference[i] for i in picked])
@@ -320,3 +334,37 @@ def markdown(results):
             cells.append(text if interval is None else f"{text} ({interval[0]:.1%}-{interval[1]:.1%})")
         lines.append(f"| {spec} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    """python metrics.py RESULTS.json REFERENCE METHOD [METHOD ...]: McNemar's test of each method's checker
+    verdicts against the reference's on the same images, over all captions and per kind, from one
+    evaluate.py run's results.json (any two of its methods: e.g. an accelerated run against a plain
+    short run)."""
+    import argparse
+    import json
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("results", help="evaluate.py's results.json")
+    p.add_argument("reference", help="the method to compare against (a --methods spec of that run)")
+    p.add_argument("methods", nargs="+", help="the methods to compare with it")
+    args = p.parse_args(argv)
+    with open(args.results) as f:
+        results = json.load(f)["methods"]
+    for spec in [args.reference, *args.methods]:
+        if spec not in results or "verdicts" not in results[spec]:
+            p.error(f"{spec!r} has no checker verdicts in {args.results} (methods: {', '.join(results)}); "
+                    "verdicts are stored for lab captions by evaluate.py")
+    kinds = list(results[args.reference]["by_kind"])
+    print(f"against {args.reference}: accuracy, then +wins −losses, p (McNemar), over all captions and per kind")
+    for spec in args.methods:
+        cells = []
+        for kind in (None, *kinds):
+            entry = results[spec] if kind is None else results[spec]["by_kind"][kind]
+            test = paired(results, args.reference, spec, kind)
+            cells.append(f"{kind or 'all'} {entry['accuracy']:.1%} ({paired_text(test)})")
+        print(f"{spec}: " + "; ".join(cells))
+    return 0
+
+
+if __name__ == "__main__":
+    main()

@@ -65,6 +65,39 @@ def reference_frechet(a, b):
     return ((mu_a - mu_b).square().sum() + s_a.trace() + s_b.trace() - 2 * cross).item()
 
 
+def exact_mcnemar_p(wins, losses):
+    """Two-sided exact p of the binomial test at 1/2, by hand: twice the smaller tail, at most 1."""
+    n, k = wins + losses, min(wins, losses)
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
+
+
+def test_mcnemar_counts_discordant_pairs_and_its_p_is_the_exact_binomial():
+    rng = random.Random(0)
+    for _ in range(50):
+        n = rng.randint(1, 60)
+        a, b = [rng.random() < 0.8 for _ in range(n)], [rng.random() < 0.7 for _ in range(n)]
+        test = metrics.mcnemar(a, b)
+        pairs = list(zip(a, b, strict=True))
+        assert test["wins"] == sum(x and not y for x, y in pairs)
+        assert test["losses"] == sum(y and not x for x, y in pairs)
+        assert test["p"] == pytest.approx(exact_mcnemar_p(test["wins"], test["losses"]), rel=1e-9)
+    assert metrics.mcnemar([0] * 6, [1] * 6) == {"wins": 0, "losses": 6, "p": pytest.approx(1 / 32)}
+
+
+def test_lab_accuracy_pairs_methods_per_kind_from_stored_verdicts():
+    prompts = sample_captions(40, seed="pairs")
+    rng = random.Random(1)
+    verdicts = {name: [rng.random() < 0.6 for _ in prompts] for name in ("ref", "new")}
+    results = {name: metrics.lab_accuracy(v, prompts) for name, v in verdicts.items()}
+    with_ref = metrics.lab_accuracy(verdicts["new"], prompts, verdicts["ref"])
+    assert metrics.paired(results, "ref", "new") == with_ref["vs_baseline"]
+    for kind, entry in with_ref["by_kind"].items():
+        assert metrics.paired(results, "ref", "new", kind) == entry["vs_baseline"]
+        assert entry["n"] == len(entry["images"]) and sum(verdicts["new"][i] for i in entry["images"]) == \
+            round(entry["accuracy"] * entry["n"])
+    assert sorted(i for e in with_ref["by_kind"].values() for i in e["images"]) == list(range(40))
+
+
 def test_frechet_distance_equals_an_independent_computation_in_any_batching():
     g = torch.Generator().manual_seed(0)
     a = torch.randn(300, 8, generator=g, dtype=torch.float64)
