@@ -294,7 +294,7 @@ def quality_axes(results):
 
 def draw_tradeoff(results, methods, path):
     """Quality against MAC ratio (matplotlib): the plain runs of each sampler (methods without acceleration)
-    as one line per sampler, labelled with their step counts; accelerated methods as labelled points."""
+    as one line per sampler, labelled with their step counts; accelerated methods as labelled black squares."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -311,7 +311,7 @@ def draw_tradeoff(results, methods, path):
             if methods[spec].accel is None:
                 ladders.setdefault(methods[spec].sampler, []).append((r["mac_ratio"], value, interval, r["steps"]))
                 continue
-            ax.plot(r["mac_ratio"], value, "o", color="tab:red", ms=4)
+            ax.plot(r["mac_ratio"], value, "s", color="black", ms=4)
             ax.annotate(spec, (r["mac_ratio"], value), fontsize=6, xytext=(3, 2), textcoords="offset points")
         for sampler, points in sorted(ladders.items()):
             points.sort()
