@@ -5,18 +5,13 @@ import torch
 from .schedule import ddim_update, ldm_timesteps, step_alphas
 
 
-def timesteps(steps):
-    """LDM's uniform spacing, in sampling order (the same as PLMS's)."""
-    return ldm_timesteps(steps)[::-1]
-
-
 def ddim_steps(model, x, steps, alphas, eta=0.0, generator=None):
     """Yield (i, t, x_prev, pred_x0) for each of `steps` steps.
 
     model(x, t, ᾱ) -> guided noise estimate; σ_t = η·√((1-ᾱ_prev)/(1-ᾱ_t))·√(1-ᾱ_t/ᾱ_prev);
     the noise is drawn on the CPU from `generator` so a seed gives the same image on every device.
     """
-    ts = timesteps(steps)
+    ts = ldm_timesteps(steps)[::-1]
     for i, (t, (a_t, a_prev)) in enumerate(zip(ts, step_alphas(ts, alphas), strict=True)):
         eps = model(x, t, a_t)
         sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5

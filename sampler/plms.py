@@ -13,18 +13,13 @@ model calls: 50 steps = 51 calls.
 from .schedule import ddim_update, ldm_timesteps, step_alphas
 
 
-def timesteps(steps):
-    """LDM's uniform spacing, in sampling order: 981, 961, ..., 1 for 50 steps."""
-    return ldm_timesteps(steps)[::-1]
-
-
 def plms_steps(model, x, steps, alphas, eta=0.0, generator=None):
     """Yield (i, t, x_prev, pred_x0) for each of `steps` steps.
 
     model(x, t, ᾱ) -> guided noise estimate at timestep t (noise level ᾱ); alphas: ᾱ indexed by
     timestep. Deterministic: eta and generator are not used.
     """
-    ts = timesteps(steps)
+    ts = ldm_timesteps(steps)[::-1]
     old = []
     for i, (t, (a_t, a_prev)) in enumerate(zip(ts, step_alphas(ts, alphas), strict=True)):
         eps = model(x, t, a_t)

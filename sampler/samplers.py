@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import ddim, dpmpp, plms
-from .schedule import alphas_cumprod, check_steps
+from .schedule import alphas_cumprod, check_steps, ldm_timesteps
 
 
 @dataclass(frozen=True)
@@ -28,10 +28,15 @@ class Sampler:
         return steps + self.extra_calls
 
 
+def ldm_order(steps, alphas):
+    """LDM's uniform spacing in sampling order (PLMS and DDIM): 981, 961, ..., 1 for 50 steps."""
+    return ldm_timesteps(steps)[::-1]
+
+
 SAMPLERS = {
-    "plms": Sampler(plms.plms_steps, lambda steps, alphas: plms.timesteps(steps), extra_calls=1,
+    "plms": Sampler(plms.plms_steps, ldm_order, extra_calls=1,
                     about="LDM's PLMS, what SD's and the papers' results use (50 steps: 51 UNet calls)"),
-    "ddim": Sampler(ddim.ddim_steps, lambda steps, alphas: ddim.timesteps(steps), takes_eta=True,
+    "ddim": Sampler(ddim.ddim_steps, ldm_order, takes_eta=True,
                     about="LDM's DDIM; eta > 0 adds noise"),
     "dpmpp-2m": Sampler(dpmpp.dpmpp_2m_steps, dpmpp.timesteps,
                         about="DPM-Solver++(2M), diffusers' DPMSolverMultistepScheduler for SD 1.5 (20-25 steps)"),
