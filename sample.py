@@ -10,18 +10,18 @@ generation settings in a `parameters` text chunk (JSON). LDM's spellings (--n_sa
 """
 import argparse
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 
+from accel import PRESETS as ACCEL_PRESETS
+from accel import Acceleration, check_preset_fits, find_preset
 from cache import FULL, CacheSchedule
 from cache import MODES as CACHE_MODES
 from model.hardware import check_device, dtype_name, resolve_dtype
-from prune import BASE_TOKENS, LAYERS, MAX_DOWNSAMPLES, RECOVER, TokenPruning, max_ratio
 from prune import METHODS as PRUNE_METHODS
+from prune import token_method
 from prune.viz import PruneViz
-from sampler.acceleration import PRESETS as ACCEL_PRESETS
-from sampler.acceleration import Acceleration, check_preset_fits, find_preset
-from sampler.cli import add_model_flags, add_sampling_flags, load_model, parse_numbers, read_prompts, run_tool, sampling
 from sampler.generate import Timer, check_outdir, check_seeds, generate_batches, save_pngs
+from tools.cli import add_model_flags, add_sampling_flags, load_model, parse_numbers, read_prompts, run_tool, sampling
 
 
 def image_prompts(prompts, n_samples, n_iter):
@@ -73,20 +73,10 @@ def parser():
                    help="folder for the PNGs, created with the first image; files are never overwritten "
                         "(default: outputs)")
 
-    g = p.add_argument_group("token pruning (prune/)")
-    g.add_argument("--prune", choices=("none",) + PRUNE_METHODS, default="none", help="token method (default: none)")
-    g.add_argument("--prune-ratio", type=float,
-                   help=f"fraction of tokens removed per block (0.5, at most {max_ratio():g} with 2x2 cells)")
-    g.add_argument("--prune-maxdown", type=int, choices=MAX_DOWNSAMPLES,
-                   help="prune blocks at most this much below the latent resolution (1: the five 64x64 blocks)")
-    g.add_argument("--prune-layers", type=lambda text: tuple(text.split(",")),
-                   help=f"comma-separated sub-layers from {','.join(LAYERS)} (attn1 = self-attention only)")
-    g.add_argument("--prune-noise", type=float, help="SiTo/DaTo noise weight on the base-token score (0.1)")
-    g.add_argument("--prune-recover", choices=RECOVER,
-                   help="SiTo/DaTo: pruned tokens copy the most similar kept token (official code, default) "
-                        "or base token (paper)")
-    g.add_argument("--prune-base", choices=BASE_TOKENS,
-                   help="DaTo base tokens: dynamics (the paper, default) or local_random (the official code's default)")
+    g = p.add_argument_group("token methods (prune/)")
+    g.add_argument("--prune", choices=("none", *PRUNE_METHODS), default="none", help="token method (default: none)")
+    for dest, (flag, meta, _) in PRUNE_FLAGS.items():   # every method's settings, from the registry
+        g.add_argument(flag, dest=dest, type=meta["type"], choices=meta["choices"], help=meta["help"])
     g.add_argument("--prune-schedule", help="one ratio per UNet call, comma-separated (PLMS-50: 51 values)")
     g.add_argument("--viz-prune", metavar="DIR", help="save a picture of one block's base/kept/pruned tokens per call")
     g.add_argument("--viz-block", default="input_blocks.1.1.transformer_blocks.0", help="the block --viz-prune shows")
@@ -111,9 +101,20 @@ def main(argv=None):
     return run_tool(parser(), run, argv)
 
 
-# tuning flags (argparse dests) -> the TokenPruning / CacheSchedule fields they set
-PRUNE_FLAGS = {"prune_ratio": "ratio", "prune_maxdown": "max_downsample", "prune_noise": "noise_alpha",
-               "prune_recover": "recover_from", "prune_layers": "layers", "prune_base": "base_tokens"}
+def prune_flags():
+    """{argparse dest: (--prune-FLAG, its metadata, {method: settings field})} of every setting() field
+    of the registered token methods; methods that share a flag share it here."""
+    flags = {}
+    for name, cls in PRUNE_METHODS.items():
+        for f in fields(cls):
+            if "flag" in f.metadata:
+                dest = f"prune_{f.metadata['flag']}"
+                flags.setdefault(dest, (f"--prune-{f.metadata['flag']}", f.metadata, {}))[2][name] = f.name
+    return flags
+
+
+# tuning flags (argparse dests) -> the token method / CacheSchedule fields they set
+PRUNE_FLAGS = prune_flags()
 CACHE_FLAGS = {"cache_interval": "interval", "cache_depth": "depth", "cache_center": "center", "cache_power": "power"}
 
 
@@ -125,6 +126,16 @@ def flags_set(args, dests):
 def fields_from_flags(args, flags):
     """{dataclass field: value} of the flags in `flags` that were given (the defaults fill in the rest)."""
     return {field: getattr(args, dest) for dest, field in flags.items() if getattr(args, dest) is not None}
+
+
+def method_settings(args):
+    """The settings of --prune's method from its flags; a flag of another method is refused."""
+    given = {dest: owners for dest, (_, _, owners) in PRUNE_FLAGS.items() if getattr(args, dest) is not None}
+    if foreign := [PRUNE_FLAGS[dest][0] for dest, owners in given.items() if args.prune not in owners]:
+        owners = sorted({m for dest, o in given.items() if PRUNE_FLAGS[dest][0] in foreign for m in o})
+        raise ValueError(f"{', '.join(foreign)}: no effect with --prune {args.prune} "
+                         f"(a setting of {', '.join(owners)})")
+    return token_method(args.prune, **{owners[args.prune]: getattr(args, dest) for dest, owners in given.items()})
 
 
 def preset_settings(args, prune_flags, cache_flags):
@@ -153,11 +164,8 @@ def acceleration(args):
         prune, cache = preset_settings(args, prune_flags, cache_flags)
     else:
         if prune_flags and args.prune == "none":
-            raise ValueError(f"{', '.join(prune_flags)} given without a pruning method: add --prune tome|sito|dato")
-        if args.prune == "tome" and (sito_only := flags_set(args, ["prune_noise", "prune_recover"])):
-            raise ValueError(f"{', '.join(sito_only)}: no effect with --prune tome (SiTo/DaTo settings)")
-        if args.prune != "dato" and args.prune_base is not None:
-            raise ValueError(f"--prune-base: no effect with --prune {args.prune} (a DaTo setting)")
+            raise ValueError(f"{', '.join(prune_flags)} given without a token method: add --prune "
+                             f"{'|'.join(PRUNE_METHODS)}")
         if args.cache_schedule and args.cache != "dato":
             raise ValueError("--cache-schedule is an explicit per-call schedule: use it with --cache dato")
         unused = {"none": shape_flags + curve_flags, "uniform": curve_flags, "nonuniform": [],
@@ -165,13 +173,15 @@ def acceleration(args):
         if unused:
             raise ValueError(f"{', '.join(unused)}: no effect with --cache {args.cache}; "
                              "interval and depth are for uniform/nonuniform, center and power for nonuniform")
-        prune = None if args.prune == "none" else TokenPruning(args.prune, **fields_from_flags(args, PRUNE_FLAGS))
+        prune = None if args.prune == "none" else method_settings(args)
         depths = parse_numbers(args.cache_schedule, int, "--cache-schedule") if args.cache_schedule else ()
         cache = None if args.cache == "none" else CacheSchedule(args.cache, depths=depths,
                                                                  **fields_from_flags(args, CACHE_FLAGS))
     if args.prune_schedule:
         if prune is None:
-            raise ValueError("--prune-schedule needs a pruning method (--prune or a --preset with pruning)")
+            raise ValueError("--prune-schedule needs a token method (--prune or a --preset with pruning)")
+        if "schedule" not in {f.name for f in fields(prune)}:
+            raise ValueError(f"--prune-schedule: {prune.name} takes no per-call ratios (use --prune-stop for ToDo)")
         prune = replace(prune, schedule=parse_numbers(args.prune_schedule, float, "--prune-schedule"))
     viz = PruneViz(args.viz_prune, args.viz_block) if args.viz_prune else None
     if viz and not prune:

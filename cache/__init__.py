@@ -1,7 +1,7 @@
 """Feature caching across UNet calls (DeepCache, DaTo): schedules of full and cached calls.
 
 The cached forward itself is in model/unet.py (UNetModel.forward), driven by the per-run state
-(sampler/acceleration.py); this package decides, call by call, how deep each call recomputes.
+(accel/); this package decides, call by call, how deep each call recomputes.
 A leaf, like prune/: it imports no other package of this project.
 """
 from .schedule import DATO_COCO, DATO_FIXED, FULL, MODES, CacheSchedule, deepcache_nonuniform, from_dato

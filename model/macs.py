@@ -25,17 +25,18 @@ def conv_macs(conv, hw_out):
 
 
 def transformer_macs(st, hw, context_len, keep, matmuls):
-    """keep(st, hw, sub_layer) -> tokens entering that sub-layer ("attn1", "attn2", "ff") of st."""
+    """keep(st, hw, sub_layer) -> tokens entering that sub-layer of st: "attn1", "kv1" (the tokens
+    attn1 takes its keys and values from), "attn2", "ff"."""
     c, n = st.proj_in.out_features if st.linear else st.proj_in.out_channels, hw[0] * hw[1]
     macs = 2 * n * c * c                                          # proj_in, proj_out
     for block in st.transformer_blocks:
-        a, x, f = (keep(st, hw, sub) for sub in ("attn1", "attn2", "ff"))
+        a, kv, x, f = (keep(st, hw, sub) for sub in ("attn1", "kv1", "attn2", "ff"))
         inner, ctx = block.attn1.to_q.out_features, block.attn2.to_k.in_features
-        macs += 3 * a * c * inner + a * inner * c                 # self-attention q, k, v, out
+        macs += a * c * inner + 2 * kv * c * inner + a * inner * c   # self-attention q, k, v, out
         macs += x * c * inner + 2 * context_len * ctx * inner + x * inner * c   # cross-attention
         macs += f * (c * block.ff.net[0].proj.out_features + block.ff.net[2].in_features * c)   # GEGLU, out
         if matmuls:
-            macs += 2 * a * a * inner + 2 * x * context_len * inner
+            macs += 2 * a * kv * inner + 2 * x * context_len * inner
     return macs
 
 
@@ -69,8 +70,8 @@ def unet_macs(unet, hw, context_len=77, depth=FULL, keep=None, matmuls=False):
     """{block name: multiply-accumulates per sample} of one call on an h x w latent.
 
     depth: the call's cache depth (FULL: a full call; d: only input_blocks[:d], output_blocks[12-d:]).
-    keep(transformer, (h, w), sub_layer) -> tokens entering that sub-layer (pruning);
-        default: all h*w. matmuls: count the attention matmuls too.
+    keep(transformer, (h, w), sub_layer) -> tokens entering that sub-layer (token methods; see
+        transformer_macs); default: all h*w. matmuls: count the attention matmuls too.
     """
     keep = keep or (lambda st, grid, sub: grid[0] * grid[1])
     emb_dim = unet.time_embed[0].out_features

@@ -37,14 +37,14 @@ ATTENTION_BACKENDS = ("sdpa", "math")
 
 class RunState(Protocol):
     """The contract between UNetModel and an accelerated sampling run (implemented by
-    sampler.acceleration.AcceleratedRun; the sampler begins and ends each call on it).
+    accel.run.AcceleratedRun; the sampler begins and ends each call on it).
 
     During one UNet call, forward() reads `depth`: FULL (cache.FULL = 12, every output block) for
     a full call, or d < FULL for a cached call, which recomputes input_blocks[:d] and
     output_blocks[12-d:] and starts the up path from `features[11 - d]`, the newest remembered
     result of output_blocks[11-d]. It hands every output-block result it computed to
     remember() (all twelve on a full call, the last d on a cached one). Each transformer block
-    asks token_plans(x, hw, block) for a (prune, recover) pair or None for each of its
+    asks token_plans(x, hw, block) for a plan (prune/method.py) or None for each of its
     self-attention, cross-attention and feed-forward (see prune/).
     """
     depth: int
@@ -137,9 +137,13 @@ class FeedForward(nn.Module):
 
 def run_with_plan(layer, x, plan, *args):
     """Run `layer` on x, or with a token plan: on the kept tokens only, results copied back
-    to the pruned positions (prune: [B, N, C] -> [B, N-k, C], recover: [B, N-k, C] -> [B, N, C])."""
+    to the pruned positions (prune: [B, N, C] -> [B, N-k, C], recover: [B, N-k, C] -> [B, N, C]);
+    or, for self-attention and a plan with `keys_values` (ToDo), with keys and values read from
+    keys_values(x) [B, M, C] while every token still queries."""
     if plan is None:
         return layer(x, *args)
+    if hasattr(plan, "keys_values"):
+        return layer(x, plan.keys_values(x))
     prune, recover = plan
     return recover(layer(prune(x), *args))
 
@@ -158,8 +162,8 @@ class BasicTransformerBlock(nn.Module):
     def forward(self, x, context, hw, state=None):
         """x: [B, h*w, C] tokens in row-major grid order; hw = (h, w).
 
-        With a run state, the block asks it for token plans: a (prune, recover) pair (or None)
-        for each of self-attention, cross-attention and feed-forward.
+        With a run state, the block asks it for token plans (run_with_plan): a plan or None for
+        each of self-attention, cross-attention and feed-forward.
         """
         attn1, attn2, ff = state.token_plans(x, hw, self.name) if state is not None else (None, None, None)
         x = x + run_with_plan(self.attn1, self.norm1(x), attn1)

@@ -7,18 +7,68 @@ carry the dynamics through self-attention, which keeps cached steps (cache/) fro
 In a guided run (batch = [uncond; cond]) align_cfg uses the unconditional half's base tokens
 for the conditional half too. base_tokens="local_random" is the official code's default instead:
 a random position per cell, one pattern for the whole batch (the caller gives every block of a
-UNet call the same draws; see sampler/acceleration.py).
+UNet call the same draws; see accel/).
 
 Not reproduced from the official code (README, "Differences from the official code"): its random
 sign flip of D on half the block calls, the unused SimScore it computes, and its constant ratio 0.4
 (the schedule here works).
 """
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from .tokens import cell_indices, check_ratio, noise, normalized, per_cell_argmax, split_by_similarity
+from .method import CellMethod, setting
+from .tokens import RECOVER, cell_indices, check_ratio, noise, normalized, per_cell_argmax, split_by_similarity
 
 BASE_TOKENS = ("dynamics", "local_random")
+
+
+@dataclass(frozen=True)
+class DaTo(CellMethod):
+    """DaTo's settings beside CellMethod's; recommended values are the defaults.
+
+    noise_alpha: noise weight on the base-token score (0.1).
+    gamma: the dynamics' weight (1.0; the official `diff_gema`: 1 in its COCO-30k recipe
+        run_command9, 0.1 in its search driver).
+    base_tokens: "dynamics" (recommended; the method of the paper: argmax of gamma * D + noise_alpha *
+        noise) or "local_random" (a random position per cell, one pattern for every block of a UNet
+        call and every batch row, new each call; D, gamma, noise_alpha unused). "local_random" is the
+        official code's default (apply_patch's `local_random=True`, its COCO-30k recipe run_command8);
+        its other recipes and searches use dynamics.
+    align_cfg: guided runs: uncond and cond rows share base tokens (True).
+    recover_from: pruned tokens copy the most similar "kept" token (official code) or "base" token.
+    """
+    name = "dato"
+    noise_alpha: float = setting(0.1, "noise", "SiTo/DaTo noise weight on the base-token score (0.1)", float)
+    gamma: float = 1.0
+    align_cfg: bool = True
+    recover_from: str = setting("kept", "recover", "SiTo/DaTo: pruned tokens copy the most similar kept token "
+                                "(official code, default) or base token (paper)", choices=RECOVER)
+    base_tokens: str = setting("dynamics", "base", "DaTo base tokens: dynamics (the paper, default) or "
+                               "local_random (the official code's default)", choices=BASE_TOKENS)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.recover_from not in RECOVER:
+            raise ValueError(f"recover_from must be one of {RECOVER}, got {self.recover_from!r}")
+        if self.base_tokens not in BASE_TOKENS:
+            raise ValueError(f"base_tokens must be one of {BASE_TOKENS}, got {self.base_tokens!r}")
+
+    @property
+    def uses_dynamics(self):
+        return self.base_tokens == "dynamics"
+
+    @property
+    def same_draws_per_call(self):
+        """local_random: one base pattern per call, as the official code gets by re-forking the global
+        RNG in every block."""
+        return self.base_tokens == "local_random"
+
+    def plan(self, x, hw, ratio, generator=None, dynamics=None, guided=False):
+        return plan(x, hw, ratio, dynamics=dynamics, gamma=self.gamma, noise_alpha=self.noise_alpha,
+                    align_cfg=self.align_cfg and guided, recover_from=self.recover_from, sx=self.sx, sy=self.sy,
+                    base_tokens=self.base_tokens, generator=generator)
 
 
 def dynamics_map(previous, latest):
@@ -63,7 +113,7 @@ def plan(x, hw, ratio, *, dynamics=None, gamma=1.0, noise_alpha=0.1, align_cfg=F
         None before two UNet outputs exist: base tokens then come from the noise.
     gamma: weight of D (1.0, as DaTo's evaluation scripts); noise_alpha: noise weight (0.1).
     align_cfg: x is a guided batch [uncond; cond]: share the base tokens between the halves (False;
-        inside a run, TokenPruning sets it for guided runs unless its align_cfg is off).
+        inside a run, DaTo.plan sets it for guided runs unless its align_cfg is off).
     ratio: fraction of all tokens pruned (DaTo's searches span 0.3-0.7; at most tokens.max_ratio(sx, sy)).
     base_tokens: "dynamics" (recommended, the above) or "local_random" (the official default: one
         random_cells draw from `generator` for all rows; dynamics, gamma, noise_alpha unused).

@@ -12,6 +12,8 @@ Shapes: x [B, N, C] tokens in row-major grid order, N = h * w.
 import torch
 import torch.nn.functional as F
 
+RECOVER = ("kept", "base")   # what a pruned token copies: its most similar kept token, or base token
+
 
 def max_ratio(sx=2, sy=2):
     """The largest prune ratio with sx x sy cells: every token but one base token per cell can go,

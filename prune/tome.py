@@ -5,9 +5,22 @@ src tokens most similar (cosine) to some dst are averaged into it (mean, the dst
 after the sub-layer each merged token copies its dst's result. Same partition for every row of
 the batch, so the CFG halves share it. Equivalent to tomesd's bipartite_soft_matching_random2d.
 """
+from dataclasses import dataclass
+
 import torch
 
+from .method import CellMethod
 from .tokens import TokenPlan, cell_indices, check_ratio, normalized, split_by_similarity
+
+
+@dataclass(frozen=True)
+class ToMe(CellMethod):
+    """ToMe's settings beside CellMethod's: use_rand, a random dst per cell (True) or the top-left one."""
+    name = "tome"
+    use_rand: bool = True
+
+    def plan(self, x, hw, ratio, generator=None, dynamics=None, guided=False):
+        return plan(x, hw, ratio, sx=self.sx, sy=self.sy, use_rand=self.use_rand, generator=generator)
 
 
 def plan(x, hw, ratio, *, sx=2, sy=2, use_rand=True, generator=None):

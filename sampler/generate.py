@@ -2,7 +2,7 @@
 and search.py share. Load once, then render any number of settings from the same weights:
 
     sd = load_checkpoint("v1-5-pruned-emaonly.safetensors")
-    run = Sampling(steps=50, seed=42, accel=PRESETS["dato-coco"].acceleration())
+    run = Sampling(steps=50, seed=42, accel=PRESETS["dato-coco"].acceleration())   # PRESETS: accel/
     images = generate(sd, ["a red fox in the snow"], run)   # PIL images, settings in image.info["parameters"]
     save_pngs(images, "outputs")                            # numbered PNGs with that metadata, never overwriting
 
@@ -12,7 +12,7 @@ Image k of a call starts from noise seeded with seed + k, drawn on the CPU in fp
 import json
 import os
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from PIL import Image, PngImagePlugin
@@ -21,7 +21,6 @@ from tqdm import tqdm
 from model.hardware import DTYPE_CHOICES, dtype_name, resolve_dtype, timed
 from model.unet import ATTENTION_BACKENDS, BasicTransformerBlock
 
-from .acceleration import Acceleration
 from .loop import check_args, final_latent, run_steps
 from .samplers import unet_calls
 
@@ -40,7 +39,8 @@ class Sampling:
     size: (H, W) in pixels, multiples of the VAE factor (None, or a None side: the model's native size).
     dtype: None keeps the model's precision; "auto" | "fp32" | "bf16" | "fp16" casts the model
         first (load it in the precision you want: casting back up does not restore bits).
-    attention: "sdpa" | "math". accel: an Acceleration (token pruning, caching) or None.
+    attention: "sdpa" | "math". accel: an accel.Acceleration (token methods, caching) or None; anything
+        with its check(calls), start(calls, seed, guided) and record() will do.
     negative_prompt: the unconditional prompt (""). batch_size: images per sampler batch (1).
     """
     steps: int = 50
@@ -51,7 +51,7 @@ class Sampling:
     size: tuple | None = None
     dtype: str | None = None
     attention: str = "sdpa"
-    accel: Acceleration | None = None
+    accel: object = None
     negative_prompt: str = ""
     batch_size: int = 1
 
@@ -65,8 +65,8 @@ class Sampling:
             raise ValueError(f"--dtype {self.dtype!r} is not a precision; choose one of {', '.join(DTYPE_CHOICES)}")
         if self.attention not in ATTENTION_BACKENDS:
             raise ValueError(f"--attention {self.attention!r}: choose one of {', '.join(ATTENTION_BACKENDS)}")
-        if self.accel is not None and not isinstance(self.accel, Acceleration):
-            raise ValueError(f"accel must be an Acceleration or None, got {type(self.accel).__name__}")
+        if self.accel is not None and not all(hasattr(self.accel, m) for m in ("check", "start", "record")):
+            raise ValueError(f"accel must be an accel.Acceleration or None, got {type(self.accel).__name__}")
         if not isinstance(self.negative_prompt, str):
             raise ValueError(f"--negative-prompt must be text, got {type(self.negative_prompt).__name__}")
         if not is_int(self.batch_size) or self.batch_size < 1:
@@ -164,7 +164,7 @@ def generate_batches(sd, prompts, run, *, progress=False, timer=None):
     settings = dict(negative_prompt=run.negative_prompt, steps=run.steps, scale=scale, sampler=run.sampler,
                     eta=run.eta, H=H, W=W, checkpoint=sd.source, model=config.version,
                     prediction=config.prediction, dtype=dtype_name(sd.dtype),
-                    attention=run.attention, acceleration=asdict(run.accel) if run.accel else None)
+                    attention=run.attention, acceleration=run.accel.record() if run.accel else None)
     with torch.inference_mode():
         for k in range(0, len(prompts), run.batch_size):
             batch = prompts[k:k + run.batch_size]

@@ -6,6 +6,7 @@
 state as the keyword `state`, see model.unet.RunState). `sample_steps` is the same loop as a
 generator that yields a Step after every step, for progress bars, previews and timing.
 """
+import hashlib
 import math
 from collections import deque
 from dataclasses import dataclass
@@ -14,9 +15,15 @@ import torch
 
 from model.config import PREDICTIONS
 
-from .acceleration import stream_seed
 from .samplers import find_sampler
 from .schedule import alphas_cumprod, check_steps
+
+
+def stream_seed(seed, stream):
+    """The seed of the random stream named `stream` in the run seeded `seed`. The run's x_T is
+    drawn from `seed` itself; hashing keeps the other streams (DDIM noise, token selection)
+    independent of it and of each other."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{stream}".encode()).digest()[:8], "little")
 
 
 @dataclass
@@ -56,7 +63,7 @@ def sample_steps(unet, x_T, cond, uncond=None, steps=50, scale=7.5, method="plms
     scale == 1: no guidance, one conditional call per evaluation, as LDM does).
     Guidance batches one call on [x; x] with contexts [uncond; cond]:
     eps = eps_u + scale * (eps_c - eps_u). v-prediction outputs are converted per call:
-    eps = √ᾱ·v + √(1-ᾱ)·x at the latent's noise level ᾱ. accel: an Acceleration (or None); its
+    eps = √ᾱ·v + √(1-ᾱ)·x at the latent's noise level ᾱ. accel: an accel.Acceleration (or None); its
     per-run state is made here. `seed` (the one x_T was drawn from) seeds the random streams of the
     run: DDIM's noise when eta > 0 and the token methods' choices, each through its own stream_seed.
     """

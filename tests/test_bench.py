@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-import bench
+from tools import bench
 
 QUICK = ["--model", "tiny", "--H", "32", "--W", "32", "--runs", "1", "--warmup", "0", "--dtype", "fp32"]
 

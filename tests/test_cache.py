@@ -3,12 +3,13 @@ per-run reset, and DaTo (caching + pruning) end to end on the TINY UNet."""
 import pytest
 import torch
 
+from accel import PRESETS, Acceleration
 from cache import FULL, CacheSchedule, deepcache_nonuniform
 from conftest import tiny_unet
 from model import TINY
 from model.unet import timestep_embedding
-from prune import TokenPruning
-from sampler import PRESETS, Acceleration, sample
+from prune import DaTo, token_method
+from sampler import sample
 
 
 def inputs(seed=0, hw=(16, 12)):
@@ -105,7 +106,7 @@ def test_presets():
         assert (depths.count(FULL), depths.count(1), depths.count(0)) == (n_full, n_shallow, n_reuse), name
     fixed = PRESETS["dato-fixed"].cache.depths_for(51)
     assert [i for i, d in enumerate(fixed) if d == FULL] == [0, 7, 17, 22, 30, 41]
-    assert PRESETS["dato-coco"].prune == TokenPruning("dato", ratio=0.4)
+    assert PRESETS["dato-coco"].prune == token_method("dato", ratio=0.4)
 
 
 @pytest.mark.parametrize("kw,match", [
@@ -132,7 +133,7 @@ def test_bad_schedule_for_the_run():
 def test_state_is_reset_between_runs():
     """A second run with the same settings does not see the first run's cache, outputs or RNG."""
     unet = tiny_unet()
-    accel = Acceleration(TokenPruning("dato", ratio=0.5), CacheSchedule("uniform", interval=3, depth=1))
+    accel = Acceleration(token_method("dato", ratio=0.5), CacheSchedule("uniform", interval=3, depth=1))
     run(unet, accel, seed=1, hw=(8, 8))
     after_other = run(unet, accel, seed=2)
     assert torch.equal(after_other, run(tiny_unet(), accel, seed=2))
@@ -154,18 +155,18 @@ def test_dato_end_to_end_runs_the_scheduled_blocks():
     steps = 8
     depths = (FULL, 1, 0, 1, FULL, 0, 2, 1, 3)
     schedule = (0.5, 0.3, 0.5, 0.4, 0.6, 0.5, 0.5, 0.7, 0.5)
-    accel = Acceleration(TokenPruning("dato", schedule=schedule), CacheSchedule("dato", depths=depths))
+    accel = Acceleration(token_method("dato", schedule=schedule), CacheSchedule("dato", depths=depths))
     unet = tiny_unet()
     counter = Counting(unet)
     plans = []
 
-    class Watch(TokenPruning):
+    class Watch(DaTo):
         def plan(self, x, hw, ratio, generator=None, dynamics=None, guided=False):
             assert guided   # run() samples with guidance: [uncond; cond] batches
             plans.append((len(counter.calls) - 1, ratio, dynamics is not None))
             return super().plan(x, hw, ratio, generator, dynamics, guided)
 
-    accel_watched = Acceleration(Watch("dato", schedule=schedule), accel.cache)
+    accel_watched = Acceleration(Watch(schedule=schedule), accel.cache)
     out = run(unet, accel_watched, steps=steps)
     assert torch.isfinite(out).all() and torch.equal(out, run(tiny_unet(), accel, steps=steps))
     assert len(counter.calls) == steps + 1

@@ -11,7 +11,7 @@ import sample
 from conftest import layout_shapes, random_state
 from model import TINY
 from model.hardware import native_bf16_cpu
-from sampler.cli import resolve_checkpoint
+from tools.cli import resolve_checkpoint
 
 TINY_RUN = ["--random-weights", "tiny", "--steps", "2", "--H", "32", "--W", "32"]
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-import evaluate
 from lab.scenes import sample_captions
 from model import load_checkpoint
 from sampler.generate import Sampling, from_pil, generate
+from tools import evaluate
 
 SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lab", "lab-sd.safetensors")
 
@@ -105,10 +105,11 @@ def test_two_processes_equal_one(tmp_path):
     so the split is uneven; the same thread count, so the same arithmetic)."""
     args = [*FAST[:4], "--num-prompts", "6", "--batch-size", "2", "--seed", "3", "--dtype", "fp32", "--threads", "1",
             "--methods", "baseline,sito:0.5,deepcache-n3"]
-    script = os.path.join(os.path.dirname(SHIPPED), "..", "evaluate.py")
-    subprocess.run([sys.executable, script, *args, "--out", str(tmp_path / "one")], check=True, timeout=600)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", script,
-                    *args, "--out", str(tmp_path / "two")], check=True, timeout=600)
+    root = os.path.join(os.path.dirname(SHIPPED), "..")
+    subprocess.run([sys.executable, "-m", "tools.evaluate", *args, "--out", str(tmp_path / "one")], check=True,
+                   timeout=600, cwd=root)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                    "-m", "tools.evaluate", *args, "--out", str(tmp_path / "two")], check=True, timeout=600, cwd=root)
     for method in ("baseline", "sito_0.5", "deepcache-n3"):
         assert files(tmp_path / "one" / method) == files(tmp_path / "two" / method)
     one, two = (json.load(open(tmp_path / run / "results.json"))["methods"] for run in ("one", "two"))

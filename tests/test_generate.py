@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
+from accel import PRESETS, Acceleration
 from model import TINY, random_weights
-from prune import TokenPruning
-from sampler.acceleration import PRESETS, Acceleration
+from prune import token_method
 from sampler.generate import Sampling, check_outdir, generate, save_png, save_pngs
 
 RUN = Sampling(steps=4, size=(64, 48))
@@ -65,7 +65,7 @@ def test_latents_on_request_and_shape_from_the_config(sd):
 def test_many_accelerations_from_one_model(sd):
     """One loaded model renders every method; the baseline is the plain run, bit for bit."""
     plain = pixels(generate(sd, ["the cat"], RUN)[0])
-    for accel in (Acceleration(TokenPruning("sito", ratio=0.0)), PRESETS["deepcache-n5"].acceleration()):
+    for accel in (Acceleration(token_method("sito", ratio=0.0)), PRESETS["deepcache-n5"].acceleration()):
         image = generate(sd, ["the cat"], Sampling(steps=4, size=(64, 48), accel=accel))[0]
         assert params(image)["acceleration"] is not None
         if accel.cache is None:
@@ -85,7 +85,7 @@ def test_dtype_and_attention_are_applied(tokenizer_dir):
     (dict(sampler="ddim", eta=math.nan), "--eta must be a finite"), (dict(eta=0.3), "plms is deterministic"),
     (dict(seed=1.5), "--seed must be a whole number"), (dict(dtype="int8"), "--dtype"),
     (dict(attention="flash"), "--attention"), (dict(batch_size=0), "batch size"),
-    (dict(size=(64,)), "size must be"), (dict(accel=Acceleration(TokenPruning("dato", schedule=(0.5,) * 3))),
+    (dict(size=(64,)), "size must be"), (dict(accel=Acceleration(token_method("dato", schedule=(0.5,) * 3))),
                                           "3 ratios, but this run makes 51")])
 def test_bad_settings_are_refused_at_once(kw, match):
     with pytest.raises(ValueError, match=match):

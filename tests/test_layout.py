@@ -1,33 +1,41 @@
 """The dependency direction of shared/DESIGN.md, read from the source: prune/ and cache/ are
-leaves, model/ knows no sampler or method, and the command-line tools are clients of the
-packages (and of metrics.py, the metrics evaluate.py and search.py share), never of each other."""
+leaves, model/ knows no sampler or method, sampler/ knows no method (accel/ is where they meet),
+and the research tools are clients of the packages and of their shared kit (metrics, plots, cli,
+shard), never of each other. The top level is the design card plus tools/, accel/, lab/ and docs/."""
 import ast
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("model", "sampler", "prune", "cache", "lab", "metrics", "plots")   # metrics.py, plots.py: one module
-TOOLS = ("sample", "bench", "evaluate", "search")
+PACKAGES = ("model", "sampler", "prune", "cache", "accel", "lab", "tools", "sample")
+TOOLS = ("bench", "evaluate", "search")   # tools/ entry points; metrics, plots, cli, shard are their kit
 
 
-def project_imports(path):
-    """The project packages and tool modules that a file imports (relative imports excluded)."""
+def project_imports(path, level=0):
+    """The project packages a file imports (`level` 1: the tools/ modules it imports, by name)."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0:
-            names = [node.module]
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 1 and level:
+            names = [f"tools.{node.module or alias.name}" for alias in node.names]
         else:
             continue
-        found |= {name.split(".")[0] for name in names} & set(PACKAGES + TOOLS)
+        if level:
+            found |= {name.split(".")[1] for name in names if name.startswith("tools.") and name.count(".") >= 1}
+        else:
+            found |= {name.split(".")[0] for name in names} & set(PACKAGES)
     return found
 
 
 ALLOWED = {"prune": {"prune"}, "cache": {"cache"}, "model": {"model", "cache"},
-           "sampler": {"sampler", "model", "prune", "cache"}, "metrics": {"lab", "sampler"},
-           "plots": {"metrics"}}
+           "sampler": {"sampler", "model"}, "accel": {"accel", "sampler", "model", "prune", "cache"},
+           "lab": {"lab", "model", "sampler"},
+           "tools": {"tools", "accel", "sampler", "model", "prune", "cache", "lab"},
+           "sample": {"accel", "cache", "model", "prune", "sampler", "tools"}}
 
 
 @pytest.mark.parametrize("package", list(ALLOWED))
@@ -38,6 +46,20 @@ def test_packages_import_only_downwards(package):
 
 @pytest.mark.parametrize("tool", TOOLS)
 def test_tools_do_not_import_each_other(tool):
-    path = ROOT / f"{tool}.py"
-    if path.exists():
-        assert not project_imports(path) & set(TOOLS), f"{tool}.py imports {project_imports(path) & set(TOOLS)}"
+    used = project_imports(ROOT / "tools" / f"{tool}.py", level=1)
+    assert not used & set(TOOLS), f"tools/{tool}.py imports {used & set(TOOLS)}"
+
+
+def test_top_level_is_the_design_card():
+    shown = {p.name for p in ROOT.iterdir() if not p.name.startswith(".") and p.name not in ("runs", "outputs")
+             and not p.name.endswith((".egg-info", "__pycache__"))}
+    card = {"model", "sampler", "prune", "cache", "tests", "sample.py", "README.md", "requirements.txt"}
+    extra = {"accel", "tools", "lab", "docs", "pyproject.toml", "pytest.ini", "requirements-test.txt",
+             "requirements-eval.txt", "requirements-search.txt"}
+    assert card <= shown and shown <= card | extra, f"not on the design card: {sorted(shown - card - extra)}"
+
+
+def test_no_file_over_400_lines():
+    long = [str(p.relative_to(ROOT)) for p in ROOT.rglob("*.py")
+            if "runs" not in p.parts and len(p.read_text().splitlines()) > 400]
+    assert not long, f"over 400 lines: {long}"

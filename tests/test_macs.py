@@ -3,13 +3,13 @@ import pytest
 import torch
 import torch.nn as nn
 
+from accel import Acceleration
 from cache import FULL, CacheSchedule
 from conftest import tiny_unet
 from model import SD1, TINY, TINY_SD2
 from model.macs import unet_macs
 from model.unet import CrossAttention, UNetModel
-from prune import TokenPruning
-from sampler import Acceleration
+from prune import token_method
 
 
 def hooked_macs(unet, x, context, accel=None):
@@ -64,13 +64,28 @@ def test_cached_call_matches_hooks(depth):
 def test_pruned_call_matches_hooks(layers):
     unet = tiny_unet()
     x, c = torch.randn(2, 4, 16, 12), torch.randn(2, 77, 32)
-    prune = TokenPruning("sito", ratio=0.6, max_downsample=2, layers=layers)
+    prune = token_method("sito", ratio=0.6, max_downsample=2, layers=layers)
     state = Acceleration(prune).start(1, 0)
     state.begin_call(0, x)
 
-    def keep(st, grid, sub):
+    def keep(st, grid, sub):   # "kv1": the tokens attn1 takes keys and values from, attn1's own here
         n = grid[0] * grid[1]
-        return n - int(n * 0.6) if sub in layers and grid in ((16, 12), (8, 6)) else n
+        return n - int(n * 0.6) if sub.replace("kv1", "attn1") in layers and grid in ((16, 12), (8, 6)) else n
+
+    assert analytic(unet, (16, 12), keep=keep) == hooked_macs(unet, x, c, state)
+
+
+@pytest.mark.parametrize("factor", [2, 3])
+def test_todo_call_matches_hooks(factor):
+    """ToDo: only to_k and to_v of self-attention see fewer tokens, (h // f) * (w // f) of them."""
+    unet = tiny_unet()
+    x, c = torch.randn(2, 4, 16, 12), torch.randn(2, 77, 32)
+    state = Acceleration(token_method("todo", factor=factor, max_downsample=2)).start(1, 0)
+    state.begin_call(0, x)
+
+    def keep(st, grid, sub):
+        pruned = sub == "kv1" and grid in ((16, 12), (8, 6))
+        return (grid[0] // factor) * (grid[1] // factor) if pruned else grid[0] * grid[1]
 
     assert analytic(unet, (16, 12), keep=keep) == hooked_macs(unet, x, c, state)
 

@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 from PIL import ImageFilter
 
-import metrics
 from lab.features import accuracy, load, scenes
 from lab.scenes import draw, layout, sample_captions, sample_description
 from model.text import write_tokenizer
 from sampler.generate import from_pil
+from tools import metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAB_FEATURES = os.path.join(ROOT, "lab", "lab-features.safetensors")

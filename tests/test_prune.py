@@ -4,12 +4,12 @@ import pytest
 import torch
 from tomesd.merge import bipartite_soft_matching_random2d
 
+from accel import PRESETS, Acceleration
 from conftest import tiny_unet
 from model.unet import BasicTransformerBlock, CrossAttention
-from prune import TokenPruning, dato, sito, tome
+from prune import DaTo, SiTo, dato, sito, token_method, tome
 from prune.tokens import cell_indices, gather_rows
-from sampler import PRESETS, Acceleration, sample
-from sampler.acceleration import stream_seed
+from sampler import sample, stream_seed
 
 GRIDS = [(8, 8), (6, 10), (7, 5), (9, 9)]   # square, non-square, and sides not divisible by the cell
 
@@ -126,7 +126,7 @@ def test_dato_bases_follow_dynamics_and_align_cfg():
 def test_dato_aligns_only_guided_batches(guided):
     """An unguided batch of two images is two independent rows, not [uncond; cond]."""
     h, w = 8, 8
-    state = Acceleration(TokenPruning("dato", noise_alpha=0.0)).start(calls=3, seed=0, guided=guided)
+    state = Acceleration(token_method("dato", noise_alpha=0.0)).start(calls=3, seed=0, guided=guided)
     for _ in range(2):
         state.end_call(torch.randn(2, 4, h, w))
     state.begin_call(2, torch.zeros(2, 4, h, w))
@@ -188,7 +188,7 @@ def test_dato_local_random_one_pattern_per_call(guided):
     the same base tokens, drawn from the call's own stream; each call gets a new pattern."""
     bases = []
 
-    class Record(TokenPruning):
+    class Record(DaTo):
         def plan(self, x, hw, ratio, **kw):
             plan = super().plan(x, hw, ratio, **kw)
             bases.append(plan.base)
@@ -197,7 +197,7 @@ def test_dato_local_random_one_pattern_per_call(guided):
     unet, hw = tiny_unet(), (16, 12)
     x = torch.randn(2, 4, *hw, generator=torch.Generator().manual_seed(0))
     c = torch.randn(4, 77, 32, generator=torch.Generator().manual_seed(0))
-    accel = Acceleration(Record("dato", ratio=0.5, base_tokens="local_random"))
+    accel = Acceleration(Record(ratio=0.5, base_tokens="local_random"))
     with torch.no_grad():
         sample(unet, x, c[:2], c[2:] if guided else None, steps=6, accel=accel, seed=5)
     assert len(bases) == 5 * 7   # five 64x64-type blocks, 6 PLMS steps = 7 calls
@@ -213,24 +213,24 @@ def test_dato_local_random_one_pattern_per_call(guided):
 
 
 def test_base_tokens_setting_is_checked():
-    for method in ("tome", "sito"):
-        with pytest.raises(ValueError, match="is a DaTo setting"):
-            TokenPruning(method, base_tokens="local_random")
+    for method in ("tome", "sito", "todo"):
+        with pytest.raises(ValueError, match=f"base_tokens is not a setting of {method} but of dato"):
+            token_method(method, base_tokens="local_random")
     with pytest.raises(ValueError, match=r"base_tokens must be one of \('dynamics', 'local_random'\)"):
-        TokenPruning("dato", base_tokens="random")
+        token_method("dato", base_tokens="random")
     with pytest.raises(ValueError, match="base_tokens must be one of"):
         dato.plan(torch.randn(2, 64, 8), (8, 8), 0.5, base_tokens="simscore")
-    assert not TokenPruning("dato", base_tokens="local_random").uses_dynamics
-    assert TokenPruning("dato").uses_dynamics
+    assert not token_method("dato", base_tokens="local_random").uses_dynamics
+    assert token_method("dato").uses_dynamics
 
 
 def test_dato_presets_follow_the_official_recipes():
     """dato-fixed: the search driver's settings (diff_gema 0.1, dynamics); dato-coco: run_command9
     (diff_gema 1, dynamics, align_cfg); dato-coco-random: run_command8 (local_random), same vector."""
     fixed, coco, rand = (PRESETS[name] for name in ("dato-fixed", "dato-coco", "dato-coco-random"))
-    assert fixed.prune == TokenPruning("dato", ratio=0.4, gamma=0.1, noise_alpha=0.1, base_tokens="dynamics")
-    assert coco.prune == TokenPruning("dato", ratio=0.4, gamma=1.0, noise_alpha=0.1, align_cfg=True)
-    assert rand.prune == TokenPruning("dato", ratio=0.4, base_tokens="local_random")
+    assert fixed.prune == token_method("dato", ratio=0.4, gamma=0.1, noise_alpha=0.1, base_tokens="dynamics")
+    assert coco.prune == token_method("dato", ratio=0.4, gamma=1.0, noise_alpha=0.1, align_cfg=True)
+    assert rand.prune == token_method("dato", ratio=0.4, base_tokens="local_random")
     assert rand.cache == coco.cache and rand.run == coco.run == ("plms", 50)
     assert "run_command9" in coco.about and "run_command8" in rand.about
 
@@ -259,13 +259,13 @@ def test_pruning_feed_forward_of_duplicates_changes_nothing(method, recover_from
 
 def test_ratio_out_of_range():
     with pytest.raises(ValueError, match=r"\[0, 0.75\]"):
-        TokenPruning("sito", ratio=0.8)
+        token_method("sito", ratio=0.8)
     with pytest.raises(ValueError, match=r"\[0, 0.888"):
         sito.plan(torch.randn(1, 36, 8), (6, 6), 0.9, sx=3, sy=3)
-    with pytest.raises(ValueError, match="unknown pruning method"):
-        TokenPruning("fastv")
+    with pytest.raises(ValueError, match="unknown token method"):
+        token_method("fastv")
     with pytest.raises(ValueError, match="subset"):
-        TokenPruning(layers=("attn3",))
+        token_method("sito", layers=("attn3",))
 
 
 def run_unet(accel, seed=0):
@@ -278,14 +278,14 @@ def run_unet(accel, seed=0):
 
 def test_ratio_0_is_bit_identical():
     plain = run_unet(None)
-    for accel in (Acceleration(), Acceleration(TokenPruning("sito", ratio=0.0)),
-                  Acceleration(TokenPruning("dato", ratio=0.0, layers=("attn1", "attn2", "ff")))):
+    for accel in (Acceleration(), Acceleration(token_method("sito", ratio=0.0)),
+                  Acceleration(token_method("dato", ratio=0.0, layers=("attn1", "attn2", "ff")))):
         assert torch.equal(run_unet(accel), plain)
 
 
 @pytest.mark.parametrize("method", ["tome", "sito", "dato"])
 def test_pruned_sampling_runs_and_is_seeded(method):
-    accel = Acceleration(TokenPruning(method, ratio=0.5, max_downsample=2, layers=("attn1", "attn2")))
+    accel = Acceleration(token_method(method, ratio=0.5, max_downsample=2, layers=("attn1", "attn2")))
     a, b, plain = run_unet(accel), run_unet(accel), run_unet(None)
     assert torch.isfinite(a).all() and torch.equal(a, b)
     assert not torch.equal(a, plain) and (a - plain).abs().mean() < plain.abs().mean()
@@ -294,18 +294,18 @@ def test_pruned_sampling_runs_and_is_seeded(method):
 def test_blocks_pruned_by_max_downsample():
     seen = {}
 
-    class Count(TokenPruning):
+    class Count(SiTo):
         def plan(self, x, hw, ratio, **kw):
             seen[hw] = seen.get(hw, 0) + 1
             return super().plan(x, hw, ratio, **kw)
 
     for maxdown, grids in ((1, {(16, 12)}), (2, {(16, 12), (8, 6)}), (8, {(16, 12), (8, 6), (4, 3), (2, 2)})):
         seen.clear()
-        run_unet(Acceleration(Count("sito", ratio=0.5, max_downsample=maxdown)))
+        run_unet(Acceleration(Count(ratio=0.5, max_downsample=maxdown)))
         assert set(seen) == grids
     assert seen[(16, 12)] == 5 * 7   # five 64x64-type blocks, 6 PLMS steps = 7 calls
 
 
 def test_schedule_length_is_checked():
     with pytest.raises(ValueError, match="7 UNet calls"):
-        run_unet(Acceleration(TokenPruning("dato", schedule=(0.5,) * 6)))
+        run_unet(Acceleration(token_method("dato", schedule=(0.5,) * 6)))

@@ -8,8 +8,8 @@ the standardised value, so the exact deterministic solution from x_T is known to
 import pytest
 import torch
 
-from sampler import Acceleration, check_args, sample, sample_steps, unet_calls
-from sampler.acceleration import AcceleratedRun, stream_seed
+from accel import AcceleratedRun, Acceleration
+from sampler import check_args, sample, sample_steps, stream_seed, unet_calls
 from sampler.schedule import alphas_cumprod
 from sampler.schedule import ldm_timesteps as timesteps
 

@@ -7,13 +7,13 @@ import os
 import pytest
 from PIL import Image
 
-import evaluate
 import sample
+from accel import PRESETS, Acceleration, call_kinds, find_preset, parse_methods, run_macs, schedule_entry
 from cache import FULL, CacheSchedule
 from model import load_checkpoint
-from prune import TokenPruning
-from sampler.acceleration import PRESETS, Acceleration, call_kinds, find_preset, parse_methods, run_macs, schedule_entry
+from prune import token_method
 from sampler.generate import from_pil
+from tools import evaluate
 
 SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lab", "lab-sd.safetensors")
 
@@ -49,7 +49,7 @@ def test_sample_with_a_schedule_file_draws_the_presets_image(tmp_path, tokenizer
 
 
 def steps4(depths, ratios=None):
-    prune = TokenPruning("dato", ratio=0.4, schedule=tuple(ratios)) if ratios else None
+    prune = token_method("dato", ratio=0.4, schedule=tuple(ratios)) if ratios else None
     return schedule_entry(Acceleration(prune, CacheSchedule("dato", depths=tuple(depths))), "plms", 4)
 
 

@@ -5,10 +5,9 @@ import json
 import numpy as np
 import pytest
 
-import evaluate
-import search
+from accel import find_preset
 from cache import FULL
-from sampler.acceleration import find_preset
+from tools import evaluate, search
 
 pytest.importorskip("pymoo")
 

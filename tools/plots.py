@@ -2,7 +2,7 @@
 (matplotlib, an evaluate extra: pip install -r requirements-eval.txt)."""
 from PIL import Image, ImageDraw
 
-from metrics import cell
+from tools.metrics import cell
 
 GRID_COLUMNS = 6
 

@@ -1,11 +1,11 @@
 """Quality beside speed for a list of acceleration methods, measured on the same images.
 
-    python evaluate.py --ckpt lab/lab-sd.safetensors --methods baseline,sito:0.5,dato-coco --n 256 --out runs/q
-    torchrun --nproc-per-node 8 evaluate.py --ckpt v1-5-pruned-emaonly.safetensors --prompts coco.txt \
+    python -m tools.evaluate --ckpt lab/lab-sd.safetensors --methods baseline,sito:0.5,dato-coco --n 256 --out runs/q
+    torchrun --nproc-per-node 8 -m tools.evaluate --ckpt v1-5-pruned-emaonly.safetensors --prompts coco.txt \
         --methods baseline,dato-coco --inception pt_inception-2015-12-05-6726825d.pth --fid-ref coco_val.npz \
         --clip openai/clip-vit-large-patch14 --out runs/coco
 
-Methods use bench.py's syntax (baseline, tome:R, sito:R, dato:R, the presets of sampler/acceleration.py,
+Methods use bench.py's syntax (baseline, tome:R, sito:R, dato:R, the presets of accel/,
 schedule files), each on the command's --sampler/--steps or on its own run: SPEC@SAMPLER:STEPS
 (baseline@dpmpp-2m:20, deepcache-n3@dpmpp-2m:25); a schedule file keeps the run it records. The
 command's run ("baseline") is the reference of every vs-baseline metric, of mac_ratio and of speedup.
@@ -50,18 +50,17 @@ import re
 import statistics
 import time
 import uuid
-from dataclasses import asdict, replace
+from dataclasses import replace
 
 import torch
 from PIL import Image, ImageOps
 
+from accel import parse_methods, run_macs
 from lab.scenes import image_seed, render, sample_captions
-from metrics import LPIPS_WEIGHTS, Scorer, load_stats, markdown
 from model.hardware import check_device, cpu_description, dtype_name, resolve_dtype
-from plots import GRID_COLUMNS, draw_grid, draw_tradeoff
 from sampler import SAMPLERS, unet_calls
-from sampler.acceleration import parse_methods, run_macs
-from sampler.cli import (
+from sampler.generate import Timer, check_outdir, check_seeds, check_size, generate, save_png
+from tools.cli import (
     add_model_flags,
     add_sampling_flags,
     claim_folder,
@@ -71,8 +70,9 @@ from sampler.cli import (
     sampling,
     settings_record,
 )
-from sampler.generate import Timer, check_outdir, check_seeds, check_size, generate, save_png
-from sampler.shard import Shard, add_worker_flag, run_workers, wants_workers
+from tools.metrics import LPIPS_WEIGHTS, Scorer, load_stats, markdown
+from tools.plots import GRID_COLUMNS, draw_grid, draw_tradeoff
+from tools.shard import Shard, add_worker_flag, run_workers, wants_workers
 
 LAB_FEATURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lab", "lab-features.safetensors")
 IMAGE_TYPES = (".png", ".jpg", ".jpeg", ".webp")
@@ -88,7 +88,7 @@ def claim_methods(out, settings, methods):
     meaning changed (a schedule file rewritten, a preset redefined) is refused rather than served stale images."""
     claim_folder(out, settings, "images")
     for spec, m in methods.items():
-        record = {"method": spec, "acceleration": json.loads(json.dumps(asdict(m.accel) if m.accel else None)),
+        record = {"method": spec, "acceleration": json.loads(json.dumps(m.accel.record() if m.accel else None)),
                   "sampler": m.sampler, "steps": m.steps}
         claim_folder(os.path.join(out, folder_name(spec)), record, "images")
 

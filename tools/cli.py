@@ -24,10 +24,10 @@ from model.config import PREDICTIONS
 from model.hardware import DTYPE_CHOICES, dtype_name
 from model.text import TokenizerError, byte_tokenizer
 from model.unet import ATTENTION_BACKENDS
+from sampler import SAMPLERS
+from sampler.generate import Sampling
+from sampler.schedule import MAX_STEPS
 
-from .generate import Sampling
-from .samplers import SAMPLERS
-from .schedule import MAX_STEPS
 from .shard import leave_group
 
 SD15 = ("stable-diffusion-v1-5/stable-diffusion-v1-5", "v1-5-pruned-emaonly.safetensors")

@@ -1,10 +1,10 @@
 """DaTo's schedule search, working: NSGA-II (pymoo) over per-UNet-call cache depths and pruning ratios,
 with quality measured on the generated images and cost in analytic UNet MACs (or measured UNet time).
 
-    python search.py --ckpt lab/lab-sd.safetensors --out runs/search                 # search (resumable)
-    python evaluate.py ... --methods baseline,...,runs/search/pareto.json#0,...     # held-out (printed by the search)
-    python search.py --out runs/search --report runs/search/heldout                 # held-out figures + pareto.png
-    python search.py --out runs/search --report runs/search/heldout --ship lab/schedules/plms50.json
+    python -m tools.search --ckpt lab/lab-sd.safetensors --out runs/search            # search (resumable)
+    python -m tools.evaluate ... --methods baseline,...,runs/search/pareto.json#0,...  # held-out (printed)
+    python -m tools.search --out runs/search --report runs/search/heldout            # held-out figures + pareto.png
+    python -m tools.search --out runs/search --report runs/search/heldout --ship lab/schedules/plms50.json
 
 What is searched, per UNet call of the run (any sampler and step count): a cache depth (--depths; FULL = 12
 is a full call, 0 reuses everything) and a pruning ratio (--ratios, 0 = off) of --method's token pruning.
@@ -46,15 +46,15 @@ import time
 import numpy as np
 from PIL import Image, ImageDraw
 
+from accel import Acceleration, check_preset_fits, find_preset, run_macs, schedule_entry
 from cache import FULL, CacheSchedule
 from lab.scenes import sample_captions
-from metrics import Scorer, markdown
 from model.hardware import check_device, resolve_dtype
 from prune import METHODS as PRUNE_METHODS
-from prune import TokenPruning
+from prune import CellMethod, token_method
 from sampler import unet_calls
-from sampler.acceleration import Acceleration, check_preset_fits, find_preset, run_macs, schedule_entry
-from sampler.cli import (
+from sampler.generate import Timer, check_seeds, check_size, generate
+from tools.cli import (
     add_model_flags,
     add_sampling_flags,
     claim_folder,
@@ -64,12 +64,14 @@ from sampler.cli import (
     sampling,
     settings_record,
 )
-from sampler.generate import Timer, check_seeds, check_size, generate
-from sampler.shard import Shard, add_worker_flag, run_workers, wants_workers
+from tools.metrics import Scorer, markdown
+from tools.shard import Shard, add_worker_flag, run_workers, wants_workers
 
 QUALITIES = {"accuracy": 1, "psnr": 1, "fd_lab_vs_baseline": -1}   # +1: higher is better
 COSTS = {"macs": "mac_ratio", "time": "speedup"}   # --cost -> the record's field; the objective is its inverse
 PRESETS_SHOWN = ("deepcache-n3", "deepcache-n5", "dato-fixed", "dato-coco")   # seeded, and compared in --report
+
+SCHEDULED = [name for name, cls in PRUNE_METHODS.items() if issubclass(cls, CellMethod)]   # per-call ratios
 
 
 class Space:
@@ -145,7 +147,7 @@ class Space:
 
     def acceleration(self, depths, ratios):
         cache = CacheSchedule("dato", depths=tuple(depths)) if any(d != FULL for d in depths) else None
-        prune = TokenPruning(self.method, ratio=max(ratios), schedule=tuple(ratios)) if any(ratios) else None
+        prune = token_method(self.method, ratio=max(ratios), schedule=tuple(ratios)) if any(ratios) else None
         return Acceleration(prune, cache)
 
 
@@ -357,7 +359,7 @@ def report(out, heldout, ship=None):
         raise ValueError(f"--ship {ship} exists; remove it or choose another file (it is not overwritten)")
     path = os.path.join(out, "pareto.json")
     if not os.path.isfile(path):
-        raise ValueError(f"{path} does not exist: run the search first (python search.py --out {out} ...)")
+        raise ValueError(f"{path} does not exist: run the search first (python -m tools.search --out {out} ...)")
     results_path = os.path.join(heldout, "results.json")
     if not os.path.isfile(results_path):
         raise ValueError(f"{results_path} does not exist: run the evaluate.py command the search printed")
@@ -458,7 +460,7 @@ def heldout_command(args, out, points):
             continue
     specs = ",".join(["baseline", *fits] + [f"{out}/pareto.json#{k}" for k in range(points)])
     model = f"--ckpt {args.ckpt}" if args.ckpt else f"--random-weights {args.random_weights}"
-    return (f"python evaluate.py {model} --steps {args.steps} --sampler {args.sampler} --n 256 "
+    return (f"python -m tools.evaluate {model} --steps {args.steps} --sampler {args.sampler} --n 256 "
             f"--seed {args.heldout_seed} --methods {specs} --out {out}/heldout")
 
 
@@ -501,7 +503,7 @@ def run(args):
     write_pareto(os.path.join(args.out, "pareto.json"), records, space, args)
     print(f"{len(records)} non-dominated schedules in {args.out}/pareto.json. Held-out figures:\n  "
           f"{heldout_command(args, args.out, len(records))}\n"
-          f"  python search.py --out {args.out} --report {args.out}/heldout")
+          f"  python -m tools.search --out {args.out} --report {args.out}/heldout")
     return records
 
 
@@ -529,7 +531,7 @@ def parser():
     p.add_argument("--ratios", type=lambda text: parse_numbers(text, float, "--ratios"),
                    default=(0, 0.3, 0.4, 0.5, 0.6, 0.7),
                    help="pruning ratios a call may take (0,0.3,0.4,0.5,0.6,0.7)")
-    p.add_argument("--method", choices=PRUNE_METHODS, default="dato", help="token pruning method (dato)")
+    p.add_argument("--method", choices=SCHEDULED, default="dato", help="token pruning method (dato)")
     p.add_argument("--fixed-ratio", type=float, default=0.4, help="--search cache: every call's ratio (0.4)")
     p.add_argument("--fixed-depths", default="dato-fixed", help="--search prune: depths of this preset/file")
     p.add_argument("--min-full", type=int, default=2, help="at least this many full calls (2)")

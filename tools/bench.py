@@ -1,12 +1,12 @@
 """Benchmark: speed, MACs and memory of every acceleration method, against our baseline and diffusers.
 
-    python bench.py --dtype bf16 --vs-diffusers                      # the default method list, SDPA
-    python bench.py --methods baseline,sito:0.5,deepcache-n5,dato-coco --attention sdpa,math --plot speed.png
-    python bench.py --selection                                       # token-selection cost per block
-    python bench.py --model tiny --H 64 --W 64 --runs 2 --json out.json   # a quick check
+    python -m tools.bench --dtype bf16 --vs-diffusers                      # the default method list, SDPA
+    python -m tools.bench --methods baseline,sito:0.5,deepcache-n5,dato-coco --attention sdpa,math --plot speed.png
+    python -m tools.bench --selection                                       # token-selection cost per block
+    python -m tools.bench --model tiny --H 64 --W 64 --runs 2 --json out.json   # a quick check
 
 Methods: `baseline`, `tome:R`, `sito:R`, `dato:R` (token pruning at ratio R), and the presets of
-sampler/acceleration.py (`deepcache-n3`, `deepcache-n5`, `deepcache-n5-nonuniform`, `dato-fixed`,
+accel/ (`deepcache-n3`, `deepcache-n5`, `deepcache-n5-nonuniform`, `dato-fixed`,
 `dato-coco`), each on the command's --sampler/--steps or on its own run, SPEC@SAMPLER:STEPS
 (`baseline@dpmpp-2m:20`, `deepcache-n3@dpmpp-2m:25`): its time is that run's, its speed-up is
 against `baseline`, the command's run. Weights are random (speed does not depend on their values)
@@ -34,6 +34,7 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
+from accel import Acceleration, call_kinds, kind_macs, parse_methods
 from cache import FULL, CacheSchedule
 from model import PRESETS as MODELS
 from model import load_checkpoint, random_weights
@@ -42,7 +43,6 @@ from model.text import byte_tokenizer
 from model.unet import ATTENTION_BACKENDS
 from prune import dato, sito, tome
 from sampler import SAMPLERS, unet_calls
-from sampler.acceleration import Acceleration, call_kinds, kind_macs, parse_methods
 from sampler.generate import Sampling, Timer, check_size, generate
 
 DEFAULT_METHODS = ("baseline,tome:0.3,tome:0.5,tome:0.7,sito:0.3,sito:0.5,sito:0.7,dato:0.5,"

@@ -337,7 +337,7 @@ def markdown(results):
 
 
 def main(argv=None):
-    """python metrics.py RESULTS.json REFERENCE METHOD [METHOD ...]: McNemar's test of each method's checker
+    """python -m tools.metrics RESULTS.json REFERENCE METHOD [METHOD ...]: McNemar's test of each method's checker
     verdicts against the reference's on the same images, over all captions and per kind, from one
     evaluate.py run's results.json (any two of its methods: e.g. an accelerated run against a plain
     short run)."""

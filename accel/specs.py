@@ -1,0 +1,94 @@
+"""The method specs of the command-line tools (bench.py, evaluate.py, search.py --methods):
+
+    baseline | NAME:VALUE (a token method of prune.METHODS, e.g. sito:0.5, todo:2) | a preset |
+    a schedule file (FILE.json, FILE.json#k), each optionally on its own run: SPEC@SAMPLER:STEPS.
+"""
+from dataclasses import dataclass, fields
+
+from prune import METHODS, max_ratio, token_method
+from sampler import SAMPLERS, unet_calls
+
+from .presets import PRESETS, check_preset_fits, find_preset, is_schedule_file
+from .run import Acceleration
+
+
+def method_syntax():
+    """The spellings of a method spec, for error messages and --help."""
+    own = ", ".join(f"'{name}:{'F' if cls.spec_field == 'factor' else 'R'}'" for name, cls in METHODS.items())
+    return (f"'baseline', {own} (token methods: R a ratio, 0 <= R <= {max_ratio():g}; F ToDo's factor), "
+            f"a preset ({', '.join(PRESETS)}) or a schedule file (FILE.json, FILE.json#k), each optionally "
+            "on its own run: SPEC@SAMPLER:STEPS (baseline@dpmpp-2m:20)")
+
+
+def parse_method(spec):
+    """A method spec of the command-line tools -> Acceleration, or None for 'baseline'.
+
+    'baseline' | 'NAME:VALUE' (a token method of prune.METHODS with its spec field, its ratio or
+    ToDo's factor, set to VALUE; its default if left out) | a preset name | a schedule file.
+    """
+    if spec == "baseline":
+        return None
+    if spec in PRESETS or is_schedule_file(spec):
+        return find_preset(spec).acceleration()
+    name, colon, text = spec.partition(":")
+    if name not in METHODS:
+        raise ValueError(f"unknown method {spec!r}: use {method_syntax()}")
+    if not colon:
+        return Acceleration(token_method(name))
+    field = METHODS[name].spec_field
+    kind = next(f.type for f in fields(METHODS[name]) if f.name == field)
+    try:
+        value = int(text) if kind is int else float(text)
+    except ValueError:
+        raise ValueError(f"method {spec!r}: {name}'s {field} {text!r} is not a {'whole ' if kind is int else ''}"
+                         "number") from None
+    return Acceleration(token_method(name, **{field: value}))
+
+
+@dataclass(frozen=True)
+class Method:
+    """One entry of the tools' --methods: an acceleration (None: the plain run) on a run of `sampler`
+    with `steps` steps."""
+    accel: Acceleration | None
+    sampler: str
+    steps: int
+
+    @property
+    def calls(self):
+        return unet_calls(self.steps, self.sampler)
+
+
+def parse_run(spec, text):
+    """'dpmpp-2m:20' (the part of a method spec after '@') -> (sampler, steps)."""
+    sampler, colon, steps = text.partition(":")
+    if sampler not in SAMPLERS or not colon or not steps.isdigit():
+        raise ValueError(f"method {spec!r}: after '@' give SAMPLER:STEPS, e.g. {spec.partition('@')[0]}@dpmpp-2m:20 "
+                         f"(samplers: {', '.join(SAMPLERS)})")
+    unet_calls(int(steps), sampler)   # validates the step count
+    return sampler, int(steps)
+
+
+def parse_run_method(spec, sampler, steps):
+    """One method spec 'SPEC' or 'SPEC@SAMPLER:STEPS' -> Method. Without '@' the method runs on the
+    command's run (`sampler`, `steps`), except a schedule file, which keeps the run it records."""
+    base, at, run = spec.partition("@")
+    if at:
+        sampler, steps = parse_run(spec, run)
+    elif is_schedule_file(base):
+        sampler, steps = find_preset(base).run
+    accel = parse_method(base)
+    if base in PRESETS or is_schedule_file(base):
+        check_preset_fits(base, sampler, steps)
+    if accel is not None:
+        accel.check(unet_calls(steps, sampler))
+    return Method(accel, sampler, steps)
+
+
+def parse_methods(text, sampler, steps):
+    """A comma-separated list of method specs (the tools' --methods) -> {spec: Method}, each on its own run
+    (SPEC@SAMPLER:STEPS) or on the command's (`sampler` with `steps` steps), and checked against it."""
+    specs = [spec.strip() for spec in text.split(",")]
+    if not all(specs) or len(set(specs)) != len(specs):
+        raise ValueError(f"--methods {text!r}: give a comma-separated list of distinct methods")
+    return {spec: parse_run_method(spec, sampler, steps) for spec in specs}
+

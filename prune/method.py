@@ -1,0 +1,136 @@
+"""What every token method shares: the settings that say where it acts, and the plan contract.
+
+A token method is one frozen dataclass (its settings, recommended values as defaults) with a
+`plan` for one transformer block. The run state (accel/run.py) asks for plans block by block:
+
+    plan = method.plan(x, hw, ratio, generator=g, dynamics=D, guided=True)
+
+and hands them to the block (model/unet.py, run_with_plan). A plan is one of two kinds:
+- `reduces = "tokens"` (ToMe, SiTo, DaTo): `prune, recover = plan`, the contract of tomesd's
+  merge/unmerge: prune [B, N, C] -> [B, N-k, C] before a sub-layer, recover [B, N-k, C'] ->
+  [B, N, C'] after it;
+- `reduces = "keys_values"` (ToDo): `plan.keys_values(x)` [B, N, C] -> [B, M, C], the tokens
+  self-attention takes its keys and values from; queries and the output grid stay whole.
+
+A field declared with `setting(...)` is also a command-line flag (sample.py's `--prune-NAME`),
+so a new method's options reach the tools without editing them.
+"""
+import math
+from dataclasses import dataclass, field, fields
+from typing import ClassVar
+
+from .tokens import check_ratio
+
+LAYERS = ("attn1", "attn2", "ff")   # self-attention, cross-attention, feed-forward
+MAX_DOWNSAMPLES = (1, 2, 4, 8)   # the grid sizes below the latent that a UNet's levels have
+
+
+def setting(default, flag, help, type=None, choices=None):
+    """A settings field that is also sample.py's flag --prune-`flag` (help: what it does, its default)."""
+    return field(default=default, metadata={"flag": flag, "help": help, "type": type, "choices": choices})
+
+
+def comma_list(text):
+    return tuple(text.split(","))
+
+
+@dataclass(frozen=True)
+class TokenMethod:
+    """Where a token method acts; recommended values are the defaults.
+
+    max_downsample: act on blocks whose grid is at most this much smaller than the latent
+        (1: the five 64x64-latent blocks of SD at 512 px, as every paper recommends; 2, 4, 8: deeper too).
+    layers: the sub-layers of each block it wraps, from LAYERS (("attn1",): self-attention only;
+        pruning "ff" hurts images, SiTo #1 / tomesd README).
+    """
+    name: ClassVar[str] = ""            # the registry's key: --prune NAME, NAME:VALUE in --methods
+    spec_field: ClassVar[str] = "ratio"   # the field VALUE sets in a NAME:VALUE method spec
+    reduces: ClassVar[str] = "tokens"     # the kind of plan (module docstring)
+
+    max_downsample: int = setting(1, "maxdown", "act on blocks at most this much below the latent resolution "
+                                  "(1: the five 64x64 blocks)", int, MAX_DOWNSAMPLES)
+    layers: tuple = setting(("attn1",), "layers", f"comma-separated sub-layers from {','.join(LAYERS)} "
+                            "(attn1 = self-attention only)", comma_list)
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{f.name} must be a finite number, got {value}")
+        if self.max_downsample not in MAX_DOWNSAMPLES:
+            raise ValueError(f"max_downsample must be one of {MAX_DOWNSAMPLES}, got {self.max_downsample}")
+        if not self.layers or set(self.layers) - set(LAYERS):
+            raise ValueError(f"layers must be a non-empty subset of {LAYERS}, got {self.layers}")
+
+    @property
+    def uses_dynamics(self):
+        """Whether plans need DaTo's dynamics map of the last two UNet outputs."""
+        return False
+
+    @property
+    def same_draws_per_call(self):
+        """Whether every block of a UNet call must draw the same random numbers."""
+        return False
+
+    def check_calls(self, calls):
+        """Raise ValueError if per-call settings do not fit a run of `calls` UNet calls."""
+
+    def ratio_at(self, call, calls):
+        """The fraction of a wrapped sub-layer's tokens (ToDo: of its keys and values) removed on UNet
+        call `call` of a run of `calls`; 0: the method is off for that call."""
+        raise NotImplementedError
+
+    def applies(self, hw, latent_tokens):
+        """Whether a block with an h x w grid is acted on: deep enough grids only (tomesd's rule
+        ds = ceil(sqrt(N_latent / N)) <= max_downsample), and big enough for the method."""
+        ds = math.ceil(math.sqrt(latent_tokens / (hw[0] * hw[1])))
+        return ds <= self.max_downsample and self.fits(hw)
+
+    def fits(self, hw):
+        return True
+
+    def tokens_into(self, sub, hw, ratio):
+        """How many tokens enter `sub` ("attn1", "kv1": the tokens attn1 takes keys/values from,
+        "attn2", "ff") of an acted-on block at `ratio`: for analytic MACs (model/macs.py)."""
+        n = hw[0] * hw[1]
+        return n - int(n * ratio) if (sub if sub != "kv1" else "attn1") in self.layers else n
+
+    def plan(self, x, hw, ratio, generator=None, dynamics=None, guided=False):
+        """The plan of one block whose input is x [B, h*w, C]; `guided`: x is a CFG batch [uncond; cond]."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class CellMethod(TokenMethod):
+    """A method that keeps one base token per sy x sx cell and removes the tokens most like them
+    (ToMe, SiTo, DaTo; prune/tokens.py).
+
+    ratio: fraction of a block's tokens removed (0.5; at most tokens.max_ratio(sx, sy), 0.75 for 2x2
+        cells). Quality holds up to about 0.5-0.6 (ToMe README, SiTo table); 0 disables it exactly.
+    sx, sy: cell size, one base token per cell (2, 2).
+    schedule: one ratio per UNet call of the run, overriding `ratio` (DaTo's searched per-step ratios).
+        Empty: the constant ratio.
+    """
+    ratio: float = setting(0.5, "ratio", "fraction of tokens removed per block (0.5, at most 0.75 with 2x2 cells)",
+                           float)
+    sx: int = 2
+    sy: int = 2
+    schedule: tuple = ()
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.sx < 1 or self.sy < 1:
+            raise ValueError(f"cell size must be positive, got sx={self.sx}, sy={self.sy}")
+        for r in (self.ratio, *self.schedule):
+            check_ratio(r, self.sx, self.sy)
+
+    def check_calls(self, calls):
+        if self.schedule and len(self.schedule) != calls:
+            raise ValueError(f"prune schedule has {len(self.schedule)} ratios, but this run makes {calls} UNet calls; "
+                             "give one ratio per call")
+
+    def ratio_at(self, call, calls):
+        return self.schedule[call] if self.schedule else self.ratio
+
+    def fits(self, hw):
+        return hw[0] >= self.sy and hw[1] >= self.sx   # at least one full cell
