@@ -31,6 +31,7 @@ from sampler.generate import from_pil
 
 COMBOS = tuple((color, shape) for color in COLORS for shape in SHAPES)
 CONFIG_KEY = "lab_features_config"
+SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lab-features.safetensors")   # the lab FD's features
 SCENES = SceneConfig()   # the lab model's scenes
 
 

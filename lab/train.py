@@ -29,7 +29,6 @@ import argparse
 import copy
 import filecmp
 import json
-import math
 import multiprocessing
 import os
 import random
@@ -39,22 +38,21 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from lab.check import check, summary
-from lab.scenes import COLORS, RELATIONS, SHAPES, image_seed, render, sample_captions
+from lab.pictures import draw_curve, grid
+from lab.scenes import image_seed, render, sample_captions
+from lab.vocab import write_lab_tokenizer
 from model import LAB, StableDiffusion, save_checkpoint
 from model.checkpoint import CLIP, CONFIG_KEY, TOKENIZER_KEY, UNET, VAE, read_metadata, read_state_dict
 from model.config import config_from_json
 from model.hardware import check_device, native_bf16_cpu
-from model.text import TextEncoder, write_tokenizer
+from model.text import TextEncoder
 from model.unet import UNetModel
 from model.vae import AutoencoderKL
 from sampler.generate import Sampling, from_pil, generate
 from sampler.schedule import alphas_cumprod
-
-WORDS = ("a", "of", "to", "the", *COLORS, *SHAPES, *" ".join(RELATIONS).split())
 
 
 @dataclass(frozen=True)
@@ -79,25 +77,6 @@ class TrainConfig:
     eval_minutes: float = 10.0
     eval_captions: int = 32        # fixed captions (their own seed) sampled with PLMS-eval_steps
     eval_steps: int = 25
-
-
-def lab_merges(words=WORDS):
-    """BPE merges that build each word, longest words first (so no shorter word's merge splits one), ties
-    in the order given. Never iterate a set here: its order changes with the hash seed of each process,
-    and with it the token ids that a trained text encoder depends on."""
-    merges = []
-    for word in sorted(dict.fromkeys(words), key=len, reverse=True):
-        symbols = list(word[:-1]) + [word[-1] + "</w>"]
-        for k in range(1, len(symbols)):
-            pair = ("".join(symbols[:k]), symbols[k])
-            if pair not in merges:
-                merges.append(pair)
-    return merges
-
-
-def write_lab_tokenizer(folder):
-    os.makedirs(folder, exist_ok=True)
-    return write_tokenizer(folder, lab_merges(), compact=True)
 
 
 def save(state, path):
@@ -310,46 +289,6 @@ def train_unet(cfg, out, sd, data, resume, compile_unet=False, continued=False):
     checkpoint()
     return ema
 
-
-# ---------------------------------------------------------------------------------------------
-# pictures
-
-def grid(images, captions, columns=4):
-    """Images with their captions above, in a grid (pillow only)."""
-    side, band = images[0].width, 24
-    rows = math.ceil(len(images) / columns)
-    sheet = Image.new("RGB", (columns * side, rows * (side + band)), "white")
-    draw = ImageDraw.Draw(sheet)
-    for k, (image, caption) in enumerate(zip(images, captions, strict=True)):
-        x, y = k % columns * side, k // columns * (side + band)
-        sheet.paste(image, (x, y + band))
-        words = caption.split()
-        draw.text((x + 2, y), " ".join(words[:5]), fill="black")
-        draw.text((x + 2, y + 11), " ".join(words[5:]), fill="black")
-    return sheet
-
-
-def draw_curve(log_path, path, width=480, height=300):
-    """Checker accuracy (all, single, pair) against training minutes, from log.jsonl."""
-    rows = [json.loads(line) for line in open(log_path)]
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    left, bottom, top = 40, height - 30, 10
-    span = max(r["minutes"] for r in rows) or 1
-    draw.line((left, top, left, bottom, width - 10, bottom), fill="black")
-    for frac in (0, 0.5, 1):
-        y = bottom - frac * (bottom - top)
-        draw.text((5, y - 6), f"{frac:.0%}", fill="black")
-    draw.text((width - 130, bottom + 8), f"training minutes (0-{span:.0f})", fill="black")
-    for key, color in (("accuracy", "black"), ("single", (40, 110, 200)), ("pair", (200, 60, 40))):
-        points = [(left + r["minutes"] / span * (width - 60), bottom - r[key] * (bottom - top)) for r in rows]
-        if len(points) > 1:
-            draw.line(points, fill=color, width=2)
-        draw.text((width - 70, top + 14 * ("accuracy", "single", "pair").index(key)), key, fill=color)
-    image.save(path)
-
-
-# ---------------------------------------------------------------------------------------------
 
 def export(out, path):
     """The EMA weights of `out` -> `path` (fp16, official SD1 layout) with the run's tokenizer beside it

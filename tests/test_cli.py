@@ -196,6 +196,23 @@ def test_pruning_and_pictures(tmp_path, tokenizer_dir):
     assert sorted(counts.values()) == [10, 16, 38]   # 38 of 64 pruned, 16 base tokens, 10 other kept
 
 
+def test_todo_from_the_command_line(tmp_path, tokenizer_dir, capsys):
+    """sample.py --prune todo renders, records its settings, and differs from the plain image; its
+    pictures are refused (ToDo removes no tokens)."""
+    common = ["--prompt", "the cat", "--random-weights", "tiny", "--steps", "3", "--H", "64", "--W", "64",
+              "--tokenizer", tokenizer_dir, "--outdir", str(tmp_path / "out")]
+    sample.main(common)
+    sample.main(common + ["--prune", "todo", "--prune-factor", "2", "--prune-stop", "0.25"])
+    prune = params(tmp_path / "out" / "00001.png")["acceleration"]["prune"]
+    assert prune == {"method": "todo", "max_downsample": 1, "layers": ["attn1"], "factor": 2,
+                     "mode": "nearest-exact", "stop": 0.25}
+    plain, todo = (np.asarray(Image.open(tmp_path / "out" / f"0000{k}.png")) for k in (0, 1))
+    assert plain.shape == todo.shape and (plain != todo).any()
+    with pytest.raises(SystemExit):
+        sample.main(common + ["--prune", "todo", "--viz-prune", str(tmp_path / "viz")])
+    assert "todo removes none" in capsys.readouterr().err
+
+
 def test_viz_needs_a_method(tmp_path, capsys):
     with pytest.raises(SystemExit):
         sample.main(["--prompt", "x", "--random-weights", "tiny", "--viz-prune", str(tmp_path)])
@@ -221,9 +238,13 @@ def test_caching(tmp_path, tokenizer_dir):
     (["--cache", "dato", "--cache-schedule", "12,1"], "2 entries, but this run makes 11"),
     (["--cache", "dato", "--cache-schedule", "1," * 10 + "1"], "first call"),
     (["--cache", "uniform", "--cache-depth", "14"], "cache depth"),
-    (["--prune-schedule", "0.5"], "needs a pruning method"),
+    (["--prune-schedule", "0.5"], "needs a token method"),
+    (["--prune", "todo", "--prune-schedule", "0.5"], "todo takes no per-call ratios"),
+    (["--prune", "todo", "--prune-ratio", "0.3"], "--prune-ratio: no effect with --prune todo"),
+    (["--prune", "sito", "--prune-factor", "2"], "--prune-factor: no effect with --prune sito (a setting of todo)"),
+    (["--prune", "todo", "--prune-factor", "0"], "factor must be a whole number >= 1"),
     (["--prune", "dato", "--prune-schedule", "0.5,0.9"], "prune ratio 0.9 out of range"),
-    (["--prune-ratio", "0.3"], "--prune-ratio given without a pruning method"),
+    (["--prune-ratio", "0.3"], "--prune-ratio given without a token method"),
     (["--preset", "dato-coco", "--prune-recover", "base", "--cache-depth", "1"],
      "leave out --prune-recover, --cache-depth"),
     (["--cache-interval", "3"], "--cache-interval: no effect with --cache none"),

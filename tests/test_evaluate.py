@@ -184,3 +184,14 @@ def test_bad_method_runs_are_refused_before_loading(tmp_path, capsys, spec, mess
     with pytest.raises(SystemExit):
         run(tmp_path, "--methods", f"baseline,{spec}")
     assert message in capsys.readouterr().err and not os.path.exists(tmp_path / "settings.json")
+
+
+def test_method_folders_written_before_the_registry_resume():
+    """A folder's settings.json from before token methods were a registry listed every method's fields
+    under "prune"; it is read in today's form, and a real difference is still refused."""
+    from accel import PRESETS
+    today = json.loads(json.dumps(PRESETS["dato-coco"].acceleration().record()))
+    old = {**today, "prune": {**today["prune"], "sim_beta": 1.0, "use_rand": True}}
+    assert evaluate.upgrade_record({"acceleration": old}) == {"acceleration": today}
+    changed = {**today, "prune": {**today["prune"], "sim_beta": 1.0, "use_rand": True, "ratio": 0.5}}
+    assert evaluate.upgrade_record({"acceleration": changed})["acceleration"] != today

@@ -10,7 +10,8 @@ import pytest
 import torch
 from transformers import CLIPTokenizer
 
-from lab.train import WORDS, TrainConfig, batch_indices, export, lab_merges, min_snr_weights, run, write_lab_tokenizer
+from lab.train import TrainConfig, batch_indices, export, min_snr_weights, run
+from lab.vocab import WORDS, lab_merges, write_lab_tokenizer
 from model import LAB, load_checkpoint
 from model.checkpoint import UNET, read_state_dict
 from model.text import write_tokenizer
@@ -33,7 +34,7 @@ def test_tokenizer_spells_every_scene_word_and_falls_back_for_others(tmp_path):
 def test_tokenizer_is_the_same_in_every_process():
     """Token ids are what a trained text encoder knows: a new process (another hash seed) must write
     the same vocabulary."""
-    code = "from lab.train import lab_merges; print(lab_merges())"
+    code = "from lab.vocab import lab_merges; print(lab_merges())"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     outputs = {subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True,
                               env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2", "3")}

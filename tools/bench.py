@@ -5,12 +5,12 @@
     python -m tools.bench --selection                                       # token-selection cost per block
     python -m tools.bench --model tiny --H 64 --W 64 --runs 2 --json out.json   # a quick check
 
-Methods: `baseline`, `tome:R`, `sito:R`, `dato:R` (token pruning at ratio R), and the presets of
-accel/ (`deepcache-n3`, `deepcache-n5`, `deepcache-n5-nonuniform`, `dato-fixed`,
-`dato-coco`), each on the command's --sampler/--steps or on its own run, SPEC@SAMPLER:STEPS
-(`baseline@dpmpp-2m:20`, `deepcache-n3@dpmpp-2m:25`): its time is that run's, its speed-up is
-against `baseline`, the command's run. Weights are random (speed does not depend on their values)
-unless --ckpt is given.
+Methods: `baseline`, `tome:R`, `sito:R`, `dato:R` (token pruning at ratio R), `todo:F` (ToDo: keys and
+values from a grid F times smaller per side), and the presets of accel/ (`deepcache-n3`, `deepcache-n5`,
+`deepcache-n5-nonuniform`, `dato-fixed`, `dato-coco`), each on the command's --sampler/--steps or on its
+own run, SPEC@SAMPLER:STEPS (`baseline@dpmpp-2m:20`, `deepcache-n3@dpmpp-2m:25`): its time is that run's,
+its speed-up is against `baseline`, the command's run. Weights are random (speed does not depend on their
+values) unless --ckpt is given.
 Precision: --dtype auto (the default) is bf16 on CPUs with native bf16 units (AVX512-BF16, AMX),
 fp32 on other CPUs, fp16 on GPUs; the CPU model and its bf16 support are printed with the results.
 
@@ -26,6 +26,7 @@ returning freed heap to the system, which counts the large buffers reliably, sma
 """
 import argparse
 import ctypes
+import importlib.util
 import json
 import re
 import statistics
@@ -44,8 +45,9 @@ from model.unet import ATTENTION_BACKENDS
 from prune import dato, sito, tome
 from sampler import SAMPLERS, unet_calls
 from sampler.generate import Sampling, Timer, check_size, generate
+from tools.plots import draw_speedups
 
-DEFAULT_METHODS = ("baseline,tome:0.3,tome:0.5,tome:0.7,sito:0.3,sito:0.5,sito:0.7,dato:0.5,"
+DEFAULT_METHODS = ("baseline,tome:0.3,tome:0.5,tome:0.7,sito:0.3,sito:0.5,sito:0.7,dato:0.5,todo:2,todo:3,"
                    "deepcache-n3,deepcache-n5,dato-fixed,dato-coco")
 
 
@@ -277,28 +279,11 @@ def markdown(results):
     return "\n".join(lines) + "\n"
 
 
-def plot(results, path):
-    """Speed-up per method as horizontal bars, one group per attention backend (pillow only)."""
-    from PIL import Image, ImageDraw
-    groups = [(attention, {k: r["speedup"] for k, r in rows.items()}) for attention, rows in results.items()]
-    n = sum(len(g) + 1 for _, g in groups)
-    top = max(v for _, g in groups for v in g.values())
-    image = Image.new("RGB", (720, 24 * n + 30), "white")
-    draw, y = ImageDraw.Draw(image), 10
-    for attention, speedups in groups:
-        draw.text((10, y), f"speed-up vs baseline, {attention} attention", fill="black")
-        y += 24
-        for name, value in speedups.items():
-            draw.text((10, y + 4), name, fill="black")
-            draw.rectangle((200, y + 2, 200 + int(480 * value / top), y + 18), fill=(70, 110, 200))
-            draw.text((206 + int(480 * value / top), y + 4), f"{value:.2f}x", fill="black")
-            y += 24
-    image.save(path)
-
-
 def check_args(args):
     """Everything that can be wrong with the command line, before any weights or timing:
     -> (device, dtype, {spec: Acceleration or None}, attention backends)."""
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        raise ValueError("--plot draws with matplotlib: pip install -r requirements-eval.txt")
     device = check_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     for flag, value, least in (("--runs", args.runs, 1), ("--warmup", args.warmup, 0), ("--batch", args.batch, 1),
@@ -370,7 +355,7 @@ def main(argv=None):
             print_rows(rows, args, attention, device, dtype)
             results["methods"][attention] = rows
         if args.plot:
-            plot(results["methods"], args.plot)
+            draw_speedups(results["methods"], args.plot)
         if args.markdown:
             with open(args.markdown, "w") as f:
                 f.write(markdown(results["methods"]))

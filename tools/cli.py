@@ -105,13 +105,14 @@ def settings_record(args, sd, prompts, dtype):
             "negative_prompt": run.negative_prompt}
 
 
-def claim_folder(out, settings, what):
+def claim_folder(out, settings, what, upgrade=lambda stored: stored):
     """Write out/settings.json, or check that the `what` (images, evaluations) already in `out` were made
-    with these settings: a resumed run never mixes results of different settings."""
+    with these settings: a resumed run never mixes results of different settings. `upgrade` rewrites the
+    stored settings of an older version in today's form first."""
     path = os.path.join(out, "settings.json")
     if os.path.exists(path):
         with open(path) as f:
-            stored = json.load(f)
+            stored = upgrade(json.load(f))
         if stored != settings:
             changed = sorted(k for k in set(stored) | set(settings) if stored.get(k) != settings.get(k))
             raise ValueError(f"{out!r} holds {what} made with other settings ({', '.join(changed)} differ); "

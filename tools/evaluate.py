@@ -56,8 +56,10 @@ import torch
 from PIL import Image, ImageOps
 
 from accel import parse_methods, run_macs
+from lab.features import SHIPPED as LAB_FEATURES_FILE
 from lab.scenes import image_seed, render, sample_captions
 from model.hardware import check_device, cpu_description, dtype_name, resolve_dtype
+from prune import as_record, from_record
 from sampler import SAMPLERS, unet_calls
 from sampler.generate import Timer, check_outdir, check_seeds, check_size, generate, save_png
 from tools.cli import (
@@ -74,7 +76,6 @@ from tools.metrics import LPIPS_WEIGHTS, Scorer, load_stats, markdown
 from tools.plots import GRID_COLUMNS, draw_grid, draw_tradeoff
 from tools.shard import Shard, add_worker_flag, run_workers, wants_workers
 
-LAB_FEATURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lab", "lab-features.safetensors")
 IMAGE_TYPES = (".png", ".jpg", ".jpeg", ".webp")
 
 
@@ -90,7 +91,16 @@ def claim_methods(out, settings, methods):
     for spec, m in methods.items():
         record = {"method": spec, "acceleration": json.loads(json.dumps(m.accel.record() if m.accel else None)),
                   "sampler": m.sampler, "steps": m.steps}
-        claim_folder(os.path.join(out, folder_name(spec)), record, "images")
+        claim_folder(os.path.join(out, folder_name(spec)), record, "images", upgrade=upgrade_record)
+
+
+def upgrade_record(stored):
+    """A method folder's settings from before token methods were a registry (their pruning listed every
+    method's fields) in today's form (prune.as_record), so that such a folder still resumes."""
+    prune = (stored.get("acceleration") or {}).get("prune")
+    if prune:
+        stored["acceleration"]["prune"] = as_record(from_record(prune))
+    return stored
 
 
 def method_sampling(args, method, **fields):
@@ -327,7 +337,7 @@ def parser():
     p.add_argument("--batch-size", type=int, default=16, help="images per sampler batch, fixed per folder (16)")
     p.add_argument("--out", required=True, help="output folder (resumable: rerun the same command)")
     m = p.add_argument_group("metrics (weights that cannot be downloaded here come from these flags)")
-    m.add_argument("--lab-features", metavar="FILE", default=LAB_FEATURES,
+    m.add_argument("--lab-features", metavar="FILE", default=LAB_FEATURES_FILE,
                    help="lab feature network for fd_lab, lab captions only ('' = off; default: the shipped one)")
     m.add_argument("--inception", metavar="FILE", help="FID Inception weights (torch-fidelity's "
                                                        "pt_inception-2015-12-05-6726825d.pth): fid, fid_vs_baseline")

@@ -1,5 +1,6 @@
-"""evaluate.py's pictures: the grid of methods x prompts (pillow) and quality against MAC ratio
-(matplotlib, an evaluate extra: pip install -r requirements-eval.txt)."""
+"""The tools' pictures: evaluate.py's grid of methods x prompts (pillow), its quality against MAC ratio
+and search.py's held-out Pareto set (matplotlib, an extra of the tools: pip install -r
+requirements-eval.txt; pymoo brings it too)."""
 from PIL import Image, ImageDraw
 
 from tools.metrics import cell
@@ -38,16 +39,65 @@ def quality_axes(results):
     return axes
 
 
+def pyplot():
+    import matplotlib
+    matplotlib.use("Agg")   # files only, no display
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def label_points(ax, points, fontsize=7):
+    """Annotate (x, y, text, color) points, each label at the first of a few offsets around its point
+    whose box overlaps no label placed before it (else the last tried)."""
+    offsets = [(4, 3), (4, -10), (-6, 6), (-6, -12), (8, 10), (8, -16), (-10, 14), (-10, -20)]
+    placed = []
+    renderer = ax.figure.canvas.get_renderer()
+    for x, y, text, color in points:
+        for dx, dy in offsets:
+            label = ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=fontsize,
+                                color=color, ha="left" if dx > 0 else "right")
+            box = label.get_window_extent(renderer)
+            if not any(box.overlaps(other) for other in placed):
+                break
+            label.remove()
+        else:
+            label = ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=fontsize,
+                                color=color)
+            box = label.get_window_extent(renderer)
+        placed.append(box)
+
+
+def draw_pareto(pareto, results, shown, label, value, path):
+    """search.py --report: held-out `label` (value(entry)) against MAC ratio of the searched points (red,
+    numbered as in pareto.json) beside the baseline and the presets in `shown` (blue)."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.6))
+    searched = [(p["heldout"]["mac_ratio"], value(p["heldout"]), f"#{k}", "tab:red")
+                for k, p in enumerate(pareto["points"]) if p.get("heldout")]
+    known = [(results[n]["mac_ratio"], value(results[n]), n, "tab:blue") for n in ("baseline", *shown) if n in results]
+    for group, name in ((searched, "searched (pareto.json#k)"), (known, "baseline and presets")):
+        if group:
+            ax.plot([p[0] for p in group], [p[1] for p in group], "o", color=group[0][3], ms=4, label=name)
+    ax.set_xlabel("MAC ratio (the baseline's UNet MACs / the schedule's)")
+    ax.set_ylabel(f"held-out {label}")
+    ax.yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:.0%}"))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    label_points(ax, sorted(searched + known))
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
 def draw_tradeoff(results, methods, path):
     """Quality against MAC ratio (matplotlib): the plain runs of each sampler (methods without acceleration)
     as one line per sampler, labelled with their step counts; accelerated methods as labelled black squares."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     axes = quality_axes(results)
     fig, panels = plt.subplots(1, max(len(axes), 1), figsize=(6.5 * max(len(axes), 1), 5), squeeze=False)
+    squares_of = {}   # the accelerated methods of each panel, labelled once the layout is final
     for (key, label), ax in zip(axes, panels[0], strict=False):
-        ladders = {}
+        ladders, squares = {}, squares_of.setdefault(key, [])
         for spec, r in results.items():
             value, interval = cell(r, key)
             if value is None:
@@ -56,7 +106,7 @@ def draw_tradeoff(results, methods, path):
                 ladders.setdefault(methods[spec].sampler, []).append((r["mac_ratio"], value, interval, r["steps"]))
                 continue
             ax.plot(r["mac_ratio"], value, "s", color="black", ms=4)
-            ax.annotate(spec, (r["mac_ratio"], value), fontsize=6, xytext=(3, 2), textcoords="offset points")
+            squares.append((r["mac_ratio"], value, spec, "black"))
         for sampler, points in sorted(ladders.items()):
             points.sort()
             xs, ys = [p[0] for p in points], [p[1] for p in points]
@@ -72,6 +122,28 @@ def draw_tradeoff(results, methods, path):
         ax.grid(alpha=0.3)
         if ladders:
             ax.legend(fontsize=7)
+    fig.tight_layout()
+    for (key, _), ax in zip(axes, panels[0], strict=False):
+        label_points(ax, sorted(squares_of[key]), fontsize=6)
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def draw_speedups(results, path):
+    """bench.py --plot: the speed-up of each method against the baseline as horizontal bars, one panel per
+    attention backend ({backend: {method: row with "speedup"}})."""
+    plt = pyplot()
+    fig, panels = plt.subplots(1, len(results), figsize=(5.5 * len(results), 0.35 * max(map(len, results.values()))
+                                                         + 1.2), squeeze=False, sharex=True)
+    for (attention, rows), ax in zip(results.items(), panels[0], strict=True):
+        names, values = list(rows), [r["speedup"] for r in rows.values()]
+        bars = ax.barh(names, values, color="tab:blue")
+        ax.bar_label(bars, labels=[f"{v:.2f}x" for v in values], fontsize=7, padding=2)
+        ax.axvline(1, color="black", lw=0.8)
+        ax.invert_yaxis()
+        ax.set_title(f"{attention} attention", fontsize=9)
+        ax.set_xlabel("speed-up against the baseline (UNet time, median)")
+        ax.tick_params(axis="y", labelsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)

@@ -44,14 +44,14 @@ import os
 import time
 
 import numpy as np
-from PIL import Image, ImageDraw
 
-from accel import Acceleration, check_preset_fits, find_preset, run_macs, schedule_entry
-from cache import FULL, CacheSchedule
+from accel import check_preset_fits, find_preset, run_macs, schedule_entry
+from cache import FULL
+from lab.features import SHIPPED as LAB_FEATURES_FILE
 from lab.scenes import sample_captions
 from model.hardware import check_device, resolve_dtype
 from prune import METHODS as PRUNE_METHODS
-from prune import CellMethod, token_method
+from prune import CellMethod
 from sampler import unet_calls
 from sampler.generate import Timer, check_seeds, check_size, generate
 from tools.cli import (
@@ -64,91 +64,15 @@ from tools.cli import (
     sampling,
     settings_record,
 )
-from tools.metrics import Scorer, markdown
+from tools.metrics import Scorer
+from tools.report import PRESETS_SHOWN, non_dominated, report
 from tools.shard import Shard, add_worker_flag, run_workers, wants_workers
+from tools.space import Space, initial_population, pymoo_problem, pymoo_repair
 
 QUALITIES = {"accuracy": 1, "psnr": 1, "fd_lab_vs_baseline": -1}   # +1: higher is better
 COSTS = {"macs": "mac_ratio", "time": "speedup"}   # --cost -> the record's field; the objective is its inverse
-PRESETS_SHOWN = ("deepcache-n3", "deepcache-n5", "dato-fixed", "dato-coco")   # seeded, and compared in --report
 
 SCHEDULED = [name for name, cls in PRUNE_METHODS.items() if issubclass(cls, CellMethod)]   # per-call ratios
-
-
-class Space:
-    """The genome of a schedule and its constraints: one depth gene and/or one ratio gene per UNet call,
-    each an index into its list of choices (ordered, so neighbouring indices are similar schedules)."""
-
-    def __init__(self, calls, search="joint", depths=(0, 1, 2, FULL), ratios=(0, 0.3, 0.4, 0.5, 0.6, 0.7),
-                 fixed_depths=None, fixed_ratio=0.4, min_full=2, max_reuse=3, method="dato"):
-        self.calls, self.search, self.method = calls, search, method
-        self.depths = tuple(sorted(set(depths) | {FULL}))
-        self.ratios = tuple(sorted(set(ratios) | {0}))
-        self.fixed_depths = tuple(fixed_depths) if fixed_depths is not None else (FULL,) * calls
-        self.fixed_ratio, self.min_full, self.max_reuse = fixed_ratio, min_full, max_reuse
-        if len(self.fixed_depths) != calls:
-            raise ValueError(f"--fixed-depths has {len(self.fixed_depths)} depths; this run makes {calls} UNet calls")
-        if not 1 <= min_full <= calls:
-            raise ValueError(f"--min-full must be from 1 to {calls}, got {min_full}")
-        if max_reuse < 0:
-            raise ValueError(f"--max-reuse must be >= 0, got {max_reuse}")
-
-    @property
-    def searches_depths(self):
-        return self.search in ("cache", "joint")
-
-    @property
-    def searches_ratios(self):
-        return self.search in ("prune", "joint")
-
-    @property
-    def bounds(self):
-        """Upper bound of each gene (the lower bounds are 0)."""
-        return ([len(self.depths) - 1] * self.calls * self.searches_depths
-                + [len(self.ratios) - 1] * self.calls * self.searches_ratios)
-
-    def decode(self, genes):
-        """(depths, ratios) per UNet call of a genome."""
-        genes = [int(g) for g in genes]
-        depths = [self.depths[g] for g in genes[:self.calls]] if self.searches_depths else list(self.fixed_depths)
-        ratios = [self.ratios[g] for g in genes[-self.calls:]] if self.searches_ratios else \
-            [self.fixed_ratio] * self.calls
-        return depths, ratios
-
-    def encode(self, depths, ratios):
-        """The genome of (depths, ratios); each value is taken to the nearest choice."""
-        nearest = lambda values, v: min(range(len(values)), key=lambda i: abs(values[i] - v))  # noqa: E731
-        genes = [nearest(self.depths, d) for d in depths] * self.searches_depths
-        return genes + [nearest(self.ratios, r) for r in ratios] * self.searches_ratios
-
-    def repair(self, depths, ratios):
-        """The constraints, kept by the smallest deterministic changes: call 0 full; every run of reuse-all
-        calls longer than max_reuse broken by a shallowest non-reuse call; a full call in the middle of the
-        longest stretch without one until there are min_full; no ratio on reuse-all calls."""
-        depths, ratios = list(depths), list(ratios)
-        depths[0] = FULL
-        shallowest = min((d for d in self.depths if d > 0), default=FULL)
-        run = 0
-        for i, d in enumerate(depths):
-            run = run + 1 if d == 0 else 0
-            if run > self.max_reuse:
-                depths[i], run = shallowest, 0
-        while depths.count(FULL) < self.min_full:
-            full = [i for i, d in enumerate(depths) if d == FULL] + [self.calls]
-            gap, start = max((b - a, a) for a, b in zip(full, full[1:], strict=False))
-            depths[start + gap // 2] = FULL
-        ratios = [0 if d == 0 else r for d, r in zip(depths, ratios, strict=True)]
-        return depths, ratios
-
-    def cheapest(self):
-        """The schedule with the fewest MACs the constraints allow: every call reuse-all where it may be, and the
-        highest pruning ratio."""
-        genes = [0] * self.calls * self.searches_depths + [len(self.ratios) - 1] * self.calls * self.searches_ratios
-        return self.repair(*self.decode(genes))
-
-    def acceleration(self, depths, ratios):
-        cache = CacheSchedule("dato", depths=tuple(depths)) if any(d != FULL for d in depths) else None
-        prune = token_method(self.method, ratio=max(ratios), schedule=tuple(ratios)) if any(ratios) else None
-        return Acceleration(prune, cache)
 
 
 class Evaluator:
@@ -248,63 +172,6 @@ class BudgetSpent(Exception):
     """--budget-minutes of rendering are spent: the search stops at the last whole generation."""
 
 
-def pymoo_problem(space, evaluate, min_mac_ratio=1.0):
-    from pymoo.core.problem import Problem
-
-    class ScheduleProblem(Problem):
-        """A whole population at a time, so that its schedules can be evaluated in parallel. With a
-        min_mac_ratio above 1, schedules that save fewer MACs break a constraint and are not rendered: pymoo
-        ranks every feasible schedule above them, and them by how far they fall short."""
-        def __init__(self):
-            bounds = np.array(space.bounds)
-            super().__init__(n_var=len(bounds), n_obj=2, n_ieq_constr=int(min_mac_ratio > 1),
-                             xl=np.zeros_like(bounds), xu=bounds, vtype=int)
-
-        def _evaluate(self, X, out, *args, **kwargs):
-            schedules = [space.decode(x) for x in X]
-            ratios = np.array([evaluate.mac_ratio(*schedule) for schedule in schedules])
-            feasible = ratios >= min_mac_ratio
-            out["F"] = np.full((len(X), 2), np.inf)   # an infeasible schedule's objectives are never compared
-            if feasible.any():
-                records = evaluate([schedule for schedule, ok in zip(schedules, feasible, strict=True) if ok])
-                out["F"][feasible] = [evaluate.objectives(r) for r in records]
-            if self.n_ieq_constr:
-                out["G"] = (min_mac_ratio - ratios)[:, None]
-    return ScheduleProblem()
-
-
-def pymoo_repair(space):
-    from pymoo.core.repair import Repair
-
-    class KeepConstraints(Repair):
-        def _do(self, problem, X, **kwargs):
-            return np.array([space.encode(*space.repair(*space.decode(np.rint(x)))) for x in X], dtype=float)
-    return KeepConstraints()
-
-
-def initial_population(space, size, rng, feasible=lambda depths, ratios: True, tries=100):
-    """The known schedules that fit and are feasible once repaired (the deepcache and dato presets, the
-    baseline), then random ones whose depths lean to the shallow end (most good schedules are mostly cached),
-    each redrawn up to `tries` times until it is feasible."""
-    calls, known = space.calls, []
-    for name in PRESETS_SHOWN:
-        try:
-            depths = find_preset(name).acceleration().depths(calls)
-        except ValueError:
-            continue
-        known.append(space.encode(depths, [space.fixed_ratio if d else 0 for d in depths]))
-    known.append(space.encode([FULL] * calls, [0] * calls))
-    rows = [row for row in known if feasible(*space.repair(*space.decode(row)))]
-    while len(rows) < size:
-        for _ in range(tries):
-            depths = [space.depths[min(int(rng.exponential(1.0)), len(space.depths) - 1)] for _ in range(calls)]
-            ratios = [rng.choice(space.ratios) for _ in range(calls)]
-            if feasible(*space.repair(depths, ratios)):
-                break
-        rows.append(space.encode(depths, ratios))
-    return np.array(rows[:size], dtype=float)
-
-
 def search(args, evaluate, space):
     """NSGA-II until --generations or the budget; -> the evaluated records of the final non-dominated set."""
     from pymoo.algorithms.moo.nsga2 import NSGA2
@@ -333,12 +200,6 @@ def search(args, evaluate, space):
     return sorted((records[i] for i in front), key=lambda r: r["mac_ratio"])
 
 
-def non_dominated(scores):
-    """Indices of the rows of `scores` (objectives, all minimised) that no other row dominates."""
-    from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
-    return NonDominatedSorting().do(np.array(scores, dtype=float), only_non_dominated_front=True)
-
-
 def write_pareto(path, records, space, args):
     points = [schedule_entry(space.acceleration(r["depths"], r["ratios"]), args.sampler, args.steps,
                              about=f"search.py --search {args.search}: search-set {args.quality} "
@@ -350,103 +211,6 @@ def write_pareto(path, records, space, args):
                                               "sampler")}
     with open(path, "w") as f:
         json.dump({"points": points, "search": settings}, f, indent=1)
-
-
-def report(out, heldout, ship=None):
-    """Held-out figures (evaluate.py's results.json in `heldout`) into pareto.json, and pareto.png; with
-    `ship`, the held-out Pareto set written there as a schedule file."""
-    if ship and os.path.exists(ship):
-        raise ValueError(f"--ship {ship} exists; remove it or choose another file (it is not overwritten)")
-    path = os.path.join(out, "pareto.json")
-    if not os.path.isfile(path):
-        raise ValueError(f"{path} does not exist: run the search first (python -m tools.search --out {out} ...)")
-    results_path = os.path.join(heldout, "results.json")
-    if not os.path.isfile(results_path):
-        raise ValueError(f"{results_path} does not exist: run the evaluate.py command the search printed")
-    with open(path) as f:
-        pareto = json.load(f)
-    with open(results_path) as f:
-        results = json.load(f)["methods"]
-    for k, point in enumerate(pareto["points"]):
-        point["heldout"] = results.get(f"{path}#{k}")   # evaluate.py's whole entry (None: not evaluated)
-    with open(path, "w") as f:
-        json.dump(pareto, f, indent=1)
-    base = results.get("baseline")
-    if base is None or "accuracy" not in base:
-        if ship:
-            raise ValueError("--ship needs the held-out accuracy: evaluate the baseline on lab captions")
-        print(f"held-out figures added to {path}; pareto.png needs the baseline and lab captions (accuracy)")
-        return
-    measures = accuracy_measures(base)
-    for k, p in enumerate(pareto["points"]):
-        if p["heldout"]:
-            print(f"#{k}: held-out " + ", ".join(f"{label} {value(p['heldout']):.1%}" for label, value in measures)
-                  + f" at {p['heldout']['mac_ratio']:.2f}x")
-    held = [p["heldout"] for p in pareto["points"] if p["heldout"]]
-    highest = lambda entries: f"{max(e['mac_ratio'] for e in entries):.2f}x" if entries else "none"   # noqa: E731
-    for label, value in measures:
-        floor = value(base) - 0.01
-        print(f"highest MAC ratio within 1 point of the baseline's {label} ({value(base):.1%}): searched "
-              f"{highest([e for e in held if value(e) >= floor])}, presets "
-              f"{highest([results[n] for n in PRESETS_SHOWN if n in results and value(results[n]) >= floor])}")
-        for name in (n for n in PRESETS_SHOWN if n in results):   # the search against each preset, at its cost
-            preset = results[name]
-            best = max((e for e in held if e["mac_ratio"] >= preset["mac_ratio"]), key=value, default=None)
-            print(f"  at >= {name}'s {preset['mac_ratio']:.2f}x: {name} {value(preset):.1%}, the most accurate "
-                  f"searched point " + (f"{value(best):.1%} at {best['mac_ratio']:.2f}x" if best else "none"))
-    draw_pareto(pareto, results, *measures[-1], os.path.join(out, "pareto.png"))
-    if ship:
-        shipped = heldout_front(pareto["points"], measures[-1][1])
-        os.makedirs(os.path.dirname(os.path.abspath(ship)), exist_ok=True)
-        with open(ship, "w") as f:
-            json.dump({"points": shipped, "search": pareto["search"]}, f, indent=1)
-        shown = {n: results[n] for n in ("baseline", *PRESETS_SHOWN) if n in results}
-        print(f"{len(shipped)} held-out non-dominated schedules in {ship}:\n" + markdown(
-            {**shown, **{f"{ship}#{k}": p["heldout"] for k, p in enumerate(shipped)}}))
-
-
-def heldout_front(points, value):
-    """The points with held-out figures that no other one beats in both `value` and MAC ratio."""
-    held = [p for p in points if p["heldout"]]
-    front = non_dominated([[-value(p["heldout"]), -p["heldout"]["mac_ratio"]] for p in held])
-    return [held[i] for i in sorted(front)]
-
-
-def accuracy_measures(baseline):
-    """[(label, value of an evaluate.py entry)] of the held-out accuracies reported: the overall one and,
-    on lab captions, the one-object accuracy (the figure that means something while pairs are near chance)."""
-    measures = [("accuracy", lambda entry: entry["accuracy"])]
-    if "single" in baseline.get("by_kind", {}):
-        measures.append(("one-object accuracy", lambda entry: entry["by_kind"]["single"]["accuracy"]))
-    return measures
-
-
-def draw_pareto(pareto, results, label, value, path, width=560, height=372):
-    """Held-out `label` against MAC ratio: the searched points (red), the baseline and presets (blue)."""
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    left, right, top, bottom = 50, width - 20, 15, height - 47
-    points = [(p["heldout"]["mac_ratio"], value(p["heldout"]), f"#{k}", (200, 60, 40))
-              for k, p in enumerate(pareto["points"]) if p.get("heldout")]
-    points += [(results[n]["mac_ratio"], value(results[n]), n, (40, 80, 200))
-               for n in ("baseline", *PRESETS_SHOWN) if n in results]
-    x_max = max([p[0] for p in points] + [2]) * 1.1
-    y_min = min([p[1] for p in points] + [0.9]) - 0.05
-
-    def xy(x, y):
-        return left + (x - 1) / (x_max - 1) * (right - left), bottom - (y - y_min) / (1 - y_min) * (bottom - top)
-    draw.line((left, top, left, bottom, right, bottom), fill="black")
-    for tick in range(1, int(x_max) + 1):
-        draw.text((xy(tick, y_min)[0] - 3, bottom + 2), f"{tick}x", fill="black")
-    draw.text((right - 190, bottom + 18), "MAC ratio (baseline / schedule)", fill="black")
-    draw.text((left, height - 13), f"held-out {label} (red: searched, blue: presets)", fill="black")
-    draw.text((4, top), "1", fill="black")
-    draw.text((4, bottom - 10), f"{y_min:.2f}", fill="black")
-    for x, y, text, color in points:
-        px, py = xy(x, y)
-        draw.ellipse((px - 3, py - 3, px + 3, py + 3), fill=color)
-        draw.text((px + 5, py - 6), text, fill="black")
-    image.save(path)
 
 
 def heldout_command(args, out, points):
@@ -483,7 +247,7 @@ def run(args):
     check_seeds(args.seed, len(prompts))
     shard = Shard.start(args)
     device = shard.device(check_device(args.device))
-    scorer = Scorer.open(prompts, baseline=args.quality != "accuracy", lab_features=LAB_FEATURES, device=device)
+    scorer = Scorer.open(prompts, baseline=args.quality != "accuracy", lab_features=LAB_FEATURES_FILE, device=device)
     if wants_workers(args):   # after the checks, so bad input is reported once, here
         return run_workers(run, args)
     dtype = resolve_dtype(args.dtype, device)
@@ -507,7 +271,6 @@ def run(args):
     return records
 
 
-LAB_FEATURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lab", "lab-features.safetensors")
 
 
 def parser():
