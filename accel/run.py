@@ -67,7 +67,6 @@ class Acceleration:
         return AcceleratedRun(self, calls, seed, guided)
 
 
-
 def call_kinds(accel, calls):
     """The kind (cache depth, FULL for a full call; prune ratio) of each UNet call of a run."""
     kinds = []
@@ -94,14 +93,13 @@ def run_macs(unet, accel, calls, hw, matmuls=False):
     return sum(kind_macs(unet, accel, kind, hw, matmuls) for kind in call_kinds(accel, calls))
 
 
-
 class AcceleratedRun:
     """State of one accelerated sampling run; implements model.unet.RunState.
 
     The sampler calls begin_call(i, x) before and end_call(output) after UNet call i. During the
     call the UNet reads `depth` (FULL, or d: recompute d blocks on each side, the rest from
     `features`), hands the output-block results it computed to remember(), and its transformer
-    blocks ask token_plans() for (prune, recover) pairs.
+    blocks ask token_plans() for their plans.
     """
 
     def __init__(self, settings, calls, seed, guided=False):

@@ -16,7 +16,7 @@ A field declared with `setting(...)` is also a command-line flag (sample.py's `-
 so a new method's options reach the tools without editing them.
 """
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import ClassVar
 
 from .tokens import check_ratio
@@ -80,6 +80,10 @@ class TokenMethod:
         call `call` of a run of `calls`; 0: the method is off for that call."""
         raise NotImplementedError
 
+    def every_call(self, ratio):
+        """These settings acting at `ratio` on every call (bench.py times one call of each kind)."""
+        raise NotImplementedError
+
     def applies(self, hw, latent_tokens):
         """Whether a block with an h x w grid is acted on: deep enough grids only (tomesd's rule
         ds = ceil(sqrt(N_latent / N)) <= max_downsample), and big enough for the method."""
@@ -131,6 +135,9 @@ class CellMethod(TokenMethod):
 
     def ratio_at(self, call, calls):
         return self.schedule[call] if self.schedule else self.ratio
+
+    def every_call(self, ratio):
+        return replace(self, ratio=ratio, schedule=())
 
     def fits(self, hw):
         return hw[0] >= self.sy and hw[1] >= self.sx   # at least one full cell

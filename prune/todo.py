@@ -9,7 +9,7 @@ output grid stay whole, so nothing is copied back and fused attention keeps work
 matrix shrinks from N x N to N x N / factor^2. The reference applies it at the top level of the
 UNet (downsample_factor 2, its level-2 factor off) and can switch it off for the last steps.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch.nn.functional as F
 
@@ -53,6 +53,9 @@ class ToDo(TokenMethod):
         """The fraction of keys/values removed (1 - 1/factor^2 on a divisible grid) before the last
         `stop` of the calls, 0 after."""
         return 1 - 1 / self.factor ** 2 if call < round(calls * (1 - self.stop)) else 0.0
+
+    def every_call(self, ratio):
+        return replace(self, stop=0.0)
 
     def fits(self, hw):
         return hw[0] >= self.factor and hw[1] >= self.factor

@@ -30,7 +30,6 @@ import importlib.util
 import json
 import re
 import statistics
-from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +54,7 @@ def kind_settings(accel, kind):
     """(pruning settings or None, cache depth) of one call of this kind: calls with equal
     settings cost the same and are timed once."""
     depth, ratio = kind
-    return (replace(accel.prune, ratio=ratio, schedule=()) if ratio else None), depth
+    return (accel.prune.every_call(ratio) if ratio else None), depth
 
 
 def kind_call(unet, settings, x, t, context):
