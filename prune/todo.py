@@ -22,8 +22,8 @@ MODES = ("nearest-exact", "nearest", "bilinear", "bicubic", "area")   # torch in
 class ToDo(TokenMethod):
     """ToDo's settings beside TokenMethod's; recommended values are the defaults.
 
-    factor: keys/values come from a grid `factor` times smaller per side (2; 3 at higher resolutions,
-        the paper's range; 1 turns it off).
+    factor: keys/values come from a grid `factor` times smaller per side (2; 2-3 is the recommended
+        range; 1 turns it off).
     mode: torch interpolation mode ("nearest-exact", the reference's).
     stop: the last fraction of the run's UNet calls that run without downsampling (0; 0.2-0.4
         keeps the final details, at a smaller saving).
