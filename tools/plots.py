@@ -48,10 +48,14 @@ def pyplot():
 
 def label_points(ax, points, fontsize=7):
     """Annotate (x, y, text, color) points, each label at the first of a few offsets around its point
-    whose box overlaps no label placed before it (else the last tried)."""
+    whose box overlaps no label placed before it and no point (else the last tried)."""
+    from matplotlib.transforms import Bbox  # matplotlib is an optional extra: imported where it is used
     offsets = [(4, 3), (4, -10), (-6, 6), (-6, -12), (8, 10), (8, -16), (-10, 14), (-10, -20)]
-    placed = []
     renderer = ax.figure.canvas.get_renderer()
+    placed = []   # label boxes so far, and every marker's (a label never covers a point)
+    for x, y, _, _ in points:
+        px, py = ax.transData.transform((x, y))
+        placed.append(Bbox.from_extents(px - 3, py - 3, px + 3, py + 3))
     for x, y, text, color in points:
         for dx, dy in offsets:
             label = ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=fontsize,
@@ -75,16 +79,21 @@ def draw_pareto(pareto, results, shown, label, value, path):
     searched = [(p["heldout"]["mac_ratio"], value(p["heldout"]), f"#{k}", "tab:red")
                 for k, p in enumerate(pareto["points"]) if p.get("heldout")]
     known = [(results[n]["mac_ratio"], value(results[n]), n, "tab:blue") for n in ("baseline", *shown) if n in results]
-    for group, name in ((searched, "searched (pareto.json#k)"), (known, "baseline and presets")):
+    plain = [(r["mac_ratio"], value(r), spec.partition("@")[2], "tab:gray") for spec, r in results.items()
+             if spec.startswith("baseline@")]   # the plain runs of other samplers and step counts, if evaluated
+    for group, name in ((searched, "searched (pareto.json#k)"), (known, "baseline and presets"),
+                        (plain, "plain runs (SAMPLER:STEPS)")):
         if group:
             ax.plot([p[0] for p in group], [p[1] for p in group], "o", color=group[0][3], ms=4, label=name)
+    ax.set_xscale("log")   # the plain runs crowd the low end
+    ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:g}x"))
     ax.set_xlabel("MAC ratio (the baseline's UNet MACs / the schedule's)")
     ax.set_ylabel(f"held-out {label}")
     ax.yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:.0%}"))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
-    label_points(ax, sorted(searched + known))
+    label_points(ax, sorted(searched + known + plain))
     fig.savefig(path, dpi=130)
     plt.close(fig)
 
