@@ -36,7 +36,7 @@ PRESETS = {
                            "DeepCache SD1.5 (paper: 2.15x), a full call every 5 calls, depth 2"),
     "deepcache-n5-nonuniform": Preset(CacheSchedule("nonuniform", interval=5, depth=2, center=15, power=1.4), None,
                                       "DeepCache SD1.5 non-uniform: full calls denser around call 15 (c=15, p=1.4)"),
-    # DaTo's pruning ratio is 0.4 throughout: its released code hard-codes it (README, "Differences ...")
+    # DaTo's pruning ratio is 0.4 throughout: its released code hard-codes it (docs/methods.md, "Differences ...")
     "dato-fixed": Preset(CacheSchedule("dato", depths=from_dato(DATO_FIXED)),
                          DaTo(ratio=0.4, gamma=0.1),
                          "DaTo: the cache vector its ratio searches use (6 full, 38 shallow, 7 reuse) + DaTo pruning "

@@ -9,7 +9,8 @@ for the conditional half too. base_tokens="local_random" is the official code's 
 a random position per cell, one pattern for the whole batch (the caller gives every block of a
 UNet call the same draws; see accel/).
 
-Not reproduced from the official code (README, "Differences from the official code"): its random
+Not reproduced from the official code (docs/methods.md, "Differences from the
+official code"): its random
 sign flip of D on half the block calls, the unused SimScore it computes, and its constant ratio 0.4
 (the schedule here works).
 """

@@ -146,7 +146,7 @@ def net_features(folder):
     from lab.features import load
     images = [Image.open(os.path.join(folder, name)) for name in sorted(os.listdir(folder)) if name.endswith(".png")]
     with torch.no_grad():
-        return load(evaluate.LAB_FEATURES)(from_pil(images))
+        return load(evaluate.LAB_FEATURES_FILE)(from_pil(images))
 
 
 def test_methods_on_their_own_runs_share_images_and_reference(tmp_path):

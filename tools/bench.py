@@ -258,7 +258,7 @@ def selection_bench(args, device, dtype):
 
 
 def markdown(results):
-    """The README's results table: per method, each backend's ms/call (min-max), UNet s/run and
+    """The results table of docs/benchmarks.md: per method, each backend's ms/call (min-max), UNet s/run and
     speed-up, then the analytic MACs and peak memory per backend."""
     backends = list(results)
     head = " | ".join(f"{b} ms/call (min-max) | UNet s/run | speed-up" for b in backends)
@@ -302,7 +302,8 @@ def check_args(args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=list(MODELS), default="sd1", help="architecture with random weights (sd1)")
     p.add_argument("--ckpt", help="time a real checkpoint instead of random weights")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
@@ -324,7 +325,7 @@ def main(argv=None):
     p.add_argument("--selection", action="store_true", help="time token selection alone (no UNet)")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--plot", help="draw the speed-ups into this PNG")
-    p.add_argument("--markdown", help="write the results table (README format) to this file")
+    p.add_argument("--markdown", help="write the results table (the format of docs/benchmarks.md) to this file")
     args = p.parse_args(argv)
     try:
         device, dtype, methods, attentions = check_args(args)

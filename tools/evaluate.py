@@ -5,7 +5,7 @@
         --methods baseline,dato-coco --inception pt_inception-2015-12-05-6726825d.pth --fid-ref coco_val.npz \
         --clip openai/clip-vit-large-patch14 --out runs/coco
 
-Methods use bench.py's syntax (baseline, tome:R, sito:R, dato:R, the presets of accel/,
+Methods use bench.py's syntax (baseline, tome:R, sito:R, dato:R, todo:F, the presets of accel/,
 schedule files), each on the command's --sampler/--steps or on its own run: SPEC@SAMPLER:STEPS
 (baseline@dpmpp-2m:20, deepcache-n3@dpmpp-2m:25); a schedule file keeps the run it records. The
 command's run ("baseline") is the reference of every vs-baseline metric, of mac_ratio and of speedup.
@@ -99,7 +99,10 @@ def upgrade_record(stored):
     method's fields) in today's form (prune.as_record), so that such a folder still resumes."""
     prune = (stored.get("acceleration") or {}).get("prune")
     if prune:
-        stored["acceleration"]["prune"] = as_record(from_record(prune))
+        try:
+            stored["acceleration"]["prune"] = as_record(from_record(prune))
+        except ValueError:   # not an older form of any settings: claim_folder reports the difference
+            pass
     return stored
 
 
@@ -325,7 +328,8 @@ def run(args):
 
 
 def parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m tools.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default="baseline,sito:0.5,deepcache-n5,dato-coco",
                    help="comma-separated methods in bench.py's syntax (default: baseline,sito:0.5,deepcache-n5,"
                         "dato-coco)")

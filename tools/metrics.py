@@ -343,7 +343,7 @@ def main(argv=None):
     short run)."""
     import argparse
     import json
-    p = argparse.ArgumentParser(description=main.__doc__)
+    p = argparse.ArgumentParser(prog="python -m tools.metrics", description=main.__doc__)
     p.add_argument("results", help="evaluate.py's results.json")
     p.add_argument("reference", help="the method to compare against (a --methods spec of that run)")
     p.add_argument("methods", nargs="+", help="the methods to compare with it")

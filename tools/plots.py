@@ -48,7 +48,7 @@ def pyplot():
 
 def label_points(ax, points, fontsize=7):
     """Annotate (x, y, text, color) points, each label at the first of a few offsets around its point
-    whose box overlaps no label placed before it and no point (else the last tried)."""
+    whose box overlaps no label placed before it and no point (else the first)."""
     from matplotlib.transforms import Bbox  # matplotlib is an optional extra: imported where it is used
     offsets = [(4, 3), (4, -10), (-6, 6), (-6, -12), (8, 10), (8, -16), (-10, 14), (-10, -20)]
     renderer = ax.figure.canvas.get_renderer()
@@ -64,9 +64,10 @@ def label_points(ax, points, fontsize=7):
             if not any(box.overlaps(other) for other in placed):
                 break
             label.remove()
-        else:
+        else:   # crowded everywhere: the first offset, over whatever is there
+            dx, dy = offsets[0]
             label = ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=fontsize,
-                                color=color)
+                                color=color, ha="left")
             box = label.get_window_extent(renderer)
         placed.append(box)
 

@@ -3,6 +3,7 @@ beside the baseline and the presets, its picture, and the held-out Pareto set sh
 
     python -m tools.search --out runs/search --report runs/search/heldout --ship lab/schedules/plms50.json
 """
+import importlib.util
 import json
 import os
 
@@ -24,6 +25,8 @@ def non_dominated(scores):
 def report(out, heldout, ship=None):
     """Held-out figures (evaluate.py's results.json in `heldout`) into pareto.json, and pareto.png; with
     `ship`, the held-out Pareto set written there as a schedule file."""
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ValueError("--report draws pareto.png with matplotlib: pip install -r requirements-eval.txt")
     if ship and os.path.exists(ship):
         raise ValueError(f"--ship {ship} exists; remove it or choose another file (it is not overwritten)")
     path = os.path.join(out, "pareto.json")

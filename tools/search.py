@@ -274,7 +274,8 @@ def run(args):
 
 
 def parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m tools.search", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output folder: evaluations.jsonl (the resume log), pareto.json")
     p.add_argument("--search", choices=("cache", "prune", "joint"), default="joint",
                    help="what is searched per call: cache depths, pruning ratios, or both (joint)")
