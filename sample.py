@@ -131,8 +131,8 @@ def fields_from_flags(args, flags):
 def method_settings(args):
     """The settings of --prune's method from its flags; a flag of another method is refused."""
     given = {dest: owners for dest, (_, _, owners) in PRUNE_FLAGS.items() if getattr(args, dest) is not None}
-    if foreign := [PRUNE_FLAGS[dest][0] for dest, owners in given.items() if args.prune not in owners]:
-        owners = sorted({m for dest, o in given.items() if PRUNE_FLAGS[dest][0] in foreign for m in o})
+    if foreign := {PRUNE_FLAGS[dest][0]: owners for dest, owners in given.items() if args.prune not in owners}:
+        owners = sorted({name for methods in foreign.values() for name in methods})
         raise ValueError(f"{', '.join(foreign)}: no effect with --prune {args.prune} "
                          f"(a setting of {', '.join(owners)})")
     return token_method(args.prune, **{owners[args.prune]: getattr(args, dest) for dest, owners in given.items()})

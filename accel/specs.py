@@ -14,7 +14,7 @@ from .run import Acceleration
 
 def method_syntax():
     """The spellings of a method spec, for error messages and --help."""
-    own = ", ".join(f"'{name}:{'F' if cls.spec_field == 'factor' else 'R'}'" for name, cls in METHODS.items())
+    own = ", ".join(f"'{name}:{cls.spec_field[0].upper()}'" for name, cls in METHODS.items())   # R: ratio
     return (f"'baseline', {own} (token methods: R a ratio, 0 <= R <= {max_ratio():g}; F ToDo's factor), "
             f"a preset ({', '.join(PRESETS)}) or a schedule file (FILE.json, FILE.json#k), each optionally "
             "on its own run: SPEC@SAMPLER:STEPS (baseline@dpmpp-2m:20)")

@@ -22,9 +22,9 @@ from .tome import ToMe
 
 METHODS = {cls.name: cls for cls in (ToMe, SiTo, DaTo, ToDo)}
 
-# fields that schedule files written before the registry carried for every method, at these values
-LEGACY_DEFAULTS = {"sim_beta": 1.0, "use_rand": True, "noise_alpha": 0.1, "gamma": 1.0,
-                   "align_cfg": True, "recover_from": "kept", "base_tokens": "dynamics"}
+# Schedule files written before the registry carried every method's fields, the other methods' at
+# their defaults: each field's default, as its method declares it.
+DEFAULTS = {f.name: f.default for cls in METHODS.values() for f in fields(cls)}
 
 
 def token_method(name, **settings):
@@ -58,7 +58,7 @@ def from_record(record):
     name = record.pop("method", None)
     own = {f.name for f in fields(METHODS[name])} if name in METHODS else set()
     for key, value in list(record.items()):
-        if key not in own and key in LEGACY_DEFAULTS and value == LEGACY_DEFAULTS[key]:
+        if key not in own and key in DEFAULTS and value == DEFAULTS[key]:
             del record[key]
     return token_method(name, **{k: tuple(v) if isinstance(v, list) else v for k, v in record.items()})
 

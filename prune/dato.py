@@ -19,17 +19,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .method import CellMethod, setting
-from .tokens import RECOVER, cell_indices, check_ratio, noise, normalized, per_cell_argmax, split_by_similarity
+from .method import RecoveringMethod, setting
+from .tokens import cell_indices, check_ratio, noise, normalized, per_cell_argmax, split_by_similarity
 
 BASE_TOKENS = ("dynamics", "local_random")
 
 
 @dataclass(frozen=True)
-class DaTo(CellMethod):
-    """DaTo's settings beside CellMethod's; recommended values are the defaults.
+class DaTo(RecoveringMethod):
+    """DaTo's settings beside RecoveringMethod's; recommended values are the defaults.
 
-    noise_alpha: noise weight on the base-token score (0.1).
     gamma: the dynamics' weight (1.0; the official `diff_gema`: 1 in its COCO-30k recipe
         run_command9, 0.1 in its search driver).
     base_tokens: "dynamics" (recommended; the method of the paper: argmax of gamma * D + noise_alpha *
@@ -38,23 +37,12 @@ class DaTo(CellMethod):
         official code's default (apply_patch's `local_random=True`, its COCO-30k recipe run_command8);
         its other recipes and searches use dynamics.
     align_cfg: guided runs: uncond and cond rows share base tokens (True).
-    recover_from: pruned tokens copy the most similar "kept" token (official code) or "base" token.
     """
     name = "dato"
-    noise_alpha: float = setting(0.1, "noise", "SiTo/DaTo noise weight on the base-token score (0.1)", float)
     gamma: float = 1.0
     align_cfg: bool = True
-    recover_from: str = setting("kept", "recover", "SiTo/DaTo: pruned tokens copy the most similar kept token "
-                                "(official code, default) or base token (paper)", choices=RECOVER)
     base_tokens: str = setting("dynamics", "base", "DaTo base tokens: dynamics (the paper, default) or "
                                "local_random (the official code's default)", choices=BASE_TOKENS)
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.recover_from not in RECOVER:
-            raise ValueError(f"recover_from must be one of {RECOVER}, got {self.recover_from!r}")
-        if self.base_tokens not in BASE_TOKENS:
-            raise ValueError(f"base_tokens must be one of {BASE_TOKENS}, got {self.base_tokens!r}")
 
     @property
     def uses_dynamics(self):

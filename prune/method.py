@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass, field, fields, replace
 from typing import ClassVar
 
-from .tokens import check_ratio
+from .tokens import RECOVER, check_ratio
 
 LAYERS = ("attn1", "attn2", "ff")   # self-attention, cross-attention, feed-forward
 MAX_DOWNSAMPLES = (1, 2, 4, 8)   # the grid sizes below the latent that a UNet's levels have
@@ -53,12 +53,12 @@ class TokenMethod:
                             "(attn1 = self-attention only)", comma_list)
 
     def __post_init__(self):
-        for f in fields(self):
-            value = getattr(self, f.name)
+        for f in fields(self):   # every field's generic checks; the subclasses add what is their own
+            value, choices = getattr(self, f.name), f.metadata.get("choices")
             if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"{f.name} must be a finite number, got {value}")
-        if self.max_downsample not in MAX_DOWNSAMPLES:
-            raise ValueError(f"max_downsample must be one of {MAX_DOWNSAMPLES}, got {self.max_downsample}")
+            if choices is not None and value not in choices:
+                raise ValueError(f"{f.name} must be one of {choices}, got {value!r}")
         if not self.layers or set(self.layers) - set(LAYERS):
             raise ValueError(f"layers must be a non-empty subset of {LAYERS}, got {self.layers}")
 
@@ -141,3 +141,18 @@ class CellMethod(TokenMethod):
 
     def fits(self, hw):
         return hw[0] >= self.sy and hw[1] >= self.sx   # at least one full cell
+
+
+@dataclass(frozen=True)
+class RecoveringMethod(CellMethod):
+    """SiTo and DaTo: base tokens scored with a little noise, pruned tokens restored from a kept or a
+    base token.
+
+    noise_alpha: noise weight on the base-token score, so the same tokens are not pruned at every
+        step (0.1).
+    recover_from: pruned tokens copy the most similar "kept" token (the official code) or "base"
+        token (the SiTo paper; cheaper).
+    """
+    noise_alpha: float = setting(0.1, "noise", "SiTo/DaTo noise weight on the base-token score (0.1)", float)
+    recover_from: str = setting("kept", "recover", "SiTo/DaTo: pruned tokens copy the most similar kept token "
+                                "(official code, default) or base token (paper)", choices=RECOVER)

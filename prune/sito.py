@@ -10,28 +10,15 @@ matrix the official code builds (5.4 G multiply-adds per block at 512 px) up to 
 """
 from dataclasses import dataclass
 
-from .method import CellMethod, setting
-from .tokens import RECOVER, check_ratio, noise, normalized, per_cell_argmax, split_by_similarity
+from .method import RecoveringMethod
+from .tokens import check_ratio, noise, normalized, per_cell_argmax, split_by_similarity
 
 
 @dataclass(frozen=True)
-class SiTo(CellMethod):
-    """SiTo's settings beside CellMethod's; recommended values are the defaults.
-
-    noise_alpha: noise weight on the base-token score (0.1). sim_beta: SimScore's weight (1.0).
-    recover_from: pruned tokens copy the most similar "kept" token (official code) or "base" token
-        (the SiTo paper; cheaper).
-    """
+class SiTo(RecoveringMethod):
+    """SiTo's settings beside RecoveringMethod's: sim_beta, SimScore's weight (1.0)."""
     name = "sito"
-    noise_alpha: float = setting(0.1, "noise", "SiTo/DaTo noise weight on the base-token score (0.1)", float)
     sim_beta: float = 1.0
-    recover_from: str = setting("kept", "recover", "SiTo/DaTo: pruned tokens copy the most similar kept token "
-                                "(official code, default) or base token (paper)", choices=RECOVER)
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.recover_from not in RECOVER:
-            raise ValueError(f"recover_from must be one of {RECOVER}, got {self.recover_from!r}")
 
     def plan(self, x, hw, ratio, generator=None, dynamics=None, guided=False):
         return plan(x, hw, ratio, sx=self.sx, sy=self.sy, noise_alpha=self.noise_alpha, sim_beta=self.sim_beta,

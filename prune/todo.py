@@ -41,8 +41,6 @@ class ToDo(TokenMethod):
         super().__post_init__()
         if not isinstance(self.factor, int) or self.factor < 1:
             raise ValueError(f"ToDo's factor must be a whole number >= 1, got {self.factor!r}")
-        if self.mode not in MODES:
-            raise ValueError(f"ToDo's mode must be one of {MODES}, got {self.mode!r}")
         if not 0 <= self.stop <= 1:
             raise ValueError(f"ToDo's stop is a fraction of the run's calls, in [0, 1], got {self.stop}")
         if self.layers != ("attn1",):
