@@ -85,7 +85,7 @@ def kind_macs(unet, accel, kind, hw, matmuls=False):
         if ratio and prune.applies(grid, hw[0] * hw[1]):
             return prune.tokens_into(sub, grid, ratio)
         return grid[0] * grid[1]
-    return sum(unet_macs(unet, hw, depth=depth, keep=keep, matmuls=matmuls).values())
+    return sum(unet_macs(unet, hw, depth=None if depth == FULL else depth, keep=keep, matmuls=matmuls).values())
 
 
 def run_macs(unet, accel, calls, hw, matmuls=False):
@@ -97,8 +97,8 @@ class AcceleratedRun:
     """State of one accelerated sampling run; implements model.unet.RunState.
 
     The sampler calls begin_call(i, x) before and end_call(output) after UNet call i. During the
-    call the UNet reads `depth` (FULL, or d: recompute d blocks on each side, the rest from
-    `features`), hands the output-block results it computed to remember(), and its transformer
+    call the UNet reads `depth` (None: a full call, or d: recompute d blocks on each side, the rest
+    from `features`; model.unet.RunState), hands the output-block results it computed to remember(), and its transformer
     blocks ask token_plans() for their plans.
     """
 
@@ -106,7 +106,7 @@ class AcceleratedRun:
         self.depths, self.calls = settings.depths(calls), calls
         self.settings, self.seed, self.guided = settings, seed, guided
         self.call = None            # index of the UNet call in progress, 0 .. calls-1
-        self.depth = FULL           # cache depth of the call in progress
+        self.depth = None           # cache depth of the call in progress (None: full)
         self.features = None        # newest result of each output block (only when caching)
         self.generator = None       # the token methods' random stream, on the latent's device
         self.outputs = (None, None)  # the two most recent raw UNet outputs, oldest first
@@ -115,7 +115,8 @@ class AcceleratedRun:
 
     def begin_call(self, index, x):
         """UNet call `index` on latent x [B, c, h, w] is about to run."""
-        self.call, self.depth, self.latent_tokens = index, self.depths[index], x.shape[-2] * x.shape[-1]
+        depth = self.depths[index]
+        self.call, self.depth, self.latent_tokens = index, None if depth == FULL else depth, x.shape[-2] * x.shape[-1]
         if self.generator is None:   # on the run's device: a CPU draw copied to a GPU would sync every block
             self.generator = torch.Generator(x.device).manual_seed(stream_seed(self.seed, "accel"))
         prune = self.settings.prune

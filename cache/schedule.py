@@ -1,19 +1,21 @@
 """Which UNet calls of a run are full and how deep the others recompute (DeepCache, DaTo).
 
-A full call runs the whole UNet and remembers every output block's result. A cached call at
-depth d (0 <= d < 12) recomputes only input_blocks[0..d-1] and output_blocks[12-d..11],
-starting from the newest remembered output of output_blocks[11-d], and remembers what it
-recomputed; the middle block and everything deeper is skipped. Depth 1 is DeepCache's
-shallowest branch, DaTo's "1" and DeepCacheSDHelper's cache_branch_id=0 (the diffusers docs'
-setting); depth 2 is the branch DeepCache's own SD pipeline uses for its paper numbers
-(diffusers' down/up block 0, layer 0); depth 0 reuses everything and re-runs only the final
-`out` layer. A schedule is one depth per UNet call of the run (FULL for full calls), keyed by
-call index within the run (the sampler table, sampler/samplers.py, says how many calls a run makes).
+A cache depth d is how many blocks a cached call recomputes on each side of the UNet, the rest
+coming from the newest remembered outputs; model.unet.RunState is its one definition. On SD1/SD2
+(12 output blocks) depth 1 is DeepCache's shallowest branch, DaTo's "1" and DeepCacheSDHelper's
+cache_branch_id=0 (the diffusers docs' setting); depth 2 is the branch DeepCache's own SD pipeline
+uses for its paper numbers (diffusers' down/up block 0, layer 0); depth 0 reuses everything and
+re-runs only the final `out` layer. A schedule is one depth per UNet call of the run (FULL for full
+calls), keyed by call index within the run (the sampler table, sampler/samplers.py, says how many
+calls a run makes).
 """
 import math
 from dataclasses import dataclass
 
-FULL = 12   # the one spelling of "a full call" everywhere: a depth that recomputes all 12 output blocks
+# How schedules write "a full call" (the whole UNet runs), as DaTo's files do; on SD1/SD2 it is
+# also the number of output blocks. A cached depth must be below the UNet's number of output
+# blocks, which the UNet checks (model.unet.RunState); below FULL is what a schedule can say.
+FULL = 12
 MODES = ("uniform", "nonuniform", "dato")
 
 # DaTo's released cache vectors (github.com/EvelynZhang-epiclab/DaTo, sd1/scripts): entry i is

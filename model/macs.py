@@ -14,8 +14,6 @@ import math
 
 import torch.nn as nn
 
-from cache import FULL
-
 from .unet import Downsample, ResBlock, SpatialTransformer, Upsample
 
 
@@ -66,10 +64,10 @@ def block_macs(block, c_hw, emb_dim, context_len, keep, matmuls, out_size=None):
     return macs, (c, h, w)
 
 
-def unet_macs(unet, hw, context_len=77, depth=FULL, keep=None, matmuls=False):
+def unet_macs(unet, hw, context_len=77, depth=None, keep=None, matmuls=False):
     """{block name: multiply-accumulates per sample} of one call on an h x w latent.
 
-    depth: the call's cache depth (FULL: a full call; d: only input_blocks[:d], output_blocks[12-d:]).
+    depth: the call's cache depth (model.unet.RunState): None for a full call, d for a cached one.
     keep(transformer, (h, w), sub_layer) -> tokens entering that sub-layer (token methods; see
         transformer_macs); default: all h*w. matmuls: count the attention matmuls too.
     """
@@ -77,7 +75,7 @@ def unet_macs(unet, hw, context_len=77, depth=FULL, keep=None, matmuls=False):
     emb_dim = unet.time_embed[0].out_features
     out = {"time_embed": unet.time_embed[0].in_features * emb_dim + emb_dim * emb_dim}
     n = len(unet.output_blocks)
-    depth = n if depth == FULL else depth
+    depth = n if depth is None else depth
     c_hw, skips = (unet.config.in_channels, *hw), []
     for i, block in enumerate(unet.input_blocks[:depth]):
         out[f"input_blocks.{i}"], c_hw = block_macs(block, c_hw, emb_dim, context_len, keep, matmuls)

@@ -28,8 +28,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cache import FULL
-
 from .config import UNetConfig
 
 ATTENTION_BACKENDS = ("sdpa", "math")
@@ -39,15 +37,16 @@ class RunState(Protocol):
     """The contract between UNetModel and an accelerated sampling run (implemented by
     accel.run.AcceleratedRun; the sampler begins and ends each call on it).
 
-    During one UNet call, forward() reads `depth`: FULL (cache.FULL = 12, every output block) for
-    a full call, or d < FULL for a cached call, which recomputes input_blocks[:d] and
-    output_blocks[12-d:] and starts the up path from `features[11 - d]`, the newest remembered
-    result of output_blocks[11-d]. It hands every output-block result it computed to
-    remember() (all twelve on a full call, the last d on a cached one). Each transformer block
-    asks token_plans(x, hw, block) for a plan (prune/method.py) or None for each of its
-    self-attention, cross-attention and feed-forward (see prune/).
+    During one UNet call, forward() reads `depth`, the one definition of a cache depth: None for a
+    full call, or d in 0 .. n-1 (n = len(output_blocks), 12 on SD1/SD2) for a cached call, which
+    recomputes input_blocks[:d] and output_blocks[n-d:] and starts the up path from
+    `features[n-1-d]`, the newest remembered result of output_blocks[n-1-d]; the middle block and
+    everything deeper is skipped. Depth 0 re-runs only the final `out` layer. forward() hands every
+    output-block result it computed to remember() (all n on a full call, the last d on a cached
+    one). Each transformer block asks token_plans(x, hw, block) for a plan (prune/method.py) or
+    None for each of its self-attention, cross-attention and feed-forward (see prune/).
     """
-    depth: int
+    depth: int | None
     features: list | None
 
     def remember(self, outputs: list) -> None: ...
@@ -299,19 +298,18 @@ class UNetModel(nn.Module):
         RunState), or None for the plain SD forward. Returns the raw model output (eps or v)
         [B, c, h, w] in the weights' dtype.
 
-        Feature caching (DeepCache, DaTo): when state.depth is d < FULL, this is a cached call:
-        only input_blocks[:d] and output_blocks[12-d:] run, the up path starting from the newest
-        output of output_blocks[11-d] (from the last call that ran it); the middle block is skipped.
+        Feature caching (DeepCache, DaTo): state.depth says which blocks run (see RunState).
         """
         dtype = self.out[2].weight.dtype   # inputs follow the weights (the sampler keeps fp32 latents)
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
         emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(dtype))
         context = context.to(dtype)
         n = len(self.output_blocks)
-        depth = FULL if state is None else state.depth
-        if depth != FULL and not 0 <= depth < n:
-            raise ValueError(f"cache depth {depth} does not fit a UNet with {n} output blocks")
-        depth = n if depth == FULL else depth
+        depth = None if state is None else state.depth
+        if depth is not None and not 0 <= depth < n:
+            raise ValueError(f"cache depth {depth} does not fit a UNet with {n} output blocks (cached depths: "
+                             f"0 .. {n - 1})")
+        depth = n if depth is None else depth
 
         # Convs run fastest on channels-last (NHWC) tensors, and SpatialTransformer's
         # [B, C, h, w] <-> [B, h*w, C] reshapes are then free views (weights: see channels_last()).

@@ -1,5 +1,7 @@
 """Feature caching: cached calls reproduce full ones from the same input, schedules, presets,
 per-run reset, and DaTo (caching + pruning) end to end on the TINY UNet."""
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -7,7 +9,8 @@ from accel import PRESETS, Acceleration
 from cache import FULL, CacheSchedule, deepcache_nonuniform
 from conftest import tiny_unet
 from model import TINY
-from model.unet import timestep_embedding
+from model.macs import unet_macs
+from model.unet import UNetModel, timestep_embedding
 from prune import DaTo, token_method
 from sampler import sample
 
@@ -40,6 +43,30 @@ def test_cached_call_on_the_same_input_reproduces_the_full_call(depth, hw):
         state.begin_call(i, x)
         outs.append(unet(x, 500, context, state=state))
     assert torch.equal(outs[1], outs[0])
+
+
+def test_cache_depths_follow_the_unets_own_block_count():
+    """The UNet owns what a depth means: on three levels (9 output blocks, SDXL's count) every
+    cached depth 0..8 rebuilds the full call from the same input, FULL still means a full call,
+    and a depth the UNet does not have is refused by the UNet, naming its block count."""
+    config = replace(TINY.unet, channel_mult=(1, 2, 2), attention_levels=(1, 2))
+    unet = UNetModel(config).eval().requires_grad_(False)
+    assert len(unet.output_blocks) == 9
+    x, context = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32)
+    for depth in range(9):
+        state = Acceleration(cache=CacheSchedule("dato", depths=(FULL, depth))).start(calls=2, seed=0)
+        outs = []
+        for i in range(2):
+            state.begin_call(i, x)
+            outs.append(unet(x, 500, context, state=state))
+        assert torch.equal(outs[1], outs[0]) and torch.equal(outs[0], unet(x, 500, context))
+        assert sum(unet_macs(unet, (8, 8), depth=depth).values()) < sum(unet_macs(unet, (8, 8)).values())
+    state = Acceleration(cache=CacheSchedule("dato", depths=(FULL, 9))).start(calls=2, seed=0)
+    state.begin_call(0, x)
+    unet(x, 500, context, state=state)
+    state.begin_call(1, x)
+    with pytest.raises(ValueError, match="9 output blocks"):
+        unet(x, 500, context, state=state)
 
 
 def test_cached_call_differs_when_input_changes():

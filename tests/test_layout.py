@@ -31,7 +31,7 @@ def project_imports(path, level=0):
     return found
 
 
-ALLOWED = {"prune": {"prune"}, "cache": {"cache"}, "model": {"model", "cache"},
+ALLOWED = {"prune": {"prune"}, "cache": {"cache"}, "model": {"model"},
            "sampler": {"sampler", "model"}, "accel": {"accel", "sampler", "model", "prune", "cache"},
            "lab": {"lab", "model", "sampler"},
            "tools": {"tools", "accel", "sampler", "model", "prune", "cache", "lab"},
