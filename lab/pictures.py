@@ -1,5 +1,5 @@
-"""lab.train's pictures: sample sheets with their captions, and the checker's accuracy against training
-time (pillow only, like the rest of the training code)."""
+"""lab.train's pictures: sample sheets with their captions (pillow), and the checker's accuracy
+against training time (matplotlib, when installed)."""
 import json
 import math
 
@@ -21,21 +21,28 @@ def grid(images, captions, columns=4):
     return sheet
 
 
-def draw_curve(log_path, path, width=480, height=300):
-    """Checker accuracy (all, single, pair) against training minutes, from log.jsonl."""
+def draw_curve(log_path, path):
+    """Checker accuracy (all, one object, two objects) against training minutes, from log.jsonl.
+
+    Drawn with matplotlib, the tools' plotting library; without it (a training-only install) the
+    curve is skipped and False returned: log.jsonl holds the same numbers."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")   # files only, no display
+    import matplotlib.pyplot as plt
     rows = [json.loads(line) for line in open(log_path)]
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    left, bottom, top = 40, height - 30, 10
-    span = max(r["minutes"] for r in rows) or 1
-    draw.line((left, top, left, bottom, width - 10, bottom), fill="black")
-    for frac in (0, 0.5, 1):
-        y = bottom - frac * (bottom - top)
-        draw.text((5, y - 6), f"{frac:.0%}", fill="black")
-    draw.text((width - 130, bottom + 8), f"training minutes (0-{span:.0f})", fill="black")
-    for key, color in (("accuracy", "black"), ("single", (40, 110, 200)), ("pair", (200, 60, 40))):
-        points = [(left + r["minutes"] / span * (width - 60), bottom - r[key] * (bottom - top)) for r in rows]
-        if len(points) > 1:
-            draw.line(points, fill=color, width=2)
-        draw.text((width - 70, top + 14 * ("accuracy", "single", "pair").index(key)), key, fill=color)
-    image.save(path)
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    minutes = [r["minutes"] for r in rows]
+    for key, label in (("accuracy", "all captions"), ("single", "one object"), ("pair", "two objects")):
+        ax.plot(minutes, [100 * r[key] for r in rows], "-o", ms=3, label=label)
+    ax.set_xlabel("training minutes")
+    ax.set_ylabel("checker accuracy of the EMA model (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return True

@@ -241,14 +241,21 @@ def train_unet(cfg, out, sd, data, resume, compile_unet=False, continued=False):
     def done():
         return step >= cfg.unet_steps if cfg.unet_steps is not None else elapsed >= cfg.unet_minutes * 60
 
+    def log_evaluation():
+        """One point of the learning curve: the EMA model's checker accuracy, appended to log.jsonl."""
+        metrics, images = evaluate(sd, ema, cfg, eval_captions)
+        with open(log_path, "a") as f:
+            f.write(json.dumps({"step": step, "minutes": elapsed / 60, **metrics}) + "\n")
+        if not draw_curve(log_path, os.path.join(out, "curve.png")):
+            tqdm.write("curve.png skipped: it needs matplotlib (pip install -r requirements-eval.txt); "
+                       "log.jsonl has its numbers")
+        return images
+
     bar = tqdm(desc="unet", initial=step, total=cfg.unet_steps)
     while not done():
         if elapsed >= next_eval:   # the learning curve: accuracy of the EMA model against training time
-            metrics, images = evaluate(sd, ema, cfg, eval_captions)
-            with open(log_path, "a") as f:
-                f.write(json.dumps({"step": step, "minutes": elapsed / 60, **metrics}) + "\n")
+            images = log_evaluation()
             grid(images[:16], eval_captions[:16]).save(os.path.join(out, f"samples_{step:06d}.png"))
-            draw_curve(log_path, os.path.join(out, "curve.png"))
             next_eval += cfg.eval_minutes * 60
             checkpoint()
         start = time.perf_counter()
@@ -282,10 +289,7 @@ def train_unet(cfg, out, sd, data, resume, compile_unet=False, continued=False):
         bar.set_postfix(loss=f"{loss.item():.4f}", min=f"{elapsed / 60:.1f}")
         if step % 100 == 0:
             checkpoint()
-    metrics, images = evaluate(sd, ema, cfg, eval_captions)
-    with open(log_path, "a") as f:
-        f.write(json.dumps({"step": step, "minutes": elapsed / 60, **metrics}) + "\n")
-    draw_curve(log_path, os.path.join(out, "curve.png"))
+    log_evaluation()
     checkpoint()
     return ema
 

@@ -1,6 +1,7 @@
 """lab/train.py on a few steps: the tokenizer spells the scene words, training lowers the loss,
 a resumed run equals an uninterrupted one, and the export loads through the normal loader."""
 import functools
+import json
 import os
 import subprocess
 import sys
@@ -8,8 +9,10 @@ from dataclasses import replace
 
 import pytest
 import torch
+from PIL import Image
 from transformers import CLIPTokenizer
 
+from lab.pictures import draw_curve
 from lab.train import TrainConfig, batch_indices, export, min_snr_weights, run
 from lab.vocab import WORDS, lab_merges, write_lab_tokenizer
 from model import LAB, load_checkpoint
@@ -78,6 +81,17 @@ def test_training_lowers_the_loss(tmp_path):
     before = fixed_loss(sd, data)
     sd, _ = run(replace(TINY_RUN, unet_steps=25, lr=1e-3, warmup=1, batch=4, latents=8), str(tmp_path), True)
     assert fixed_loss(sd, data) < 0.7 * before
+
+
+def test_the_learning_curve_is_drawn_from_the_log_and_skipped_without_matplotlib(tmp_path, monkeypatch):
+    sd, _ = run(replace(TINY_RUN, unet_steps=0), str(tmp_path), False)
+    rows = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert len(rows) == 1 and {"step", "minutes", "accuracy", "single", "pair"} <= set(rows[0])
+    assert Image.open(tmp_path / "curve.png").size[0] > 300
+    (tmp_path / "curve.png").unlink()
+    monkeypatch.setitem(sys.modules, "matplotlib", None)   # a training-only install
+    assert draw_curve(tmp_path / "log.jsonl", tmp_path / "curve.png") is False
+    assert not (tmp_path / "curve.png").exists()
 
 
 def test_resume_equals_an_uninterrupted_run(tmp_path):
