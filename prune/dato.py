@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .method import RecoveringMethod, setting
-from .tokens import cell_indices, check_ratio, noise, normalized, per_cell_argmax, split_by_similarity
+from .tokens import cell_indices, noise, normalized, per_cell_argmax, split_by_similarity
 
 BASE_TOKENS = ("dynamics", "local_random")
 
@@ -55,9 +55,35 @@ class DaTo(RecoveringMethod):
         return self.base_tokens == "local_random"
 
     def plan(self, x, hw, ratio, generator=None, dynamics=None, guided=False):
-        return plan(x, hw, ratio, dynamics=dynamics, gamma=self.gamma, noise_alpha=self.noise_alpha,
-                    align_cfg=self.align_cfg and guided, recover_from=self.recover_from, sx=self.sx, sy=self.sy,
-                    base_tokens=self.base_tokens, generator=generator)
+        """x [B, h*w, C] (the block input) -> (prune, recover) as a TokenPlan.
+
+        ratio: fraction of all tokens pruned (DaTo's searches span 0.3-0.7; in [0, tokens.max_ratio(sx, sy)],
+            as the settings' ratios are).
+        dynamics: D [B, h', w'] from dynamics_map, at the latent's grid or the block's (pooled to hw);
+            None before two UNet outputs exist: base tokens then come from the noise.
+        guided: x is a CFG batch [uncond; cond]; with align_cfg the halves share base tokens.
+        generator: the noise of the base-token score, or local_random's draw (one for all rows).
+        """
+        b, n, _ = x.shape
+        align = self.align_cfg and guided
+        if align and b % 2:
+            raise ValueError(f"align_cfg needs a guided batch [uncond; cond] of even size, got {b} rows")
+        if self.base_tokens == "local_random":
+            cells = random_cells(hw, self.sx, self.sy, generator).to(x.device)
+            base = cell_indices(cells, hw[1], self.sx, self.sy).expand(b, -1)
+        else:
+            base = self.dynamic_base(x, hw, dynamics, align, generator)
+        return split_by_similarity(normalized(x), base, int(n * ratio), self.recover_from)
+
+    def dynamic_base(self, x, hw, dynamics, align, generator):
+        """DaTo's base token per cell [B, nb]: argmax of gamma * D + noise_alpha * noise, per row;
+        align: the conditional half takes the unconditional half's."""
+        (h, w), (b, n, _) = hw, x.shape
+        score = self.noise_alpha * noise((b, n), generator).to(x.device, torch.float32)
+        if dynamics is not None:
+            score = score + self.gamma * pooled(dynamics, hw).reshape(b, n).float()
+        base = per_cell_argmax(score, h, w, self.sx, self.sy)
+        return base[:b // 2].repeat(2, 1) if align else base
 
 
 def dynamics_map(previous, latest):
@@ -82,39 +108,3 @@ def random_cells(hw, sx, sy, generator):
     tomesd's) randint(sy*sx, (h//sy, w//sx, 1)) from the same generator state."""
     (h, w), device = hw, generator.device if generator is not None else "cpu"
     return torch.randint(sy * sx, (h // sy, w // sx), generator=generator, device=device)
-
-
-def dynamic_base(x, hw, dynamics, gamma, noise_alpha, align_cfg, sx, sy, generator):
-    """DaTo's base token per cell [B, nb]: argmax of gamma * D + noise_alpha * noise, per row."""
-    (h, w), (b, n, _) = hw, x.shape
-    score = noise_alpha * noise((b, n), generator).to(x.device, torch.float32)
-    if dynamics is not None:
-        score = score + gamma * pooled(dynamics, hw).reshape(b, n).float()
-    base = per_cell_argmax(score, h, w, sx, sy)
-    return base[:b // 2].repeat(2, 1) if align_cfg else base
-
-
-def plan(x, hw, ratio, *, dynamics=None, gamma=1.0, noise_alpha=0.1, align_cfg=False, recover_from="kept",
-         sx=2, sy=2, base_tokens="dynamics", generator=None):
-    """x [B, h*w, C] (the block input) -> (prune, recover) as a TokenPlan.
-
-    dynamics: D [B, h', w'] from dynamics_map, at the latent's grid or the block's (pooled to hw);
-        None before two UNet outputs exist: base tokens then come from the noise.
-    gamma: weight of D (1.0, as DaTo's evaluation scripts); noise_alpha: noise weight (0.1).
-    align_cfg: x is a guided batch [uncond; cond]: share the base tokens between the halves (False;
-        inside a run, DaTo.plan sets it for guided runs unless its align_cfg is off).
-    ratio: fraction of all tokens pruned (DaTo's searches span 0.3-0.7; at most tokens.max_ratio(sx, sy)).
-    base_tokens: "dynamics" (recommended, the above) or "local_random" (the official default: one
-        random_cells draw from `generator` for all rows; dynamics, gamma, noise_alpha unused).
-    """
-    check_ratio(ratio, sx, sy)
-    b, n, _ = x.shape
-    if base_tokens not in BASE_TOKENS:
-        raise ValueError(f"base_tokens must be one of {BASE_TOKENS}, got {base_tokens!r}")
-    if align_cfg and b % 2:
-        raise ValueError(f"align_cfg needs a guided batch [uncond; cond] of even size, got {b} rows")
-    if base_tokens == "local_random":
-        base = cell_indices(random_cells(hw, sx, sy, generator).to(x.device), hw[1], sx, sy).expand(b, -1)
-    else:
-        base = dynamic_base(x, hw, dynamics, gamma, noise_alpha, align_cfg, sx, sy, generator)
-    return split_by_similarity(normalized(x), base, int(n * ratio), recover_from)

@@ -11,7 +11,7 @@ matrix the official code builds (5.4 G multiply-adds per block at 512 px) up to 
 from dataclasses import dataclass
 
 from .method import RecoveringMethod
-from .tokens import check_ratio, noise, normalized, per_cell_argmax, split_by_similarity
+from .tokens import noise, normalized, per_cell_argmax, split_by_similarity
 
 
 @dataclass(frozen=True)
@@ -21,22 +21,16 @@ class SiTo(RecoveringMethod):
     sim_beta: float = 1.0
 
     def plan(self, x, hw, ratio, generator=None, dynamics=None, guided=False):
-        return plan(x, hw, ratio, sx=self.sx, sy=self.sy, noise_alpha=self.noise_alpha, sim_beta=self.sim_beta,
-                    recover_from=self.recover_from, generator=generator)
+        """x [B, h*w, C] (the block input) -> (prune, recover) as a TokenPlan.
 
-
-def plan(x, hw, ratio, *, sx=2, sy=2, noise_alpha=0.1, sim_beta=1.0, recover_from="kept", generator=None):
-    """x [B, h*w, C] (the block input) -> (prune, recover) as a TokenPlan.
-
-    ratio: fraction of all tokens pruned (SiTo's README uses 0.5-0.7; at most tokens.max_ratio(sx, sy)).
-    noise_alpha: weight of the Gaussian noise that varies the base tokens between calls (0.1).
-    sim_beta: weight of SimScore (1.0). recover_from: "kept" (official code, default) or "base" (paper).
-    """
-    check_ratio(ratio, sx, sy)
-    h, w = hw
-    m = normalized(x)
-    mf = m.float()   # SimScore sums N cosines: low-precision rounding would tie whole cells
-    score = sim_beta * (mf @ mf.sum(dim=1)[..., None]).squeeze(-1)   # [B, N]
-    if noise_alpha:
-        score = score + noise_alpha * noise(score.shape, generator).to(score.device)
-    return split_by_similarity(m, per_cell_argmax(score, h, w, sx, sy), int(x.shape[1] * ratio), recover_from)
+        ratio: fraction of all tokens pruned (SiTo's README uses 0.5-0.7; in [0, tokens.max_ratio(sx, sy)],
+        as the settings' ratios are). generator: the noise that varies the base tokens between calls.
+        """
+        h, w = hw
+        m = normalized(x)
+        mf = m.float()   # SimScore sums N cosines: low-precision rounding would tie whole cells
+        score = self.sim_beta * (mf @ mf.sum(dim=1)[..., None]).squeeze(-1)   # [B, N]
+        if self.noise_alpha:
+            score = score + self.noise_alpha * noise(score.shape, generator).to(score.device)
+        base = per_cell_argmax(score, h, w, self.sx, self.sy)
+        return split_by_similarity(m, base, int(x.shape[1] * ratio), self.recover_from)

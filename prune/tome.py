@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from .method import CellMethod
-from .tokens import TokenPlan, cell_indices, check_ratio, normalized, split_by_similarity
+from .tokens import TokenPlan, cell_indices, normalized, split_by_similarity
 
 
 @dataclass(frozen=True)
@@ -20,23 +20,18 @@ class ToMe(CellMethod):
     use_rand: bool = True
 
     def plan(self, x, hw, ratio, generator=None, dynamics=None, guided=False):
-        return plan(x, hw, ratio, sx=self.sx, sy=self.sy, use_rand=self.use_rand, generator=generator)
+        """x [B, h*w, C] (the block input) -> (merge, unmerge) as a TokenPlan.
 
-
-def plan(x, hw, ratio, *, sx=2, sy=2, use_rand=True, generator=None):
-    """x [B, h*w, C] (the block input) -> (merge, unmerge) as a TokenPlan.
-
-    ratio: fraction of all tokens merged away (tomesd default 0.5; at most tokens.max_ratio(sx, sy)).
-    use_rand: random dst per cell from `generator` (recommended); False puts dst top-left (tomesd's no_rand).
-    """
-    check_ratio(ratio, sx, sy)
-    (h, w), (b, n, _) = hw, x.shape
-    hc, wc = h // sy, w // sx
-    if use_rand:   # drawn on the generator's device, the same number of draws as tomesd
-        choice = torch.randint(sy * sx, (hc, wc), generator=generator,
-                               device=generator.device if generator is not None else "cpu")
-    else:
-        choice = torch.zeros(hc, wc, dtype=torch.long)
-    dst = cell_indices(choice.to(x.device), w, sx, sy).expand(b, -1)
-    split = split_by_similarity(normalized(x), dst, int(n * ratio), recover_from="base")
-    return TokenPlan(split.kept, split.pruned, split.source, split.base, merge=True)
+        ratio: fraction of all tokens merged away (tomesd default 0.5; in [0, tokens.max_ratio(sx, sy)],
+        as the settings' ratios are). generator: the random dst per cell (use_rand).
+        """
+        (h, w), (b, n, _) = hw, x.shape
+        hc, wc = h // self.sy, w // self.sx
+        if self.use_rand:   # drawn on the generator's device, the same number of draws as tomesd
+            choice = torch.randint(self.sy * self.sx, (hc, wc), generator=generator,
+                                   device=generator.device if generator is not None else "cpu")
+        else:
+            choice = torch.zeros(hc, wc, dtype=torch.long)
+        dst = cell_indices(choice.to(x.device), w, self.sx, self.sy).expand(b, -1)
+        split = split_by_similarity(normalized(x), dst, int(n * ratio), recover_from="base")
+        return TokenPlan(split.kept, split.pruned, split.source, split.base, merge=True)

@@ -7,7 +7,8 @@ from tomesd.merge import bipartite_soft_matching_random2d
 from accel import PRESETS, Acceleration
 from conftest import tiny_unet
 from model.unet import BasicTransformerBlock, CrossAttention
-from prune import DaTo, SiTo, dato, sito, token_method, tome
+from prune import DaTo, SiTo, ToMe, token_method
+from prune.dato import random_cells
 from prune.tokens import cell_indices, gather_rows
 from sampler import sample, stream_seed
 
@@ -17,11 +18,11 @@ GRIDS = [(8, 8), (6, 10), (7, 5), (9, 9)]   # square, non-square, and sides not 
 def plan_of(method, x, hw, ratio, **kw):
     g = torch.Generator().manual_seed(0)
     if method == "dato_random":
-        return dato.plan(x, hw, ratio, base_tokens="local_random", generator=g, **kw)
+        return DaTo(base_tokens="local_random", **kw).plan(x, hw, ratio, generator=g)
     if method == "dato":
-        return dato.plan(x, hw, ratio, dynamics=kw.pop("dynamics", torch.rand(x.shape[0], *hw, generator=g)),
-                         generator=g, **kw)
-    return {"tome": tome.plan, "sito": sito.plan}[method](x, hw, ratio, generator=g, **kw)
+        dynamics = kw.pop("dynamics", torch.rand(x.shape[0], *hw, generator=g))
+        return DaTo(**kw).plan(x, hw, ratio, generator=g, dynamics=dynamics)
+    return {"tome": ToMe, "sito": SiTo}[method](**kw).plan(x, hw, ratio, generator=g)
 
 
 @pytest.mark.parametrize("method", ["tome", "sito", "dato", "dato_random"])
@@ -76,7 +77,7 @@ def sito_reference(x, hw, k, recover_from):
 @pytest.mark.parametrize("ratio", [0.25, 0.5, 0.7])
 def test_sito_matches_full_gram_reference(hw, recover_from, ratio):
     x = torch.randn(2, hw[0] * hw[1], 24, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    plan = sito.plan(x, hw, ratio, noise_alpha=0.0, recover_from=recover_from)
+    plan = SiTo(noise_alpha=0.0, recover_from=recover_from).plan(x, hw, ratio)
     k = int(x.shape[1] * ratio)
     for b in range(2):
         base, pruned, source = sito_reference(x[b], hw, k, recover_from)
@@ -98,7 +99,7 @@ def test_tome_matches_tomesd(hw, use_rand):
     r = int(h * w * 0.5)
     merge, unmerge = bipartite_soft_matching_random2d(x, w, h, 2, 2, r, no_rand=not use_rand,
                                                       generator=torch.Generator().manual_seed(5))
-    prune, recover = tome.plan(x, hw, 0.5, use_rand=use_rand, generator=torch.Generator().manual_seed(5))
+    prune, recover = ToMe(use_rand=use_rand).plan(x, hw, 0.5, generator=torch.Generator().manual_seed(5))
     assert prune(x).shape == merge(x).shape == (2, h * w - r, 32)
     with torch.no_grad():
         for f in (lambda t: t, torch.tanh, attn):
@@ -109,17 +110,19 @@ def test_dato_bases_follow_dynamics_and_align_cfg():
     h, w = 6, 8
     dynamics = torch.rand(4, h, w, generator=torch.Generator().manual_seed(3))
     x = torch.randn(4, h * w, 16)
-    plan = dato.plan(x, (h, w), 0.5, dynamics=dynamics, noise_alpha=0.0, align_cfg=False)
+    plan = DaTo(noise_alpha=0.0).plan(x, (h, w), 0.5, dynamics=dynamics)
     for b in range(4):
         d = dynamics[b]
         expected = sorted(max(((2 * r + dy) * w + 2 * c + dx for dy in range(2) for dx in range(2)),
                               key=lambda i: d.flatten()[i].item())
                           for r in range(h // 2) for c in range(w // 2))
         assert sorted(plan.base[b].tolist()) == expected
-    aligned = dato.plan(x, (h, w), 0.5, dynamics=dynamics, noise_alpha=0.0, align_cfg=True)
+    aligned = DaTo(noise_alpha=0.0).plan(x, (h, w), 0.5, dynamics=dynamics, guided=True)
+    assert torch.equal(DaTo(noise_alpha=0.0, align_cfg=False).plan(x, (h, w), 0.5, dynamics=dynamics,
+                                                                  guided=True).base, plan.base)
     assert torch.equal(aligned.base[2:], aligned.base[:2]) and torch.equal(aligned.base[:2], plan.base[:2])
     with pytest.raises(ValueError, match="guided batch"):
-        dato.plan(x[:3], (h, w), 0.5, dynamics=dynamics[:3], align_cfg=True)
+        DaTo().plan(x[:3], (h, w), 0.5, dynamics=dynamics[:3], guided=True)
 
 
 @pytest.mark.parametrize("guided", [True, False])
@@ -136,7 +139,7 @@ def test_dato_aligns_only_guided_batches(guided):
 
 def test_dato_without_dynamics_uses_noise():
     x = torch.randn(2, 64, 16)
-    a, b = (dato.plan(x, (8, 8), 0.5, dynamics=None, generator=torch.Generator().manual_seed(s)) for s in (0, 1))
+    a, b = (DaTo().plan(x, (8, 8), 0.5, dynamics=None, generator=torch.Generator().manual_seed(s)) for s in (0, 1))
     assert not torch.equal(a.base, b.base)
 
 
@@ -172,8 +175,8 @@ def test_dato_local_random_matches_official(hw, sx, sy, ratio):
     ratio = min(ratio, 1 - 1 / (sx * sy))
     k = int(h * w * ratio)
     rand_idx = torch.randint(sy * sx, (h // sy, w // sx, 1), generator=torch.Generator().manual_seed(7))
-    plan = dato.plan(x, hw, ratio, base_tokens="local_random", generator=torch.Generator().manual_seed(7),
-                     sx=sx, sy=sy, dynamics=torch.rand(3, h, w), align_cfg=False)
+    plan = DaTo(base_tokens="local_random", sx=sx, sy=sy, ratio=ratio).plan(
+        x, hw, ratio, generator=torch.Generator().manual_seed(7), dynamics=torch.rand(3, h, w))
     for b in range(3):
         base, pruned, kept, source = dato_local_random_reference(x[b], hw, k, rand_idx, sx, sy)
         assert sorted(plan.base[b].tolist()) == sorted(base.tolist())
@@ -208,7 +211,7 @@ def test_dato_local_random_one_pattern_per_call(guided):
         assert all(torch.equal(base, first) for base in blocks)
         assert all(torch.equal(row, first[0]) for row in first)
         g = torch.Generator().manual_seed(stream_seed(5, f"accel/call{i}"))
-        assert torch.equal(first[0], cell_indices(dato.random_cells(hw, 2, 2, g), hw[1], 2, 2))
+        assert torch.equal(first[0], cell_indices(random_cells(hw, 2, 2, g), hw[1], 2, 2))
     assert len({tuple(blocks[0][0].tolist()) for blocks in calls}) == len(calls)
 
 
@@ -219,7 +222,7 @@ def test_base_tokens_setting_is_checked():
     with pytest.raises(ValueError, match=r"base_tokens must be one of \('dynamics', 'local_random'\)"):
         token_method("dato", base_tokens="random")
     with pytest.raises(ValueError, match="base_tokens must be one of"):
-        dato.plan(torch.randn(2, 64, 8), (8, 8), 0.5, base_tokens="simscore")
+        DaTo(base_tokens="simscore")
     assert not token_method("dato", base_tokens="local_random").uses_dynamics
     assert token_method("dato").uses_dynamics
 
@@ -261,7 +264,7 @@ def test_ratio_out_of_range():
     with pytest.raises(ValueError, match=r"\[0, 0.75\]"):
         token_method("sito", ratio=0.8)
     with pytest.raises(ValueError, match=r"\[0, 0.888"):
-        sito.plan(torch.randn(1, 36, 8), (6, 6), 0.9, sx=3, sy=3)
+        SiTo(ratio=0.9, sx=3, sy=3)
     with pytest.raises(ValueError, match="unknown token method"):
         token_method("fastv")
     with pytest.raises(ValueError, match="subset"):

@@ -41,7 +41,7 @@ from model import load_checkpoint, random_weights
 from model.hardware import DTYPE_CHOICES, check_device, cpu_description, dtype_name, resolve_dtype, timed
 from model.text import byte_tokenizer
 from model.unet import ATTENTION_BACKENDS
-from prune import dato, sito, tome
+from prune import DaTo, SiTo, ToMe
 from sampler import SAMPLERS, unet_calls
 from sampler.generate import Sampling, Timer, check_size, generate
 from tools.plots import draw_speedups
@@ -241,10 +241,10 @@ def selection_bench(args, device, dtype):
     rows = {}
     for ratio in (0.3, 0.5, 0.7):
         calls = {"official (N x N Gram)": lambda r=ratio: official_selection(x, (h, w), r, generator=g),
-                 "sito (kept)": lambda r=ratio: sito.plan(x, (h, w), r, generator=g),
-                 "sito (base)": lambda r=ratio: sito.plan(x, (h, w), r, recover_from="base", generator=g),
-                 "dato (kept)": lambda r=ratio: dato.plan(x, (h, w), r, dynamics=dynamics, generator=g),
-                 "tome": lambda r=ratio: tome.plan(x, (h, w), r, generator=g)}
+                 "sito (kept)": lambda r=ratio: SiTo().plan(x, (h, w), r, generator=g),
+                 "sito (base)": lambda r=ratio: SiTo(recover_from="base").plan(x, (h, w), r, generator=g),
+                 "dato (kept)": lambda r=ratio: DaTo().plan(x, (h, w), r, dynamics=dynamics, generator=g),
+                 "tome": lambda r=ratio: ToMe().plan(x, (h, w), r, generator=g)}
         times = compare(calls, args.runs, args.warmup, device)
         rows[ratio] = {name: statistics.median(ts) for name, ts in times.items()}
     print(f"\nToken selection per block: N={h * w}, C=320, batch {x.shape[0]}, {args.dtype}, {device.type}; "
