@@ -239,12 +239,13 @@ def reference_features(scorer, args, prompts, shard, stats, size):
     return None if parts is None else {name: [part[name] for part in parts] for name in scorer.features}
 
 
-def measure(sd, scorer, prompts, methods, args, shard, timing, calls, image_size, stats):
+def measure(sd, scorer, prompts, methods, args, shard, timing, stats):
     """results.json's "methods" entry for every method, on rank 0 (None on the others). Every process
     scores its batches, one method at a time (memory: one method's features, not all of them). The
-    command's own run (`calls` UNet calls; the method "baseline") is the reference of mac_ratio and
+    command's own run (--sampler at --steps; the method "baseline") is the reference of mac_ratio and
     of every comparison with the baseline, whatever run a method has."""
     n, size, out = len(prompts), args.batch_size, args.out
+    image_size, calls = check_size(sd, sampling(args).size), unet_calls(args.steps, args.sampler)   # (H, W)
     reference = reference_features(scorer, args, prompts, shard, stats, image_size[::-1])   # PIL sizes: (W, H)
     hw = tuple(side // sd.config.vae.factor for side in image_size)
     base_macs = run_macs(sd.unet, None, calls, hw, matmuls=True)   # attention matmuls: what pruning saves most
@@ -276,7 +277,7 @@ def measure(sd, scorer, prompts, methods, args, shard, timing, calls, image_size
 
 def run(args):
     """Check everything, load the model once, render what is missing, measure, write the results."""
-    methods, calls = parse_methods(args.methods, args.sampler, args.steps), unet_calls(args.steps, args.sampler)
+    methods = parse_methods(args.methods, args.sampler, args.steps)
     if args.n is not None and args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
     if args.batch_size < 1:
@@ -309,8 +310,7 @@ def run(args):
     if shard.rank == 0:
         merged = {spec: dict(sorted((s, t) for part in every for s, t in part[spec].items())) for spec in methods}
         timing = update_timing(args.out, {spec: list(m.values()) for spec, m in merged.items()}, run_id, device)
-    image_size = check_size(sd, sampling(args).size)   # (H, W)
-    results = measure(sd, scorer, prompts, methods, args, shard, timing, calls, image_size, stats)
+    results = measure(sd, scorer, prompts, methods, args, shard, timing, stats)
     if shard.rank != 0:
         return None
     with open(os.path.join(args.out, "results.json"), "w") as f:

@@ -1,5 +1,7 @@
 """The genome of search.py's schedule search, its constraints and NSGA-II's problem (pymoo): one cache
 depth gene and/or one pruning ratio gene per UNet call, repaired after every variation."""
+from dataclasses import dataclass
+
 import numpy as np
 
 from accel import Acceleration, find_preset
@@ -8,23 +10,37 @@ from prune import token_method
 from tools.report import PRESETS_SHOWN
 
 
+@dataclass
 class Space:
     """The genome of a schedule and its constraints: one depth gene and/or one ratio gene per UNet call,
-    each an index into its list of choices (ordered, so neighbouring indices are similar schedules)."""
+    each an index into its list of choices (ordered, so neighbouring indices are similar schedules).
 
-    def __init__(self, calls, search="joint", depths=(0, 1, 2, FULL), ratios=(0, 0.3, 0.4, 0.5, 0.6, 0.7),
-                 fixed_depths=None, fixed_ratio=0.4, min_full=2, max_reuse=3, method="dato"):
-        self.calls, self.search, self.method = calls, search, method
-        self.depths = tuple(sorted(set(depths) | {FULL}))
-        self.ratios = tuple(sorted(set(ratios) | {0}))
-        self.fixed_depths = tuple(fixed_depths) if fixed_depths is not None else (FULL,) * calls
-        self.fixed_ratio, self.min_full, self.max_reuse = fixed_ratio, min_full, max_reuse
-        if len(self.fixed_depths) != calls:
-            raise ValueError(f"--fixed-depths has {len(self.fixed_depths)} depths; this run makes {calls} UNet calls")
-        if not 1 <= min_full <= calls:
-            raise ValueError(f"--min-full must be from 1 to {calls}, got {min_full}")
-        if max_reuse < 0:
-            raise ValueError(f"--max-reuse must be >= 0, got {max_reuse}")
+    calls: UNet calls of the run. search: "cache", "prune" or "joint" (what the genes hold).
+    depths, ratios: the choices of a gene (FULL and 0 are always among them). fixed_depths: the depths
+    of a "prune" search (default: every call full); fixed_ratio: the ratio of a "cache" search.
+    min_full: full calls at least; max_reuse: cached calls in a row at most. method: the token method.
+    """
+    calls: int
+    search: str = "joint"
+    depths: tuple = (0, 1, 2, FULL)
+    ratios: tuple = (0, 0.3, 0.4, 0.5, 0.6, 0.7)
+    fixed_depths: tuple | None = None
+    fixed_ratio: float = 0.4
+    min_full: int = 2
+    max_reuse: int = 3
+    method: str = "dato"
+
+    def __post_init__(self):
+        self.depths = tuple(sorted(set(self.depths) | {FULL}))
+        self.ratios = tuple(sorted(set(self.ratios) | {0}))
+        self.fixed_depths = tuple(self.fixed_depths) if self.fixed_depths is not None else (FULL,) * self.calls
+        if len(self.fixed_depths) != self.calls:
+            raise ValueError(f"--fixed-depths has {len(self.fixed_depths)} depths; this run makes {self.calls} "
+                             "UNet calls")
+        if not 1 <= self.min_full <= self.calls:
+            raise ValueError(f"--min-full must be from 1 to {self.calls}, got {self.min_full}")
+        if self.max_reuse < 0:
+            raise ValueError(f"--max-reuse must be >= 0, got {self.max_reuse}")
 
     @property
     def searches_depths(self):
