@@ -8,7 +8,6 @@ Hugging Face hub (online only). Images are written as PNGs (never overwriting) w
 generation settings in a `parameters` text chunk (JSON). LDM's spellings (--n_samples,
 --ddim_steps, --plms, --ddim_eta, --from_file, --n_iter) are accepted too.
 """
-import argparse
 import time
 from dataclasses import fields, replace
 
@@ -21,7 +20,16 @@ from prune import METHODS as PRUNE_METHODS
 from prune import token_method
 from prune.viz import PruneViz
 from sampler.generate import Timer, check_outdir, check_seeds, generate_batches, save_pngs
-from tools.cli import add_model_flags, add_sampling_flags, load_model, parse_numbers, read_prompts, run_tool, sampling
+from tools.cli import (
+    Parser,
+    add_model_flags,
+    add_sampling_flags,
+    load_model,
+    parse_numbers,
+    read_prompts,
+    run_tool,
+    sampling,
+)
 
 
 def image_prompts(prompts, n_samples, n_iter):
@@ -60,7 +68,7 @@ def run(args):
 
 
 def parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="sample.py", description=__doc__)
     p.add_argument("--prompt", help="the text prompt")
     p.add_argument("--from-file", "--from_file", help="a file with one prompt per line (instead of --prompt)")
     p.add_argument("--n-samples", "--n_samples", type=int, default=1, help="images per batch (default: 1)")

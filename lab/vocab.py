@@ -6,6 +6,7 @@ from lab.scenes import COLORS, RELATIONS, SHAPES
 from model.text import write_tokenizer
 
 WORDS = ("a", "of", "to", "the", *COLORS, *SHAPES, *" ".join(RELATIONS).split())
+SHIPPED_TOKENIZER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tokenizer")   # the shipped weights' own
 
 
 

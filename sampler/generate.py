@@ -192,20 +192,20 @@ def generate(sd, prompts, run=Sampling(), *, latents=False, progress=False, time
     return (images, torch.cat(finals)) if latents else images
 
 
-def check_outdir(outdir):
-    """Raise ValueError (naming --outdir) unless PNGs can be written to `outdir`; creates nothing."""
+def check_outdir(outdir, flag="--outdir"):
+    """Raise ValueError (naming `flag`) unless files can be written to the folder `outdir`; creates nothing."""
     if os.path.exists(outdir):
         if not os.path.isdir(outdir):
-            raise ValueError(f"--outdir {outdir!r} is a file, not a folder; choose another --outdir")
+            raise ValueError(f"{flag} {outdir!r} is a file, not a folder; choose another {flag}")
         if not os.access(outdir, os.W_OK | os.X_OK):
-            raise ValueError(f"--outdir {outdir!r} is not writable; choose another --outdir")
+            raise ValueError(f"{flag} {outdir!r} is not writable; choose another {flag}")
         return
     parent = os.path.dirname(os.path.abspath(outdir))
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"--outdir {outdir!r} cannot be created ({parent!r} is not a writable folder); "
-                         "choose another --outdir")
+        raise ValueError(f"{flag} {outdir!r} cannot be created ({parent!r} is not a writable folder); "
+                         f"choose another {flag}")
 
 
 def save_png(image, path):

@@ -37,11 +37,14 @@ TINY = ["--random-weights", "tiny", "--H", "32", "--W", "32", "--steps", "4", "-
         "--population", "4", "--quality", "psnr", "--min-full", "1", "--dtype", "fp32"]
 
 
-def test_tiny_search_is_non_dominated_and_a_rerun_continues(tmp_path):
+def test_tiny_search_is_non_dominated_and_a_rerun_continues(tmp_path, capsys):
     out = str(tmp_path / "s")
-    search.main([*TINY, "--generations", "2", "--out", out])
+    search.main([*TINY, "--generations", "2", "--scale", "5", "--negative-prompt", "a blue cube", "--out", out])
+    printed = capsys.readouterr().out   # the held-out command renders as the search did
+    assert "--random-weights tiny --dtype fp32 --steps 4 --sampler plms --scale 5 --H 32 --W 32 " \
+           "--negative-prompt 'a blue cube' --n 256" in printed
     first = (tmp_path / "s" / "evaluations.jsonl").read_text().splitlines()
-    search.main([*TINY, "--generations", "4", "--out", out])
+    search.main([*TINY, "--generations", "4", "--scale", "5", "--negative-prompt", "a blue cube", "--out", out])
     lines = (tmp_path / "s" / "evaluations.jsonl").read_text().splitlines()
     assert lines[:len(first)] == first and len(lines) > len(first)          # continued, nothing redone
     keys = [json.loads(line)["key"] for line in lines]
@@ -54,9 +57,10 @@ def test_tiny_search_is_non_dominated_and_a_rerun_continues(tmp_path):
         assert find_preset(f"{tmp_path}/s/pareto.json#{k}").run == ("plms", 4)
     heldout = str(tmp_path / "heldout")
     specs = ",".join(f"{out}/pareto.json#{k}" for k in range(len(points)))
-    evaluate.main([*TINY[:10], "--dtype", "fp32", "--methods", f"baseline,{specs}", "--out", heldout])
+    evaluate.main([*TINY[:10], "--dtype", "fp32", "--scale", "5", "--negative-prompt", "a blue cube",
+                   "--methods", f"baseline,{specs}", "--out", heldout])
     ship = str(tmp_path / "shipped.json")
-    search.main(["--out", out, "--report", heldout, "--ship", ship])
+    search.main(["--out", f"{tmp_path}/./s", "--report", heldout, "--ship", ship])   # any spelling of the folder
     reported = json.load(open(tmp_path / "s" / "pareto.json"))["points"]
     assert all(p["heldout"]["n"] == 2 and p["heldout"]["mac_ratio"] == pytest.approx(p["mac_ratio"]) for p in reported)
     assert (tmp_path / "s" / "pareto.png").stat().st_size > 0
@@ -70,6 +74,55 @@ def test_tiny_search_is_non_dominated_and_a_rerun_continues(tmp_path):
     assert find_preset(f"{ship}#{len(shipped) - 1}").run == ("plms", 4)
     with pytest.raises(SystemExit):   # an existing file is not overwritten
         search.main(["--out", out, "--report", heldout, "--ship", ship])
+    check_report_refuses_what_is_not_this_search(tmp_path, out, heldout, capsys)
+
+
+def check_report_refuses_what_is_not_this_search(tmp_path, out, heldout, capsys):
+    """--report never rewrites pareto.json from a folder that holds none of its points (another search's
+    held-out images), nor from an unreadable file; each is one line naming the file."""
+    pareto = (tmp_path / "s" / "pareto.json").read_bytes()
+    results = json.load(open(f"{heldout}/results.json"))
+    cases = {"other": ({"methods": {"baseline": results["methods"]["baseline"],
+                                    "runs/other/pareto.json#0": results["methods"]["baseline"]}}, "holds no point of"),
+             "nomethods": ({"points": []}, "has no 'methods'"),
+             "garbage": ("{not json", "cannot be read as JSON")}
+    for name, (content, message) in cases.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(content if isinstance(content, str) else json.dumps(content))
+        capsys.readouterr()
+        with pytest.raises(SystemExit):
+            search.main(["--out", out, "--report", str(tmp_path / name)])
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+        assert (tmp_path / "s" / "pareto.json").read_bytes() == pareto
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "pareto.json").write_text("[1, 2")
+    with pytest.raises(SystemExit):
+        search.main(["--out", str(tmp_path / "broken"), "--report", heldout])
+    assert "broken/pareto.json cannot be read as JSON" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--min-mac-ratio", "nan"], "--min-mac-ratio must be a number >= 1"),
+    (["--min-mac-ratio", "0.5"], "--min-mac-ratio must be a number >= 1"),
+    (["--budget-minutes", "nan"], "--budget-minutes must be a number of minutes > 0"),
+    (["--budget-minutes", "-1"], "--budget-minutes must be a number of minutes > 0"),
+    (["--depths", "0,1,13"], "--depths 0,1,13: a depth must be in 0..12"),
+    (["--depths", "0,x"], "--depths must be comma-separated numbers"),
+    (["--ratios", "a,b"], "--ratios must be comma-separated numbers"),
+    (["--ratios", "0.3,0.9"], "--ratios 0.3,0.9: a ratio must be in [0, 0.75]"),
+    (["--search", "prune"], "--fixed-depths dato-fixed is a schedule of another run"),
+    (["--population", "1"], "--population must be >= 2"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--out", "README.md"], "--out 'README.md' is a file, not a folder"),
+])
+def test_bad_flags_are_one_line_before_anything_is_written(tmp_path, capsys, flags, message):
+    out = ["--out", str(tmp_path / "s")] if "--out" not in flags else []
+    with pytest.raises(SystemExit):
+        search.main([*TINY, *out, *flags])
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "s").exists()
 
 
 def test_min_mac_ratio_renders_only_schedules_that_save_enough(tmp_path, capsys):

@@ -1,7 +1,7 @@
 """What the command-line tools share (sample.py, evaluate.py): the model and sampling flags, each
 defined once with its default, and what they turn into, the loaded model and a Sampling.
 
-    p = argparse.ArgumentParser()
+    p = Parser(prog="python -m tools.NAME")
     add_model_flags(p)
     add_sampling_flags(p)
 
@@ -9,7 +9,7 @@ defined once with its default, and what they turn into, the loaded model and a S
         sd = load_model(args, check_device(args.device), torch.float32)
         return generate(sd, ["a red circle"], sampling(args, seed=0, batch_size=16))
 
-    run_tool(p, run)   # parse, set the threads, run; bad input ends in one usage line
+    run_tool(p, run)   # parse, set the threads, run; bad input ends in one line
 """
 import argparse
 import hashlib
@@ -19,6 +19,7 @@ from dataclasses import replace
 
 import torch
 
+from lab.vocab import SHIPPED_TOKENIZER
 from model import PRESETS, load_checkpoint, random_weights
 from model.config import PREDICTIONS
 from model.hardware import DTYPE_CHOICES, dtype_name
@@ -79,10 +80,21 @@ def set_threads(p, args):
         torch.set_num_threads(args.threads)
 
 
-def run_tool(p, run, argv=None):
+class Parser(argparse.ArgumentParser):
+    """argparse, with git's and pip's manners: an error is one line naming the flag (and where the help
+    is), not the usage block first. Help and usage stay argparse's, formatted as written."""
+
+    def __init__(self, **kw):
+        super().__init__(formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
+
+
+def run_tool(p, run, argv=None, interrupted="interrupted"):
     """A tool's main: parse `argv`, set the threads, `run(args)`; bad input (arguments, checkpoint,
-    schedule) ends in the usage line and the reason, a tokenizer problem in one line. A process group
-    that `run` joined (torchrun) is left at the end."""
+    schedule) ends in one line with the reason, Ctrl-C in the line `interrupted` (what to rerun). A
+    process group that `run` joined (torchrun) is left at the end."""
     args = p.parse_args(argv)
     set_threads(p, args)
     try:
@@ -91,6 +103,8 @@ def run_tool(p, run, argv=None):
         p.error(str(e))
     except TokenizerError as e:
         raise SystemExit(f"error: {e}") from None
+    except KeyboardInterrupt:
+        raise SystemExit(interrupted) from None
     finally:
         leave_group()
 
@@ -150,10 +164,27 @@ def load_model(args, device, dtype):
         print(f"random weights ({args.random_weights}): the images are noise, useful only to exercise the pipeline")
         config = PRESETS[args.random_weights]
         config = replace(config, prediction=args.prediction or config.prediction)
-        return random_weights(config, device=device, dtype=dtype, tokenizer=args.tokenizer or byte_tokenizer(),
+        default = SHIPPED_TOKENIZER if args.random_weights == "lab" else byte_tokenizer()   # lab: its own 564 ids
+        return random_weights(config, device=device, dtype=dtype, tokenizer=args.tokenizer or default,
                               name=args.random_weights)
     return load_checkpoint(resolve_checkpoint(args.ckpt), device=device, dtype=dtype, prediction=args.prediction,
                            tokenizer=args.tokenizer)
+
+
+def repeat_flags(args):
+    """The model and sampling flags that make another tool render as these flags do (those that differ
+    from their defaults; --steps and --sampler always), for the commands a tool prints."""
+    flags = ["--ckpt", args.ckpt] if args.ckpt else ["--random-weights", args.random_weights] \
+        if args.random_weights else []   # neither: the same default ($SD_CKPT, else SD 1.5)
+    for flag, value, default in (("--tokenizer", args.tokenizer, None), ("--prediction", args.prediction, None),
+                                 ("--dtype", args.dtype, "auto"), ("--steps", args.steps, None),
+                                 ("--sampler", args.sampler, None), ("--scale", args.scale, None),
+                                 ("--H", args.H, None), ("--W", args.W, None), ("--eta", args.eta, 0.0),
+                                 ("--attention", args.attention, "sdpa"),
+                                 ("--negative-prompt", args.negative_prompt, "")):
+        if value != default:
+            flags += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
+    return flags
 
 
 def parse_numbers(text, kind, flag):

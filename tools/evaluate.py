@@ -42,7 +42,6 @@ Resume: rerunning the same command renders only the missing images (each batch w
 rendered again and only the missing files are written; images are written atomically, so an
 interrupted run leaves no partial file) and recomputes the metrics.
 """
-import argparse
 import importlib.util
 import json
 import os
@@ -63,6 +62,7 @@ from prune import as_record, from_record
 from sampler import SAMPLERS, unet_calls
 from sampler.generate import Timer, check_outdir, check_seeds, check_size, generate, save_png
 from tools.cli import (
+    Parser,
     add_model_flags,
     add_sampling_flags,
     claim_folder,
@@ -286,7 +286,7 @@ def run(args):
         raise ValueError("evaluate.py plots with matplotlib: pip install -r requirements-eval.txt")
     prompts = draw_prompts(args)
     check_seeds(args.seed, len(prompts))
-    check_outdir(args.out)
+    check_outdir(args.out, "--out")
     shard = Shard.start(args)
     device = shard.device(check_device(args.device))
     scorer = Scorer.open(prompts, "baseline" in methods, lab_features=args.lab_features or None,
@@ -328,8 +328,7 @@ def run(args):
 
 
 def parser():
-    p = argparse.ArgumentParser(prog="python -m tools.evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="python -m tools.evaluate", description=__doc__)
     p.add_argument("--methods", default="baseline,sito:0.5,deepcache-n5,dato-coco",
                    help="comma-separated methods in bench.py's syntax (default: baseline,sito:0.5,deepcache-n5,"
                         "dato-coco)")

@@ -341,9 +341,10 @@ def main(argv=None):
     verdicts against the reference's on the same images, over all captions and per kind, from one
     evaluate.py run's results.json (any two of its methods: e.g. an accelerated run against a plain
     short run)."""
-    import argparse
     import json
-    p = argparse.ArgumentParser(prog="python -m tools.metrics", description=main.__doc__)
+
+    from tools.cli import Parser
+    p = Parser(prog="python -m tools.metrics", description=main.__doc__)
     p.add_argument("results", help="evaluate.py's results.json")
     p.add_argument("reference", help="the method to compare against (a --methods spec of that run)")
     p.add_argument("methods", nargs="+", help="the methods to compare with it")

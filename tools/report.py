@@ -35,14 +35,20 @@ def report(out, heldout, ship=None):
     results_path = os.path.join(heldout, "results.json")
     if not os.path.isfile(results_path):
         raise ValueError(f"{results_path} does not exist: run the evaluate.py command the search printed")
-    with open(path) as f:
-        pareto = json.load(f)
-    with open(results_path) as f:
-        results = json.load(f)["methods"]
+    pareto = read_json(path, "points", "run the search again with the same --out to rewrite it")
+    results = read_json(results_path, "methods", "rerun the evaluate.py command the search printed")["methods"]
+    found = points_evaluated(results, path, len(pareto["points"]))
+    if not found:
+        raise ValueError(f"{results_path} holds no point of {path} (methods spelled PATH/pareto.json#k): it is "
+                         "another search's or run's folder; give --report the folder of the command the search "
+                         "printed (nothing was changed)")
+    run = (pareto.get("search", {}).get("sampler"), pareto.get("search", {}).get("steps"))
+    if other := [f"#{k}" for k, e in found.items() if (e.get("sampler"), e.get("steps")) != run]:
+        raise ValueError(f"{results_path} evaluated {', '.join(other)} on another run than the search's "
+                         f"({run[0]}, {run[1]} steps); rerun the evaluate.py command the search printed")
     for k, point in enumerate(pareto["points"]):
-        point["heldout"] = results.get(f"{path}#{k}")   # evaluate.py's whole entry (None: not evaluated)
-    with open(path, "w") as f:
-        json.dump(pareto, f, indent=1)
+        point["heldout"] = found.get(k)   # evaluate.py's whole entry (None: not evaluated in this folder)
+    write_json(path, pareto)
     base = results.get("baseline")
     if base is None or "accuracy" not in base:
         if ship:
@@ -70,11 +76,40 @@ def report(out, heldout, ship=None):
     if ship:
         shipped = heldout_front(pareto["points"], measures[-1][1])
         os.makedirs(os.path.dirname(os.path.abspath(ship)), exist_ok=True)
-        with open(ship, "w") as f:
-            json.dump({"points": shipped, "search": pareto["search"]}, f, indent=1)
+        write_json(ship, {"points": shipped, "search": pareto["search"]})
         shown = {n: results[n] for n in ("baseline", *PRESETS_SHOWN) if n in results}
         print(f"{len(shipped)} held-out non-dominated schedules in {ship}:\n" + markdown(
             {**shown, **{f"{ship}#{k}": p["heldout"] for k, p in enumerate(shipped)}}))
+
+
+def read_json(path, key, fix):
+    """The JSON object in `path`, which must hold `key`; one line naming the file (and `fix`) otherwise."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} cannot be read as JSON ({e}); {fix}") from None
+    if not isinstance(data, dict) or key not in data:
+        raise ValueError(f"{path} has no {key!r}: it is not what --report reads; {fix}")
+    return data
+
+
+def write_json(path, data):
+    """Replace `path` whole or not at all (an interrupted write leaves the old file)."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def points_evaluated(results, pareto_path, points):
+    """{k: evaluate.py's entry} for the methods of `results` that are point k of the file `pareto_path`,
+    however the path was spelled (runs/./s/pareto.json, an absolute path)."""
+    target, found = os.path.realpath(pareto_path), {}
+    for spec, entry in results.items():
+        file, sep, k = spec.rpartition("#")
+        if sep and k.isdigit() and int(k) < points and os.path.realpath(file) == target:
+            found[int(k)] = entry
+    return found
 
 
 def heldout_front(points, value):

@@ -37,10 +37,11 @@ by sample.py --preset, evaluate.py and bench.py --methods) with their MAC ratio 
 --report adds the held-out figures of evaluate.py's results.json and draws DIR/pareto.png; --ship FILE
 writes the points that stay non-dominated on the held-out images (accuracy against MAC ratio) to FILE.
 """
-import argparse
 import importlib.util
 import json
+import math
 import os
+import shlex
 import time
 
 import numpy as np
@@ -52,20 +53,23 @@ from lab.scenes import sample_captions
 from model.hardware import check_device, resolve_dtype
 from prune import METHODS as PRUNE_METHODS
 from prune import CellMethod
+from prune.tokens import max_ratio
 from sampler import unet_calls
-from sampler.generate import Timer, check_seeds, check_size, generate
+from sampler.generate import Timer, check_outdir, check_seeds, check_size, generate
 from tools.cli import (
+    Parser,
     add_model_flags,
     add_sampling_flags,
     claim_folder,
     load_model,
     parse_numbers,
+    repeat_flags,
     run_tool,
     sampling,
     settings_record,
 )
 from tools.metrics import Scorer
-from tools.report import PRESETS_SHOWN, non_dominated, report
+from tools.report import PRESETS_SHOWN, non_dominated, report, write_json
 from tools.shard import Shard, add_worker_flag, run_workers, wants_workers
 from tools.space import Space, initial_population, pymoo_problem, pymoo_repair
 
@@ -209,12 +213,12 @@ def write_pareto(path, records, space, args):
     settings = {k: getattr(args, k) for k in ("search", "quality", "cost", "n", "seed", "population", "generations",
                                               "method", "min_full", "max_reuse", "min_mac_ratio", "steps",
                                               "sampler")}
-    with open(path, "w") as f:
-        json.dump({"points": points, "search": settings}, f, indent=1)
+    write_json(path, {"points": points, "search": settings})
 
 
 def heldout_command(args, out, points):
-    """evaluate.py on 256 held-out prompts: the baseline, the presets that fit the run, every point."""
+    """evaluate.py on 256 held-out prompts: the baseline, the presets that fit the run, every point; the
+    model and sampling flags of the search, so the held-out images are rendered as the searched ones."""
     fits = []
     for name in PRESETS_SHOWN:
         try:
@@ -223,9 +227,31 @@ def heldout_command(args, out, points):
         except ValueError:
             continue
     specs = ",".join(["baseline", *fits] + [f"{out}/pareto.json#{k}" for k in range(points)])
-    model = f"--ckpt {args.ckpt}" if args.ckpt else f"--random-weights {args.random_weights}"
-    return (f"python -m tools.evaluate {model} --steps {args.steps} --sampler {args.sampler} --n 256 "
-            f"--seed {args.heldout_seed} --methods {specs} --out {out}/heldout")
+    return shlex.join(["python", "-m", "tools.evaluate", *repeat_flags(args), "--n", "256",
+                       "--seed", str(args.heldout_seed), "--methods", specs, "--out", f"{out}/heldout"])
+
+
+def search_space(args):
+    """The Space of the flags, each list and the fixed schedule checked against the run, naming its flag."""
+    calls = unet_calls(args.steps, args.sampler)
+    depths, ratios = parse_numbers(args.depths, int, "--depths"), parse_numbers(args.ratios, float, "--ratios")
+    if bad := [d for d in depths if not 0 <= d <= FULL]:
+        raise ValueError(f"--depths {args.depths}: a depth must be in 0..{FULL} ({FULL} = full call), got {bad}")
+    sx, sy = PRUNE_METHODS[args.method].sx, PRUNE_METHODS[args.method].sy
+    if bad := [r for r in ratios if not 0 <= r <= max_ratio(sx, sy)]:
+        raise ValueError(f"--ratios {args.ratios}: a ratio must be in [0, {max_ratio(sx, sy):g}] (one base token per "
+                         f"{sx}x{sy} cell stays), got {bad}")
+    fixed = None
+    if args.search == "prune":
+        preset = find_preset(args.fixed_depths).acceleration()
+        try:
+            fixed = preset.depths(calls)
+        except ValueError:
+            raise ValueError(f"--fixed-depths {args.fixed_depths} is a schedule of another run; this one "
+                             f"(--sampler {args.sampler} --steps {args.steps}) makes {calls} UNet calls: give a "
+                             "schedule file of this run (a search's pareto.json#k) or a preset that fits it") from None
+    return Space(calls, args.search, depths=depths, ratios=ratios, fixed_depths=fixed, fixed_ratio=args.fixed_ratio,
+                 min_full=args.min_full, max_reuse=args.max_reuse, method=args.method)
 
 
 def run(args):
@@ -237,12 +263,16 @@ def run(args):
         raise ValueError("search.py needs pymoo: pip install -r requirements-search.txt")
     if args.quality not in QUALITIES:
         raise ValueError(f"--quality must be one of {', '.join(QUALITIES)}")
-    if args.n < 1 or args.population < 2 or args.generations < 1 or args.min_mac_ratio < 1:
-        raise ValueError("--n must be >= 1, --population >= 2, --generations >= 1 and --min-mac-ratio >= 1")
-    calls = unet_calls(args.steps, args.sampler)
-    fixed = find_preset(args.fixed_depths).acceleration().depths(calls) if args.search == "prune" else None
-    space = Space(calls, args.search, depths=args.depths, ratios=args.ratios, fixed_depths=fixed,
-                  fixed_ratio=args.fixed_ratio, min_full=args.min_full, max_reuse=args.max_reuse, method=args.method)
+    for flag, value, low in (("--n", args.n, 1), ("--population", args.population, 2),
+                             ("--generations", args.generations, 1), ("--batch-size", args.batch_size, 1)):
+        if value < low:
+            raise ValueError(f"{flag} must be >= {low}, got {value}")
+    if not 1 <= args.min_mac_ratio < math.inf:
+        raise ValueError(f"--min-mac-ratio must be a number >= 1 (1: every schedule), got {args.min_mac_ratio}")
+    if not 0 < args.budget_minutes < math.inf:
+        raise ValueError(f"--budget-minutes must be a number of minutes > 0, got {args.budget_minutes}")
+    check_outdir(args.out, "--out")
+    space = search_space(args)
     prompts = sample_captions(args.n, seed=f"search/{args.seed}")
     check_seeds(args.seed, len(prompts))
     shard = Shard.start(args)
@@ -267,15 +297,14 @@ def run(args):
     write_pareto(os.path.join(args.out, "pareto.json"), records, space, args)
     print(f"{len(records)} non-dominated schedules in {args.out}/pareto.json. Held-out figures:\n  "
           f"{heldout_command(args, args.out, len(records))}\n"
-          f"  python -m tools.search --out {args.out} --report {args.out}/heldout")
+          f"  {shlex.join(['python', '-m', 'tools.search', '--out', args.out, '--report', f'{args.out}/heldout'])}")
     return records
 
 
 
 
 def parser():
-    p = argparse.ArgumentParser(prog="python -m tools.search", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="python -m tools.search", description=__doc__)
     p.add_argument("--out", required=True, help="output folder: evaluations.jsonl (the resume log), pareto.json")
     p.add_argument("--search", choices=("cache", "prune", "joint"), default="joint",
                    help="what is searched per call: cache depths, pruning ratios, or both (joint)")
@@ -290,10 +319,9 @@ def parser():
     p.add_argument("--population", type=int, default=16, help="NSGA-II population (16)")
     p.add_argument("--generations", type=int, default=12, help="NSGA-II generations (12)")
     p.add_argument("--budget-minutes", type=float, default=60, help="rendering minutes, all runs together (60)")
-    p.add_argument("--depths", type=lambda text: parse_numbers(text, int, "--depths"), default=(0, 1, 2, FULL),
+    p.add_argument("--depths", default=f"0,1,2,{FULL}",
                    help=f"cache depths a call may take, {FULL} = full (0,1,2,{FULL})")
-    p.add_argument("--ratios", type=lambda text: parse_numbers(text, float, "--ratios"),
-                   default=(0, 0.3, 0.4, 0.5, 0.6, 0.7),
+    p.add_argument("--ratios", default="0,0.3,0.4,0.5,0.6,0.7",
                    help="pruning ratios a call may take (0,0.3,0.4,0.5,0.6,0.7)")
     p.add_argument("--method", choices=SCHEDULED, default="dato", help="token pruning method (dato)")
     p.add_argument("--fixed-ratio", type=float, default=0.4, help="--search cache: every call's ratio (0.4)")
@@ -312,7 +340,8 @@ def parser():
 
 
 def main(argv=None):
-    return run_tool(parser(), run, argv)
+    return run_tool(parser(), run, argv, interrupted="interrupted; rerun the same command to continue the search "
+                    "(evaluations.jsonl keeps every finished evaluation)")
 
 
 if __name__ == "__main__":
