@@ -149,14 +149,18 @@ def save(net, path):
 
 def load(path):
     """The LabFeatures saved at `path`, in eval mode."""
-    from safetensors import safe_open
-    with safe_open(path, "pt") as f:
-        meta = f.metadata() or {}
-    if CONFIG_KEY not in meta:
-        raise ValueError(f"{path} is not a lab feature network (no {CONFIG_KEY} in its metadata); "
-                         "train one with python -m lab.features --out FILE")
-    net = LabFeatures(FeatureConfig(**json.loads(meta[CONFIG_KEY])))
-    net.load_state_dict(load_file(path))
+    from safetensors import SafetensorError, safe_open
+    fix = "train one with python -m lab.features --out FILE, or use the shipped lab/lab-features.safetensors"
+    try:
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+        if CONFIG_KEY not in meta:
+            raise ValueError(f"{path} is not a lab feature network (no {CONFIG_KEY} in its metadata); {fix}")
+        net = LabFeatures(FeatureConfig(**json.loads(meta[CONFIG_KEY])))
+        net.load_state_dict(load_file(path))
+    except (SafetensorError, OSError, RuntimeError, TypeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} cannot be read as a lab feature network (damaged or truncated: "
+                         f"{str(e).splitlines()[0]}); {fix}") from None
     return net.eval()
 
 

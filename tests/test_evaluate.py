@@ -4,6 +4,7 @@ before anything is generated, and PSNR/SSIM equal an independent computation."""
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -66,10 +67,18 @@ def test_resume_redoes_exactly_what_was_deleted(tmp_path):
     os.remove(tmp_path / "sito_0.5" / "00005.png")
     with open(tmp_path / "baseline" / "00001.png", "r+b") as f:   # a half-written file
         f.truncate(100)
+    (tmp_path / "sito_0.5" / "00002.png.tmp").write_bytes(b"half")   # left by a killed run
+    speedup = json.load(open(tmp_path / "results.json"))["methods"]["sito:0.5"]["speedup"]
     run(tmp_path, "--methods", "baseline,sito:0.5")
     assert {m: files(tmp_path / m) for m in ("baseline", "sito_0.5")} == before
     rewritten = [n for n, t in times.items() if os.stat(tmp_path / "baseline" / n).st_mtime_ns != t]
     assert rewritten == ["00001.png"]
+    # the repair timed baseline's batch 0 and sito's batch 4 in a new run: the first run's pairs still stand
+    timing = json.load(open(tmp_path / "timing.json"))
+    assert not (tmp_path / "sito_0.5" / "00002.png.tmp").exists()
+    assert [len(timing["baseline"][b]) for b in ("0", "4")] == [2, 1]
+    assert [len(timing["sito:0.5"][b]) for b in ("0", "4")] == [1, 2]
+    assert json.load(open(tmp_path / "results.json"))["methods"]["sito:0.5"]["speedup"] == speedup
 
 
 def test_changed_settings_are_refused(tmp_path, capsys):
@@ -79,16 +88,56 @@ def test_changed_settings_are_refused(tmp_path, capsys):
     assert "steps differ" in capsys.readouterr().err
 
 
+def test_a_folder_knows_its_weights_by_content_not_by_path(tmp_path, capsys):
+    """Other weights at the same path are refused (their images would be scored beside the old ones); the
+    same file under another spelling resumes; a folder recorded with the path (before content ids) too."""
+    weights = tmp_path / "w"
+    weights.mkdir()
+    shutil.copy(SHIPPED, weights / "lab.safetensors")
+    shutil.copytree(os.path.join(os.path.dirname(SHIPPED), "tokenizer"), weights / "tokenizer")
+    out, flags = tmp_path / "out", ["--steps", "2", "--n", "2", "--batch-size", "2", "--dtype", "fp32",
+                                    "--methods", "baseline", "--out", str(tmp_path / "out")]
+    evaluate.main(["--ckpt", str(weights / "lab.safetensors"), *flags])
+    settings = json.load(open(out / "settings.json"))
+    assert settings["checkpoint"].startswith("sha256:")
+    before = files(out / "baseline")
+    evaluate.main(["--ckpt", f"{weights}/./lab.safetensors", *flags])
+    assert files(out / "baseline") == before
+    json.dump({**settings, "checkpoint": str(weights / "lab.safetensors")}, open(out / "settings.json", "w"))
+    evaluate.main(["--ckpt", str(weights / "lab.safetensors"), *flags])   # recorded by path: still resumes
+    with open(weights / "lab.safetensors", "r+b") as f:   # other weights at the same path: one value changed
+        f.seek(-2, os.SEEK_END)
+        last = f.read(2)
+        f.seek(-2, os.SEEK_END)
+        f.write(bytes([last[0] ^ 1, last[1]]))
+    with pytest.raises(SystemExit):
+        evaluate.main(["--ckpt", str(weights / "lab.safetensors"), *flags])
+    assert "checkpoint differ" in capsys.readouterr().err and files(out / "baseline") == before
+
+
 @pytest.mark.parametrize("args, message", [
     (["--methods", "baseline,sito:0.5,foo"], "unknown method 'foo'"),
     (["--methods", "baseline,dato-coco"], "use --sampler plms --steps 50"),
     (["--methods", "baseline", "--prompts", "missing.txt"], "does not exist"),
     (["--methods", "baseline", "--n", "0"], "--n must be >= 1"),
+    (["--methods", "baseline", "--n", "1"], "Fréchet distances (fd_lab) compare two sets"),
+    (["--methods", "baseline", "--lab-features", "lab/lab-sd.safetensors"], "is not a lab feature network"),
+    (["--methods", "baseline", "--lab-features", "runs/truncated.safetensors"], "does not exist"),
 ])
 def test_bad_input_fails_before_anything_is_written(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit):
         run(tmp_path / "out", *args)
     assert message in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_truncated_lab_features_are_one_line(tmp_path, capsys):
+    truncated = tmp_path / "features.safetensors"
+    truncated.write_bytes(open(os.path.join(os.path.dirname(SHIPPED), "lab-features.safetensors"), "rb").read(99999))
+    with pytest.raises(SystemExit):
+        run(tmp_path / "out", "--methods", "baseline", "--lab-features", str(truncated))
+    err = capsys.readouterr().err
+    assert "cannot be read as a lab feature network (damaged or truncated" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
 
 
 def test_missing_metric_library_fails_before_generating(tmp_path, capsys, monkeypatch):

@@ -22,6 +22,7 @@ import torch
 from lab.vocab import SHIPPED_TOKENIZER
 from model import PRESETS, load_checkpoint, random_weights
 from model.config import PREDICTIONS
+from model.files import weights_id
 from model.hardware import DTYPE_CHOICES, dtype_name
 from model.text import TokenizerError, byte_tokenizer
 from model.unet import ATTENTION_BACKENDS
@@ -110,13 +111,31 @@ def run_tool(p, run, argv=None, interrupted="interrupted"):
 
 
 def settings_record(args, sd, prompts, dtype):
-    """What images rendered by these flags depend on, besides the method: the record claim_folder keeps."""
+    """What images rendered by these flags depend on, besides the method: the record claim_folder keeps.
+    The weights are named by content (model.files.weights_id), not by path: a folder never resumes with
+    other weights put at the same path."""
     run = sampling(args, seed=args.seed, batch_size=args.batch_size)
-    return {"checkpoint": sd.source, "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
+    return {"checkpoint": checkpoint_id(sd), "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
             "n": len(prompts), "seed": args.seed, "batch_size": args.batch_size, "steps": run.steps,
             "scale": sd.config.guidance if run.scale is None else run.scale, "sampler": run.sampler, "eta": run.eta,
             "size": list(run.size) if run.size else None, "dtype": dtype_name(dtype), "attention": run.attention,
             "negative_prompt": run.negative_prompt}
+
+
+def checkpoint_id(sd):
+    """The record's name of a model's weights: their content id, or "random weights: <preset>" (seeded)."""
+    return sd.source if sd.source.startswith("random weights") else weights_id(sd.source)
+
+
+def upgrade_checkpoint(stored, settings):
+    """A folder recorded before weights were named by content holds the checkpoint's path: if the file now
+    there holds the weights loaded today, it takes today's id and resumes as it did before (what was
+    there when its images were made, nothing recorded)."""
+    recorded, today = stored.get("checkpoint"), settings.get("checkpoint")
+    if isinstance(recorded, str) and not recorded.startswith(("sha256:", "random weights")) and \
+            os.path.exists(recorded) and today == weights_id(recorded):
+        stored["checkpoint"] = today
+    return stored
 
 
 def claim_folder(out, settings, what, upgrade=lambda stored: stored):
@@ -126,15 +145,18 @@ def claim_folder(out, settings, what, upgrade=lambda stored: stored):
     path = os.path.join(out, "settings.json")
     if os.path.exists(path):
         with open(path) as f:
-            stored = upgrade(json.load(f))
+            recorded = json.load(f)
+        stored = upgrade(upgrade_checkpoint(json.loads(json.dumps(recorded)), settings))
         if stored != settings:
             changed = sorted(k for k in set(stored) | set(settings) if stored.get(k) != settings.get(k))
             raise ValueError(f"{out!r} holds {what} made with other settings ({', '.join(changed)} differ); "
                              "choose another --out, or rerun with the same settings to resume")
-        return
+        if recorded == settings:
+            return
     os.makedirs(out, exist_ok=True)
-    with open(path, "w") as f:
+    with open(path + ".tmp", "w") as f:   # first claim, or an older record in today's form
         json.dump(settings, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 def resolve_checkpoint(ckpt):

@@ -19,7 +19,7 @@ Output, in --out:
     settings.json              what the images depend on; a later run with other settings is refused
     <method>/NNNNN.png         image k of each method (the spec made file-safe: sito:0.5 -> sito_0.5)
     <method>/settings.json     the method's acceleration; a spec that now means another one is refused
-    timing.json                UNet seconds per image, per method, with the run that measured them
+    timing.json                UNet seconds per image, per method and batch, with the run that measured them
     results.json, results.md   the metrics below, per method
     grid.png                   methods (rows) x the first prompts (columns)
     quality_vs_speed.png       quality (lab accuracy, else FID, else PSNR) against MAC ratio
@@ -91,7 +91,11 @@ def claim_methods(out, settings, methods):
     for spec, m in methods.items():
         record = {"method": spec, "acceleration": json.loads(json.dumps(m.accel.record() if m.accel else None)),
                   "sampler": m.sampler, "steps": m.steps}
-        claim_folder(os.path.join(out, folder_name(spec)), record, "images", upgrade=upgrade_record)
+        folder = os.path.join(out, folder_name(spec))
+        claim_folder(folder, record, "images", upgrade=upgrade_record)
+        for name in os.listdir(folder):   # half-written images of a run that was killed (no process writes yet)
+            if name.endswith(".png.tmp"):
+                os.remove(os.path.join(folder, name))
 
 
 def upgrade_record(stored):
@@ -169,26 +173,46 @@ def render_missing(sd, prompts, methods, args, out, device, shard):
 
 
 def update_timing(out, seconds, run_id, device):
-    """timing.json keeps, per method, the per-image seconds of the last run that rendered any of its images."""
+    """timing.json: per method and batch (its first image's index), the UNet seconds per image of every
+    run that rendered it, oldest first, with the run's id and machine. A rerun that repairs a few
+    images adds to their batches and keeps what the first run measured.
+    -> {spec: {batch: [{"run", "device", "seconds_per_image"}, ...]}}."""
     path = os.path.join(out, "timing.json")
     timing = {}
     if os.path.exists(path):
         with open(path) as f:
-            timing = json.load(f)
+            timing = {spec: upgrade_timing(entry) for spec, entry in json.load(f).items()}
     machine = cpu_description() if device.type == "cpu" else torch.cuda.get_device_name(device)
-    for spec, values in seconds.items():
-        if values:
-            timing[spec] = {"run": run_id, "device": machine, "unet_seconds_per_image": values}
-    with open(path, "w") as f:
+    for spec, batches in seconds.items():
+        for start, value in batches.items():
+            timing.setdefault(spec, {}).setdefault(str(start), []).append(
+                {"run": run_id, "device": machine, "seconds_per_image": value})
+    with open(path + ".tmp", "w") as f:
         json.dump(timing, f, indent=1)
+    os.replace(path + ".tmp", path)
     return timing
 
 
+def upgrade_timing(entry):
+    """A method's timing in its form before batches were kept apart (one run's list of values)."""
+    if "unet_seconds_per_image" not in entry:
+        return entry
+    return {f"run-{entry['run']}-{i}": [{"run": entry["run"], "device": entry["device"], "seconds_per_image": v}]
+            for i, v in enumerate(entry["unet_seconds_per_image"])}
+
+
 def speedup(timing, spec):
-    base, ours = timing.get("baseline"), timing.get(spec)
-    if not base or not ours or base["run"] != ours["run"]:
-        return None   # timings from different processes are not comparable on a noisy machine
-    return statistics.median(base["unet_seconds_per_image"]) / statistics.median(ours["unet_seconds_per_image"])
+    """Baseline UNet seconds per image over the method's, medians over the batches that one run timed for
+    both (the latest such run of each batch: timings from different runs are not comparable on a noisy
+    machine); None without such batches."""
+    base, ours, pairs = timing.get("baseline", {}), timing.get(spec, {}), []
+    for batch in base.keys() & ours.keys():
+        runs = {t["run"]: t["seconds_per_image"] for t in base[batch]}
+        if common := [(runs[t["run"]], t["seconds_per_image"]) for t in ours[batch] if t["run"] in runs]:
+            pairs.append(common[-1])
+    if not pairs:
+        return None
+    return statistics.median(b for b, _ in pairs) / statistics.median(o for _, o in pairs)
 
 
 def load_images(paths, size=None):
@@ -291,6 +315,9 @@ def run(args):
     device = shard.device(check_device(args.device))
     scorer = Scorer.open(prompts, "baseline" in methods, lab_features=args.lab_features or None,
                          inception=args.inception, lpips=args.lpips, clip=args.clip, device=device)
+    if scorer.features and len(prompts) < 2:
+        raise ValueError(f"--n {len(prompts)}: the Fréchet distances ({', '.join(scorer.features)}) compare two sets "
+                         "of images and need at least 2 of each; use --n 2 or more")
     stats = check_reference(args, scorer)
     if wants_workers(args):   # after the checks, so bad input is reported once, here
         return run_workers(run, args)
@@ -309,7 +336,7 @@ def run(args):
     timing = None
     if shard.rank == 0:
         merged = {spec: dict(sorted((s, t) for part in every for s, t in part[spec].items())) for spec in methods}
-        timing = update_timing(args.out, {spec: list(m.values()) for spec, m in merged.items()}, run_id, device)
+        timing = update_timing(args.out, merged, run_id, device)
     results = measure(sd, scorer, prompts, methods, args, shard, timing, stats)
     if shard.rank != 0:
         return None
