@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 from cache import DATO_COCO, DATO_FIXED, FULL, CacheSchedule, from_dato
 from prune import DaTo, TokenMethod, as_record, from_record
-from sampler import unet_calls
+from sampler import SAMPLERS, unet_calls
+from sampler.schedule import MAX_STEPS
 
 from .run import Acceleration
 
@@ -91,6 +92,15 @@ def load_schedule(spec):
     if not (index if hash_ else "0").isdigit() or int(index or 0) >= len(points):
         raise ValueError(f"{spec!r}: {path} holds schedules #0 .. #{len(points) - 1}")
     entry = points[int(index or 0)]
+    if not isinstance(entry, dict):
+        raise ValueError(f"{spec!r} is not a schedule (a JSON object with sampler, steps, depths, prune)")
+    if entry.get("sampler") not in SAMPLERS:
+        raise ValueError(f"{spec!r}: its field \"sampler\" is {entry.get('sampler')!r}, not one of this project's "
+                         f"samplers ({', '.join(SAMPLERS)}); fix the file")
+    steps = entry.get("steps")
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+        raise ValueError(f"{spec!r}: its field \"steps\" is {steps!r}, not a step count (1 .. {MAX_STEPS}); "
+                         "fix the file")
     try:
         depths, prune = tuple(entry["depths"]), entry.get("prune")
         cache = CacheSchedule("dato", depths=depths) if any(d != FULL for d in depths) else None
@@ -98,7 +108,7 @@ def load_schedule(spec):
             prune = from_record(prune)
         run = (entry["sampler"], entry["steps"])
     except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{spec!r} is not a valid schedule ({type(e).__name__}: {e})") from None
+        raise ValueError(f"{spec!r} is not a valid schedule ({type(e).__name__}: {e}); fix the file") from None
     if len(depths) != unet_calls(run[1], run[0]):
         raise ValueError(f"{spec!r}: {len(depths)} depths for {run[0].upper()}-{run[1]}, which makes "
                          f"{unet_calls(run[1], run[0])} UNet calls")

@@ -80,6 +80,10 @@ class CacheSchedule:
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"unknown cache mode {self.mode!r}; choose one of {MODES}")
+        for name, value in (("interval", self.interval), ("depth", self.depth), ("center", self.center),
+                            *(("depths", d) for d in self.depths)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"cache {name} must be a whole number (of UNet calls or blocks), got {value!r}")
         if self.interval < 1:
             raise ValueError(f"cache interval must be >= 1, got {self.interval}")
         if not 0 <= self.depth < FULL:
@@ -94,6 +98,8 @@ class CacheSchedule:
             raise ValueError(f"cache depths must be in 0..{FULL} ({FULL} = full call), got {bad}")
         if self.mode == "nonuniform" and not 1 < self.power < math.inf:
             raise ValueError(f"non-uniform power must be > 1, got {self.power}")
+        if self.center < 0:
+            raise ValueError(f"non-uniform center (--cache-center) must be a UNet call index >= 0, got {self.center}")
 
     def depths_for(self, calls):
         """The per-call depths of a run of `calls` UNet calls."""

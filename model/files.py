@@ -8,6 +8,7 @@ damaged, empty, of another kind or not a state dict at all.
 import hashlib
 import os
 import pickle
+import pickletools
 
 import torch
 from safetensors import SafetensorError
@@ -65,7 +66,7 @@ def _torch_load(path):
         error = e
     except Exception as e:   # on garbage torch's unpicklers raise anything, IndexError and KeyError included
         error = e
-    raise CheckpointError(f"{path}: {_why_not_torch(head, os.path.getsize(path), error)}") from error
+    raise CheckpointError(f"{path}: {_why_not_torch(path, head, os.path.getsize(path), error)}") from error
 
 
 def _load_skipping_objects(path):
@@ -87,16 +88,41 @@ def _load_skipping_objects(path):
     return state
 
 
-def _why_not_torch(head, size, error):
+def _why_not_torch(path, head, size, error):
     """What is wrong with a file torch.load could not read, judged from its first bytes and the error."""
     found = _not_weights(head, size)
     if found:
         return f"not a PyTorch checkpoint: it is {found}"
     if not head.startswith((ZIP_MAGIC, b"\x80")):
         return f"not a PyTorch zip or pickle checkpoint (first bytes: {head[:16]!r})"
+    # A bare pickle that refers to code (torch's legacy format opens with a pickle of a magic number):
+    # named from its opcodes, since torch's safe reader fails on such a file before it sees any global.
+    if foreign := [name for name in _pickled_globals(path) if not name.startswith(TORCH_GLOBALS)]:
+        return NON_TENSOR.format(f" ({', '.join(foreign)})")
     if isinstance(error, pickle.UnpicklingError) and "Unsupported global" in str(error):   # legacy format
         return NON_TENSOR.format("")
     return _damaged(size, error)
+
+
+TORCH_GLOBALS = ("torch.", "collections.OrderedDict", "_codecs.encode")   # what plain weight pickles refer to
+
+
+def _pickled_globals(path):
+    """module.name of every class or function the (first) pickle in `path` refers to, read opcode by opcode
+    with pickletools: nothing is imported or run. [] for a pickle that does not parse."""
+    strings, found = [], []
+    try:
+        with open(path, "rb") as f:
+            for op, arg, _ in pickletools.genops(f):
+                if op.name in ("GLOBAL", "INST"):
+                    found.append(arg.replace(" ", "."))
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    found.append(f"{strings[-2]}.{strings[-1]}")
+                if isinstance(arg, str):
+                    strings.append(arg)
+    except Exception:   # damaged: pickletools raises ValueError, struct.error and others on garbage
+        return []
+    return found
 
 
 def _damaged(size, error):

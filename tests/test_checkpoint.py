@@ -2,6 +2,7 @@
 guessing, and clear errors on bad input. Tiny presets in the official key layout; diffusers'
 own converters are the oracle for the renamed tensors."""
 import json
+import pickle
 import shutil
 from dataclasses import replace
 
@@ -253,6 +254,17 @@ def test_ckpt_with_objects_that_cannot_be_skipped_is_refused(tmp_path, zipped):
     assert "the file holds non-tensor Python objects" in msg and "refused for safety" in msg
     assert "could run arbitrary code; use the .safetensors version of this checkpoint instead" in msg
     assert "weights_only" not in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_a_bare_pickle_that_calls_code_is_refused_as_code_not_as_damage(tmp_path, protocol):
+    """A plain pickle (not torch.save's format) whose objects would run code: torch's safe reader cannot
+    parse protocols above 2 at all, so without reading its opcodes it would be called a damaged download."""
+    path = tmp_path / "m.ckpt"
+    path.write_bytes(pickle.dumps({"state_dict": {}, "payload": Tripwire()}, protocol=protocol))
+    msg = error_of(path)
+    assert "non-tensor Python objects (test_checkpoint.Tripwire) and was refused for safety" in msg, msg
+    assert "damaged" not in msg and "download it again" not in msg
 
 
 @pytest.mark.parametrize("ext", [".safetensors", ".ckpt"])

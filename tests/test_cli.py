@@ -105,7 +105,11 @@ def test_download_failure_says_what_to_pass(monkeypatch):
     (["--prompt", "x", "--preset", "deepcache-n3", "--prune", "sito"], "fixes caching and prunes nothing"),
     (["--prompt", "x", "--preset", "dato-coco", "--steps", "3"], "preset dato-coco is for PLMS-50"),
     (["--prompt", "x", "--preset", "dato-fixed", "--prune", "sito"], "leave out --prune and --cache"),
-    (["--prompt", "x", "--threads", "0"], "--threads must be >= 1")])
+    (["--prompt", "x", "--threads", "0"], "--threads must be >= 1"),
+    (["--prompt", "x", "--n-iter", "0"], "--n-iter (how many times the batches repeat) must be >= 1"),
+    (["--from-file", "tests"], "is a folder; give a text file"),
+    (["--prompt", "x", "--cache", "nonuniform", "--cache-center", "1000"], "--cache-center 1000 is not a UNet call"),
+    (["--prompt", "x", "--cache", "nonuniform", "--cache-center", "-1"], "--cache-center -1 is not a UNet call")])
 def test_bad_input_is_one_line_before_loading(tmp_path, capsys, args, match):
     """The checkpoint does not exist: each argument error must come first, and create nothing."""
     with pytest.raises(SystemExit):
@@ -113,6 +117,30 @@ def test_bad_input_is_one_line_before_loading(tmp_path, capsys, args, match):
     err = capsys.readouterr().err
     assert match in err and len(err.strip().splitlines()) == 1, err   # one line: no usage block, no traceback
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("entry, match", [
+    ({"depths": [12, 1.5, 1, 12, 1]}, "cache depths must be a whole number"),
+    ({"sampler": "euler"}, 'its field "sampler" is \'euler\', not one of this project\'s samplers'),
+    ({"steps": 0}, 'its field "steps" is 0, not a step count'),
+    ({"depths": [12, 1]}, "2 depths for PLMS-4, which makes 5 UNet calls"),
+])
+def test_a_bad_schedule_file_is_named_with_its_field(tmp_path, capsys, entry, match):
+    path = tmp_path / "schedule.json"
+    path.write_text(json.dumps({"sampler": "plms", "steps": 4, "depths": [12, 1, 1, 12, 1], "prune": None, **entry}))
+    with pytest.raises(SystemExit):
+        sample.main(["--prompt", "x", "--steps", "4", "--preset", str(path), "--ckpt", str(tmp_path / "none.ckpt"),
+                     "--outdir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert match in err and str(path) in err and "--steps must" not in err and len(err.splitlines()) == 1, err
+
+
+def test_a_prompt_file_that_is_not_utf8_is_named(tmp_path, capsys):
+    (tmp_path / "prompts.txt").write_bytes(b"a red circle\n\xff\xfe latin-1 \xe9\n")
+    with pytest.raises(SystemExit):
+        sample.main(["--from-file", str(tmp_path / "prompts.txt"), "--outdir", str(tmp_path / "out")])
+    assert "prompts.txt' (--from-file) is not UTF-8 text (byte 0xff at offset 13); save it as UTF-8" in \
+        capsys.readouterr().err
 
 
 def test_random_lab_weights_take_the_lab_tokenizer(tmp_path):

@@ -222,10 +222,16 @@ def read_prompts(prompt=None, from_file=None, flag="--from-file"):
     if prompt is not None and from_file:
         raise ValueError(f"give either --prompt or {flag}, not both")
     if from_file:
+        if os.path.isdir(from_file):
+            raise ValueError(f"prompt file {from_file!r} ({flag}) is a folder; give a text file, one prompt per line")
         if not os.path.isfile(from_file):
             raise ValueError(f"prompt file {from_file!r} ({flag}) does not exist")
-        with open(from_file) as f:
-            prompts = [line.strip() for line in f if line.strip()]
+        try:
+            with open(from_file, encoding="utf-8") as f:
+                prompts = [line.strip() for line in f if line.strip()]
+        except UnicodeDecodeError as e:
+            raise ValueError(f"prompt file {from_file!r} ({flag}) is not UTF-8 text (byte {e.object[e.start]:#04x} at "
+                             f"offset {e.start}); save it as UTF-8") from None
         if not prompts:
             raise ValueError(f"prompt file {from_file!r} ({flag}) holds no prompts (one per line expected)")
         return prompts
