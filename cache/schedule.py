@@ -10,6 +10,7 @@ calls), keyed by call index within the run (the sampler table, sampler/samplers.
 calls a run makes).
 """
 import math
+import numbers
 from dataclasses import dataclass
 
 # How schedules write "a full call" (the whole UNet runs), as DaTo's files do; on SD1/SD2 it is
@@ -82,7 +83,7 @@ class CacheSchedule:
             raise ValueError(f"unknown cache mode {self.mode!r}; choose one of {MODES}")
         for name, value in (("interval", self.interval), ("depth", self.depth), ("center", self.center),
                             *(("depths", d) for d in self.depths)):
-            if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):   # numpy's integers too
                 raise ValueError(f"cache {name} must be a whole number (of UNet calls or blocks), got {value!r}")
         if self.interval < 1:
             raise ValueError(f"cache interval must be >= 1, got {self.interval}")
