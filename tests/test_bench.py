@@ -1,10 +1,16 @@
 """bench.py end to end on the TINY architecture: runs in seconds, writes sensible JSON, and
 refuses bad input before any timing."""
+import importlib.util
 import json
+import os
+from pathlib import Path
 
 import pytest
 
+from model.checkpoint import ARCHITECTURES
 from tools import bench
+
+ROOT = Path(__file__).resolve().parent.parent
 
 QUICK = ["--model", "tiny", "--H", "32", "--W", "32", "--runs", "1", "--warmup", "0", "--dtype", "fp32"]
 
@@ -67,17 +73,111 @@ def test_selection(tmp_path):
     assert set(rows) == {"0.3", "0.5", "0.7"} and len(rows["0.5"]) == 5
 
 
+def test_plot_without_baseline_times_it_too(tmp_path, capsys):
+    """The plot shows speed-ups against the baseline: --plot adds it to --methods, and the results are kept."""
+    bench.main([*QUICK, "--methods", "sito:0.5", "--steps", "2", "--plot", str(tmp_path / "p.png"),
+                "--json", str(tmp_path / "p.json")])
+    rows = json.loads((tmp_path / "p.json").read_text())["methods"]["sdpa"]
+    assert list(rows) == ["baseline", "sito:0.5"] and rows["sito:0.5"]["speedup"] > 0
+    assert (tmp_path / "p.png").stat().st_size > 0 and "timing baseline too" in capsys.readouterr().out
+
+
+def test_results_are_written_before_the_plot(tmp_path, monkeypatch):
+    """A plot that fails after the timing loses nothing: the JSON and the table are already written."""
+    monkeypatch.setattr(bench, "draw_speedups", lambda *a: (_ for _ in ()).throw(ValueError("plot failed")))
+    with pytest.raises(SystemExit):
+        bench.main([*QUICK, "--methods", "baseline", "--steps", "2", "--plot", str(tmp_path / "p.png"),
+                    "--json", str(tmp_path / "r.json"), "--markdown", str(tmp_path / "r.md")])
+    assert "baseline" in json.loads((tmp_path / "r.json").read_text())["methods"]["sdpa"]
+    assert "| baseline |" in (tmp_path / "r.md").read_text()
+
+
+def test_lab_model_end_to_end_uses_the_lab_tokenizer(tmp_path):
+    """--model lab --e2e encodes its prompt: with the lab tokenizer, whose ids fit its 564-id vocabulary."""
+    bench.main([*QUICK, "--model", "lab", "--methods", "baseline", "--steps", "1", "--e2e",
+                "--json", str(tmp_path / "l.json")])
+    assert json.loads((tmp_path / "l.json").read_text())["methods"]["sdpa"]["baseline"]["e2e_s"] > 0
+
+
+def test_checkpoint_size_checked_before_loading(capsys, monkeypatch):
+    """The factor of a checkpoint is read from its metadata (the lab model's 4), else SD's 8, before loading."""
+    assert {config.vae.factor for config in ARCHITECTURES} == {8}   # what bench assumes of files without metadata
+    monkeypatch.setattr(bench, "load_checkpoint", lambda *a, **k: pytest.fail("loaded before checking --H"))
+    with pytest.raises(SystemExit):
+        bench.main([*QUICK, "--ckpt", str(ROOT / "lab" / "lab-sd.safetensors"), "--H", "130"])
+    err = capsys.readouterr().err
+    assert "--H 130" in err and "multiples of 4" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("content,match", [(b"not weights at all", "not a valid .safetensors file"),
+                                           (None, "unsupported file type '.md'")])
+def test_a_file_that_is_not_a_checkpoint_is_one_line(tmp_path, capsys, content, match):
+    path = tmp_path / ("bad.safetensors" if content else "notes.md")
+    path.write_bytes(content or b"# notes")
+    with pytest.raises(SystemExit):
+        bench.main([*QUICK, "--ckpt", str(path), "--methods", "baseline"])
+    err = capsys.readouterr().err
+    assert match in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_output_folder(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(bench, "compare", lambda *a: pytest.fail("timed before checking the outputs"))
+    (tmp_path / "ro").mkdir(mode=0o555)
+    with pytest.raises(SystemExit):
+        bench.main([*QUICK, "--markdown", str(tmp_path / "ro" / "t.md")])
+    assert "--markdown" in capsys.readouterr().err
+
+
+def test_schedule_file_with_a_fractional_depth(tmp_path, capsys, monkeypatch):
+    """A depth of 1.5 is refused when the file is read (cache/schedule.py), not as a TypeError inside the timing."""
+    monkeypatch.setattr(bench, "random_weights", lambda *a, **k: pytest.fail("loaded weights before checking"))
+    entry = json.loads((ROOT / "lab" / "schedules" / "plms50.json").read_text())["points"][0]
+    entry["depths"][3] = 1.5
+    (tmp_path / "f.json").write_text(json.dumps(entry))
+    with pytest.raises(SystemExit):
+        bench.main([*QUICK, "--methods", f"baseline,{tmp_path / 'f.json'}"])
+    err = capsys.readouterr().err
+    assert "is not a valid schedule" in err and "whole number" in err and len(err.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize("args,match", [
     (["--methods", "foo"], "unknown method 'foo': use 'baseline', 'tome:R'"),
     (["--methods", ""], "comma-separated list"), (["--methods", "baseline,baseline"], "distinct"),
     (["--methods", "deepcache-n9"], "a preset (deepcache-n3"), (["--methods", "sito:abc"], "is not a number"),
     (["--methods", "tome:0.9"], "prune ratio 0.9 out of range"),
     (["--methods", "baseline,dato-coco", "--steps", "20"], "is for PLMS-50 (51 UNet calls); this run is PLMS-20"),
-    (["--runs", "0"], "--runs must be >= 1"), (["--H", "60"], "multiples of 8"),
+    (["--methods", "nothere.json"], "schedule file 'nothere.json' does not exist"),
+    (["--methods", "baseline@plms:0"], "from 1 to 999, got 0"),
+    (["--runs", "0"], "--runs must be >= 1"), (["--runs", "-3"], "--runs must be >= 1"),
+    (["--warmup", "-1"], "--warmup must be >= 0"), (["--batch", "0"], "--batch must be >= 1"),
+    (["--threads", "0"], "--threads must be >= 1"), (["--threads", "-2"], "--threads must be >= 1"),
+    (["--steps", "0", "--methods", "baseline"], "--steps must be a whole number from 1 to 999, got 0"),
+    (["--H", "60"], "multiples of 8"), (["--H", "130"], "--H 130: --H and --W must be positive multiples of 8"),
+    (["--W", "0"], "--W 0: --H and --W must be positive multiples of 8"),
+    (["--ckpt", "nothere.safetensors"], "--ckpt 'nothere.safetensors' does not exist"),
+    (["--json", "/no/such/folder/r.json"], "--json '/no/such/folder/r.json' is in '/no/such/folder', which does not"),
+    (["--markdown", "."], "--markdown '.' is a folder"), (["--plot", "speed.xyz"], "matplotlib writes no .xyz files"),
+    (["--json", "same.out", "--markdown", "same.out"], "--markdown 'same.out' is also the --json file"),
+    (["--selection", "--H", "72"], "--H 72: --H and --W must be positive multiples of 16"),
+    (["--selection", "--plot", "s.png"], "--plot shows the methods' results"),
+    (["--selection", "--H", "65536", "--W", "65536"], "GiB are free: lower --H/--W or --batch"),
+    (["--selection", "--batch", "100000", "--H", "2048", "--W", "2048"], "--batch 100000 needs about"),
     (["--attention", "flash"], "--attention flash"), (["--device", "cuda:7"], "--device cuda:7")])
 def test_bad_input_before_timing(capsys, monkeypatch, args, match):
     monkeypatch.setattr(bench, "random_weights", lambda *a, **k: pytest.fail("loaded weights before checking"))
+    monkeypatch.setattr(bench, "load_checkpoint", lambda *a, **k: pytest.fail("loaded weights before checking"))
+    monkeypatch.setattr(bench, "compare", lambda *a: pytest.fail("timed before checking"))
     with pytest.raises(SystemExit):
         bench.main([*QUICK, *args])
     err = capsys.readouterr().err
-    assert match in err and "Traceback" not in err
+    assert match in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_vs_diffusers_without_diffusers_is_refused_up_front(capsys, monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "diffusers" else find_spec(name))
+    monkeypatch.setattr(bench, "random_weights", lambda *a, **k: pytest.fail("loaded weights before checking"))
+    with pytest.raises(SystemExit):
+        bench.main([*QUICK, "--vs-diffusers"])
+    assert "--vs-diffusers needs diffusers: pip install diffusers" in capsys.readouterr().err

@@ -5,45 +5,46 @@
     python -m tools.bench --selection                                       # token-selection cost per block
     python -m tools.bench --model tiny --H 64 --W 64 --runs 2 --json out.json   # a quick check
 
-Methods: `baseline`, `tome:R`, `sito:R`, `dato:R` (token pruning at ratio R), `todo:F` (ToDo: keys and
-values from a grid F times smaller per side), and the presets of accel/ (`deepcache-n3`, `deepcache-n5`,
-`deepcache-n5-nonuniform`, `dato-fixed`, `dato-coco`), each on the command's --sampler/--steps or on its
-own run, SPEC@SAMPLER:STEPS (`baseline@dpmpp-2m:20`, `deepcache-n3@dpmpp-2m:25`): its time is that run's,
-its speed-up is against `baseline`, the command's run. Weights are random (speed does not depend on their
-values) unless --ckpt is given.
-Precision: --dtype auto (the default) is bf16 on CPUs with native bf16 units (AVX512-BF16, AMX),
-fp32 on other CPUs, fp16 on GPUs; the CPU model and its bf16 support are printed with the results.
+Methods (--methods): `baseline`, the token methods (`sito:0.5`, `todo:2`), the presets of accel/ and schedule files,
+each on the command's --sampler/--steps or on its own run, SPEC@SAMPLER:STEPS (`deepcache-n3@dpmpp-2m:25`): its time
+is that run's, its speed-up is against `baseline`, the command's run (--plot adds it). Weights are random (speed
+does not depend on their values) unless --ckpt is given.
+Precision: --dtype auto (the default) is bf16 on CPUs with native bf16 units (AVX512-BF16, AMX), fp32 on other CPUs,
+fp16 on GPUs; the CPU model and its bf16 support are printed with the results.
 
-How it measures. A run of S steps makes a fixed sequence of UNet calls (PLMS-50: 51), each of a
-kind: full or cached at some depth, pruned at some ratio. Each distinct kind is timed on its own
-(median of --runs after --warmup; all kinds of all methods alternate run by run, so they see the
-same machine load), and a method's run time is the sum over its calls of its kinds' medians.
-`--e2e` also times real sampling runs to check that sum. Speed-ups are against our baseline with
-the same attention backend, from the same process. MACs are analytic (model/macs.py), per image
-(the CFG batch doubles them), with and without the attention matmuls. Peak memory is the
-largest rise over the call's starting point (CUDA: allocated bytes; CPU: the resident set after
-returning freed heap to the system, which counts the large buffers reliably, small ones not).
-"""
-import argparse
+How it measures. A run of S steps makes a fixed sequence of UNet calls (PLMS-50: 51), each of a kind: full or cached
+at some depth, pruned at some ratio. Each distinct kind is timed on its own (median of --runs after --warmup; all
+kinds of all methods alternate run by run, so they see the same machine load), and a method's run time is the sum
+over its calls of its kinds' medians. `--e2e` also times real sampling runs to check that sum. Speed-ups are against
+our baseline with the same attention backend, from the same process. MACs are analytic (model/macs.py), per image
+(the CFG batch doubles them), with and without the attention matmuls. Peak memory is the largest rise over the
+call's starting point (CUDA: allocated bytes; CPU: the resident set after returning freed heap to the system, which
+counts the large buffers reliably, small ones not)."""
 import ctypes
 import importlib.util
 import json
+import math
+import os
 import re
 import statistics
 
 import torch
 import torch.nn.functional as F
 
-from accel import Acceleration, call_kinds, kind_macs, parse_methods
+from accel import Acceleration, call_kinds, kind_macs, method_syntax, parse_methods, parse_run_method
 from cache import FULL, CacheSchedule
+from lab.vocab import SHIPPED_TOKENIZER
 from model import PRESETS as MODELS
 from model import load_checkpoint, random_weights
+from model.checkpoint import ARCHITECTURES, CONFIG_KEY, read_metadata
+from model.config import config_from_json
 from model.hardware import DTYPE_CHOICES, check_device, cpu_description, dtype_name, resolve_dtype, timed
 from model.text import byte_tokenizer
 from model.unet import ATTENTION_BACKENDS
 from prune import DaTo, SiTo, ToMe
 from sampler import SAMPLERS, unet_calls
 from sampler.generate import Sampling, Timer, check_size, generate
+from tools.cli import Parser, run_tool
 from tools.plots import draw_speedups
 
 DEFAULT_METHODS = ("baseline,tome:0.3,tome:0.5,tome:0.7,sito:0.3,sito:0.5,sito:0.7,dato:0.5,todo:2,todo:3,"
@@ -51,8 +52,7 @@ DEFAULT_METHODS = ("baseline,tome:0.3,tome:0.5,tome:0.7,sito:0.3,sito:0.5,sito:0
 
 
 def kind_settings(accel, kind):
-    """(pruning settings or None, cache depth) of one call of this kind: calls with equal
-    settings cost the same and are timed once."""
+    """(pruning settings or None, cache depth) of a call of this kind: equal settings are timed once."""
     depth, ratio = kind
     return (accel.prune.every_call(ratio) if ratio else None), depth
 
@@ -88,8 +88,8 @@ def compare(calls, runs, warmup, device):
     return times
 
 
-def _kb(key):
-    return int(re.search(rf"{key}:\s+(\d+) kB", open("/proc/self/status").read())[1]) * 1024
+def _kb(key, path="/proc/self/status"):
+    return int(re.search(rf"{key}:\s+(\d+) kB", open(path).read())[1]) * 1024
 
 
 def peak_memory(fn, device):
@@ -113,12 +113,9 @@ def peak_memory(fn, device):
 
 
 def diffusers_unet(config, dtype, device, attention):
-    """diffusers' UNet2DConditionModel with the same architecture (random weights)."""
-    try:
-        from diffusers import UNet2DConditionModel
-        from diffusers.models.attention_processor import AttnProcessor
-    except ImportError:
-        raise SystemExit("--vs-diffusers needs diffusers: pip install diffusers") from None
+    """diffusers' UNet2DConditionModel with the same architecture (random weights; check_args checks the extra)."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.attention_processor import AttnProcessor
     u = config.unet
     heads = u.num_heads if not u.head_channels else [u.model_channels * m // u.head_channels for m in u.channel_mult]
     unet = UNet2DConditionModel(block_out_channels=[u.model_channels * m for m in u.channel_mult],
@@ -132,8 +129,7 @@ def diffusers_unet(config, dtype, device, attention):
 def bench_methods(args, unet, config, methods, attention, device, dtype):
     """Time every distinct call kind of every method; compose per-run numbers."""
     unet.set_attention(attention)
-    b, factor = 2 * args.batch, config.vae.factor
-    hw = (args.H // factor, args.W // factor)
+    b, hw = 2 * args.batch, (args.H // config.vae.factor, args.W // config.vae.factor)
     x = torch.randn(b, config.unet.in_channels, *hw, device=device, dtype=dtype)
     t = torch.full((b,), 500, device=device)
     context = torch.randn(b, 77, config.unet.context_dim, device=device, dtype=dtype)
@@ -155,9 +151,8 @@ def bench_methods(args, unet, config, methods, attention, device, dtype):
         macs = {mm: sum(kind_macs(unet, methods[spec].accel, k, hw, mm) for k in kinds) for mm in (False, True)}
         n = len(kinds)   # this method's UNet calls (its own run's)
         rows[spec] = dict(calls=n, sampler=methods[spec].sampler, steps=methods[spec].steps, run_s=run["median"],
-                          run_min_s=run["min"], run_max_s=run["max"],
-                          call_ms=1e3 * run["median"] / n, call_min_ms=1e3 * run["min"] / n,
-                          call_max_ms=1e3 * run["max"] / n,
+                          run_min_s=run["min"], run_max_s=run["max"], call_ms=1e3 * run["median"] / n,
+                          call_min_ms=1e3 * run["min"] / n, call_max_ms=1e3 * run["max"] / n,
                           gmacs_call=macs[False] / n / 1e9, gmacs_call_mm=macs[True] / n / 1e9,
                           gmacs_run=macs[False] / 1e9, gmacs_run_mm=macs[True] / 1e9,
                           peak_mb=max((memory[k] or 0) for k in keys[spec]) / 2 ** 20,
@@ -175,17 +170,14 @@ def bench_methods(args, unet, config, methods, attention, device, dtype):
     return rows
 
 
-def e2e_seconds(sd, methods, args, attention, device):
-    """{spec: UNet seconds of one real sampling run}: generate() on one prompt per batch image,
-    its UNet phase timed (text encoding and decoding are not part of the comparison)."""
-    seconds = {}
+def add_e2e(rows, sd, methods, args, attention, device):
+    """rows[spec]["e2e_s"]: the UNet seconds of one real sampling run, generate() on a prompt per batch image."""
     for spec, m in methods.items():
         run = Sampling(steps=m.steps, scale=7.5, sampler=m.sampler, seed=0, size=(args.H, args.W),
                        attention=attention, accel=m.accel, batch_size=args.batch)
         timer = Timer(device)
         generate(sd, ["a red cube on a table"] * args.batch, run, timer=timer)
-        seconds[spec] = timer.totals["unet"]
-    return seconds
+        rows[spec]["e2e_s"] = timer.totals["unet"]
 
 
 def ratio_text(value, width):
@@ -208,13 +200,11 @@ def print_rows(rows, args, attention, device, dtype):
               + (f" {r['e2e_s']:7.1f}" if "e2e_s" in r else ""))
 
 
-# ---------------------------------------------------------------------------------------------
-# token selection alone
+# token selection alone ------------------------------------------------------------------------
 
 def official_selection(x, hw, ratio, noise_alpha=0.1, generator=None):
-    """What the official SiTo/DaTo code does per block (SiTo's prune_and_recover_tokens), for
-    comparison: the full N x N cosine matrix, its row sums, and the candidate x base and kept x
-    pruned similarities gathered out of it."""
+    """What the official SiTo/DaTo code does per block (SiTo's prune_and_recover_tokens): the full N x N cosine
+    matrix, its row sums, and the candidate x base and kept x pruned similarities gathered out of it."""
     b, n, _ = x.shape
     (h, w), k = hw, int(n * ratio)
     m = F.normalize(x, dim=-1)
@@ -233,8 +223,15 @@ def official_selection(x, hw, ratio, noise_alpha=0.1, generator=None):
 
 
 def selection_bench(args, device, dtype):
-    """Per-block selection cost at the top level of the UNet (N = latent tokens, C = 320)."""
+    """Per-block selection cost at the top level of the UNet (N = latent tokens, C = 320); refused before
+    allocating where the official approach's N x N matrices (measured peak: 2.25 N x N per image) do not fit."""
     h, w = (args.H or 512) // 8, (args.W or 512) // 8
+    need = 2.25 * 2 * args.batch * (h * w) ** 2 * dtype.itemsize
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else \
+        _kb("MemAvailable", "/proc/meminfo") if os.path.exists("/proc/meminfo") else math.inf   # CPU: Linux's figure
+    if need > free:
+        raise ValueError(f"--selection at {8 * h}x{8 * w}, --batch {args.batch} needs about {need / 2 ** 30:,.1f} GiB "
+                         f"(N x N matrices, N = {h * w}), {free / 2 ** 30:,.1f} GiB are free: lower --H/--W or --batch")
     x = torch.randn(2 * args.batch, h * w, 320, device=device, dtype=dtype)
     g = torch.Generator().manual_seed(0)
     dynamics = torch.rand(x.shape[0], h, w, device=device)
@@ -252,14 +249,12 @@ def selection_bench(args, device, dtype):
     names = list(next(iter(rows.values())))
     print(f"{'ratio':>6} " + " ".join(f"{n:>22}" for n in names))
     for ratio, r in rows.items():
-        base = r[names[0]]
-        print(f"{ratio:6.1f} " + " ".join(f"{r[n] * 1e3:13.1f} ({r[n] / base:5.2f}x)" for n in names))
+        print(f"{ratio:6.1f} " + " ".join(f"{r[n] * 1e3:13.1f} ({r[n] / r[names[0]]:5.2f}x)" for n in names))
     return rows
 
 
 def markdown(results):
-    """The results table of docs/benchmarks.md: per method, each backend's ms/call (min-max), UNet s/run and
-    speed-up, then the analytic MACs and peak memory per backend."""
+    """docs/benchmarks.md's table: per method each backend's ms/call (min-max), s/run, speed-up; MACs, memory."""
     backends = list(results)
     head = " | ".join(f"{b} ms/call (min-max) | UNet s/run | speed-up" for b in backends)
     lines = [f"| method | {head} | GMAC/call | + attn mm | MAC ratio | peak MB ({' / '.join(backends)}) |",
@@ -270,49 +265,121 @@ def markdown(results):
             r = results[b][name]
             cells += [f"{r['call_ms']:.0f} ({r['call_min_ms']:.0f}–{r['call_max_ms']:.0f})", f"{r['run_s']:.1f}",
                       ratio_text(r["speedup"], 0).strip()]
-        macs = ["", "", ""]
-        if "gmacs_run" in first:
-            macs = [f"{first['gmacs_call']:.1f}", f"{first['gmacs_call_mm']:.1f}", ratio_text(first["macs_ratio"], 0)]
+        macs = ([f"{first['gmacs_call']:.1f}", f"{first['gmacs_call_mm']:.1f}", ratio_text(first["macs_ratio"], 0)]
+                if "gmacs_run" in first else ["", "", ""])
         memory = " / ".join(f"{results[b][name]['peak_mb']:.0f}" for b in backends)
         lines.append(f"| {name} | " + " | ".join(cells + macs + [memory]) + " |")
     return "\n".join(lines) + "\n"
 
 
+def check_output(flag, path, taken):
+    """An output file that cannot be written is refused now, not after minutes of timing."""
+    full, folder = os.path.abspath(path), os.path.dirname(os.path.abspath(path))
+    if (other := taken.setdefault(full, flag)) != flag:
+        raise ValueError(f"{flag} {path!r} is also the {other} file: give each output its own path")
+    why = ("is a folder" if os.path.isdir(full) else f"is in {folder!r}, which does not exist"
+           if not os.path.isdir(folder) else None if os.access(full if os.path.exists(full) else folder, os.W_OK)
+           else "is not writable")
+    if why:
+        raise ValueError(f"{flag} {path!r} {why}: choose another path")
+
+
+def vae_factor(args):
+    """The VAE factor before loading: the preset's, a checkpoint's stated one (lab's), else SD's (all detected)."""
+    try:
+        metadata = read_metadata(args.ckpt) if args.ckpt and os.path.isfile(args.ckpt) else {}
+    except Exception:   # not a readable checkpoint: loading it says why
+        metadata = {}
+    stated = config_from_json(metadata[CONFIG_KEY]) if CONFIG_KEY in metadata else None
+    return (stated or (ARCHITECTURES[0] if args.ckpt else MODELS[args.model])).vae.factor
+
+
 def check_args(args):
-    """Everything that can be wrong with the command line, before any weights or timing:
-    -> (device, dtype, {spec: Acceleration or None}, attention backends)."""
-    if args.plot and importlib.util.find_spec("matplotlib") is None:
-        raise ValueError("--plot draws with matplotlib: pip install -r requirements-eval.txt")
-    device = check_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
-    for flag, value, least in (("--runs", args.runs, 1), ("--warmup", args.warmup, 0), ("--batch", args.batch, 1),
-                               ("--H", args.H, 1), ("--W", args.W, 1), ("--threads", args.threads or 1, 1)):
-        if value is not None and value < least:
+    """Everything wrong with the command line, before weights or timing -> (device, dtype, methods, attentions)."""
+    for flag, value, least in (("--runs", args.runs, 1), ("--warmup", args.warmup, 0), ("--batch", args.batch, 1)):
+        if value < least:   # --threads: run_tool's set_threads
             raise ValueError(f"{flag} must be >= {least}, got {value}")
+    if args.vs_diffusers and importlib.util.find_spec("diffusers") is None:
+        raise ValueError("--vs-diffusers needs diffusers: pip install diffusers")
+    if args.ckpt and not os.path.exists(args.ckpt):
+        raise ValueError(f"--ckpt {args.ckpt!r} does not exist (a .safetensors/.ckpt file or a diffusers folder)")
+    if args.plot:
+        if importlib.util.find_spec("matplotlib") is None:
+            raise ValueError("--plot draws with matplotlib: pip install -r requirements-eval.txt")
+        from matplotlib.backend_bases import FigureCanvasBase
+        kinds = FigureCanvasBase.get_supported_filetypes()
+        if (ext := os.path.splitext(args.plot)[1][1:].lower()) and ext not in kinds:
+            raise ValueError(f"--plot {args.plot!r}: matplotlib writes no .{ext} files; use .png ({', '.join(kinds)})")
+    taken = {}
+    for flag, path in (("--json", args.json), ("--markdown", args.markdown), ("--plot", args.plot)):
+        if path and args.selection and flag != "--json":
+            raise ValueError(f"{flag} shows the methods' results; --selection writes its own only with --json")
+        if path:
+            check_output(flag, path, taken)
+    step = 16 if args.selection else vae_factor(args)
+    for flag, side in (("--H", args.H), ("--W", args.W)):
+        if side is not None and (side < 1 or side % step):
+            raise ValueError(f"{flag} {side}: --H and --W must be positive multiples of {step} (" + (
+                "--selection groups 2x2 latent cells of 8 pixels" if args.selection else
+                f"the VAE factor of {args.ckpt or args.model}") + f"), e.g. {flag} {max(side // step, 1) * step}")
+    dtype = resolve_dtype(args.dtype, device := check_device(args.device))
     if args.selection:
         return device, dtype, {}, []
-    factor = MODELS[args.model].vae.factor
-    if not args.ckpt and any(side is not None and side % factor for side in (args.H, args.W)):
-        raise ValueError(f"--H and --W must be multiples of {factor} (the VAE factor of {args.model}), "
-                         f"got {args.H}x{args.W}")
     attentions = [a.strip() for a in args.attention.split(",")]
     if bad := [a for a in attentions if a not in ATTENTION_BACKENDS]:
         raise ValueError(f"--attention {', '.join(bad)}: choose from {', '.join(ATTENTION_BACKENDS)}")
-    return device, dtype, parse_methods(args.methods, args.sampler, args.steps), attentions
+    unet_calls(args.steps, args.sampler)   # the baseline's run, whatever --methods lists: --steps in range
+    methods = parse_methods(args.methods, args.sampler, args.steps)
+    if args.plot and "baseline" not in methods:   # the plot shows speed-ups: time what they are against
+        print("--plot: timing baseline too (the speed-ups are against it)")
+        methods = {"baseline": parse_run_method("baseline", args.sampler, args.steps), **methods}
+    return device, dtype, methods, attentions
+
+
+def run(args):
+    device, dtype, methods, attentions = check_args(args)
+    results = {"args": vars(args), "device": str(device), "dtype": dtype_name(dtype),
+               "cpu": cpu_description() if device.type == "cpu" else None}
+    if args.selection:
+        with torch.inference_mode():
+            results["selection"] = selection_bench(args, device, dtype)
+    else:
+        torch.manual_seed(0)
+        if args.ckpt:
+            sd = load_checkpoint(args.ckpt, device=device, dtype=dtype)
+        else:   # a tokenizer whose ids fit the model's vocabulary (the lab model's is 564 ids)
+            tokenizer = SHIPPED_TOKENIZER if args.model == "lab" else byte_tokenizer()
+            sd = random_weights(MODELS[args.model], device=device, dtype=dtype, tokenizer=tokenizer)
+        args.H, args.W = check_size(sd, (args.H, args.W))
+        if args.e2e:   # its tokenizer now, not after the timing: a missing one ends the run before it starts
+            sd.text.tokenize(["a red cube on a table"])
+        results["methods"] = {}
+        for attention in attentions:
+            rows = bench_methods(args, sd.unet, sd.config, methods, attention, device, dtype)
+            if args.e2e:
+                add_e2e(rows, sd, methods, args, attention, device)
+            print_rows(rows, args, attention, device, dtype)
+            results["methods"][attention] = rows
+    if args.json:   # the files in order of what they keep: the plot, drawn last, keeps least
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    if args.markdown and "methods" in results:
+        with open(args.markdown, "w") as f:
+            f.write(markdown(results["methods"]))
+    if args.plot and "methods" in results:
+        draw_speedups(results["methods"], args.plot)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="python -m tools.bench", description=__doc__)
     p.add_argument("--model", choices=list(MODELS), default="sd1", help="architecture with random weights (sd1)")
     p.add_argument("--ckpt", help="time a real checkpoint instead of random weights")
-    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
-                   help="auto (default): bf16 on CPUs with native bf16 units, fp32 on other CPUs, fp16 on GPUs")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="precision (auto: see above)")
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: the best available)")
     p.add_argument("--attention", default="sdpa", help=f"comma-separated backends from {', '.join(ATTENTION_BACKENDS)}")
-    p.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated (see above)")
-    p.add_argument("--H", type=int, help="pixels, a multiple of the VAE factor (the model's training size: 512, 768 "
-                                         "for sd2-v, 128 for lab; 512 for --selection)")
+    p.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated: {method_syntax()}")
+    p.add_argument("--H", type=int, help="pixels, a multiple of the VAE factor (default: the model's size; 512 "
+                                         "for --selection, a multiple of 16)")
     p.add_argument("--W", type=int, help="pixels (as --H)")
     p.add_argument("--batch", type=int, default=1, help="images per call; CFG doubles it (1)")
     p.add_argument("--steps", type=int, default=50, help="sampler steps: the run the per-call times compose (50)")
@@ -326,42 +393,7 @@ def main(argv=None):
     p.add_argument("--json", help="write the results here")
     p.add_argument("--plot", help="draw the speed-ups into this PNG")
     p.add_argument("--markdown", help="write the results table (the format of docs/benchmarks.md) to this file")
-    args = p.parse_args(argv)
-    try:
-        device, dtype, methods, attentions = check_args(args)
-    except ValueError as e:
-        p.error(str(e))
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    results = {"args": vars(args), "device": str(device), "dtype": dtype_name(dtype),
-               "cpu": cpu_description() if device.type == "cpu" else None}
-    if args.selection:
-        with torch.inference_mode():
-            results["selection"] = selection_bench(args, device, dtype)
-    else:
-        torch.manual_seed(0)
-        if args.ckpt:
-            sd = load_checkpoint(args.ckpt, device=device, dtype=dtype)
-        else:
-            sd = random_weights(MODELS[args.model], device=device, dtype=dtype, tokenizer=byte_tokenizer())
-        args.H, args.W = check_size(sd, (args.H, args.W))
-        results["methods"] = {}
-        for attention in attentions:
-            rows = bench_methods(args, sd.unet, sd.config, methods, attention, device, dtype)
-            if args.e2e:
-                for spec, seconds in e2e_seconds(sd, methods, args, attention, device).items():
-                    rows[spec]["e2e_s"] = seconds
-            print_rows(rows, args, attention, device, dtype)
-            results["methods"][attention] = rows
-        if args.plot:
-            draw_speedups(results["methods"], args.plot)
-        if args.markdown:
-            with open(args.markdown, "w") as f:
-                f.write(markdown(results["methods"]))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+    run_tool(p, run, argv, "interrupted: no results written")   # parse, --threads (>= 1), run; bad input: 1 line
 
 
 if __name__ == "__main__":
