@@ -3,8 +3,8 @@
     python -m lab.check DIR [--json FILE] [-v]
 
 reads the captions from DIR/captions.txt (line k for the k-th PNG in numeric order) or, without
-it, from each PNG's `parameters` text chunk (JSON with a "prompt" key, as sample.py writes), and
-prints the accuracy overall, per kind (single / pair) and per relation.
+it, from each PNG's `parameters` text chunk (JSON with "prompt" and "seed", as sample.py writes:
+each prompt and seed counts once), and prints the accuracy overall, per kind and per relation.
 
 check(image, caption) finds the objects in the image without knowing the caption, then compares:
   1. foreground: pixels clearly more colourful than the background (estimated from the border) or
@@ -25,12 +25,14 @@ It is meant for generated images too: soft edges, colour drift, blur, noise and 
 import argparse
 import json
 import os
+import tempfile
 from dataclasses import asdict, dataclass, field
 
 import torch
 from PIL import Image
 
-from lab.scenes import AXES, COLORS, RELATIONS, parse
+from lab.folders import FolderError, list_pngs, read_listing, save_new
+from lab.scenes import AXES, COLORS, RELATIONS, parse, scene_caption
 
 # each colour's accepted hues (degrees): the generator's windows widened by ~20 degrees; hues in the
 # gaps (orange-ish 84-86, cyan, purple / magenta) are "other", an object nobody asked for
@@ -74,10 +76,7 @@ class Found:
         return f"{name} at ({self.centroid[0]:.0f}, {self.centroid[1]:.0f})"
 
     def to_json(self):
-        d = asdict(self)
-        d["centroid"] = [round(c, 2) for c in self.centroid]
-        d["box"] = list(self.box)
-        return d
+        return {**asdict(self), "centroid": [round(c, 2) for c in self.centroid], "box": list(self.box)}
 
 
 @dataclass
@@ -89,11 +88,8 @@ class Verdict:
 
 
 def rgb_image(image):
-    """An RGB PIL image from a PIL image or a path."""
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    with Image.open(image) as opened:
-        return opened.convert("RGB")
+    """An RGB PIL image from a PIL image or a path (FolderError naming a file that does not decode)."""
+    return image.convert("RGB") if isinstance(image, Image.Image) else read_png(image)[0]
 
 
 def load(image):
@@ -115,11 +111,6 @@ def planes(image):
     w, h = image.size
     data = torch.frombuffer(bytearray(image.convert("RGB").tobytes()), dtype=torch.uint8).view(h, w, 3)
     return [data[..., c].float() / 255 for c in range(3)]
-
-
-def to_tensor(image):
-    """An image (PIL, or a path) as a float (3, H, W) tensor in [0, 1], at its own size."""
-    return torch.stack(planes(rgb_image(image)))
 
 
 def hue_degrees(r, g, b):
@@ -294,31 +285,41 @@ def check(image, caption, config=CheckConfig()):
     return Verdict(True, found)
 
 
-def _numeric(name):
-    stem = os.path.splitext(name)[0]
-    return (0, int(stem), name) if stem.isdigit() else (1, 0, name)
+def read_png(path):
+    """(RGB image, `parameters` text or None) of a PNG, decoded in full; FolderError naming a broken one."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB"), getattr(image, "text", {}).get("parameters")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise FolderError(f"{path} is not a readable image ({e}); delete or regenerate it") from None
 
 
 def read_captions(folder):
-    """[(png path, caption)] of a folder: captions.txt line k for the k-th PNG in numeric order,
-    else each PNG's `parameters` chunk's "prompt"."""
-    pngs = sorted((f for f in os.listdir(folder) if f.lower().endswith(".png")), key=_numeric)
-    paths = [os.path.join(folder, f) for f in pngs]
-    listing = os.path.join(folder, "captions.txt")
-    if os.path.exists(listing):
-        with open(listing) as f:
-            captions = f.read().splitlines()
-        if len(captions) != len(paths):
-            raise ValueError(f"{listing} has {len(captions)} lines for {len(paths)} PNGs")
-        return list(zip(paths, captions, strict=True))
-    pairs = []
-    for path in paths:
-        with Image.open(path) as image:
-            text = getattr(image, "text", {}).get("parameters")
-        if text is None:
-            raise ValueError(f"{path}: no captions.txt in {folder} and no `parameters` chunk in the PNG")
-        pairs.append((path, json.loads(text)["prompt"]))
-    return pairs
+    """([(png, caption)] to score, [(repeated png, the one it repeats)]): captions.txt line k for the k-th
+    PNG, else the PNGs' `parameters` JSON, each (prompt, seed) once (sample.py numbers PNGs on: a rerun
+    after Ctrl-C writes the same images again). Every PNG is decoded and caption parsed before scoring."""
+    paths = list_pngs(folder)
+    texts = [read_png(path)[1] for path in paths]
+    if os.path.exists(listing := os.path.join(folder, "captions.txt")):
+        lines = read_listing(listing, len(paths))
+        return [(path, scene_caption(line, f"{listing} line {k + 1}"))
+                for k, (path, line) in enumerate(zip(paths, lines, strict=True))], []
+    first, repeats = {}, []     # (prompt, seed) -> (its first png, settings), in order
+    for path, text in zip(paths, texts, strict=True):
+        try:
+            settings = json.loads(text)
+            prompt, seed = settings["prompt"], json.dumps(settings.get("seed", path))  # no seed: no repeat
+        except (TypeError, KeyError, ValueError):
+            raise FolderError(f"{path}: no captions.txt, and no prompt in the PNG's `parameters` (as sample.py "
+                              "writes); add captions.txt, one caption per PNG in numeric order") from None
+        earlier, before = first.setdefault((scene_caption(prompt, f"{path}: its prompt"), seed), (path, settings))
+        if before != settings:  # which of the two should count?
+            changed = ", ".join(k for k in {**before, **settings} if before.get(k) != settings.get(k))
+            raise FolderError(f"{earlier} and {path} have the same prompt and seed but other {changed}: the folder "
+                              "mixes runs; give each run a folder of its own")
+        if earlier != path:
+            repeats.append((path, earlier))
+    return [(path, prompt) for (prompt, _), (path, _) in first.items()], repeats
 
 
 def _accuracy(rows):
@@ -326,17 +327,15 @@ def _accuracy(rows):
 
 
 def check_folder(folder, config=CheckConfig()):
-    """The report of a folder: accuracy overall, by kind and by relation, and each image's verdict."""
+    """A folder's report: accuracy overall, by kind and by relation, each verdict, the repeats left out."""
+    pairs, repeats = read_captions(folder)
     images = []
-    for path, caption in read_captions(folder):
-        try:
-            parse(caption)
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
+    for path, caption in pairs:
         verdict = check(path, caption, config)
         images.append({"file": os.path.basename(path), "caption": caption, "correct": verdict.correct,
                        "found": [f.to_json() for f in verdict.found], "reason": verdict.reason})
-    return {**summary(images), "images": images}
+    duplicates = [{"file": os.path.basename(a), "same_as": os.path.basename(b)} for a, b in repeats]
+    return {**summary(images), "images": images, "duplicates": duplicates}
 
 
 def summary(rows):
@@ -353,23 +352,45 @@ def _percent(entry):
     return "-" if entry["accuracy"] is None else f"{100 * entry['accuracy']:.1f}% of {entry['n']}"
 
 
+def check_new_file(path):
+    """FolderError unless `path` is a new file in a folder that can be written: checked before scoring."""
+    if os.path.lexists(path):
+        raise FolderError(f"--json {path} exists; choose another file or delete it (reports are not overwritten)")
+    try:
+        tempfile.TemporaryFile(dir=os.path.dirname(path) or ".").close()   # a real write: os.access lies to root
+    except OSError as e:
+        raise FolderError(f"--json {path} cannot be written ({e.strerror}); choose another place") from None
+
+
+def show(report, verbose):
+    """Print the report: with `verbose`, each wrong image and why first."""
+    for r in (r for r in report["images"] if verbose and not r["correct"]):
+        print(f"{r['file']}: {r['caption']!r}: {r['reason']}")
+    if d := report["duplicates"]:   # as a rerun of sample.py into the folder writes
+        print(f"{len(d)} repeated images not counted (same prompt, seed and settings), e.g. {d[0]['file']} repeats "
+              f"{d[0]['same_as']}")
+    print(f"accuracy {_percent(report)}")
+    for name, entry in [*report["by_kind"].items(), *report["by_relation"].items()]:
+        print(f"  {name:16s} {_percent(entry)}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folder", help="folder of PNGs, with captions.txt or captions in the PNGs")
-    p.add_argument("--json", help="write the full report (accuracy, by_kind, by_relation, images) here")
+    p.add_argument("--json", help="write the full report (accuracy, by_kind, by_relation, images) to this new file")
     p.add_argument("-v", "--verbose", action="store_true", help="list each wrong image and why")
     args = p.parse_args(argv)
-    report = check_folder(args.folder)
-    if args.verbose:
-        for r in report["images"]:
-            if not r["correct"]:
-                print(f"{r['file']}: {r['caption']!r}: {r['reason']}")
-    print(f"accuracy {_percent({'accuracy': report['accuracy'], 'n': report['n']})}")
-    for name, entry in [*report["by_kind"].items(), *report["by_relation"].items()]:
-        print(f"  {name:16s} {_percent(entry)}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+    try:
+        if args.json:
+            check_new_file(args.json)
+        report = check_folder(args.folder)
+        show(report, args.verbose)
+        if args.json:   # save_new leaves no file if the write fails or is interrupted
+            save_new(args.json, lambda f: f.write(json.dumps(report, indent=1).encode()))
+    except (FolderError, OSError) as e:     # OSError: an unreadable folder, a full disk (its line names the file)
+        raise SystemExit(f"error: {e}") from None
+    except KeyboardInterrupt:
+        raise SystemExit("interrupted; no report written") from None
     return report
 
 

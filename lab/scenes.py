@@ -1,10 +1,10 @@
 """Synthetic scenes for the lab model: one or two flat-coloured shapes on a neutral background,
 each with the one caption that describes it exactly.
 
-    python -m lab.scenes --n 10000 --seed 0 --out data/scenes [--pairs 0.5]
+    python -m lab.scenes --n 10000 --seed 0 --out data/scenes [--pairs 0.5] [--noise 2]
 
-writes data/scenes/00000.png, 00001.png, ... and data/scenes/captions.txt (line k = caption of
-image k). The grammar is closed and tiny:
+writes data/scenes/00000.png, 00001.png, ... and, last, data/scenes/captions.txt (line k = caption
+of image k) into a new or empty folder: nothing is written over. The grammar is closed and tiny:
 
     a <color> <shape>
     a <color> <shape> <relation> a <color> <shape>      (two different colours)
@@ -22,8 +22,11 @@ import os
 import random
 import re
 from dataclasses import dataclass
+from functools import partial
 
 from PIL import Image, ImageChops, ImageDraw
+
+from lab.folders import FolderError, prepare_out, save_new
 
 COLORS = ("red", "green", "blue", "yellow")
 SHAPES = ("circle", "square", "triangle")
@@ -34,6 +37,9 @@ SATURATION = (0.65, 1.0)            # of the objects (HSV), and their value:
 VALUE = (0.65, 1.0)
 BACKGROUND_SATURATION = 0.1         # the background is neutral: at most this saturated,
 BACKGROUND_VALUE = (0.3, 0.8)       # and of a middle brightness, so every colour stands out
+# the background's channels are 70-204 (round(0.8 * 255) at most), so noise of up to +-51 grey levels
+# never clips; beyond, the brighter backgrounds clip (at +-100000 every background is black)
+MAX_NOISE = 255 - round(BACKGROUND_VALUE[1] * 255)
 # relation -> (axis: 0 = x, 1 = y; sign of the second object's centroid minus the first's)
 AXES = {"to the left of": (0, 1), "to the right of": (0, -1), "above": (1, 1), "below": (1, -1)}
 
@@ -288,29 +294,54 @@ def image_seed(seed, k):
 
 
 def write_dataset(out, n, seed=0, pairs=0.5, config=SceneConfig()):
-    """Write out/00000.png ... and out/captions.txt; returns the captions. Captions come from
-    sample_captions(n, seed, pairs), image k from render(caption k, image_seed(seed, k))."""
-    os.makedirs(out, exist_ok=True)
+    """Write out/00000.png ... and then out/captions.txt into `out`, a new or empty folder (see
+    prepare_out); returns the captions. Captions come from sample_captions(n, seed, pairs), image k
+    from render(caption k, image_seed(seed, k)). captions.txt comes last, so an interrupted run leaves
+    whole PNGs and no captions.txt: lab.check refuses such a folder rather than score part of it."""
+    prepare_out(out)
     captions = sample_captions(n, seed, pairs)
     for k, caption in enumerate(captions):
-        render(caption, image_seed(seed, k), config).save(os.path.join(out, f"{k:05d}.png"))
-    with open(os.path.join(out, "captions.txt"), "w") as f:
-        f.write("".join(c + "\n" for c in captions))
+        image = render(caption, image_seed(seed, k), config)
+        save_new(os.path.join(out, f"{k:05d}.png"), partial(image.save, format="PNG"))
+    save_new(os.path.join(out, "captions.txt"), lambda f: f.write("".join(c + "\n" for c in captions).encode()))
     return captions
+
+
+def scene_caption(text, where):
+    """`text` if it is a scene caption, else FolderError naming `where` it comes from."""
+    try:
+        return str(parse(text))
+    except ValueError as e:
+        raise FolderError(f"{where}: {e}; lab.check scores lab scene captions only") from None
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, required=True, help="number of images")
-    p.add_argument("--seed", type=int, default=0, help="same seed, same files")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--seed", type=int, default=0, help="same seed, same files (0 or more)")
+    p.add_argument("--out", required=True, help="output folder: new or empty (nothing is written over)")
     p.add_argument("--pairs", type=float, default=0.5, help="fraction of two-object scenes (default 0.5)")
     p.add_argument("--noise", type=int, default=SceneConfig.noise,
-                   help=f"background noise, +- grey levels (default {SceneConfig.noise}; 0 = flat)")
+                   help=f"background noise, +- grey levels, 0-{MAX_NOISE} (default {SceneConfig.noise}; 0 = flat)")
     args = p.parse_args(argv)
-    if args.n < 0 or not 0 <= args.pairs <= 1:
-        p.error("--n must be >= 0 and --pairs in [0, 1]")
-    write_dataset(args.out, args.n, args.seed, args.pairs, SceneConfig(noise=args.noise))
+    for wrong, flag, why in ((args.n < 1, "--n", "the number of images must be at least 1"),
+                             # random.Random(-s) draws what random.Random(s) does: -s would repeat s's captions
+                             (args.seed < 0, "--seed", "must be 0 or more (a negative one repeats another's captions)"),
+                             (not 0 <= args.pairs <= 1, "--pairs", "the fraction of two-object scenes must be 0-1"),
+                             (not 0 <= args.noise <= MAX_NOISE, "--noise",
+                              f"must be 0 (flat) to {MAX_NOISE} grey levels (above, the brighter backgrounds clip)")):
+        if wrong:
+            p.error(f"{flag} {getattr(args, flag[2:])}: {why}")
+    try:
+        write_dataset(args.out, args.n, args.seed, args.pairs, SceneConfig(noise=args.noise))
+    except FolderError as e:     # from prepare_out, before anything is rendered
+        p.error(str(e))
+    except KeyboardInterrupt:
+        written = sum(f.endswith(".png") for f in os.listdir(args.out)) if os.path.isdir(args.out) else 0
+        raise SystemExit(f"interrupted; {args.out} holds {written} of {args.n} whole PNGs and no captions.txt: "
+                         "delete it and run again") from None
+    except OSError as e:    # the disk filling up, the folder removed meanwhile: the OS's line names the file
+        raise SystemExit(f"error: {e}") from None
     print(f"wrote {args.n} scenes and captions.txt to {args.out}")
 
 

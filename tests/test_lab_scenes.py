@@ -42,8 +42,12 @@ def images(scenes):
     return [S.draw(scene) for scene in scenes]
 
 
+def to_tensor(image):
+    return torch.stack(C.planes(image.convert("RGB")))    # (3, H, W) float in 0-1
+
+
 def pixels(image):
-    return C.to_tensor(image) * 255     # (3, H, W) float in 0-255
+    return to_tensor(image) * 255     # (3, H, W) float in 0-255
 
 
 def coverage(image, scene, placed):
@@ -241,7 +245,7 @@ def test_checker_rejects_deranged_captions(scenes, images):
 
 
 def gaussian_noise(image, rng, std=8 / 255):
-    x = C.to_tensor(image)
+    x = to_tensor(image)
     x = (x + torch.randn(x.shape, generator=torch.Generator().manual_seed(rng.getrandbits(32))) * std).clamp(0, 1)
     return Image.frombytes("RGB", image.size, bytes((x * 255).round().byte().permute(1, 2, 0).flatten().tolist()))
 

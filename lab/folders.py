@@ -1,0 +1,55 @@
+"""The folders of the lab tools: lab.scenes writes a data set into a new or empty one, lab.check reads
+one (PNGs in numeric order, captions.txt beside them), and neither writes over a file. Every problem is a
+FolderError: one line that says what to do."""
+import os
+import tempfile
+
+
+class FolderError(ValueError):
+    """Why a folder or file named on a command line cannot be used, in one line that says what to do."""
+
+
+def save_new(path, write):
+    """write(file) into `path`, a new file (FileExistsError: nothing is overwritten), removed if it fails."""
+    with open(path, "xb") as f:
+        try:
+            write(f)
+        except BaseException:
+            f.close()
+            os.remove(path)
+            raise
+
+
+def prepare_out(out):
+    """Make `out` a new or empty, writable folder (FolderError if it cannot be: nothing is written over)."""
+    try:
+        if os.path.lexists(out) and (not os.path.isdir(out) or os.listdir(out)):
+            raise FolderError(f"--out {out} {'holds files' if os.path.isdir(out) else 'is a file'}; choose a new "
+                              "folder, or delete this one first (nothing is written over)")
+        os.makedirs(out, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()     # a real write: os.access says yes to root where it fails
+    except OSError as e:
+        raise FolderError(f"--out {out} cannot be written ({e.strerror}); choose a folder you can write in") from None
+
+
+def list_pngs(folder):
+    """The PNGs of a folder, numbered ones in numeric order first; FolderError if there are none."""
+    if not os.path.isdir(folder):
+        raise FolderError(f"{folder} {'is a file' if os.path.exists(folder) else 'is missing'}: give a folder of PNGs")
+    names = [f for f in os.listdir(folder) if f.lower().endswith(".png")]
+    if not names:
+        raise FolderError(f"{folder} holds no PNG images: nothing to score")
+    names.sort(key=lambda f: (0, int(f[:-4]), f) if f[:-4].isdigit() else (1, 0, f))
+    return [os.path.join(folder, f) for f in names]
+
+
+def read_listing(listing, n):
+    """The lines of a captions.txt for n PNGs; FolderError unless it is UTF-8 with n lines."""
+    try:
+        with open(listing, encoding="utf-8-sig") as f:     # -sig: an editor's byte-order mark is not in line 1
+            lines = f.read().splitlines()
+    except UnicodeDecodeError as e:
+        raise FolderError(f"{listing} is not UTF-8 (byte {e.start}); save it as UTF-8 text") from None
+    if len(lines) != n:
+        raise FolderError(f"{listing} has {len(lines)} lines for {n} PNGs; it needs one caption per PNG")
+    return lines
