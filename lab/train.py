@@ -3,10 +3,16 @@ generated scenes (lab/scenes.py), judged by the exact caption checker (lab/check
 
     python -m lab.train --out runs/lab                    # every stage; checkpoints as it goes
     python -m lab.train --out runs/lab --resume           # continue exactly where it stopped
-    python -m lab.train --out runs/lab --resume --unet-minutes 30   # train the UNet longer
+    python -m lab.train --out runs/lab --resume --unet-minutes 90   # train the UNet longer (90 in all)
     python -m lab.train --out runs/lab2 --init lab/lab-sd.safetensors --compile   # continue the shipped model
-    python -m lab.train --out runs/lab --export lab/lab-sd.safetensors
+    python -m lab.train --out runs/lab --export lab/lab-sd-new.safetensors   # then mv it over lab/lab-sd.safetensors
     python -m lab.train --out runs/gpu --init lab/lab-sd.safetensors --device cuda --batch 256 --latents 60000
+
+RUN/config.json records a run's settings (--init included) before anything else is written; --resume takes
+them from there. Only --unet-minutes (a new total) and --eval-minutes (from the next evaluation on) may
+change on --resume, with --device, --compile and --threads, which are not part of the recipe; a --batch,
+--latents or --init other than the recorded one is refused (the same value is accepted, so the command
+that started a run, with --resume, continues it). An export never overwrites a file.
 
 Stages, each resumable from its checkpoint in --out:
 1. tokenizer: a CLIP BPE tokenizer whose merges spell the scene words (any other text falls back
@@ -25,16 +31,17 @@ Stages, each resumable from its checkpoint in --out:
 Batches, noise and timesteps are drawn from CPU generators seeded by (seed, step), so a resumed run
 equals an uninterrupted one, and a GPU run (--device cuda) draws the same batches as a CPU run.
 """
-import argparse
 import copy
 import filecmp
+import functools
 import json
 import multiprocessing
 import os
 import random
 import shutil
+import signal
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 
 import torch
 import torch.nn.functional as F
@@ -42,12 +49,13 @@ from tqdm import tqdm
 
 from lab.check import check, summary
 from lab.pictures import draw_curve, grid
+from lab.run_config import TrainConfig, check_export, parser, prepare
 from lab.scenes import image_seed, render, sample_captions
 from lab.vocab import write_lab_tokenizer
 from model import LAB, StableDiffusion, save_checkpoint
 from model.checkpoint import CLIP, CONFIG_KEY, TOKENIZER_KEY, UNET, VAE, read_metadata, read_state_dict
 from model.config import config_from_json
-from model.hardware import check_device, native_bf16_cpu
+from model.hardware import native_bf16_cpu
 from model.text import TextEncoder
 from model.unet import UNetModel
 from model.vae import AutoencoderKL
@@ -55,34 +63,19 @@ from sampler.generate import Sampling, from_pil, generate
 from sampler.schedule import alphas_cumprod
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    """The recipe; defaults are the shipped model's (2 CPU cores: about 2 h in all)."""
-    seed: int = 0
-    vae_steps: int = 1000          # batches of vae_batch crops
-    vae_batch: int = 16
-    vae_crop: int = 64
-    vae_lr: float = 4e-4
-    kl_weight: float = 1e-6        # LDM's first-stage KL weight: latents stay near a Gaussian, detail survives
-    latents: int = 24000           # scenes encoded once for the UNet ...
-    pairs: float = 0.6             # ... this fraction of them two-object scenes (the harder kind)
-    unet_minutes: float = 75.0     # UNet training time budget (wall clock, evaluation excluded) ...
-    unet_steps: int | None = None  # ... or a number of steps (None: the time budget decides)
-    batch: int = 64
-    lr: float = 5e-4
-    warmup: int = 200
-    ema: float = 0.999
-    min_snr: float = 5.0           # min-SNR-gamma loss weights (Hang et al., 2023)
-    uncond: float = 0.1            # fraction of empty captions, for classifier-free guidance
-    eval_minutes: float = 10.0
-    eval_captions: int = 32        # fixed captions (their own seed) sampled with PLMS-eval_steps
-    eval_steps: int = 25
-
-
 def save(state, path):
     """Write atomically: an interrupted save never leaves a half-written checkpoint."""
     torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)
+
+
+def write_folder(folder, write):
+    """`write(tmp)` fills a temporary folder, renamed to `folder` once whole: an interrupted write never leaves
+    a partial tokenizer, which a resumed run would take for whole (and a few lost merges change token ids)."""
+    tmp = folder + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)   # left by an interrupted write
+    write(tmp)
+    os.replace(tmp, folder)
 
 
 def autocast(device):
@@ -143,17 +136,27 @@ def train_vae(cfg, out, resume, device="cpu"):
 # ---------------------------------------------------------------------------------------------
 # stage 3: latents
 
+def render_workers():
+    """A pool of spawned processes (safe beside an initialised GPU) that ignore Ctrl-C, as they inherit it
+    ignored from their start: the main process stops them, and a traceback from each would bury its message."""
+    handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return multiprocessing.get_context("spawn").Pool(os.cpu_count())
+    finally:
+        signal.signal(signal.SIGINT, handler)
+
+
 @torch.no_grad()
 def encode_latents(cfg, out, vae, resume, scale_factor=None, device="cpu"):
     """The training latents; scale_factor 1 / their std unless given (a model being continued keeps its own).
-    Scenes render in worker processes (spawned: safe beside an initialised GPU), the VAE encodes on `device`."""
+    Scenes render in worker processes (render_workers), the VAE encodes on `device`."""
     path = os.path.join(out, "latents.pt")
     if resume and os.path.exists(path):
         return load(path)
     captions = sample_captions(cfg.latents, seed=f"train/{cfg.seed}", pairs=cfg.pairs)
     jobs = [(c, image_seed(f"train/{cfg.seed}", k)) for k, c in enumerate(captions)]
     chunks, size = [], 1024
-    with multiprocessing.get_context("spawn").Pool(os.cpu_count()) as pool:
+    with render_workers() as pool:
         for k in tqdm(range(0, len(jobs), size), desc="latents"):
             images = to_tensor(pool.starmap(render, jobs[k:k + size], chunksize=32))
             for batch in images.split(256):
@@ -296,7 +299,9 @@ def train_unet(cfg, out, sd, data, resume, compile_unet=False, continued=False):
 
 def export(out, path):
     """The EMA weights of `out` -> `path` (fp16, official SD1 layout) with the run's tokenizer beside it
-    (in tokenizer/; refused if a different tokenizer is there: nothing is overwritten)."""
+    (in tokenizer/; refused if a different tokenizer is there, or if `path` exists: nothing is overwritten)."""
+    if os.path.exists(path):
+        raise FileExistsError(f"{path} exists; choose another name (checkpoints are never overwritten)")
     folder = os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer")
     ours = os.path.join(out, "tokenizer")
     if os.path.exists(folder) and not all(filecmp.cmp(os.path.join(folder, name), os.path.join(ours, name),
@@ -309,35 +314,41 @@ def export(out, path):
     sd.unet.load_state_dict(ckpt["ema_unet"])
     sd.text.load_state_dict(ckpt["ema_text"])
     if not os.path.exists(folder):
-        shutil.copytree(ours, folder)
-    return save_checkpoint(sd, path, tokenizer="tokenizer")
+        write_folder(folder, functools.partial(shutil.copytree, ours))
+    tmp = path + ".tmp"   # written under another name first: an interrupted export leaves no torn `path`
+    if os.path.exists(tmp):
+        os.remove(tmp)
+    save_checkpoint(sd, tmp, tokenizer="tokenizer")
+    os.replace(tmp, path)
+    return path
 
 
 def start_from(path, out, cfg):
     """Continue a shipped model: its tokenizer becomes the run's (its text encoder learned those token
     ids), its VAE the finished stage 2, and its UNet and text encoder the start of stage 4 (the optimizer
-    starts afresh). -> (scale_factor, the file's state dict)."""
+    starts afresh). A resumed run keeps the tokenizer and VAE it has. -> (scale_factor, the file's state dict)."""
     metadata = read_metadata(path)
     folder = os.path.join(out, "tokenizer")
     if not os.path.exists(folder):
-        shutil.copytree(os.path.join(os.path.dirname(os.path.abspath(path)), metadata.get(TOKENIZER_KEY, "tokenizer")),
-                        folder)
+        shipped = os.path.join(os.path.dirname(os.path.abspath(path)), metadata.get(TOKENIZER_KEY, "tokenizer"))
+        write_folder(folder, functools.partial(shutil.copytree, shipped))
     state = {k: v.float() for k, v in read_state_dict(path).items()}
-    vae = {k[len(VAE):]: v for k, v in state.items() if k.startswith(VAE)}
-    save({"vae": vae, "step": cfg.vae_steps}, os.path.join(out, "vae.pt"))
+    vae_path = os.path.join(out, "vae.pt")
+    if not os.path.exists(vae_path):   # its latents were encoded with this one, whatever the file holds now
+        save({"vae": {k[len(VAE):]: v for k, v in state.items() if k.startswith(VAE)}, "step": cfg.vae_steps},
+             vae_path)
     return config_from_json(metadata[CONFIG_KEY]).scale_factor, state
 
 
 def run(cfg, out, resume, init=None, device="cpu", compile_unet=False):
     """Every stage, each continuing from its checkpoint when `resume`; `init`: a shipped .safetensors to
-    continue training (a new --out); `compile_unet`: train the UNet through torch.compile."""
+    continue training (a new --out); `compile_unet`: train the UNet through torch.compile. The command line
+    records the run's settings (config.json) first: lab/run_config.py."""
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(asdict(cfg), f, indent=1)
     scale_factor, shipped = start_from(init, out, cfg) if init else (None, None)
     tokenizer = os.path.join(out, "tokenizer")   # a resumed or continued run keeps the one it has
     if not os.path.exists(tokenizer):
-        write_lab_tokenizer(tokenizer)
+        write_folder(tokenizer, write_lab_tokenizer)
     vae = train_vae(cfg, out, resume or init is not None, device).eval().requires_grad_(False)
     data = encode_latents(cfg, out, vae, resume, scale_factor, device)
     torch.manual_seed(cfg.seed)   # the fresh UNet and text encoder, whatever the earlier stages drew
@@ -347,46 +358,27 @@ def run(cfg, out, resume, init=None, device="cpu", compile_unet=False):
         text = {k[len(CLIP):]: v for k, v in shipped.items() if k.startswith(CLIP) and "position_ids" not in k}
         sd.text.transformer.load_state_dict(sd.text.adapt_keys(text))
     sd.to(device)
-    try:
-        return sd, train_unet(cfg, out, sd, data, resume, compile_unet, continued=shipped is not None)
-    except KeyboardInterrupt:   # the checkpoints are whole (written atomically); the last one is the restart point
-        raise SystemExit(f"interrupted; python -m lab.train --out {out} --resume continues from the last "
-                         "checkpoint") from None
+    return sd, train_unet(cfg, out, sd, data, resume, compile_unet, continued=shipped is not None)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/lab", help="folder for checkpoints, logs and pictures (runs/lab)")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
-    p.add_argument("--unet-minutes", type=float, help=f"UNet training budget ({TrainConfig.unet_minutes:g})")
-    p.add_argument("--batch", type=int, help=f"UNet batch size ({TrainConfig.batch}; 256 on a GPU)")
-    p.add_argument("--latents", type=int, help=f"scenes encoded for the UNet ({TrainConfig.latents})")
-    p.add_argument("--eval-minutes", type=float, help=f"training minutes between checker evaluations "
-                                                      f"({TrainConfig.eval_minutes:g})")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    p.add_argument("--compile", action="store_true",
-                   help="train the UNet through torch.compile: steps 1.26x faster on a 2-core CPU after about 5 "
-                        "minutes of compiling, so worth it for runs longer than about 25 minutes")
-    p.add_argument("--threads", type=int, help="torch threads (default: torch's; give a background run its share)")
-    p.add_argument("--export", metavar="FILE", help="write the trained model to FILE (.safetensors) and stop")
-    p.add_argument("--init", metavar="FILE", help="start from a shipped model (e.g. lab/lab-sd.safetensors): its VAE "
-                                                  "is kept, its UNet and text encoder train on")
+    p = parser(__doc__)
     args = p.parse_args(argv)
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.export:
-        print(export(args.out, args.export))
+        check_export(p, args)
+        try:
+            print(export(args.out, args.export))
+        except KeyboardInterrupt:   # the file is written under another name first
+            raise SystemExit(f"interrupted; {args.export} was not written: rerun the same command") from None
         return
-    if os.path.exists(os.path.join(args.out, "config.json")) and not args.resume:
-        p.error(f"{args.out} holds a run; pass --resume to continue it, or choose another --out")
+    cfg, init, device = prepare(p, args)   # every check, then config.json: before any heavy work
     try:
-        device = check_device(args.device)
-    except ValueError as e:
-        p.error(str(e))
-    flags = {"unet_minutes": args.unet_minutes, "batch": args.batch, "latents": args.latents,
-             "eval_minutes": args.eval_minutes}
-    cfg = replace(TrainConfig(), **{k: v for k, v in flags.items() if v is not None})
-    run(cfg, args.out, args.resume, args.init, device, args.compile)
+        run(cfg, args.out, args.resume, init, device, args.compile)
+    except KeyboardInterrupt:   # every checkpoint is whole (written atomically); the last one is where --resume starts
+        raise SystemExit("interrupted; rerun the same command with --resume to continue from the last checkpoint "
+                         f"in {args.out}") from None
 
 
 if __name__ == "__main__":

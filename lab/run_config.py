@@ -1,0 +1,197 @@
+"""The settings of a lab.train run: the recipe (TrainConfig), the command line that sets it, and the run's
+record, RUN/config.json, from which a resumed run takes its settings. Every check of a command runs here,
+before anything is loaded, trained or written, and reports one line naming the flag and the fix.
+"""
+import argparse
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, replace
+
+from model import LAB, load_checkpoint
+from model.checkpoint import CONFIG_KEY, TOKENIZER_KEY, read_metadata
+from model.config import config_from_json
+from model.files import read_state_dict
+from model.hardware import check_device
+from model.text import TokenizerError
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The recipe; defaults are the shipped model's (2 CPU cores: about 2 h in all)."""
+    seed: int = 0
+    vae_steps: int = 1000          # batches of vae_batch crops
+    vae_batch: int = 16
+    vae_crop: int = 64
+    vae_lr: float = 4e-4
+    kl_weight: float = 1e-6        # LDM's first-stage KL weight: latents stay near a Gaussian, detail survives
+    latents: int = 24000           # scenes encoded once for the UNet ...
+    pairs: float = 0.6             # ... this fraction of them two-object scenes (the harder kind)
+    unet_minutes: float = 75.0     # UNet training time budget (wall clock, evaluation excluded) ...
+    unet_steps: int | None = None  # ... or a number of steps (None: the time budget decides)
+    batch: int = 64
+    lr: float = 5e-4
+    warmup: int = 200
+    ema: float = 0.999
+    min_snr: float = 5.0           # min-SNR-gamma loss weights (Hang et al., 2023)
+    uncond: float = 0.1            # fraction of empty captions, for classifier-free guidance
+    eval_minutes: float = 10.0
+    eval_captions: int = 32        # fixed captions (their own seed) sampled with PLMS-eval_steps
+    eval_steps: int = 25
+
+
+RECORD = "config.json"
+FLAGS = ("unet_minutes", "batch", "latents", "eval_minutes")   # the TrainConfig fields the command line sets
+# May differ on --resume: how long the UNet trains, and how often it is evaluated (neither changes a step).
+# The latents and the batch size make the data and the batches already drawn: a change would make another run.
+ADJUSTABLE = ("unet_minutes", "eval_minutes")
+
+
+def flag(field):
+    return "--" + field.replace("_", "-")
+
+
+def positive(kind):
+    """An argparse type: a finite `kind` above 0, else argparse's one line naming the flag."""
+    def parse(text):
+        value = kind(text)   # not a number: argparse says "invalid int value"
+        if not (math.isfinite(value) and value > 0):
+            raise argparse.ArgumentTypeError(f"must be a number above 0, not {text}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def parser(description):
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/lab", help="folder for checkpoints, logs and pictures (runs/lab)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out with the settings in its config.json")
+    p.add_argument("--unet-minutes", type=positive(float),
+                   help=f"UNet training budget in minutes ({TrainConfig.unet_minutes:g}); with --resume, a new total: "
+                        "train longer")
+    p.add_argument("--batch", type=positive(int), help=f"UNet batch size ({TrainConfig.batch}; 256 on a GPU); "
+                                                         "fixed for a run")
+    p.add_argument("--latents", type=positive(int), help=f"scenes encoded for the UNet ({TrainConfig.latents}); "
+                                                         "fixed for a run")
+    p.add_argument("--eval-minutes", type=positive(float), help=f"training minutes between checker evaluations "
+                                                                f"({TrainConfig.eval_minutes:g}); with --resume, "
+                                                                "from the next evaluation on")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--compile", action="store_true",
+                   help="train the UNet through torch.compile: steps 1.26x faster on a 2-core CPU after about 5 "
+                        "minutes of compiling, so worth it for runs longer than about 25 minutes")
+    p.add_argument("--threads", type=positive(int),
+                   help="torch threads (default: torch's; give a background run its share)")
+    p.add_argument("--export", metavar="FILE", help="write the trained model to FILE (.safetensors, a new file) "
+                                                    "and stop")
+    p.add_argument("--init", metavar="FILE", help="start from a shipped model (e.g. lab/lab-sd.safetensors): its VAE "
+                                                  "is kept, its UNet and text encoder train on")
+    return p
+
+
+def prepare(p, args):
+    """Every check of a training command, then its record written -> (TrainConfig, init, device)."""
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        p.error(f"--out {args.out} is a file; choose a folder")
+    cfg, init = settings(p, args)
+    if init is not None:
+        check_init(p, init)
+    try:
+        device = check_device(args.device)
+    except ValueError as e:
+        p.error(str(e))
+    try:
+        write_record(args.out, cfg, init)
+    except OSError as e:
+        p.error(f"--out {args.out}: cannot write there ({e.strerror or e}); choose a folder you can write to")
+    return cfg, init, device
+
+
+def settings(p, args):
+    """(TrainConfig, init) of the command: a new run's from its flags and the defaults, a resumed run's from its
+    record with only ADJUSTABLE flags changing it. A flag repeating the recorded value is accepted, so the
+    command that started a run, with --resume, continues it."""
+    given = {field: getattr(args, field) for field in FLAGS if getattr(args, field) is not None}
+    recorded = read_record(p, args.out, args.init)
+    if recorded is None:
+        if args.resume:
+            p.error(f"--resume: {args.out} holds no run (no {RECORD}); drop --resume to start one there")
+        return replace(TrainConfig(), **given), args.init
+    if not args.resume:
+        p.error(f"{args.out} holds a run; pass --resume to continue it, or choose another --out")
+    cfg, init = recorded
+    for field, value in given.items():
+        if field not in ADJUSTABLE and value != getattr(cfg, field):
+            p.error(f"{flag(field)} {value:g}: {args.out} was started with {flag(field)} {getattr(cfg, field):g}; "
+                    f"drop {flag(field)} to resume it, or start a new run in another --out")
+    if args.init is not None and (init is None or os.path.abspath(args.init) != os.path.abspath(init)):
+        started = f"from {init}" if init else "without --init"
+        p.error(f"--init {args.init}: {args.out} was started {started}; drop --init to resume it, "
+                "or start a new run in another --out")
+    return replace(cfg, **given), init
+
+
+def read_record(p, out, given_init):
+    """(TrainConfig, init) recorded in out/config.json, or None where out holds no run. A record written before
+    runs recorded --init takes the command's."""
+    path = os.path.join(out, RECORD)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            record = json.load(f)
+        init = record.pop("init", given_init)
+        return TrainConfig(**record), init
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        p.error(f"{path} is not a lab.train run record ({e}); choose another --out")
+
+
+def write_record(out, cfg, init):
+    """out/config.json: the recipe and the model the run started from (None: from nothing), atomically."""
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, RECORD)
+    with open(path + ".tmp", "w") as f:
+        json.dump({**asdict(cfg), "init": init}, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def check_init(p, path):
+    """--init FILE must be a whole lab model with its tokenizer beside it, as --export writes one: checked by
+    loading it (under a second on a CPU)."""
+    try:
+        read_state_dict(path)   # missing, damaged, not weights: its own line says which
+        metadata = read_metadata(path)
+        if CONFIG_KEY not in metadata:
+            raise ValueError(f"{path} has no {CONFIG_KEY!r} metadata, so it is no model that --export wrote")
+        if replace(config_from_json(metadata[CONFIG_KEY]), scale_factor=LAB.scale_factor) != LAB:
+            raise ValueError(f"{path} is not of the lab architecture (model.config.LAB)")
+        tokenizer = os.path.join(os.path.dirname(os.path.abspath(path)), metadata.get(TOKENIZER_KEY, "tokenizer"))
+        if not all(os.path.isfile(os.path.join(tokenizer, name)) for name in ("vocab.json", "merges.txt")):
+            raise ValueError(f"{path} has no tokenizer beside it ({tokenizer}/ with vocab.json and merges.txt), "
+                             "whose token ids its text encoder learned")
+        load_checkpoint(path, tokenizer=tokenizer)   # every key and shape, and a usable tokenizer
+    except (ValueError, TokenizerError) as e:
+        p.error(f"--init: {e}; --init takes a lab model written by --export (e.g. lab/lab-sd.safetensors)")
+
+
+def check_export(p, args):
+    """--export FILE writes a run's model and stops, so it takes no training flags; FILE is a new .safetensors
+    (an export never overwrites one) and --out a run trained up to its UNet stage."""
+    training = [flag(name) for name in (*FLAGS, "resume", "init", "compile")
+                if getattr(args, name) not in (None, False)]
+    if training:
+        p.error(f"--export writes a trained run's model and stops: drop {', '.join(training)} (or train first, "
+                "without --export)")
+    path = args.export
+    if not path.lower().endswith(".safetensors"):
+        p.error(f"--export {path}: the name must end in .safetensors, the format written (loaders go by it)")
+    if os.path.exists(path):
+        beside = path[:-len(".safetensors")] + "-new.safetensors"
+        p.error(f"--export {path} exists, and an export never overwrites one; export beside it "
+                f"(--export {beside}), check it, then move it over: mv {beside} {path}")
+    missing = [name for name in ("tokenizer", "vae.pt", "latents.pt", "unet.pt")
+               if not os.path.exists(os.path.join(args.out, name))]
+    if missing:
+        p.error(f"--export: {args.out} holds no run trained up to its UNet stage (no {', '.join(missing)}); "
+                "name the run's folder with --out")
