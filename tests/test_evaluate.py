@@ -149,6 +149,7 @@ def test_missing_metric_library_fails_before_generating(tmp_path, capsys, monkey
     assert "requirements-eval.txt" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one(tmp_path):
     """torchrun with 2 gloo processes: the same image files and the same metrics as one process (3 batches,
     so the split is uneven; the same thread count, so the same arithmetic)."""

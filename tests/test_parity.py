@@ -22,6 +22,8 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from conftest import official_shapes, random_state
 from model import SD1, SD2, load_checkpoint
 
+pytestmark = pytest.mark.slow   # full-size models: GBs of memory, about a minute each
+
 
 def ldm_config(version):
     """The parts of LDM's v1-inference.yaml / v2-inference.yaml that diffusers reads."""
@@ -66,8 +68,8 @@ def pair(request, tmp_path_factory):
     flat = not any(k.startswith("text_model.") for k in text.state_dict())   # transformers 5 layout
     text.load_state_dict({(k.removeprefix("text_model.") if flat else k): v for k, v in text_state.items()
                           if "text_projection" not in k and "position_ids" not in k}, strict=True)
+    del state   # the file's tensors: each side holds its own copy now
     yield ours, (unet.eval(), vae.eval(), text.eval())
-    del state
 
 
 def close(ours, theirs, tol=1e-4):

@@ -139,6 +139,7 @@ def test_min_mac_ratio_renders_only_schedules_that_save_enough(tmp_path, capsys)
     assert "out of reach" in capsys.readouterr().err and not (tmp_path / "t").exists()
 
 
+@pytest.mark.slow
 def test_two_workers_search_as_one_process_does(tmp_path):
     """--workers 2 splits each generation's new schedules between two processes: the same evaluations
     (in the same log order) and the same Pareto set as one process."""

@@ -1,0 +1,219 @@
+"""lab.train's command line: a resumed run keeps its recorded settings, bad input is one line before
+anything is written, an export never overwrites, and Ctrl-C leaves a run that resumes."""
+import json
+import os
+import re
+import shutil
+from dataclasses import asdict, replace
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from test_lab_train import SHIPPED, TINY_RUN
+
+import lab.train
+from lab.run_config import write_record
+from lab.train import TrainConfig, main, run, train_vae
+from model import LAB, TINY, load_checkpoint
+from model.checkpoint import CONFIG_KEY
+from model.config import config_to_json
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A finished tiny run, shared: the tests only read it."""
+    out = str(tmp_path_factory.mktemp("tiny") / "run")
+    run(TINY_RUN, out, False)
+    return out
+
+
+STARTED = replace(TINY_RUN, batch=4, latents=16, eval_minutes=100)   # a tiny recipe with these three flags
+
+
+def record(out):
+    with open(os.path.join(out, "config.json")) as f:
+        return json.load(f)
+
+
+@pytest.fixture
+def started(tmp_path):
+    """A run `--batch 4 --latents 16 --eval-minutes 100` started: its config.json, which main writes first."""
+    out = str(tmp_path / "started")
+    write_record(out, STARTED, None)
+    return out
+
+
+@pytest.fixture
+def trainings(monkeypatch):
+    """What main would train, recorded in place of training: (TrainConfig, init) of each call of run."""
+    calls = []
+    monkeypatch.setattr(lab.train, "run", lambda cfg, out, resume, init, *_: calls.append((cfg, init)))
+    return calls
+
+
+def refused(capsys, argv):
+    """The one error line main gives for `argv` (after argparse's usage line), with no traceback."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    return err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("flags, changed", [
+    ([], {}),
+    (["--batch", "4", "--latents", "16", "--eval-minutes", "100"], {}),   # the command that started it
+    (["--unet-minutes", "90"], {"unet_minutes": 90.0}),   # train longer
+    (["--eval-minutes", "1"], {"eval_minutes": 1.0}),     # evaluate more often from now on
+    (["--compile"], {}),
+])
+def test_resume_keeps_the_recorded_settings(started, trainings, flags, changed):
+    main(["--out", started, "--resume", *flags])
+    resumed = replace(STARTED, **changed)
+    assert trainings == [(resumed, None)]
+    assert record(started) == {**asdict(resumed), "init": None}
+
+
+@pytest.mark.parametrize("flags, error", [
+    (["--resume", "--batch", "64"], "error: --batch 64: .*started was started with --batch 4; drop --batch to resume "
+                                    "it, or start a new run in another --out$"),
+    (["--resume", "--latents", "24000"], "--latents 24000: .* was started with --latents 16; drop --latents"),
+    (["--resume", "--init", SHIPPED], "--init .*: .* was started without --init; drop --init to resume it"),
+    ([], "holds a run; pass --resume to continue it, or choose another --out"),
+])
+def test_resume_refuses_a_flag_that_contradicts_the_run(started, trainings, capsys, flags, error):
+    before = record(started)
+    assert re.search(error, refused(capsys, ["--out", started, *flags]))
+    assert trainings == [] and record(started) == before
+
+
+def test_a_run_started_from_a_model_resumes_from_it(tmp_path, trainings, capsys):
+    out = str(tmp_path / "more")
+    main(["--out", out, "--init", SHIPPED, "--batch", "4"])
+    main(["--out", out, "--resume"])
+    main(["--out", out, "--resume", "--init", os.path.relpath(SHIPPED)])   # the same file, named otherwise
+    assert trainings == [(replace(TrainConfig(), batch=4), SHIPPED)] * 3
+    assert re.search(f"--init .*other.safetensors: {out} was started from {SHIPPED}; drop --init",
+                     refused(capsys, ["--out", out, "--resume", "--init", str(tmp_path / "other.safetensors")]))
+    old = str(tmp_path / "old")   # a record from before runs recorded --init: the command's is taken
+    os.makedirs(old)
+    with open(os.path.join(old, "config.json"), "w") as f:
+        json.dump(asdict(STARTED), f)
+    main(["--out", old, "--resume", "--init", SHIPPED])
+    assert trainings[-1] == (STARTED, SHIPPED) and record(old)["init"] == SHIPPED
+
+
+@pytest.fixture
+def bad_files(tmp_path):
+    """A file where a folder goes, and --init files that are no whole lab model."""
+    (tmp_path / "file").write_text("not a folder")
+    with open(SHIPPED, "rb") as f:
+        (tmp_path / "truncated.safetensors").write_bytes(f.read()[:100_000])
+    (tmp_path / "notes.safetensors").write_text("the weights are on the other disk\n")
+    save_file({"x": torch.zeros(1)}, tmp_path / "plain.safetensors")
+    save_file({"x": torch.zeros(1)}, tmp_path / "tiny.safetensors", metadata={CONFIG_KEY: config_to_json(TINY)})
+    os.makedirs(tmp_path / "alone")
+    shutil.copy(SHIPPED, tmp_path / "alone" / "lab.safetensors")   # without its tokenizer
+    return tmp_path
+
+
+@pytest.mark.parametrize("flags, error", [
+    (["--batch", "0"], "argument --batch: must be a number above 0, not 0$"),
+    (["--latents", "0"], "argument --latents: must be a number above 0, not 0$"),
+    (["--threads", "-1"], "argument --threads: must be a number above 0, not -1$"),
+    (["--unet-minutes", "0"], "argument --unet-minutes: must be a number above 0, not 0$"),
+    (["--eval-minutes", "nan"], "argument --eval-minutes: must be a number above 0, not nan$"),
+    (["--batch", "2.5"], "argument --batch: invalid int value: '2.5'$"),
+    (["--resume"], "--resume: .*new holds no run \\(no config.json\\); drop --resume to start one there$"),
+    (["--out", "{tmp}/file"], "--out .*file is a file; choose a folder$"),
+    (["--out", "{tmp}/file/run"], "--out .*file/run: cannot write there \\(Not a directory\\); choose a folder"),
+    (["--init", "{tmp}/missing.safetensors"], "--init: checkpoint .*missing.safetensors' does not exist; --init "
+                                              "takes a lab model written by --export"),
+    (["--init", "{tmp}/truncated.safetensors"], "--init: .*truncated.safetensors: not a valid .safetensors file"),
+    (["--init", "{tmp}/notes.safetensors"], "--init: .*notes.safetensors: not a valid .safetensors file: it is a "
+                                            "text file"),
+    (["--init", "{tmp}/plain.safetensors"], "--init: .*plain.safetensors has no 'sd_config' metadata"),
+    (["--init", "{tmp}/tiny.safetensors"], "--init: .*tiny.safetensors is not of the lab architecture"),
+    (["--init", "{tmp}/alone/lab.safetensors"], "--init: .*lab.safetensors has no tokenizer beside it"),
+])
+def test_bad_input_is_one_line_before_anything_is_written(bad_files, trainings, capsys, flags, error):
+    argv = ["--out", str(bad_files / "new"), *(f.format(tmp=bad_files) for f in flags)]
+    assert re.search(error, refused(capsys, argv))
+    assert trainings == [] and not os.path.exists(bad_files / "new")
+    assert (bad_files / "file").read_text() == "not a folder"
+
+
+def test_a_refused_init_leaves_nothing_that_refuses_the_corrected_command(bad_files, trainings, capsys):
+    out = str(bad_files / "more")
+    refused(capsys, ["--out", out, "--init", str(bad_files / "truncated.safetensors")])
+    main(["--out", out, "--init", SHIPPED])
+    assert trainings == [(TrainConfig(), SHIPPED)]
+
+
+@pytest.mark.parametrize("flags, error", [
+    (["--out", "{tmp}/none", "--export", "{tmp}/lab.safetensors"], "--export: .*none holds no run trained up to "
+     "its UNet stage \\(no tokenizer, vae.pt, latents.pt, unet.pt\\); name the run's folder with --out$"),
+    (["--out", "{tmp}", "--export", SHIPPED], f"--export {SHIPPED} exists, and an export never overwrites one; "
+     "export beside it \\(--export .*lab-sd-new.safetensors\\), check it, then move it over: mv .*lab-sd-new"),
+    (["--export", "{tmp}/lab.pt"], "--export .*lab.pt: the name must end in .safetensors"),
+    (["--export", "{tmp}/lab.safetensors", "--batch", "4", "--resume"], "--export writes a trained run's model and "
+     "stops: drop --batch, --resume"),
+])
+def test_export_refuses_bad_input_in_one_line_before_loading(tmp_path, capsys, flags, error):
+    shipped = os.stat(SHIPPED)
+    assert re.search(error, refused(capsys, [f.format(tmp=tmp_path) for f in flags]))
+    assert os.stat(SHIPPED).st_mtime_ns == shipped.st_mtime_ns and not os.path.exists(tmp_path / "lab.safetensors")
+
+
+def test_an_interrupted_export_leaves_no_file_and_a_done_one_is_never_overwritten(tiny_run, tmp_path, monkeypatch,
+                                                                                 capsys):
+    path = str(tmp_path / "lab.safetensors")
+
+    def torn(sd, tmp, **kwargs):   # Ctrl-C halfway through writing
+        with open(tmp, "wb") as f:
+            f.write(b"half")
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patched:
+        patched.setattr(lab.train, "save_checkpoint", torn)
+        with pytest.raises(SystemExit, match=f"^interrupted; {path} was not written: rerun the same command$"):
+            main(["--out", tiny_run, "--export", path])
+    assert not os.path.exists(path)
+    main(["--out", tiny_run, "--export", path])
+    assert load_checkpoint(path).config.unet == LAB.unet
+    written = os.stat(path)
+    assert "exists, and an export never overwrites one" in refused(capsys, ["--out", tiny_run, "--export", path])
+    assert os.stat(path).st_mtime_ns == written.st_mtime_ns
+
+
+def interrupt_at(monkeypatch, call):
+    """Ctrl-C at the `call`-th batch of pictures made tensors: a VAE step, or a chunk of latents after them."""
+    calls, to_tensor = [], lab.train.to_tensor
+
+    def interrupted(images):
+        calls.append(len(images))
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return to_tensor(images)
+
+    monkeypatch.setattr(lab.train, "to_tensor", interrupted)
+
+
+def test_ctrl_c_in_any_stage_is_one_line_and_resume_finishes_the_same_run(started, tmp_path, monkeypatch):
+    command = ["--out", started, "--resume"]
+    for call in (STARTED.vae_steps, STARTED.vae_steps + 1):   # the last VAE step; the first chunk of latents
+        with monkeypatch.context() as patched:
+            interrupt_at(patched, call)
+            with pytest.raises(SystemExit, match="^interrupted; rerun the same command with --resume to continue "
+                                                 f"from the last checkpoint in {started}$"):
+                main(command)
+    assert torch.load(os.path.join(started, "vae.pt"))["step"] == STARTED.vae_steps   # whole, as the VAE ended
+    assert not os.path.exists(os.path.join(started, "latents.pt"))
+    main(command)
+    straight = train_vae(STARTED, str(tmp_path), False).state_dict()   # the same VAE, never interrupted
+    for k, v in torch.load(os.path.join(started, "vae.pt"))["vae"].items():
+        assert torch.equal(v, straight[k]), k
+    unet = torch.load(os.path.join(started, "unet.pt"))
+    assert unet["step"] == STARTED.unet_steps and unet["config"] == asdict(STARTED)
+    assert len(torch.load(os.path.join(started, "latents.pt"))["captions"]) == STARTED.latents
+    assert record(started) == {**asdict(STARTED), "init": None}
