@@ -22,7 +22,6 @@ check(image, caption) finds the objects in the image without knowing the caption
      direction to be clear.)
 It is meant for generated images too: soft edges, colour drift, blur, noise and specks are tolerated.
 """
-import argparse
 import json
 import os
 import tempfile
@@ -31,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from PIL import Image
 
-from lab.folders import FolderError, list_pngs, read_listing, save_new
+from lab.cli import FolderError, Parser, list_pngs, read_listing, save_new
 from lab.scenes import AXES, COLORS, RELATIONS, parse, scene_caption
 
 # each colour's accepted hues (degrees): the generator's windows widened by ~20 degrees; hues in the
@@ -375,7 +374,7 @@ def show(report, verbose):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="python -m lab.check", description=__doc__)
     p.add_argument("folder", help="folder of PNGs, with captions.txt or captions in the PNGs")
     p.add_argument("--json", help="write the full report (accuracy, by_kind, by_relation, images) to this new file")
     p.add_argument("-v", "--verbose", action="store_true", help="list each wrong image and why")

@@ -13,7 +13,6 @@ Deterministic for a given --seed (scenes, initialisation, batches); 5.3 min on 2
 held-out accuracy; the shipped lab/lab-features.safetensors (these defaults) gets every combination's
 presence right on 100% of 1024 fresh scenes and places centroids within 2.0 px on average.
 """
-import argparse
 import json
 import math
 import os
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lab.cli import Parser
 from lab.scenes import COLORS, SHAPES, SceneConfig, draw, image_seed, layout, sample_description
 from sampler.generate import from_pil
 
@@ -165,7 +165,7 @@ def load(path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="python -m lab.features", description=__doc__)
     p.add_argument("--out", required=True, help="the .safetensors file to write (never overwritten)")
     p.add_argument("--scenes", type=int, default=16384, help="training scenes (16384)")
     p.add_argument("--steps", type=int, default=4000, help="optimiser steps of 64 scenes (4000)")

@@ -8,6 +8,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, replace
 
+from lab.cli import Parser
 from model import LAB, load_checkpoint
 from model.checkpoint import CONFIG_KEY, TOKENIZER_KEY, read_metadata
 from model.config import config_from_json
@@ -63,7 +64,7 @@ def positive(kind):
 
 
 def parser(description):
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="python -m lab.train", description=description)
     p.add_argument("--out", default="runs/lab", help="folder for checkpoints, logs and pictures (runs/lab)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out with the settings in its config.json")

@@ -15,7 +15,6 @@ the other axis, so the caption names the salient relation. Everything is drawn f
 random.Random, so a seed gives the same scenes on every machine. Only PIL and the standard library
 are used: data-loader workers render thousands of scenes a minute without importing torch.
 """
-import argparse
 import colorsys
 import math
 import os
@@ -26,7 +25,7 @@ from functools import partial
 
 from PIL import Image, ImageChops, ImageDraw
 
-from lab.folders import FolderError, prepare_out, save_new
+from lab.cli import FolderError, Parser, prepare_out, save_new
 
 COLORS = ("red", "green", "blue", "yellow")
 SHAPES = ("circle", "square", "triangle")
@@ -316,7 +315,7 @@ def scene_caption(text, where):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="python -m lab.scenes", description=__doc__)
     p.add_argument("--n", type=int, required=True, help="number of images")
     p.add_argument("--seed", type=int, default=0, help="same seed, same files (0 or more)")
     p.add_argument("--out", required=True, help="output folder: new or empty (nothing is written over)")

@@ -57,7 +57,7 @@ def test_scenes_refuses_bad_numbers(tmp_path, capsys, monkeypatch, flag, value):
     no_rendering(monkeypatch)
     argv = {"--n": "3", "--seed": "0", "--out": str(tmp_path / "out"), flag: value}
     line = error_of(S.main, [x for kv in argv.items() for x in kv], capsys)
-    assert f"error: {flag} " in line and re.findall(r"--\w+", line) == [flag]     # that flag, no other
+    assert f"error: {flag} " in line and re.findall(r"--\w+", line) == [flag, "--help"]     # that flag, no other
     assert not (tmp_path / "out").exists()
 
 

@@ -19,6 +19,7 @@ from dataclasses import replace
 
 import torch
 
+from lab.cli import Parser  # noqa: F401  (the one-line parser of every command, re-exported for the tools)
 from lab.vocab import SHIPPED_TOKENIZER
 from model import PRESETS, load_checkpoint, random_weights
 from model.config import PREDICTIONS
@@ -79,17 +80,6 @@ def set_threads(p, args):
         if args.threads < 1:
             p.error(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse, with git's and pip's manners: an error is one line naming the flag (and where the help
-    is), not the usage block first. Help and usage stay argparse's, formatted as written."""
-
-    def __init__(self, **kw):
-        super().__init__(formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
 
 
 def run_tool(p, run, argv=None, interrupted="interrupted"):

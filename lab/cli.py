@@ -1,8 +1,21 @@
-"""The folders of the lab tools: lab.scenes writes a data set into a new or empty one, lab.check reads
-one (PNGs in numeric order, captions.txt beside them), and neither writes over a file. Every problem is a
-FolderError: one line that says what to do."""
+"""What the command lines of the lab tools share, and through tools/cli.py every other command: errors in
+one line (Parser), and the folders: lab.scenes writes a data set into a new or empty one, lab.check reads
+one (PNGs in numeric order, captions.txt beside them), and neither writes over a file. Every problem with
+a folder is a FolderError: one line that says what to do."""
+import argparse
 import os
 import tempfile
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with git's and pip's manners: an error is one line naming the flag (and where the help
+    is), not the usage block first. Help and usage stay argparse's, formatted as written."""
+
+    def __init__(self, **kw):
+        super().__init__(formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
 
 
 class FolderError(ValueError):
