@@ -77,12 +77,12 @@ def load_schedule(spec):
     file of several under "points", as search.py writes its Pareto set)."""
     path, hash_, index = spec.partition("#")
     if not os.path.isfile(path):
-        raise ValueError(f"schedule file {path!r} does not exist")
+        raise ValueError(f"schedule file {path!r} " + ("is a folder" if os.path.isdir(path) else "does not exist"))
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             data = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"schedule file {path!r} is not readable JSON ({e})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:   # RecursionError: nested deep
+        raise ValueError(f"schedule file {path!r} is not readable JSON ({str(e).splitlines()[0][:120]})") from None
     points = data.get("points", [data]) if isinstance(data, dict) else None
     if not isinstance(points, list) or not points:
         raise ValueError(f"schedule file {path!r}: expected a schedule or {{\"points\": [schedules]}}")

@@ -81,6 +81,12 @@ class CacheSchedule:
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"unknown cache mode {self.mode!r}; choose one of {MODES}")
+        if isinstance(self.depths, list):   # JSON's arrays: stored as the tuple they mean
+            object.__setattr__(self, "depths", tuple(self.depths))
+        if not isinstance(self.depths, tuple):
+            raise ValueError(f"cache depths must be one depth per UNet call (a tuple), got {self.depths!r}")
+        if isinstance(self.power, bool) or not isinstance(self.power, numbers.Real):
+            raise ValueError(f"non-uniform power must be a number, got {self.power!r}")
         for name, value in (("interval", self.interval), ("depth", self.depth), ("center", self.center),
                             *(("depths", d) for d in self.depths)):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):   # numpy's integers too

@@ -16,6 +16,7 @@ A field declared with `setting(...)` is also a command-line flag (sample.py's `-
 so a new method's options reach the tools without editing them.
 """
 import math
+import numbers
 from dataclasses import dataclass, field, fields, replace
 from typing import ClassVar
 
@@ -23,6 +24,11 @@ from .tokens import RECOVER, check_ratio
 
 LAYERS = ("attn1", "attn2", "ff")   # self-attention, cross-attention, feed-forward
 MAX_DOWNSAMPLES = (1, 2, 4, 8)   # the grid sizes below the latent that a UNet's levels have
+
+
+# a field's declared type -> (what its value must be an instance of, how an error names it)
+KINDS = {int: (numbers.Integral, "a whole number"), float: (numbers.Real, "a number"), bool: (bool, "True or False"),
+         str: (str, "text"), tuple: (tuple, "a tuple")}
 
 
 def setting(default, flag, help, type=None, choices=None):
@@ -55,6 +61,11 @@ class TokenMethod:
     def __post_init__(self):
         for f in fields(self):   # every field's generic checks; the subclasses add what is their own
             value, choices = getattr(self, f.name), f.metadata.get("choices")
+            if f.type is tuple and isinstance(value, list):   # JSON's arrays: stored as the tuples they mean
+                object.__setattr__(self, f.name, value := tuple(value))
+            if f.type in KINDS and (not isinstance(value, KINDS[f.type][0]) or
+                                    f.type is not bool and isinstance(value, bool)):
+                raise ValueError(f"{f.name} must be {KINDS[f.type][1]}, got {value!r}")
             if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"{f.name} must be a finite number, got {value}")
             if choices is not None and value not in choices:

@@ -9,6 +9,8 @@ and which kept token they copy from.
 
 Shapes: x [B, N, C] tokens in row-major grid order, N = h * w.
 """
+import numbers
+
 import torch
 import torch.nn.functional as F
 
@@ -24,6 +26,8 @@ def max_ratio(sx=2, sy=2):
 def check_ratio(ratio, sx, sy):
     """The ratio is the fraction of all tokens removed, in [0, max_ratio(sx, sy)]."""
     limit = max_ratio(sx, sy)
+    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real):
+        raise ValueError(f"prune ratio must be a number, got {ratio!r}")
     if not 0 <= ratio <= limit:
         raise ValueError(f"prune ratio {ratio} out of range: with {sx}x{sy} cells (one base token each) "
                          f"it must be in [0, {limit:g}]")

@@ -142,7 +142,8 @@ def test_presets():
     (dict(mode="nonuniform", power=1.0), "power"),
     (dict(interval=2.5), "interval must be a whole number"), (dict(mode="dato", depths=(12, True)), "depths must be"),
     (dict(mode="nonuniform", center=-1), "center \\(--cache-center\\) must be a UNet call index"),
-    (dict(mode="uniform", depths=(FULL, 1)), "own depths")])
+    (dict(mode="uniform", depths=(FULL, 1)), "own depths"), (dict(power="x"), "power must be a number"),
+    (dict(depths=None), "one depth per UNet call")])
 def test_bad_settings(kw, match):
     with pytest.raises(ValueError, match=match):
         CacheSchedule(**kw)

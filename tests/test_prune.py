@@ -1,5 +1,7 @@
 """Token pruning: plan properties, SiTo against a brute-force N x N reference, ToMe against
 tomesd, DaTo's dynamics and CFG alignment, and exactness where results must be exact."""
+import re
+
 import pytest
 import torch
 from tomesd.merge import bipartite_soft_matching_random2d
@@ -258,6 +260,19 @@ def test_pruning_feed_forward_of_duplicates_changes_nothing(method, recover_from
     with torch.no_grad():
         torch.testing.assert_close(block(x, context, (8, 8), FeedForwardOnly()), block(x, context, (8, 8)),
                                    rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("name, settings, message", [
+    ("sito", {"ratio": "0.5"}, "ratio must be a number, got '0.5'"), ("tome", {"sx": "2"}, "sx must be a whole number"),
+    ("tome", {"sx": 2.0}, "sx must be a whole number"),
+    ("dato", {"align_cfg": "no"}, "align_cfg must be True or False"),
+    ("todo", {"stop": "0.3"}, "stop must be a number"), ("sito", {"layers": "attn1"}, "layers must be a tuple"),
+    ("dato", {"schedule": ("0.5",) * 3}, "prune ratio must be a number"),
+    ("tome", {"max_downsample": True}, "max_downsample must be a whole number")])
+def test_settings_of_the_wrong_type_are_one_clear_error(name, settings, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        token_method(name, **settings)
+    assert token_method("sito", layers=["attn1", "ff"]).layers == ("attn1", "ff")   # a JSON array means the tuple
 
 
 def test_ratio_out_of_range():
