@@ -50,6 +50,8 @@ def run(args):
     settings = sampling(args, seed=args.seed, accel=accel, batch_size=args.n_samples)
     check_seeds(args.seed, len(prompts))
     check_outdir(args.outdir)
+    if args.viz_prune:
+        check_outdir(args.viz_prune, "--viz-prune")
     device = check_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
 

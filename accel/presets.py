@@ -117,6 +117,8 @@ def load_schedule(spec):
 
 def find_preset(spec):
     """A preset by name, or a schedule file."""
+    if not isinstance(spec, str):
+        raise ValueError(f"a preset is a name or a schedule file path, got {spec!r}")
     if spec in PRESETS:
         return PRESETS[spec]
     if is_schedule_file(spec):

@@ -172,8 +172,15 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="scenes, initialisation and batches (0)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     args = p.parse_args(argv)
+    for flag, value, least in (("--scenes", args.scenes, 64), ("--steps", args.steps, 1),
+                               ("--threads", args.threads, 1)):
+        if value is not None and value < least:
+            p.error(f"{flag} must be >= {least} ({'a batch is 64 scenes' if flag == '--scenes' else 'a count'}), "
+                    f"got {value}")
     if os.path.exists(args.out):
         p.error(f"{args.out} exists; choose another --out (nothing is overwritten)")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        p.error(f"--out {args.out}: its folder does not exist; create it or choose another --out")
     if args.threads:
         torch.set_num_threads(args.threads)
     net = train(n_scenes=args.scenes, steps=args.steps, seed=args.seed)

@@ -57,8 +57,8 @@ class Sampling:
 
     def __post_init__(self):
         check_args(self.steps, 1.0 if self.scale is None else self.scale, self.sampler, self.eta)
-        if not is_int(self.seed):
-            raise ValueError(f"--seed must be a whole number, got {self.seed!r}")
+        if not is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"--seed {self.seed!r}: must be a whole number between 0 and 2**64 - 1")
         if self.size is not None and (len(self.size) != 2 or not all(s is None or is_int(s) for s in self.size)):
             raise ValueError(f"size must be (H, W) in pixels (None: the model's native side), got {self.size!r}")
         if self.dtype is not None and self.dtype not in DTYPE_CHOICES:
@@ -194,6 +194,8 @@ def generate(sd, prompts, run=Sampling(), *, latents=False, progress=False, time
 
 def check_outdir(outdir, flag="--outdir"):
     """Raise ValueError (naming `flag`) unless files can be written to the folder `outdir`; creates nothing."""
+    if not outdir:
+        raise ValueError(f"{flag} is empty; name a folder")
     if os.path.exists(outdir):
         if not os.path.isdir(outdir):
             raise ValueError(f"{flag} {outdir!r} is a file, not a folder; choose another {flag}")

@@ -105,8 +105,10 @@ def test_download_failure_says_what_to_pass(monkeypatch):
     (["--prompt", "x", "--preset", "deepcache-n3", "--prune", "sito"], "fixes caching and prunes nothing"),
     (["--prompt", "x", "--preset", "dato-coco", "--steps", "3"], "preset dato-coco is for PLMS-50"),
     (["--prompt", "x", "--preset", "dato-fixed", "--prune", "sito"], "leave out --prune and --cache"),
-    (["--prompt", "x", "--threads", "0"], "--threads must be >= 1"),
+    (["--prompt", "x", "--threads", "0"], "--threads must be from 1 to"),
     (["--prompt", "x", "--n-iter", "0"], "--n-iter (how many times the batches repeat) must be >= 1"),
+    (["--prompt", "x", "--threads", "100000"], "--threads must be from 1 to this machine's"),
+    (["--prompt", "x", "--prune", "sito", "--viz-prune", "README.md/viz"], "--viz-prune 'README.md/viz' cannot be"),
     (["--from-file", "tests"], "is a folder; give a text file"),
     (["--prompt", "x", "--cache", "nonuniform", "--cache-center", "1000"], "--cache-center 1000 is not a UNet call"),
     (["--prompt", "x", "--cache", "nonuniform", "--cache-center", "-1"], "--cache-center -1 is not a UNet call")])

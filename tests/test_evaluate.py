@@ -121,6 +121,9 @@ def test_a_folder_knows_its_weights_by_content_not_by_path(tmp_path, capsys):
     (["--methods", "baseline", "--prompts", "missing.txt"], "does not exist"),
     (["--methods", "baseline", "--n", "0"], "--n must be >= 1"),
     (["--methods", "baseline", "--n", "1"], "Fréchet distances (fd_lab) compare two sets"),
+    (["--methods", "baseline", "--out", ""], "--out is empty; name a folder"),
+    (["--methods", "baseline", "--workers", "1000"], "--workers must be from 1 to this machine's"),
+    (["--methods", "baseline", "--fid-ref", "README.md"], "--fid-ref 'README.md' is not an .npz of statistics"),
     (["--methods", "baseline", "--lab-features", "lab/lab-sd.safetensors"], "is not a lab feature network"),
     (["--methods", "baseline", "--lab-features", "runs/truncated.safetensors"], "does not exist"),
 ])
@@ -128,6 +131,16 @@ def test_bad_input_fails_before_anything_is_written(tmp_path, capsys, args, mess
     with pytest.raises(SystemExit):
         run(tmp_path / "out", *args)
     assert message in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_a_damaged_settings_record_is_named(tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "settings.json").write_text('{"checkpoint": ')   # cut off
+    with pytest.raises(SystemExit):
+        run(tmp_path / "out", "--methods", "baseline")
+    err = capsys.readouterr().err
+    assert "settings.json cannot be read as JSON" in err and "choose another --out" in err
+    assert len(err.splitlines()) == 1
 
 
 def test_truncated_lab_features_are_one_line(tmp_path, capsys):

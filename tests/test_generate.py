@@ -83,7 +83,7 @@ def test_dtype_and_attention_are_applied(tokenizer_dir):
     (dict(steps=0), "--steps"), (dict(steps=2.5), "--steps"), (dict(scale=math.nan), "--scale must be a finite"),
     (dict(scale=math.inf), "--scale must be a finite"), (dict(sampler="euler"), "unknown sampler"),
     (dict(sampler="ddim", eta=math.nan), "--eta must be a finite"), (dict(eta=0.3), "plms is deterministic"),
-    (dict(seed=1.5), "--seed must be a whole number"), (dict(dtype="int8"), "--dtype"),
+    (dict(seed=1.5), "must be a whole number between 0 and 2"), (dict(dtype="int8"), "--dtype"),
     (dict(attention="flash"), "--attention"), (dict(batch_size=0), "batch size"),
     (dict(size=(64,)), "size must be"), (dict(accel=Acceleration(token_method("dato", schedule=(0.5,) * 3))),
                                           "3 ratios, but this run makes 51")])

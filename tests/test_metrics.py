@@ -3,6 +3,7 @@
 CLIPModel on PIL images, a tiny random CLIP written offline); the shipped lab feature network reads
 scenes and its Fréchet distance grows with a degradation; metrics whose weights are missing say which
 flag provides them."""
+import json
 import math
 import os
 import random
@@ -196,3 +197,37 @@ def test_missing_weights_name_the_flag_that_provides_them(tmp_path, monkeypatch)
         metrics.Scorer.open(prompts, baseline=True, clip=str(tmp_path / "no-clip"))
     with pytest.raises(ValueError, match="--lab-features .* does not exist"):
         metrics.Scorer.open(prompts, baseline=True, lab_features=str(tmp_path / "none.safetensors"))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--threads", "0"], "--threads must be >= 1"), (["--scenes", "3"], "--scenes must be >= 64"),
+    (["--steps", "0"], "--steps must be >= 1"), (["--out", "README.md"], "README.md exists"),
+    (["--out", "/no/such/folder/f.safetensors"], "its folder does not exist")])
+def test_lab_features_refuses_bad_input_in_one_line_before_training(tmp_path, capsys, flags, message):
+    from lab import features
+    with pytest.raises(SystemExit):
+        features.main(["--out", str(tmp_path / "f.safetensors"), *flags])
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "f.safetensors").exists()
+
+
+def test_paired_test_command_refuses_what_is_not_a_results_file(tmp_path, capsys):
+    verdicts = {"methods": {"baseline": {"verdicts": [1, 0, 1], "by_kind": {}},
+                            "sito:0.5": {"verdicts": [1, 1], "by_kind": {}},
+                            "text": {"verdicts": "101", "by_kind": {}}}}
+    (tmp_path / "r.json").write_text(json.dumps(verdicts))
+    (tmp_path / "cut.json").write_text('{"methods": {')
+    (tmp_path / "list.json").write_text("[1, 2]")
+    cases = [([str(tmp_path / "none.json"), "baseline", "x"], "none.json cannot be read as JSON"),
+             ([str(tmp_path), "baseline", "x"], "is a folder"),
+             ([str(tmp_path / "cut.json"), "a", "b"], "cannot be read"),
+             ([str(tmp_path / "list.json"), "a", "b"], "has no 'methods'"),
+             ([str(tmp_path / "r.json"), "baseline", "sito:0.5"], "not one 0/1 per image of the same run"),
+             ([str(tmp_path / "r.json"), "baseline", "text"], "not one 0/1 per image"),
+             ([str(tmp_path / "r.json"), "baseline", "tome"], "'tome' has no checker verdicts")]
+    for argv, message in cases:
+        with pytest.raises(SystemExit):
+            metrics.main(argv)
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, (argv, err)

@@ -113,6 +113,8 @@ def check_report_refuses_what_is_not_this_search(tmp_path, out, heldout, capsys)
     (["--ratios", "0.3,0.9"], "--ratios 0.3,0.9: a ratio must be in [0, 0.75]"),
     (["--search", "prune"], "--fixed-depths dato-fixed is a schedule of another run"),
     (["--population", "1"], "--population must be >= 2"),
+    (["--fixed-ratio", "2"], "--fixed-ratio 2 must be in [0, 0.75]"),
+    (["--heldout-seed", "-1"], "--heldout-seed must be >= 0"),
     (["--batch-size", "0"], "--batch-size must be >= 1"),
     (["--out", "README.md"], "--out 'README.md' is a file, not a folder"),
 ])
@@ -165,3 +167,16 @@ def test_cost_time_searches_measured_speed_and_a_rerun_with_other_settings_is_re
     with pytest.raises(SystemExit):   # the log's evaluations were measured with another objective
         search.main([*TINY, "--generations", "2", "--cost", "macs", "--out", out])
     assert "(cost differ)" in capsys.readouterr().err
+
+
+def test_a_cut_off_last_evaluation_is_dropped_and_a_damaged_log_named(tmp_path):
+    """A run killed while appending leaves half a line: it is dropped and cut from the file, so the next
+    append starts a line of its own; a broken line before the end is a damaged log, refused by number."""
+    log = tmp_path / "evaluations.jsonl"
+    good = [json.dumps({"key": k, "share": 1.0}) for k in ("a", "b")]
+    log.write_text("\n".join(good) + '\n{"key": "c", "sh')
+    assert [r["key"] for r in search.read_log(str(log), repair=True)] == ["a", "b"]
+    assert log.read_text() == "\n".join(good) + "\n"
+    log.write_text(good[0] + "\n{broken\n" + good[1] + "\n")
+    with pytest.raises(ValueError, match="line 2 is not an evaluation record"):
+        search.read_log(str(log), repair=True)

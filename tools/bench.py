@@ -273,13 +273,13 @@ def markdown(results):
 
 
 def check_output(flag, path, taken):
-    """An output file that cannot be written is refused now, not after minutes of timing."""
+    """An output file that cannot be written, or exists, is refused now, not after minutes of timing."""
     full, folder = os.path.abspath(path), os.path.dirname(os.path.abspath(path))
     if (other := taken.setdefault(full, flag)) != flag:
         raise ValueError(f"{flag} {path!r} is also the {other} file: give each output its own path")
-    why = ("is a folder" if os.path.isdir(full) else f"is in {folder!r}, which does not exist"
-           if not os.path.isdir(folder) else None if os.access(full if os.path.exists(full) else folder, os.W_OK)
-           else "is not writable")
+    why = ("is a folder" if os.path.isdir(full) else "exists (results are not written over)" if os.path.exists(full)
+           else f"is in {folder!r}, which does not exist" if not os.path.isdir(folder) else None
+           if os.access(folder, os.W_OK) else "is not writable")
     if why:
         raise ValueError(f"{flag} {path!r} {why}: choose another path")
 

@@ -77,8 +77,9 @@ def sampling(args, **fields):
 
 def set_threads(p, args):
     if args.threads is not None:
-        if args.threads < 1:
-            p.error(f"--threads must be >= 1, got {args.threads}")
+        cores = os.cpu_count() or 1
+        if not 1 <= args.threads <= cores:   # far above, torch's thread pool fails to start (a segfault)
+            p.error(f"--threads must be from 1 to this machine's {cores} CPU cores, got {args.threads}")
         torch.set_num_threads(args.threads)
 
 
@@ -134,8 +135,7 @@ def claim_folder(out, settings, what, upgrade=lambda stored: stored):
     stored settings of an older version in today's form first."""
     path = os.path.join(out, "settings.json")
     if os.path.exists(path):
-        with open(path) as f:
-            recorded = json.load(f)
+        recorded = read_json(path, None, f"it is {out}'s record of its {what}: choose another --out")
         stored = upgrade(upgrade_checkpoint(json.loads(json.dumps(recorded)), settings))
         if stored != settings:
             changed = sorted(k for k in set(stored) | set(settings) if stored.get(k) != settings.get(k))
@@ -147,6 +147,19 @@ def claim_folder(out, settings, what, upgrade=lambda stored: stored):
     with open(path + ".tmp", "w") as f:   # first claim, or an older record in today's form
         json.dump(settings, f, indent=1)
     os.replace(path + ".tmp", path)
+
+
+def read_json(path, key, fix):
+    """The JSON object in `path`, which must hold `key` (None: any object); one line naming the file (and
+    `fix`) otherwise."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"{path} cannot be read as JSON ({str(e).splitlines()[0][:120]}); {fix}") from None
+    if not isinstance(data, dict) or key is not None and key not in data:
+        raise ValueError(f"{path} has no {key!r}: it is not what --report reads; {fix}")
+    return data
 
 
 def resolve_checkpoint(ckpt):

@@ -125,7 +125,15 @@ def load_stats(path, dims):
     """(name, mu, sigma) of an .npz of reference statistics (pytorch-fid / clean-fid layout: mu, sigma),
     matched to the feature network whose dimension it has; dims = {name: dim}."""
     import numpy as np
-    with np.load(path) as f:
+    try:
+        stats = np.load(path)   # allow_pickle stays off: an .npy / pickle that holds objects is refused
+    except (OSError, ValueError, EOFError):   # numpy's own text would suggest unpickling: not said here
+        raise ValueError(f"--fid-ref {path!r} is not an .npz of statistics; pass an .npz of mu and sigma or a "
+                         "folder of reference images") from None
+    if not hasattr(stats, "files"):
+        raise ValueError(f"--fid-ref {path!r} is a single array, not an .npz of mu and sigma; pass such an .npz or a "
+                         "folder of reference images")
+    with stats as f:
         if "mu" not in f or "sigma" not in f:
             raise ValueError(f"--fid-ref {path!r} has no 'mu' and 'sigma' arrays (the pytorch-fid / clean-fid "
                              "statistics layout); pass a folder of reference images instead")
@@ -341,20 +349,30 @@ def main(argv=None):
     verdicts against the reference's on the same images, over all captions and per kind, from one
     evaluate.py run's results.json (any two of its methods: e.g. an accelerated run against a plain
     short run)."""
-    import json
-
-    from tools.cli import Parser
+    from tools.cli import Parser, read_json
     p = Parser(prog="python -m tools.metrics", description=main.__doc__)
     p.add_argument("results", help="evaluate.py's results.json")
     p.add_argument("reference", help="the method to compare against (a --methods spec of that run)")
     p.add_argument("methods", nargs="+", help="the methods to compare with it")
     args = p.parse_args(argv)
-    with open(args.results) as f:
-        results = json.load(f)["methods"]
+    if os.path.isdir(args.results):
+        p.error(f"{args.results} is a folder: give the results.json inside it")
+    try:
+        results = read_json(args.results, "methods", "give the results.json an evaluate.py run wrote")["methods"]
+    except ValueError as e:
+        p.error(str(e))
+    n = None
     for spec in [args.reference, *args.methods]:
-        if spec not in results or "verdicts" not in results[spec]:
-            p.error(f"{spec!r} has no checker verdicts in {args.results} (methods: {', '.join(results)}); "
+        entry = results.get(spec) if isinstance(results, dict) else None
+        if not isinstance(entry, dict) or "verdicts" not in entry:
+            p.error(f"{spec!r} has no checker verdicts in {args.results} (methods: {', '.join(results or [])}); "
                     "verdicts are stored for lab captions by evaluate.py")
+        verdicts = entry["verdicts"]
+        if not isinstance(verdicts, list) or any(v not in (0, 1) or isinstance(v, float) for v in verdicts) \
+                or n is not None and len(verdicts) != n:
+            p.error(f"{args.results}: the verdicts of {spec!r} are not one 0/1 per image of the same run "
+                    "(the file was edited or mixes runs); rerun evaluate.py to rewrite it")
+        n = len(verdicts)
     kinds = list(results[args.reference]["by_kind"])
     print(f"against {args.reference}: accuracy, then +wins −losses, p (McNemar), over all captions and per kind")
     for spec in args.methods:

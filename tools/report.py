@@ -9,6 +9,7 @@ import os
 
 import numpy as np
 
+from tools.cli import read_json
 from tools.metrics import markdown
 from tools.plots import draw_pareto
 
@@ -80,18 +81,6 @@ def report(out, heldout, ship=None):
         shown = {n: results[n] for n in ("baseline", *PRESETS_SHOWN) if n in results}
         print(f"{len(shipped)} held-out non-dominated schedules in {ship}:\n" + markdown(
             {**shown, **{f"{ship}#{k}": p["heldout"] for k, p in enumerate(shipped)}}))
-
-
-def read_json(path, key, fix):
-    """The JSON object in `path`, which must hold `key`; one line naming the file (and `fix`) otherwise."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} cannot be read as JSON ({e}); {fix}") from None
-    if not isinstance(data, dict) or key not in data:
-        raise ValueError(f"{path} has no {key!r}: it is not what --report reads; {fix}")
-    return data
 
 
 def write_json(path, data):

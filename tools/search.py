@@ -79,6 +79,30 @@ COSTS = {"macs": "mac_ratio", "time": "speedup"}   # --cost -> the record's fiel
 SCHEDULED = [name for name, cls in PRUNE_METHODS.items() if issubclass(cls, CellMethod)]   # per-call ratios
 
 
+def read_log(path, repair):
+    """The records of the resume log. A last line without its newline is an append that was cut off (the
+    process was killed): it is dropped, and with `repair` cut from the file, so the next append starts a
+    line of its own. A broken line anywhere else is a damaged log, refused by line number."""
+    if not os.path.exists(path):
+        return []
+    with open(path, "rb") as f:
+        data = f.read()
+    lines, records = data.split(b"\n"), []
+    if lines[-1].strip():   # the cut-off append
+        print(f"{path}: dropping the last, half-written evaluation (the run was killed while writing it)")
+        if repair:
+            with open(path, "r+b") as f:
+                f.truncate(len(data) - len(lines[-1]))
+    for number, line in enumerate(lines[:-1], 1):
+        try:
+            if line.strip():
+                records.append(json.loads(line))
+        except ValueError:
+            raise ValueError(f"{path} line {number} is not an evaluation record: the log is damaged; move it "
+                             "away to start the search afresh in this --out") from None
+    return records
+
+
 class Evaluator:
     """Renders the search prompts for a schedule and scores them; remembers every evaluation in
     DIR/evaluations.jsonl (the resume log), keyed by the decoded schedule."""
@@ -86,13 +110,9 @@ class Evaluator:
     def __init__(self, sd, args, space, prompts, scorer, log_path, shard):
         self.sd, self.args, self.space, self.prompts, self.scorer = sd, args, space, prompts, scorer
         self.log_path, self.shard, self.done, self.spent = log_path, shard, {}, 0.0
-        if os.path.exists(log_path):
-            with open(log_path) as f:
-                for line in f:
-                    if line.strip():
-                        record = json.loads(line)
-                        self.done[record["key"]] = record
-                        self.spent += record["share"]
+        for record in read_log(log_path, shard.rank == 0):
+            self.done[record["key"]] = record
+            self.spent += record["share"]
         self.hw = tuple(side // sd.config.vae.factor for side in check_size(sd, sampling(args).size))
         self.base_macs = run_macs(sd.unet, None, space.calls, self.hw, matmuls=True)
         self.baseline = self.baseline_features = self.baseline_seconds = None
@@ -238,6 +258,10 @@ def search_space(args):
     if bad := [d for d in depths if not 0 <= d <= FULL]:
         raise ValueError(f"--depths {args.depths}: a depth must be in 0..{FULL} ({FULL} = full call), got {bad}")
     sx, sy = PRUNE_METHODS[args.method].sx, PRUNE_METHODS[args.method].sy
+    if not 0 <= args.fixed_ratio <= max_ratio(sx, sy):
+        raise ValueError(f"--fixed-ratio {args.fixed_ratio:g} must be in [0, {max_ratio(sx, sy):g}]")
+    if args.heldout_seed < 0:
+        raise ValueError(f"--heldout-seed must be >= 0 (evaluate.py's --seed), got {args.heldout_seed}")
     if bad := [r for r in ratios if not 0 <= r <= max_ratio(sx, sy)]:
         raise ValueError(f"--ratios {args.ratios}: a ratio must be in [0, {max_ratio(sx, sy):g}] (one base token per "
                          f"{sx}x{sy} cell stays), got {bad}")

@@ -47,8 +47,9 @@ def leave_group():
 
 def wants_workers(args):
     """True in the process that should start --workers processes (not in one of them, nor under torchrun)."""
-    if args.workers < 1:
-        raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    cores = os.cpu_count() or 1
+    if not 1 <= args.workers <= cores:   # each is a whole torch process
+        raise ValueError(f"--workers must be from 1 to this machine's {cores} CPU cores, got {args.workers}")
     return args.workers > 1 and "WORLD_SIZE" not in os.environ
 
 
