@@ -101,17 +101,21 @@ def load_schedule(spec):
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
         raise ValueError(f"{spec!r}: its field \"steps\" is {steps!r}, not a step count (1 .. {MAX_STEPS}); "
                          "fix the file")
+    if not isinstance(entry.get("depths"), list):
+        raise ValueError(f"{spec!r}: its field \"depths\" must be a list, one cache depth per UNet call; fix the file")
+    if not isinstance(entry.get("prune"), (dict, type(None))):
+        raise ValueError(f"{spec!r}: its field \"prune\" must be a token method's settings (an object) or null; "
+                         "fix the file")
+    run, depths = (entry["sampler"], steps), tuple(entry["depths"])
+    if len(depths) != unet_calls(steps, run[0]):
+        raise ValueError(f"{spec!r}: {len(depths)} depths for {run[0].upper()}-{steps}, which makes "
+                         f"{unet_calls(steps, run[0])} UNet calls")
     try:
-        depths, prune = tuple(entry["depths"]), entry.get("prune")
         cache = CacheSchedule("dato", depths=depths) if any(d != FULL for d in depths) else None
-        if prune is not None:
-            prune = from_record(prune)
-        run = (entry["sampler"], entry["steps"])
+        prune = from_record(entry["prune"]) if entry.get("prune") is not None else None
+        Acceleration(prune, cache).check(len(depths))   # the first call full, a ratio per call
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{spec!r} is not a valid schedule ({type(e).__name__}: {e}); fix the file") from None
-    if len(depths) != unet_calls(run[1], run[0]):
-        raise ValueError(f"{spec!r}: {len(depths)} depths for {run[0].upper()}-{run[1]}, which makes "
-                         f"{unet_calls(run[1], run[0])} UNet calls")
     return Preset(cache, prune, entry.get("about", ""), run)
 
 

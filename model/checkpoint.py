@@ -254,6 +254,8 @@ def load_checkpoint(path, *, device="cpu", dtype=torch.float32, prediction=None,
     tokenizer: CLIPTokenizer, folder with vocab.json + merges.txt, or hub id; default the diffusers
         folder's tokenizer/, else openai/clip-vit-large-patch14 (downloaded on first use).
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"a checkpoint is a file or folder path, got {path!r}")
     if prediction is not None and prediction not in PREDICTIONS:
         raise ValueError(f"prediction must be 'eps' or 'v', not {prediction!r}")
     path = os.fspath(path)

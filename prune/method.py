@@ -167,3 +167,8 @@ class RecoveringMethod(CellMethod):
     noise_alpha: float = setting(0.1, "noise", "SiTo/DaTo noise weight on the base-token score (0.1)", float)
     recover_from: str = setting("kept", "recover", "SiTo/DaTo: pruned tokens copy the most similar kept token "
                                 "(official code, default) or base token (paper)", choices=RECOVER)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.noise_alpha < 0:   # a weight: negative noise is noise too, with the sign of the score turned
+            raise ValueError(f"noise_alpha (--prune-noise) must be >= 0, got {self.noise_alpha}")

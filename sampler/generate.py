@@ -69,6 +69,9 @@ class Sampling:
             raise ValueError(f"accel must be an accel.Acceleration or None, got {type(self.accel).__name__}")
         if not isinstance(self.negative_prompt, str):
             raise ValueError(f"--negative-prompt must be text, got {type(self.negative_prompt).__name__}")
+        if self.negative_prompt and self.scale == 1:
+            warnings.warn("--negative-prompt is unused at --scale 1 (no guidance: only the prompt is sampled)",
+                          stacklevel=3)
         if not is_int(self.batch_size) or self.batch_size < 1:
             raise ValueError(f"--n-samples (batch size) must be >= 1, got {self.batch_size!r}")
         if self.accel is not None:   # schedules must fit this sampler and step count

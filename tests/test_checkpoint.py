@@ -350,3 +350,8 @@ def test_bad_config_metadata_is_named(tmp_path):
     save_file(random_state(layout_shapes(TINY)), path, metadata={"sd_config": '{"version": "sd1"}'})
     with pytest.raises(CheckpointError, match="'sd_config' metadata is not an SDConfig"):
         load_checkpoint(path)
+
+
+def test_a_checkpoint_that_is_not_a_path_is_one_clear_error():
+    with pytest.raises(ValueError, match="a checkpoint is a file or folder path, got None"):
+        load_checkpoint(None)

@@ -126,6 +126,8 @@ def test_bad_input_is_one_line_before_loading(tmp_path, capsys, args, match):
     ({"sampler": "euler"}, 'its field "sampler" is \'euler\', not one of this project\'s samplers'),
     ({"steps": 0}, 'its field "steps" is 0, not a step count'),
     ({"depths": [12, 1]}, "2 depths for PLMS-4, which makes 5 UNet calls"),
+    ({"prune": [1, 2]}, 'its field "prune" must be a token method\'s settings (an object) or null'),
+    ({"depths": [1, 1, 1, 12, 1]}, "the first call has nothing cached to reuse"),
 ])
 def test_a_bad_schedule_file_is_named_with_its_field(tmp_path, capsys, entry, match):
     path = tmp_path / "schedule.json"

@@ -134,3 +134,8 @@ def test_outdir_checks(tmp_path):
         check_outdir(str(tmp_path / "file" / "sub"))
     check_outdir(str(tmp_path / "a" / "b"))
     assert not (tmp_path / "a").exists()   # checking creates nothing
+
+
+def test_a_negative_prompt_without_guidance_is_said_to_be_unused():
+    with pytest.warns(UserWarning, match="--negative-prompt is unused at --scale 1"):
+        Sampling(scale=1, negative_prompt="a blue square")

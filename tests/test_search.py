@@ -115,6 +115,7 @@ def check_report_refuses_what_is_not_this_search(tmp_path, out, heldout, capsys)
     (["--population", "1"], "--population must be >= 2"),
     (["--fixed-ratio", "2"], "--fixed-ratio 2 must be in [0, 0.75]"),
     (["--heldout-seed", "-1"], "--heldout-seed must be >= 0"),
+    (["--report", "README.md"], "--report README.md is a file: give the held-out folder"),
     (["--batch-size", "0"], "--batch-size must be >= 1"),
     (["--out", "README.md"], "--out 'README.md' is a file, not a folder"),
 ])

@@ -121,6 +121,9 @@ def draw_prompts(args):
     """The run's prompts: --prompts FILE (its first --n lines), else --n lab captions drawn with --seed."""
     if args.prompts:
         prompts = read_prompts(from_file=args.prompts, flag="--prompts")
+        if args.n and args.n > len(prompts):
+            raise ValueError(f"--n {args.n}: --prompts {args.prompts} holds {len(prompts)} prompts; lower --n or "
+                             "leave it out (all of them)")
         return prompts[:args.n] if args.n else prompts
     return sample_captions(args.n or 256, seed=f"evaluate/{args.seed}")
 

@@ -28,6 +28,8 @@ def report(out, heldout, ship=None):
     `ship`, the held-out Pareto set written there as a schedule file."""
     if importlib.util.find_spec("matplotlib") is None:
         raise ValueError("--report draws pareto.png with matplotlib: pip install -r requirements-eval.txt")
+    if os.path.isfile(heldout):
+        raise ValueError(f"--report {heldout} is a file: give the held-out folder (evaluate.py's --out)")
     if ship and os.path.exists(ship):
         raise ValueError(f"--ship {ship} exists; remove it or choose another file (it is not overwritten)")
     path = os.path.join(out, "pareto.json")
