@@ -1,8 +1,10 @@
-"""What the command lines of the lab tools share, and through tools/cli.py every other command: errors in
-one line (Parser), and the folders: lab.scenes writes a data set into a new or empty one, lab.check reads
-one (PNGs in numeric order, captions.txt beside them), and neither writes over a file. Every problem with
-a folder is a FolderError: one line that says what to do."""
+"""What the command lines of the lab tools share, and through tools/cli.py every other command: errors
+in one line (Parser), JSON files replaced whole or not at all (write_json), and the folders: lab.scenes
+writes a data set into a new or empty one, lab.check reads one (PNGs in numeric order, captions.txt
+beside them), and neither writes over a file. Every problem with a folder is a FolderError: one line
+that says what to do."""
 import argparse
+import json
 import os
 import tempfile
 
@@ -31,6 +33,13 @@ def save_new(path, write):
             f.close()
             os.remove(path)
             raise
+
+
+def write_json(path, data):
+    """Replace `path` with `data` whole or not at all (an interrupted write leaves the old file)."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 def prepare_out(out):

@@ -8,7 +8,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, replace
 
-from lab.cli import Parser
+from lab.cli import Parser, write_json
 from model import LAB, load_checkpoint
 from model.checkpoint import CONFIG_KEY, TOKENIZER_KEY, read_metadata
 from model.config import config_from_json
@@ -152,9 +152,7 @@ def write_record(out, cfg, init):
     """out/config.json: the recipe and the model the run started from (None: from nothing), atomically."""
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, RECORD)
-    with open(path + ".tmp", "w") as f:
-        json.dump({**asdict(cfg), "init": init}, f, indent=1)
-    os.replace(path + ".tmp", path)
+    write_json(path, {**asdict(cfg), "init": init})
 
 
 def check_init(p, path):

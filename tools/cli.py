@@ -12,6 +12,7 @@ defined once with its default, and what they turn into, the loaded model and a S
     run_tool(p, run)   # parse, set the threads, run; bad input ends in one line
 """
 import argparse
+import copy
 import hashlib
 import json
 import os
@@ -19,7 +20,7 @@ from dataclasses import replace
 
 import torch
 
-from lab.cli import Parser  # noqa: F401  (the one-line parser of every command, re-exported for the tools)
+from lab.cli import Parser, write_json  # noqa: F401  (every command's one-line parser and whole-file JSON, re-exported)
 from lab.vocab import SHIPPED_TOKENIZER
 from model import PRESETS, load_checkpoint, random_weights
 from model.config import PREDICTIONS
@@ -136,7 +137,7 @@ def claim_folder(out, settings, what, upgrade=lambda stored: stored):
     path = os.path.join(out, "settings.json")
     if os.path.exists(path):
         recorded = read_json(path, None, f"it is {out}'s record of its {what}: choose another --out")
-        stored = upgrade(upgrade_checkpoint(json.loads(json.dumps(recorded)), settings))
+        stored = upgrade(upgrade_checkpoint(copy.deepcopy(recorded), settings))
         if stored != settings:
             changed = sorted(k for k in set(stored) | set(settings) if stored.get(k) != settings.get(k))
             raise ValueError(f"{out!r} holds {what} made with other settings ({', '.join(changed)} differ); "
@@ -144,9 +145,7 @@ def claim_folder(out, settings, what, upgrade=lambda stored: stored):
         if recorded == settings:
             return
     os.makedirs(out, exist_ok=True)
-    with open(path + ".tmp", "w") as f:   # first claim, or an older record in today's form
-        json.dump(settings, f, indent=1)
-    os.replace(path + ".tmp", path)
+    write_json(path, settings)   # first claim, or an older record in today's form
 
 
 def read_json(path, key, fix):

@@ -71,6 +71,7 @@ from tools.cli import (
     run_tool,
     sampling,
     settings_record,
+    write_json,
 )
 from tools.metrics import LPIPS_WEIGHTS, Scorer, load_stats, markdown
 from tools.plots import GRID_COLUMNS, draw_grid, draw_tradeoff
@@ -190,9 +191,7 @@ def update_timing(out, seconds, run_id, device):
         for start, value in batches.items():
             timing.setdefault(spec, {}).setdefault(str(start), []).append(
                 {"run": run_id, "device": machine, "seconds_per_image": value})
-    with open(path + ".tmp", "w") as f:
-        json.dump(timing, f, indent=1)
-    os.replace(path + ".tmp", path)
+    write_json(path, timing)
     return timing
 
 

@@ -4,12 +4,11 @@ beside the baseline and the presets, its picture, and the held-out Pareto set sh
     python -m tools.search --out runs/search --report runs/search/heldout --ship lab/schedules/plms50.json
 """
 import importlib.util
-import json
 import os
 
 import numpy as np
 
-from tools.cli import read_json
+from tools.cli import read_json, write_json
 from tools.metrics import markdown
 from tools.plots import draw_pareto
 
@@ -83,13 +82,6 @@ def report(out, heldout, ship=None):
         shown = {n: results[n] for n in ("baseline", *PRESETS_SHOWN) if n in results}
         print(f"{len(shipped)} held-out non-dominated schedules in {ship}:\n" + markdown(
             {**shown, **{f"{ship}#{k}": p["heldout"] for k, p in enumerate(shipped)}}))
-
-
-def write_json(path, data):
-    """Replace `path` whole or not at all (an interrupted write leaves the old file)."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(path + ".tmp", path)
 
 
 def points_evaluated(results, pareto_path, points):

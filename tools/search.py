@@ -67,9 +67,10 @@ from tools.cli import (
     run_tool,
     sampling,
     settings_record,
+    write_json,
 )
 from tools.metrics import Scorer
-from tools.report import PRESETS_SHOWN, non_dominated, report, write_json
+from tools.report import PRESETS_SHOWN, non_dominated, report
 from tools.shard import Shard, add_worker_flag, run_workers, wants_workers
 from tools.space import Space, initial_population, pymoo_problem, pymoo_repair
 
