@@ -85,6 +85,16 @@ def random_state(shapes, seed=0, dtype=torch.float32):
     return out
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of small tensors on a shared 2-core machine (pytestmark = usefixtures): a second torch
+    thread only waits for the first."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory):
     """A CLIP BPE tokenizer folder with the real special-token ids and a few merges:

@@ -11,7 +11,6 @@ import sys
 import time
 
 import pytest
-import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
@@ -22,12 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # small tensors: see conftest.one_thread
 
 
 def files(folder):

@@ -22,13 +22,7 @@ OPPOSITE = {"to the left of": "to the right of", "to the right of": "to the left
             "below": "above"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small tensors on a shared 2-core machine: a second thread only waits for the first."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # small tensors: see conftest.one_thread
 
 
 @pytest.fixture(scope="module")
