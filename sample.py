@@ -19,7 +19,6 @@ from model.hardware import check_device, dtype_name, resolve_dtype
 from prune import METHODS as PRUNE_METHODS
 from prune import token_method
 from prune.viz import PruneViz
-from sampler import unet_calls
 from sampler.generate import Timer, check_outdir, check_seeds, generate_batches, save_pngs
 from tools.cli import (
     Parser,
@@ -187,10 +186,6 @@ def acceleration(args):
             raise ValueError(f"{', '.join(unused)}: no effect with --cache {args.cache}; "
                              "interval and depth are for uniform/nonuniform, center and power for nonuniform")
         prune = None if args.prune == "none" else method_settings(args)
-        calls = unet_calls(args.steps, args.sampler)
-        if args.cache_center is not None and not 0 <= args.cache_center < calls:   # beyond the run: about uniform
-            raise ValueError(f"--cache-center {args.cache_center} is not a UNet call of this run (0 .. {calls - 1}): "
-                             "full calls would centre on nothing")
         depths = parse_numbers(args.cache_schedule, int, "--cache-schedule") if args.cache_schedule else ()
         cache = None if args.cache == "none" else CacheSchedule(args.cache, depths=depths,
                                                                  **fields_from_flags(args, CACHE_FLAGS))

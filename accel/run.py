@@ -57,6 +57,24 @@ class Acceleration:
         if self.cache is not None:
             self.cache.depths_for(calls)
 
+    def check_unet(self, unet, hw, calls):
+        """Raise ValueError unless this acts on `unet` (model.unet.UNetModel) at an hw latent in a run of
+        `calls` UNet calls: a token method must fit at least one transformer block (else it would
+        silently change nothing), a cache depth must be below the UNet's number of output blocks."""
+        if self.prune is not None:
+            grids = set()
+            unet_macs(unet, hw, keep=lambda st, grid, sub: grids.add((grid, st.level)) or 0)
+            if not any(self.prune.applies(grid, level) for grid, level in grids):
+                largest = "x".join(map(str, max((g for g, _ in grids), key=lambda g: g[0] * g[1])))
+                raise ValueError(f"--prune {self.prune.name} acts on no transformer block at a {hw[0]}x{hw[1]} latent "
+                                 f"(max_downsample {self.prune.max_downsample}; the largest block grid is {largest}): "
+                                 "its cells or factor do not fit; choose a larger image, smaller cells or a smaller "
+                                 "factor")
+        blocks = len(unet.output_blocks)
+        if (deepest := max((d for d in self.depths(calls) if d != FULL), default=0)) >= blocks:
+            raise ValueError(f"cache depth {deepest} does not fit this UNet's {blocks} output blocks (cached depths "
+                             f"0 .. {blocks - 1}; {FULL} is a full call)")
+
     def depths(self, calls):
         """The cache depth of each UNet call of a run (FULL for full calls)."""
         return self.cache.depths_for(calls) if self.cache is not None else [FULL] * calls
@@ -82,7 +100,7 @@ def kind_macs(unet, accel, kind, hw, matmuls=False):
     prune = accel.prune if accel else None
 
     def keep(st, grid, sub):
-        if ratio and prune.applies(grid, hw[0] * hw[1]):
+        if ratio and prune.applies(grid, st.level):
             return prune.tokens_into(sub, grid, ratio)
         return grid[0] * grid[1]
     return sum(unet_macs(unet, hw, depth=None if depth == FULL else depth, keep=keep, matmuls=matmuls).values())
@@ -110,13 +128,12 @@ class AcceleratedRun:
         self.features = None        # newest result of each output block (only when caching)
         self.generator = None       # the token methods' random stream, on the latent's device
         self.outputs = (None, None)  # the two most recent raw UNet outputs, oldest first
-        self.latent_tokens = None   # h * w of the latent of the call in progress
         self.dynamics = None        # DaTo's D for the call in progress: [B, h, w] or None
 
     def begin_call(self, index, x):
         """UNet call `index` on latent x [B, c, h, w] is about to run."""
         depth = self.depths[index]
-        self.call, self.depth, self.latent_tokens = index, None if depth == FULL else depth, x.shape[-2] * x.shape[-1]
+        self.call, self.depth = index, None if depth == FULL else depth
         if self.generator is None:   # on the run's device: a CPU draw copied to a GPU would sync every block
             self.generator = torch.Generator(x.device).manual_seed(stream_seed(self.seed, "accel"))
         prune = self.settings.prune
@@ -145,12 +162,13 @@ class AcceleratedRun:
         Its own stream per call, so the run's shared stream (self.generator) is left untouched."""
         return torch.Generator(self.generator.device).manual_seed(stream_seed(self.seed, f"accel/call{self.call}"))
 
-    def token_plans(self, x, hw, block):
+    def token_plans(self, x, hw, block, level):
         """A plan (prune/method.py) or None for self-attention, cross-attention and feed-forward of
-        the transformer block named `block`, whose input is x [B, h*w, C]."""
+        the transformer block named `block`, whose input is x [B, h*w, C], `level` x2 downsamplings
+        below the UNet's top transformer level."""
         prune = self.settings.prune
         ratio = prune.ratio_at(self.call, self.calls) if prune is not None else 0
-        if not ratio or not prune.applies(hw, self.latent_tokens):
+        if not ratio or not prune.applies(hw, level):
             return NO_PLANS
         generator = self.call_generator() if prune.same_draws_per_call else self.generator
         plan = prune.plan(x, hw, ratio, generator=generator, dynamics=self.dynamics, guided=self.guided)

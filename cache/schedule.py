@@ -120,5 +120,9 @@ class CacheSchedule:
         if self.mode == "uniform":
             full = set(range(0, calls, self.interval))
         else:
+            if self.center >= calls:   # the curve would centre beyond the run: about uniform, silently
+                raise ValueError(f"non-uniform center (--cache-center) {self.center} is not a UNet call of this run "
+                                 f"(0 .. {calls - 1}): full calls would centre on nothing; choose a center below "
+                                 f"{calls}")
             full = set(deepcache_nonuniform(calls, math.ceil(calls / self.interval), self.center, self.power))
         return [FULL if i in full else self.depth for i in range(calls)]

@@ -1,6 +1,6 @@
-"""Stable Diffusion 1.x / 2.x in plain PyTorch: UNet, VAE decoder, CLIP text encoders, loader."""
+"""Stable Diffusion 1.x / 2.x / XL in plain PyTorch: UNet, VAE decoder, CLIP text encoders, loader."""
 from .checkpoint import CheckpointError, StableDiffusion, load_checkpoint, random_weights, save_checkpoint
-from .config import LAB, PRESETS, SD1, SD2, SD2_V, TINY, TINY_SD2, SDConfig
+from .config import LAB, PRESETS, SD1, SD2, SD2_V, SDXL, TINY, TINY_SD2, TINY_SDXL, SDConfig
 
 __all__ = ["load_checkpoint", "save_checkpoint", "random_weights", "StableDiffusion", "CheckpointError",
-           "SDConfig", "PRESETS", "SD1", "SD2", "SD2_V", "TINY", "TINY_SD2", "LAB"]
+           "SDConfig", "PRESETS", "SD1", "SD2", "SD2_V", "SDXL", "TINY", "TINY_SD2", "TINY_SDXL", "LAB"]

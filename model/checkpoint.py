@@ -1,14 +1,17 @@
-"""Load official Stable Diffusion 1.x / 2.x weights into the LDM-named modules.
+"""Load official Stable Diffusion 1.x / 2.x / XL weights into the LDM-named modules.
 
 Accepted: single files (`.safetensors`, memory-mapped; `.ckpt`/`.pt`, read with
 `torch.load(weights_only=True)`) such as v1-5-pruned-emaonly.safetensors, sd-v1-4.ckpt,
-v2-1_512-ema-pruned.safetensors, v2-1_768-ema-pruned.safetensors, and diffusers-format folders
-(unet/, vae/, text_encoder/, tokenizer/, scheduler/). A single file holds
+v2-1_512-ema-pruned.safetensors, v2-1_768-ema-pruned.safetensors, sd_xl_base_1.0.safetensors, and
+diffusers-format folders (unet/, vae/, text_encoder/ (+ text_encoder_2/ for SDXL), tokenizer/,
+scheduler/). A single file holds
 
-    model.diffusion_model.*             UNet        -> StableDiffusion.unet   (prefix stripped)
-    first_stage_model.*                 VAE         -> StableDiffusion.vae    (decoder part)
-    cond_stage_model.transformer.*      SD1 text    -> StableDiffusion.text   (transformers layout)
-    cond_stage_model.model.*            SD2 text    -> StableDiffusion.text   (OpenCLIP, converted)
+    model.diffusion_model.*                 UNet        -> StableDiffusion.unet   (prefix stripped)
+    first_stage_model.*                     VAE         -> StableDiffusion.vae    (decoder part)
+    cond_stage_model.transformer.*          SD1 text    -> StableDiffusion.text   (transformers layout)
+    cond_stage_model.model.*                SD2 text    -> StableDiffusion.text   (OpenCLIP, converted)
+    conditioner.embedders.0.transformer.*   SDXL CLIP-L -> StableDiffusion.text.first
+    conditioner.embedders.1.model.*         SDXL bigG   -> StableDiffusion.text.second (OpenCLIP, converted)
 
 plus bookkeeping that inference ignores (IGNORED below). Everything else is an error that
 names the keys.
@@ -23,16 +26,32 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import PREDICTIONS, PRESETS, SD1, SD2, SD2_V, TINY, TINY_SD2, SDConfig, config_from_json, config_to_json
+from .config import (
+    PREDICTIONS,
+    PRESETS,
+    SD1,
+    SD2,
+    SD2_V,
+    SDXL,
+    TINY,
+    TINY_SD2,
+    TINY_SDXL,
+    SDConfig,
+    config_from_json,
+    config_to_json,
+)
 from .convert import diffusers_unet_to_ldm, diffusers_vae_to_ldm, openclip_to_hf
 from .files import CheckpointError, read_state_dict
-from .hardware import resolve_dtype
-from .text import TextEncoder
-from .unet import UNetModel
+from .hardware import check_device, resolve_dtype
+from .text import DualTextEncoder, TextEncoder
+from .unet import UNetModel, added_conditioning
 from .vae import AutoencoderKL
 
 UNET, VAE = "model.diffusion_model.", "first_stage_model."
 CLIP, OPENCLIP = "cond_stage_model.transformer.", "cond_stage_model.model."
+XL_CLIP, XL_OPENCLIP = "conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."
+# Where each generation's single file keeps its text encoders, in the order of SDConfig.text, text2.
+TEXT_PREFIXES = {"sd1": (CLIP,), "sd2": (OPENCLIP,), "sdxl": (XL_CLIP, XL_OPENCLIP)}
 
 # Keys official files carry that inference does not use: the training noise-schedule buffers
 # (sampler/schedule.py recomputes them), EMA bookkeeping, the VAE encoder, CLIP's position_ids
@@ -41,9 +60,11 @@ IGNORED = re.compile(
     r"(betas|alphas_cumprod(_prev)?|sqrt_\w+|log_one_minus_alphas_cumprod|posterior_\w+|logvar|lvlb_weights"
     r"|model_ema\.(decay|num_updates)"
     r"|first_stage_model\.(encoder|quant_conv)\..+"
-    r"|cond_stage_model\..*position_ids|cond_stage_model\.model\.(text_projection|logit_scale))")
+    r"|cond_stage_model\..*position_ids|cond_stage_model\.model\.(text_projection|logit_scale)"
+    r"|conditioner\.embedders\.0\..*position_ids|conditioner\.embedders\.1\.model\.logit_scale)")
 
-ARCHITECTURES = (SD1, SD2, TINY, TINY_SD2)   # told apart by UNet width and context size
+# told apart by UNet width, context size and added-conditioning width
+ARCHITECTURES = (SD1, SD2, SDXL, TINY, TINY_SD2, TINY_SDXL)
 CONFIG_KEY, TOKENIZER_KEY = "sd_config", "tokenizer"   # .safetensors metadata written by save_checkpoint
 
 
@@ -51,15 +72,32 @@ CONFIG_KEY, TOKENIZER_KEY = "sd_config", "tokenizer"   # .safetensors metadata w
 class StableDiffusion:
     unet: UNetModel
     vae: AutoencoderKL
-    text: TextEncoder
+    text: TextEncoder | DualTextEncoder
     config: SDConfig
     source: str = ""   # where the weights came from (a path, or "random weights: <preset>"), for the record
 
     @classmethod
     def build(cls, config, tokenizer=None):
         """The architecture at random init (on the current default device; use `meta` to skip init)."""
-        return cls(UNetModel(config.unet), AutoencoderKL(config.vae, config.scale_factor),
-                   TextEncoder(config.text, tokenizer), config)
+        text = (DualTextEncoder(config.text, config.text2, tokenizer) if config.text2 else
+                TextEncoder(config.text, tokenizer))
+        return cls(UNetModel(config.unet), AutoencoderKL(config.vae, config.scale_factor), text, config)
+
+    def condition(self, prompts, size, negative=False):
+        """What the UNet is conditioned on for `prompts` at image `size` (H, W): the context [B, 77, C],
+        or for a UNet with added conditioning (SDXL) a dict of the context and y [B, adm_in_channels]:
+        bigG's pooled embedding, then the Fourier embeddings of the original size (H, W), the crop's
+        top-left corner (0, 0) and the target size (H, W), as generative-models and diffusers build it.
+        `negative`: these are the unconditional prompts; an empty one is then the zero text embedding
+        where the config says so (SDXL; diffusers does it for no negative prompt, generative-models' demo
+        zeroes the unconditional text always), the size part stays."""
+        context, pooled = self.text.encode(prompts)
+        if negative and self.config.force_zeros_for_empty_prompt and not any(prompts):
+            context, pooled = torch.zeros_like(context), pooled if pooled is None else torch.zeros_like(pooled)
+        if not self.config.unet.adm_in_channels:
+            return context
+        ids = torch.tensor([*size, 0, 0, *size], device=pooled.device).repeat(len(prompts), 1)   # [B, 6]
+        return {"context": context, "y": added_conditioning(pooled, ids, self.config.size_embed_dim)}
 
     @property
     def device(self):
@@ -71,8 +109,10 @@ class StableDiffusion:
         return self.unet.out[2].weight.dtype
 
     def to(self, device=None, dtype=None):
+        """Move and cast; a VAE with force_upcast (SDXL's overflows in fp16) stays fp32 when the rest is fp16."""
         for m in (self.unet, self.vae, self.text):
-            m.to(device=device, dtype=dtype).eval().requires_grad_(False)
+            upcast = m is self.vae and dtype == torch.float16 and self.config.vae.force_upcast
+            m.to(device=device, dtype=torch.float32 if upcast else dtype).eval().requires_grad_(False)
         self.unet.channels_last()   # loaded weights arrive in the file's (NCHW) layout
         return self
 
@@ -81,6 +121,7 @@ def random_weights(config, *, device="cpu", dtype=torch.float32, tokenizer=None,
     """A StableDiffusion with random weights (the same for the same seed): for timing and for
     running the pipeline offline. The global random state is left as it was. `name` (default: the
     preset's name in PRESETS) is recorded in its source."""
+    device = check_device(device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = StableDiffusion.build(config, tokenizer).to(device, resolve_dtype(dtype, device))
@@ -104,12 +145,13 @@ def _read_component(folder, name):
 
 
 def _read_folder(path):
-    """diffusers folder -> (unet, vae, text) under our names, and the scheduler's prediction type.
-    The renaming depends only on the block structure, which every preset shares."""
-    unet = diffusers_unet_to_ldm(_read_component(path, "unet"), SD1.unet)
+    """diffusers folder -> (unet, vae, [text encoders' weights]) under our names, and the scheduler's
+    prediction type. The renaming depends only on the block structure, read from the keys."""
+    unet = diffusers_unet_to_ldm(_read_component(path, "unet"))
     vae = diffusers_vae_to_ldm(_read_component(path, "vae"), SD1.vae)
-    text = {("" if k.startswith("text_model.") else "text_model.") + k: v
-            for k, v in _read_component(path, "text_encoder").items() if not k.endswith("position_ids")}
+    names = ["text_encoder"] + (["text_encoder_2"] if os.path.isdir(os.path.join(path, "text_encoder_2")) else [])
+    text = [{("" if k.startswith(("text_model.", "text_projection.")) else "text_model.") + k: v
+             for k, v in _read_component(path, name).items() if not k.endswith("position_ids")} for name in names]
     scheduler = os.path.join(path, "scheduler", "scheduler_config.json")
     if not os.path.isfile(scheduler):   # no record: SD2 gets guessed from the weights
         return unet, vae, text, None
@@ -124,19 +166,29 @@ def _read_folder(path):
 # splitting into components and recognising the architecture
 
 def _split_single_file(state, path):
-    """Official single-file state dict -> (unet, vae, SD1 text, SD2 OpenCLIP text), prefixes stripped."""
-    if any(k.startswith(("conditioner.", UNET + "label_emb")) for k in state):
-        raise CheckpointError(f"{path}: this is an SDXL checkpoint (conditioner.* / label_emb keys); "
-                              "only SD 1.x and 2.x are supported")
+    """Official single-file state dict -> (unet, vae, {text prefix: its keys}), prefixes stripped."""
+    if any(k.startswith("conditioner.embedders.0.model.") for k in state):
+        raise CheckpointError(f"{path}: this is the SDXL refiner (its only text encoder is OpenCLIP bigG); "
+                              "only the SDXL base model is supported")
     unet = _ema_unet(state)
     vae = {k[len(VAE):]: v for k, v in state.items() if k.startswith(VAE) and not IGNORED.fullmatch(k)}
-    text = {k[len(CLIP):]: v for k, v in state.items() if k.startswith(CLIP) and not IGNORED.fullmatch(k)}
-    openclip = {k[len(OPENCLIP):]: v for k, v in state.items() if k.startswith(OPENCLIP) and not IGNORED.fullmatch(k)}
-    unknown = [k for k in state
-               if not k.startswith((UNET, VAE, CLIP, OPENCLIP, "model_ema.")) and not IGNORED.fullmatch(k)]
+    texts = {prefix: {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and not IGNORED.fullmatch(k)}
+             for prefix in (CLIP, OPENCLIP, XL_CLIP, XL_OPENCLIP)}
+    unknown = [k for k in state if not k.startswith((UNET, VAE, *texts, "model_ema.")) and not IGNORED.fullmatch(k)]
     if unknown:
-        raise CheckpointError(f"{path}: keys that belong to no SD 1.x/2.x component: {_few(unknown)}")
-    return unet, vae, text, openclip
+        raise CheckpointError(f"{path}: keys that belong to no SD 1.x/2.x/XL component: {_few(unknown)}")
+    return unet, vae, texts
+
+
+def _text_states(texts, config, path):
+    """The text encoders' weights of the file, in transformers' layout, one per encoder of `config`."""
+    wanted = TEXT_PREFIXES[config.version]
+    if strays := [p + k for p, keys in texts.items() if p not in wanted for k in keys]:
+        raise CheckpointError(f"{path}: text-encoder keys of another SD generation beside a "
+                              f"{config.version.upper()} UNet: {_few(strays)}")
+    configs = (config.text, config.text2) if config.text2 else (config.text,)
+    return [openclip_to_hf(texts[p], c.layers, c.projection) if p in (OPENCLIP, XL_OPENCLIP) else texts[p]
+            for p, c in zip(wanted, configs, strict=True)]
 
 
 def _ema_unet(state):
@@ -151,9 +203,10 @@ def _ema_unet(state):
 
 
 def _detect(unet, where):
-    """The preset whose UNet this state dict is, judged from the input conv and cross-attention shapes."""
+    """The preset whose UNet this state dict is, judged from the input conv, cross-attention and added
+    conditioning shapes."""
     conv = unet.get("input_blocks.0.0.weight")
-    to_k = unet.get("input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
+    to_k = next((v for k, v in sorted(unet.items()) if k.endswith(".attn2.to_k.weight")), None)
     if conv is None or to_k is None:
         raise CheckpointError(f"{where}: no Stable Diffusion UNet found (expected model.diffusion_model.input_blocks.* "
                               f"keys; found e.g. {_few(unet or ['nothing'])})")
@@ -161,11 +214,17 @@ def _detect(unet, where):
         kind = {9: "an inpainting", 8: "an instruct-pix2pix", 5: "a depth-conditioned"}.get(conv.shape[1], "an unknown")
         raise CheckpointError(f"{where}: the UNet takes {conv.shape[1]} input channels, which makes it {kind} model; "
                               "only text-to-image UNets (4 channels) are supported")
+    adm = unet["label_emb.0.0.weight"].shape[1] if "label_emb.0.0.weight" in unet else 0
+    if adm and (conv.shape[0], to_k.shape[1]) == (384, 1280):
+        raise CheckpointError(f"{where}: this is the SDXL refiner (384-channel UNet, 1280-wide context); only the SDXL "
+                              "base model is supported")
     for config in ARCHITECTURES:
-        if (config.unet.model_channels, config.unet.context_dim) == (conv.shape[0], to_k.shape[1]):
+        if (config.unet.model_channels, config.unet.context_dim, config.unet.adm_in_channels) == (
+                conv.shape[0], to_k.shape[1], adm):
             return config
-    raise CheckpointError(f"{where}: UNet with {conv.shape[0]} base channels and {to_k.shape[1]}-wide context "
-                          "matches neither SD 1.x (320, 768) nor SD 2.x (320, 1024)")
+    raise CheckpointError(f"{where}: UNet with {conv.shape[0]} base channels, {to_k.shape[1]}-wide context and "
+                          f"{adm}-wide added conditioning matches none of SD 1.x (320, 768, 0), SD 2.x (320, 1024, 0) "
+                          "and SDXL base (320, 2048, 2816)")
 
 
 def _guess_prediction(unet, where):
@@ -258,20 +317,21 @@ def load_checkpoint(path, *, device="cpu", dtype=torch.float32, prediction=None,
         raise ValueError(f"a checkpoint is a file or folder path, got {path!r}")
     if prediction is not None and prediction not in PREDICTIONS:
         raise ValueError(f"prediction must be 'eps' or 'v', not {prediction!r}")
+    device = check_device(device)   # before reading gigabytes
     path = os.fspath(path)
     if os.path.isdir(path):
-        unet, vae, text, stated = _read_folder(path)
+        unet, vae, texts, stated = _read_folder(path)
         config = _detect(unet, path)
+        texts = texts[:2 if config.text2 else 1]
         if tokenizer is None and os.path.isfile(os.path.join(path, "tokenizer", "vocab.json")):
             tokenizer = os.path.join(path, "tokenizer")
     else:
-        unet, vae, text, openclip = _split_single_file(read_state_dict(path), path)
+        unet, vae, texts = _split_single_file(read_state_dict(path), path)
         metadata, stated = read_metadata(path), None
         config = _stated_config(metadata, path) if CONFIG_KEY in metadata else _detect(unet, path)
+        texts = _text_states(texts, config, path)
         if tokenizer is None and TOKENIZER_KEY in metadata:   # shipped beside the weights
             tokenizer = os.path.join(os.path.dirname(path), metadata[TOKENIZER_KEY])
-        if openclip:
-            text = {**text, **openclip_to_hf(openclip, config.text.layers)}
     if prediction == "v" and config.version == "sd1":
         warnings.warn(f"{path}: SD 1.x models predict eps; forcing v-prediction (--prediction v) makes noise",
                       stacklevel=2)
@@ -283,7 +343,9 @@ def load_checkpoint(path, *, device="cpu", dtype=torch.float32, prediction=None,
         model = StableDiffusion.build(config, tokenizer)
     _load(model.unet, unet, "UNet", path, config)
     _load(model.vae, vae, "VAE", path, config)
-    _load(model.text.transformer, model.text.adapt_keys(text), "text encoder", path, config)
-    model.text.reset_position_ids()
+    encoders = model.text.encoders
+    for n, (encoder, text) in enumerate(zip(encoders, texts, strict=True)):
+        _load(encoder.transformer, encoder.adapt_keys(text), "text encoder" + (f" {n + 1}" if n else ""), path, config)
+        encoder.reset_position_ids()
     model.source = path
     return model.to(device, resolve_dtype(dtype, device))

@@ -1,10 +1,12 @@
-"""Architecture presets for Stable Diffusion 1.x / 2.x as small dataclasses.
+"""Architecture presets for Stable Diffusion 1.x / 2.x / XL as small dataclasses.
 
 The numbers are those of the official inference configs (LDM's v1-inference.yaml,
-v2-inference.yaml and v2-inference-v.yaml). `TINY` (SD1-like) and `TINY_SD2` (SD2-like: linear
-projections, 16-channel heads, OpenCLIP-style text encoder padded with 0) keep the exact
-structure (12 input blocks, 12 output blocks, transformers at the top three levels) with few
-channels, so tests and offline runs exercise every code path in seconds.
+v2-inference.yaml and v2-inference-v.yaml, generative-models' sd_xl_base.yaml). `TINY` (SD1-like)
+and `TINY_SD2` (SD2-like: linear projections, 16-channel heads, OpenCLIP-style text encoder padded
+with 0) keep the exact structure (12 input blocks, 12 output blocks, transformers at the top three
+levels) with few channels, so tests and offline runs exercise every code path in seconds;
+`TINY_SDXL` does the same for SDXL's (9 input and 9 output blocks, no transformer at the top level,
+two text encoders, the added conditioning).
 """
 import json
 from dataclasses import asdict, dataclass, replace
@@ -20,11 +22,20 @@ class UNetConfig:
     channel_mult: tuple = (1, 2, 4, 4)
     num_res_blocks: int = 2
     attention_levels: tuple = (0, 1, 2)  # levels with a SpatialTransformer (LDM: attention_resolutions 4,2,1)
+    transformer_depth: int | tuple = 1   # transformer blocks per SpatialTransformer: one number, or one per level
+    transformer_depth_middle: int = 1    # ... in the middle block's
+    adm_in_channels: int = 0             # width of the added conditioning y that label_emb reads (SDXL); 0: none
     num_heads: int = 8                   # SD1: fixed head count ...
     head_channels: int = 0               # ... SD2: fixed head width (64); 0 = use num_heads
     context_dim: int = 768
     linear_proj: bool = False            # SD2 uses Linear proj_in/proj_out, SD1 1x1 convs
     upcast_attention: bool = False       # SD2's attention logits overflow fp16: compute it in fp32
+
+    def depth(self, level):
+        """Transformer blocks per SpatialTransformer at `level` (0: none)."""
+        if level not in self.attention_levels:
+            return 0
+        return self.transformer_depth if isinstance(self.transformer_depth, int) else self.transformer_depth[level]
 
     def heads(self, channels):
         """(number of heads, head width) of a transformer with `channels` channels."""
@@ -41,6 +52,7 @@ class VAEConfig:
     z_channels: int = 4
     out_ch: int = 3
     in_ch: int = 3
+    force_upcast: bool = False   # decode in fp32 when the model runs in fp16 (SDXL's VAE overflows in fp16)
 
     @property
     def factor(self):
@@ -60,11 +72,16 @@ class TextConfig:
     max_length: int = 77         # tokens per prompt, <|startoftext|> and <|endoftext|> included
     bos_id: int = 49406          # <|startoftext|> and <|endoftext|> in the tokenizer's vocabulary
     eos_id: int = 49407
+    layer: str = "last"          # the context: "last" layer after the final norm, or "penultimate" (SDXL: no norm)
+    projection: int = 0          # width of the pooled output through text_projection (SDXL's bigG: 1280); 0: none
+
+
+TEXT_LAYERS = ("last", "penultimate")
 
 
 @dataclass(frozen=True)
 class SDConfig:
-    version: str                 # "sd1" | "sd2"
+    version: str                 # "sd1" | "sd2" | "sdxl"
     prediction: str              # "eps" | "v"
     unet: UNetConfig
     vae: VAEConfig
@@ -72,6 +89,14 @@ class SDConfig:
     scale_factor: float = 0.18215
     image_size: int = 512        # native resolution in pixels
     guidance: float = 7.5        # recommended classifier-free guidance scale
+    text2: TextConfig | None = None   # SDXL's second text encoder (OpenCLIP bigG): contexts concatenated
+    force_zeros_for_empty_prompt: bool = False   # SDXL: an empty negative prompt is the zero embedding
+
+    @property
+    def size_embed_dim(self):
+        """Width of the Fourier embedding of each of the six size and crop ids in SDXL's y (256), which
+        follows the pooled text embedding: adm_in_channels = projection + 6 * this."""
+        return (self.unet.adm_in_channels - self.text2.projection) // 6 if self.text2 else 0
 
 
 SD1 = SDConfig("sd1", "eps", UNetConfig(), VAEConfig(), TextConfig())
@@ -115,7 +140,35 @@ LAB = SDConfig(
     scale_factor=0.84134, image_size=128, guidance=4.0,   # 1 / std of the shipped VAE's latents
 )
 
-PRESETS = {"sd1": SD1, "sd2": SD2, "sd2-v": SD2_V, "tiny": TINY, "tiny-sd2": TINY_SD2, "lab": LAB}
+# SDXL base 1.0 (generative-models' sd_xl_base.yaml): three levels, no transformer at the top one, 2 and 10
+# transformer blocks deeper; CLIP ViT-L and OpenCLIP ViT-bigG, each at its penultimate layer, give a 768 + 1280
+# = 2048-wide context; y = bigG's pooled 1280 + 6 size/crop ids x 256 = 2816.
+SDXL = SDConfig(
+    "sdxl", "eps",
+    UNetConfig(channel_mult=(1, 2, 4), attention_levels=(1, 2), transformer_depth=(0, 2, 10),
+               transformer_depth_middle=10, head_channels=64, context_dim=2048, linear_proj=True,
+               adm_in_channels=2816),
+    VAEConfig(force_upcast=True),
+    TextConfig(layer="penultimate"),
+    scale_factor=0.13025, image_size=1024, guidance=5.0,
+    text2=TextConfig(width=1280, layers=32, heads=20, mlp=5120, act="gelu", pad_id=0, layer="penultimate",
+                     projection=1280),
+    force_zeros_for_empty_prompt=True,
+)
+
+TINY_SDXL = SDConfig(
+    "sdxl", "eps",
+    UNetConfig(model_channels=32, channel_mult=(1, 2, 2), attention_levels=(1, 2), transformer_depth=(0, 1, 2),
+               transformer_depth_middle=2, head_channels=16, context_dim=80, linear_proj=True, adm_in_channels=144),
+    replace(TINY.vae, force_upcast=True),
+    TextConfig(width=32, layers=2, heads=2, mlp=64, layer="penultimate"),
+    scale_factor=0.13025, image_size=64, guidance=5.0,
+    text2=TextConfig(width=48, layers=3, heads=2, mlp=96, act="gelu", pad_id=0, layer="penultimate", projection=48),
+    force_zeros_for_empty_prompt=True,
+)
+
+PRESETS = {"sd1": SD1, "sd2": SD2, "sd2-v": SD2_V, "sdxl": SDXL, "tiny": TINY, "tiny-sd2": TINY_SD2,
+           "tiny-sdxl": TINY_SDXL, "lab": LAB}
 
 
 def config_to_json(config):
@@ -132,8 +185,9 @@ def config_from_json(text):
     Raises ValueError naming the fields that do not belong."""
     data = json.loads(text)
     try:
+        text2 = data.pop("text2", None)
         parts = {"unet": UNetConfig(**_tuples(data.pop("unet"))), "vae": VAEConfig(**_tuples(data.pop("vae"))),
-                 "text": TextConfig(**data.pop("text"))}
+                 "text": TextConfig(**data.pop("text")), "text2": TextConfig(**text2) if text2 else None}
         return SDConfig(**data, **parts)
     except (KeyError, TypeError) as e:
         raise ValueError(f"not an SDConfig: {e}") from None

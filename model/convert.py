@@ -18,13 +18,18 @@ def rename_key(key, rules):
     return key
 
 
-def openclip_to_hf(state, layers):
-    """OpenCLIP text-tower keys (`cond_stage_model.model.` stripped) -> CLIPTextModel keys
-    (`text_model.` prefix). Blocks from index `layers` on are dropped (SD2 runs 23 of 24);
-    `text_projection` and `logit_scale` are unused by SD and dropped too."""
+def openclip_to_hf(state, layers, projection=0):
+    """OpenCLIP text-tower keys (`cond_stage_model.model.` or SDXL's `conditioner.embedders.1.model.`
+    stripped) -> CLIPTextModel keys (`text_model.` prefix). Blocks from index `layers` on are dropped
+    (SD2 runs 23 of 24); `logit_scale` is unused and dropped; `text_projection` ([width, projection],
+    applied as x @ P) becomes CLIPTextModelWithProjection's Linear weight P^T when `projection`
+    (SDXL's pooled embedding), else it is dropped (SD2 does not use it)."""
     split = {}
     for key, value in state.items():
         m = re.match(r"transformer\.resblocks\.(\d+)\.", key)
+        if key == "text_projection" and projection:
+            split["text_projection.weight"] = value.T.contiguous()
+            continue
         if m and int(m[1]) >= layers or key in ("text_projection", "logit_scale"):
             continue
         if m and key.endswith(("attn.in_proj_weight", "attn.in_proj_bias")):
@@ -36,6 +41,7 @@ def openclip_to_hf(state, layers):
             split[key] = value
     layer = r"text_model.encoder.layers.\1."
     rules = [
+        (r"^text_projection\.weight$", "text_projection.weight"),
         (r"^token_embedding\.weight$", "text_model.embeddings.token_embedding.weight"),
         (r"^positional_embedding$", "text_model.embeddings.position_embedding.weight"),
         (r"^ln_final\.", "text_model.final_layer_norm."),
@@ -53,20 +59,26 @@ UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": 
                "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
 
 
-def diffusers_unet_to_ldm(state, cfg):
-    """diffusers UNet2DConditionModel keys -> UNetModel keys, for a UNet built from `cfg` (UNetConfig).
+def diffusers_unet_to_ldm(state):
+    """diffusers UNet2DConditionModel keys -> UNetModel keys (SD1, SD2, SDXL).
 
     diffusers groups by level (down_blocks.i holds resnets.j, attentions.j, downsamplers.0);
-    LDM numbers the blocks consecutively, num_res_blocks + 1 per level."""
-    per_level, levels = cfg.num_res_blocks + 1, len(cfg.channel_mult)
+    LDM numbers the blocks consecutively, num_res_blocks + 1 per level. Both numbers that the
+    renaming needs come from the keys themselves: num_res_blocks from down_blocks.0's resnets, and
+    which up levels have transformers (their upsampler comes after it)."""
+    per_level = 2 + max((int(m[1]) for k in state if (m := re.match(r"down_blocks\.0\.resnets\.(\d+)\.", k))),
+                        default=0)
+    with_attention = {int(m[1]) for k in state if (m := re.match(r"up_blocks\.(\d+)\.attentions\.", k))}
 
     def up_sampler(i):  # the upsampler follows the ResBlock, and the transformer if the level has one
-        return 2 if levels - 1 - i in cfg.attention_levels else 1
+        return 2 if i in with_attention else 1
 
     rules = [
         (r"^conv_in\.", "input_blocks.0.0."),
         (r"^time_embedding\.linear_1\.", "time_embed.0."),
         (r"^time_embedding\.linear_2\.", "time_embed.2."),
+        (r"^add_embedding\.linear_1\.", "label_emb.0.0."),   # SDXL's added conditioning
+        (r"^add_embedding\.linear_2\.", "label_emb.0.2."),
         (r"^down_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)\.",
          lambda m: f"input_blocks.{per_level * int(m[1]) + int(m[2]) + 1}.0.{UNET_RESNET[m[3]]}."),
         (r"^down_blocks\.(\d+)\.attentions\.(\d+)\.",

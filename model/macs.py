@@ -74,6 +74,8 @@ def unet_macs(unet, hw, context_len=77, depth=None, keep=None, matmuls=False):
     keep = keep or (lambda st, grid, sub: grid[0] * grid[1])
     emb_dim = unet.time_embed[0].out_features
     out = {"time_embed": unet.time_embed[0].in_features * emb_dim + emb_dim * emb_dim}
+    if unet.config.adm_in_channels:   # SDXL's added conditioning
+        out["label_emb"] = unet.config.adm_in_channels * emb_dim + emb_dim * emb_dim
     n = len(unet.output_blocks)
     depth = n if depth is None else depth
     c_hw, skips = (unet.config.in_channels, *hw), []

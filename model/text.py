@@ -1,11 +1,15 @@
 """Text conditioning: prompts -> [B, 77, C] context for the UNet's cross-attention.
 
-Both SD generations use a CLIP text transformer, run here by transformers' CLIPTextModel:
+Every SD generation uses CLIP text transformers, run here by transformers' CLIPTextModel:
 - SD1: OpenAI CLIP ViT-L/14 (768 wide, 12 layers, quick_gelu); the context is the last layer
   after the final layer norm; prompts are padded with <|endoftext|> (49407).
 - SD2: OpenCLIP ViT-H/14 (1024 wide, 24 layers, gelu); the context is the output of layer 23
   of 24 followed by the final layer norm, so the model is built with 23 layers; prompts are
   padded with 0, as open_clip.tokenize does. (model/convert.py maps the OpenCLIP weights.)
+- SDXL (DualTextEncoder): CLIP ViT-L/14 and OpenCLIP ViT-bigG/14 (1280 wide, 32 layers, padded
+  with 0), each taken at its penultimate layer without the final norm, concatenated to a 2048-wide
+  context; bigG's final-norm output at <|endoftext|> through its text_projection is the pooled
+  embedding [B, 1280] that the UNet's added conditioning starts with.
 Every prompt is padded to the full 77 tokens: the UNet attends to the padding positions too,
 so padding to the batch's longest prompt would change the images.
 """
@@ -22,9 +26,9 @@ import warnings
 import torch
 import torch.nn as nn
 from huggingface_hub import constants as hub_constants
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from .config import TextConfig
+from .config import TEXT_LAYERS, TextConfig
 
 DEFAULT_TOKENIZER = "openai/clip-vit-large-patch14"  # the same BPE vocabulary serves SD1 and SD2
 
@@ -191,7 +195,7 @@ def _caller_stacklevel():
 
 
 class TextEncoder(nn.Module):
-    """Callable: list of prompts -> context [B, 77, width].
+    """Callable: list of prompts -> context [B, 77, width]; encode() also gives the pooled embedding.
 
     The tokenizer is resolved on first use (`tokenizer`: a CLIPTokenizer, a folder or a hub id),
     so the weights can be loaded and inspected without one.
@@ -199,14 +203,22 @@ class TextEncoder(nn.Module):
 
     def __init__(self, cfg: TextConfig, tokenizer=None):
         super().__init__()
+        if cfg.layer not in TEXT_LAYERS:
+            raise ValueError(f"text layer must be one of {TEXT_LAYERS}, got {cfg.layer!r}")
         self.config = cfg
-        self.transformer = CLIPTextModel(CLIPTextConfig(
+        model = CLIPTextModelWithProjection if cfg.projection else CLIPTextModel
+        self.transformer = model(CLIPTextConfig(
             vocab_size=cfg.vocab_size, hidden_size=cfg.width, intermediate_size=cfg.mlp,
             num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, max_position_embeddings=cfg.max_length,
-            hidden_act=cfg.act, layer_norm_eps=1e-5, bos_token_id=cfg.bos_id, eos_token_id=cfg.eos_id))
+            hidden_act=cfg.act, layer_norm_eps=1e-5, bos_token_id=cfg.bos_id, eos_token_id=cfg.eos_id,
+            projection_dim=cfg.projection or cfg.width))
         if isinstance(tokenizer, CLIPTokenizer):   # an object is checked now; a folder or hub id when loaded
             check_tokenizer(tokenizer)
         self._tokenizer = tokenizer
+
+    @property
+    def encoders(self):
+        return (self,)
 
     def adapt_keys(self, state):
         """Checkpoint keys (`text_model.` prefix, transformers 4 layout) -> the installed
@@ -242,7 +254,45 @@ class TextEncoder(nn.Module):
             rows.append(ids + [self.config.pad_id] * (n - len(ids)))
         return torch.tensor(rows, device=self.transformer.device)
 
-    def forward(self, prompts):
+    def encode(self, prompts):
+        """list[str] -> (context [B, max_length, width], pooled [B, projection] or None)."""
         if isinstance(prompts, str):
             prompts = [prompts]
-        return self.transformer(input_ids=self.tokenize(prompts)).last_hidden_state
+        penultimate = self.config.layer == "penultimate"
+        out = self.transformer(input_ids=self.tokenize(prompts), output_hidden_states=penultimate)
+        # hidden_states: the embeddings, then each layer's output; [-2] is the penultimate layer's, before any norm
+        context = out.hidden_states[-2] if penultimate else out.last_hidden_state
+        return context, out.text_embeds if self.config.projection else None
+
+    def forward(self, prompts):
+        return self.encode(prompts)[0]
+
+
+class DualTextEncoder(nn.Module):
+    """SDXL's text conditioning (module docstring): `first` CLIP ViT-L, `second` OpenCLIP ViT-bigG with
+    its projection, one tokenizer for both (the same BPE vocabulary; each pads its own way)."""
+
+    def __init__(self, cfg: TextConfig, cfg2: TextConfig, tokenizer=None):
+        super().__init__()
+        self.first, self.second = TextEncoder(cfg, tokenizer), TextEncoder(cfg2, tokenizer)
+
+    @property
+    def encoders(self):
+        return self.first, self.second
+
+    @property
+    def tokenizer(self):
+        return self.first.tokenizer
+
+    def tokenize(self, prompts):
+        return self.first.tokenize(prompts)
+
+    def encode(self, prompts):
+        """list[str] -> (context [B, 77, 768 + 1280], pooled [B, 1280])."""
+        self.second._tokenizer = self.first.tokenizer   # resolved once, for both
+        first, _ = self.first.encode(prompts)
+        second, pooled = self.second.encode(prompts)
+        return torch.cat([first, second], dim=-1), pooled
+
+    def forward(self, prompts):
+        return self.encode(prompts)[0]

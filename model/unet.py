@@ -43,15 +43,16 @@ class RunState(Protocol):
     `features[n-1-d]`, the newest remembered result of output_blocks[n-1-d]; the middle block and
     everything deeper is skipped. Depth 0 re-runs only the final `out` layer. forward() hands every
     output-block result it computed to remember() (all n on a full call, the last d on a cached
-    one). Each transformer block asks token_plans(x, hw, block) for a plan (prune/method.py) or
-    None for each of its self-attention, cross-attention and feed-forward (see prune/).
+    one). Each transformer block asks token_plans(x, hw, block, level) for a plan (prune/method.py)
+    or None for each of its self-attention, cross-attention and feed-forward (see prune/); `level`
+    counts the x2 downsamplings below the UNet's top transformer level (SpatialTransformer).
     """
     depth: int | None
     features: list | None
 
     def remember(self, outputs: list) -> None: ...
 
-    def token_plans(self, x: torch.Tensor, hw: tuple, block: str) -> tuple: ...
+    def token_plans(self, x: torch.Tensor, hw: tuple, block: str, level: int) -> tuple: ...
 
 
 def timestep_embedding(t, dim, max_period=10000):
@@ -60,6 +61,13 @@ def timestep_embedding(t, dim, max_period=10000):
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = t.float()[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def added_conditioning(pooled, ids, width):
+    """SDXL's y, what label_emb reads: the pooled text embedding [B, P], then each of the six size and crop ids
+    [B, 6] (original H, W; crop top, left; target H, W) Fourier-embedded to `width` (256) -> [B, P + 6 * width]."""
+    sizes = timestep_embedding(ids.flatten(), width).view(ids.shape[0], -1)
+    return torch.cat([pooled, sizes.to(pooled.dtype)], dim=-1)
 
 
 class ResBlock(nn.Module):
@@ -157,6 +165,7 @@ class BasicTransformerBlock(nn.Module):
         self.attn2 = CrossAttention(dim, heads, head_dim, context_dim, upcast=upcast)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.name = ""   # its module path, set by UNetModel (token plans and pictures refer to blocks by it)
+        self.level = 0   # x2 downsamplings below the UNet's top transformer level, set by SpatialTransformer
 
     def forward(self, x, context, hw, state=None):
         """x: [B, h*w, C] tokens in row-major grid order; hw = (h, w).
@@ -164,24 +173,31 @@ class BasicTransformerBlock(nn.Module):
         With a run state, the block asks it for token plans (run_with_plan): a plan or None for
         each of self-attention, cross-attention and feed-forward.
         """
-        attn1, attn2, ff = state.token_plans(x, hw, self.name) if state is not None else (None, None, None)
+        plans = state.token_plans(x, hw, self.name, self.level) if state is not None else (None, None, None)
+        attn1, attn2, ff = plans
         x = x + run_with_plan(self.attn1, self.norm1(x), attn1)
         x = x + run_with_plan(self.attn2, self.norm2(x), attn2, context)
         return x + run_with_plan(self.ff, self.norm3(x), ff)
 
 
 class SpatialTransformer(nn.Module):
-    """GroupNorm, project to tokens, transformer block(s), project back, residual."""
+    """GroupNorm, project to tokens, `depth` transformer blocks, project back, residual.
 
-    def __init__(self, channels, cfg: UNetConfig):
+    level: x2 downsamplings below the UNet's top transformer level (0 for SD1's 64x64 blocks at 512 px and
+    for SDXL's 64x64 blocks at 1024 px): where token methods act (prune/method.py, max_downsample)."""
+
+    def __init__(self, channels, cfg: UNetConfig, depth=1, level=0):
         super().__init__()
         heads, head_dim = cfg.heads(channels)
-        self.linear = cfg.linear_proj
+        self.linear, self.level = cfg.linear_proj, level
         self.norm = nn.GroupNorm(32, channels, eps=1e-6)
         proj = (lambda: nn.Linear(channels, channels)) if self.linear else (lambda: nn.Conv2d(channels, channels, 1))
         self.proj_in = proj()
         self.transformer_blocks = nn.ModuleList(
-            [BasicTransformerBlock(channels, heads, head_dim, cfg.context_dim, cfg.upcast_attention)])
+            [BasicTransformerBlock(channels, heads, head_dim, cfg.context_dim, cfg.upcast_attention)
+             for _ in range(depth)])
+        for block in self.transformer_blocks:
+            block.level = level
         self.proj_out = proj()
 
     def forward(self, x, context, state=None):
@@ -245,11 +261,15 @@ class UNetModel(nn.Module):
         self.config = cfg
         mc, emb_dim = cfg.model_channels, cfg.model_channels * 4
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if cfg.adm_in_channels:   # SDXL: the pooled text embedding and the size/crop ids, added to the time's
+            self.label_emb = nn.Sequential(nn.Sequential(
+                nn.Linear(cfg.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)))
+        top = min(cfg.attention_levels)
 
         def level_block(cin, cout, level, *extra):
             layers = [ResBlock(cin, cout, emb_dim)]
-            if level in cfg.attention_levels:
-                layers.append(SpatialTransformer(cout, cfg))
+            if cfg.depth(level):
+                layers.append(SpatialTransformer(cout, cfg, cfg.depth(level), level - top))
             return TimestepEmbedSequential(*layers, *extra)
 
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
@@ -264,7 +284,9 @@ class UNetModel(nn.Module):
                 skip_channels.append(ch)
 
         self.middle_block = TimestepEmbedSequential(
-            ResBlock(ch, ch, emb_dim), SpatialTransformer(ch, cfg), ResBlock(ch, ch, emb_dim))
+            ResBlock(ch, ch, emb_dim),
+            SpatialTransformer(ch, cfg, cfg.transformer_depth_middle, len(cfg.channel_mult) - 1 - top),
+            ResBlock(ch, ch, emb_dim))
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
@@ -291,8 +313,10 @@ class UNetModel(nn.Module):
             if isinstance(m, CrossAttention):
                 m.backend = backend
 
-    def forward(self, x, t, context, state: RunState | None = None):
-        """x: [B, c, h, w] latent, t: timestep(s) (scalar or [B]), context: [B, 77, C].
+    def forward(self, x, t, context, y=None, state: RunState | None = None):
+        """x: [B, c, h, w] latent, t: timestep(s) (scalar or [B]), context: [B, 77, C]; y: the added
+        conditioning [B, adm_in_channels] of a UNet with label_emb (SDXL: model.checkpoint's
+        StableDiffusion.condition builds it), else None.
 
         state: the accelerated run this call belongs to (token pruning, feature caching; see
         RunState), or None for the plain SD forward. Returns the raw model output (eps or v)
@@ -303,6 +327,11 @@ class UNetModel(nn.Module):
         dtype = self.out[2].weight.dtype   # inputs follow the weights (the sampler keeps fp32 latents)
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
         emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(dtype))
+        if (y is None) != (self.config.adm_in_channels == 0):
+            raise ValueError(f"this UNet takes {'an added conditioning y' if y is None else 'no y'} "
+                             f"(adm_in_channels {self.config.adm_in_channels})")
+        if y is not None:
+            emb = emb + self.label_emb(y.to(dtype))
         context = context.to(dtype)
         n = len(self.output_blocks)
         depth = None if state is None else state.depth

@@ -23,7 +23,7 @@ from typing import ClassVar
 from .tokens import RECOVER, check_ratio
 
 LAYERS = ("attn1", "attn2", "ff")   # self-attention, cross-attention, feed-forward
-MAX_DOWNSAMPLES = (1, 2, 4, 8)   # the grid sizes below the latent that a UNet's levels have
+MAX_DOWNSAMPLES = (1, 2, 4, 8)   # the grid sizes below the top transformer level that a UNet's levels have
 
 
 # a field's declared type -> (what its value must be an instance of, how an error names it)
@@ -44,8 +44,9 @@ def comma_list(text):
 class TokenMethod:
     """Where a token method acts; recommended values are the defaults.
 
-    max_downsample: act on blocks whose grid is at most this much smaller than the latent
-        (1: the five 64x64-latent blocks of SD at 512 px, as every paper recommends; 2, 4, 8: deeper too).
+    max_downsample: act on blocks whose grid is at most this much smaller than the UNet's top
+        transformer level's (1: the five 64x64 blocks of SD at 512 px, as every paper recommends, and the
+        eight 2-block transformers of SDXL at 1024 px, also 64x64; 2, 4, 8: deeper too).
     layers: the sub-layers of each block it wraps, from LAYERS (("attn1",): self-attention only;
         pruning "ff" hurts images, SiTo #1 / tomesd README).
     """
@@ -53,8 +54,8 @@ class TokenMethod:
     spec_field: ClassVar[str] = "ratio"   # the field VALUE sets in a NAME:VALUE method spec
     reduces: ClassVar[str] = "tokens"     # the kind of plan (module docstring)
 
-    max_downsample: int = setting(1, "maxdown", "act on blocks at most this much below the latent resolution "
-                                  "(1: the five 64x64 blocks)", int, MAX_DOWNSAMPLES)
+    max_downsample: int = setting(1, "maxdown", "act on blocks at most this much below the top transformer "
+                                  "level (1: SD's five 64x64 blocks at 512 px)", int, MAX_DOWNSAMPLES)
     layers: tuple = setting(("attn1",), "layers", f"comma-separated sub-layers from {','.join(LAYERS)} "
                             "(attn1 = self-attention only)", comma_list)
 
@@ -95,11 +96,11 @@ class TokenMethod:
         """These settings acting at `ratio` on every call (bench.py times one call of each kind)."""
         raise NotImplementedError
 
-    def applies(self, hw, latent_tokens):
-        """Whether a block with an h x w grid is acted on: deep enough grids only (tomesd's rule
-        ds = ceil(sqrt(N_latent / N)) <= max_downsample), and big enough for the method."""
-        ds = math.ceil(math.sqrt(latent_tokens / (hw[0] * hw[1])))
-        return ds <= self.max_downsample and self.fits(hw)
+    def applies(self, hw, level):
+        """Whether a block with an h x w grid, `level` x2 downsamplings below the UNet's top transformer
+        level, is acted on: 2**level <= max_downsample (tomesd's rule, counted from the top transformer
+        level so that 1 means SD's 64x64 blocks at 512 px and SDXL's at 1024 px), and big enough for the method."""
+        return 2 ** level <= self.max_downsample and self.fits(hw)
 
     def fits(self, hw):
         return True

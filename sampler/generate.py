@@ -40,7 +40,7 @@ class Sampling:
     dtype: None keeps the model's precision; "auto" | "fp32" | "bf16" | "fp16" casts the model
         first (load it in the precision you want: casting back up does not restore bits).
     attention: "sdpa" | "math". accel: an accel.Acceleration (token methods, caching) or None; anything
-        with its check(calls), start(calls, seed, guided) and record() will do.
+        with its check(calls), check_unet(unet, hw, calls), start(calls, seed, guided) and record() will do.
     negative_prompt: the unconditional prompt (""). batch_size: images per sampler batch (1).
     """
     steps: int = 50
@@ -59,13 +59,18 @@ class Sampling:
         check_args(self.steps, 1.0 if self.scale is None else self.scale, self.sampler, self.eta)
         if not is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"--seed {self.seed!r}: must be a whole number between 0 and 2**64 - 1")
-        if self.size is not None and (len(self.size) != 2 or not all(s is None or is_int(s) for s in self.size)):
+        if self.size is not None and (not isinstance(self.size, (tuple, list)) or len(self.size) != 2):
             raise ValueError(f"size must be (H, W) in pixels (None: the model's native side), got {self.size!r}")
+        for flag, side in zip(("--H", "--W"), self.size or (None, None), strict=True):
+            if not (side is None or is_int(side) and side > 0):
+                raise ValueError(f"{flag} {side!r} must be a positive multiple of the VAE factor (8 for SD; "
+                                 "size is (H, W) in pixels; None: the model's native side)")
         if self.dtype is not None and self.dtype not in DTYPE_CHOICES:
             raise ValueError(f"--dtype {self.dtype!r} is not a precision; choose one of {', '.join(DTYPE_CHOICES)}")
         if self.attention not in ATTENTION_BACKENDS:
             raise ValueError(f"--attention {self.attention!r}: choose one of {', '.join(ATTENTION_BACKENDS)}")
-        if self.accel is not None and not all(hasattr(self.accel, m) for m in ("check", "start", "record")):
+        methods = ("check", "check_unet", "start", "record")
+        if self.accel is not None and not all(hasattr(self.accel, m) for m in methods):
             raise ValueError(f"accel must be an accel.Acceleration or None, got {type(self.accel).__name__}")
         if not isinstance(self.negative_prompt, str):
             raise ValueError(f"--negative-prompt must be text, got {type(self.negative_prompt).__name__}")
@@ -98,9 +103,9 @@ def check_seeds(seed, count):
                          f"between 0 and 2**64 - {count}")
 
 
-def check_size(sd, size):
-    """(H, W) or None -> (H, W) that this model can decode; warns far beyond its training size."""
-    factor, native = sd.config.vae.factor, sd.config.image_size
+def check_size(config, size):
+    """(H, W) or None -> (H, W) that a model of this SDConfig can decode; warns far beyond its training size."""
+    factor, native = config.vae.factor, config.image_size
     H, W = (native if side is None else side for side in size or (None, None))
     for flag, side in (("--H", H), ("--W", W)):
         if side <= 0 or side % factor:
@@ -151,7 +156,11 @@ def prepare(sd, run):
         if viz.block not in blocks:
             raise ValueError(f"--viz-block {viz.block!r} is not a transformer block of this UNet; "
                              f"choose one of {', '.join(blocks[:4])}, ... ({len(blocks)} in all)")
-    return check_size(sd, run.size)
+    H, W = check_size(sd.config, run.size)
+    if run.accel is not None:   # what the acceleration needs of this UNet at this size
+        run.accel.check_unet(sd.unet, (H // sd.config.vae.factor, W // sd.config.vae.factor),
+                             unet_calls(run.steps, run.sampler))
+    return H, W
 
 
 def generate_batches(sd, prompts, run, *, progress=False, timer=None):
@@ -172,8 +181,9 @@ def generate_batches(sd, prompts, run, *, progress=False, timer=None):
         for k in range(0, len(prompts), run.batch_size):
             batch = prompts[k:k + run.batch_size]
             seeds = [run.seed + k + i for i in range(len(batch))]
-            cond = timer("text", sd.text, batch)
-            uncond = timer("text", sd.text, [run.negative_prompt] * len(batch)) if scale != 1 else None
+            cond = timer("text", sd.condition, batch, (H, W))
+            negatives = [run.negative_prompt] * len(batch)
+            uncond = timer("text", sd.condition, negatives, (H, W), True) if scale != 1 else None
             x_T = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
             loop = run_steps(sd.unet, x_T.to(device), cond, uncond, run.steps, scale, run.sampler, run.eta,
                              config.prediction, run.accel, seeds[0])

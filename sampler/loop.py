@@ -26,6 +26,9 @@ def stream_seed(seed, stream):
     return int.from_bytes(hashlib.sha256(f"{seed}/{stream}".encode()).digest()[:8], "little")
 
 
+MAX_SCALE = 100   # the highest guidance accepted; SD is used at 5-15
+
+
 @dataclass
 class Step:
     index: int              # 0-based step number
@@ -51,8 +54,9 @@ def check_args(steps=50, scale=7.5, method="plms", eta=0.0, prediction="eps"):
         raise ValueError(f"--eta must be >= 0, got {eta}")
     if prediction not in PREDICTIONS:
         raise ValueError(f"--prediction must be 'eps' or 'v', got {prediction!r}")
-    if scale < 0:
-        raise ValueError(f"--scale (guidance) must be >= 0, got {scale}")
+    if not 0 <= scale <= MAX_SCALE:
+        raise ValueError(f"--scale (guidance) must be between 0 and {MAX_SCALE}, got {scale} (typical: 5 to 10; "
+                         "far beyond, the guided prediction burns the image out and overflows)")
 
 
 def sample_steps(unet, x_T, cond, uncond=None, steps=50, scale=7.5, method="plms", eta=0.0,
@@ -60,7 +64,8 @@ def sample_steps(unet, x_T, cond, uncond=None, steps=50, scale=7.5, method="plms
     """Run the sampler, yielding a Step after each step.
 
     x_T: [B, c, h, w] initial noise; cond / uncond: [B, 77, C] contexts (uncond None or
-    scale == 1: no guidance, one conditional call per evaluation, as LDM does).
+    scale == 1: no guidance, one conditional call per evaluation, as LDM does), or dicts of the UNet's
+    keyword inputs (SDXL: context and y, from StableDiffusion.condition).
     Guidance batches one call on [x; x] with contexts [uncond; cond]:
     eps = eps_u + scale * (eps_c - eps_u). v-prediction outputs are converted per call:
     eps = √ᾱ·v + √(1-ᾱ)·x at the latent's noise level ᾱ. accel: an accel.Acceleration (or None); its
@@ -83,13 +88,14 @@ def run_steps(unet, x_T, cond, uncond, steps, scale, method, eta, prediction, ac
 
     def model(x, t, a):
         nonlocal calls
-        x_in, c_in = (torch.cat([x, x]), torch.cat([uncond, cond])) if guided else (x, cond)
+        x_in, c_in = (torch.cat([x, x]), joined(uncond, cond)) if guided else (x, cond)
         t_in = torch.full((x_in.shape[0],), t, device=x.device)
+        args, kwargs = ((c_in,), {}) if torch.is_tensor(c_in) else ((), c_in)
         if run is None:
-            out = unet(x_in, t_in, c_in)
+            out = unet(x_in, t_in, *args, **kwargs)
         else:
             run.begin_call(calls, x_in)
-            out = unet(x_in, t_in, c_in, state=run)
+            out = unet(x_in, t_in, *args, **kwargs, state=run)
             run.end_call(out)
         calls += 1
         out = out.to(x.dtype)
@@ -104,6 +110,13 @@ def run_steps(unet, x_T, cond, uncond, steps, scale, method, eta, prediction, ac
     generator = torch.Generator().manual_seed(stream_seed(seed, "ddim")) if sampler.takes_eta else None
     for i, t, x, pred_x0 in sampler.run(model, x_T, steps, alphas, eta, generator):
         yield Step(i, steps, t, x, pred_x0, calls)
+
+
+def joined(uncond, cond):
+    """The guided batch's conditioning [uncond; cond]: contexts, or dicts of them (SDXL's context and y)."""
+    if torch.is_tensor(cond):
+        return torch.cat([uncond, cond])
+    return {k: torch.cat([uncond[k], cond[k]]) for k in cond}
 
 
 def final_latent(steps):

@@ -14,18 +14,20 @@ from model.unet import UNetModel
 KEYS = Path(__file__).parent / "keys"   # official key names and shapes (../shared/checkpoint-keys)
 UNET, VAE = "model.diffusion_model.", "first_stage_model."
 CLIP, OPENCLIP = "cond_stage_model.transformer.", "cond_stage_model.model."
+XL_CLIP, XL_OPENCLIP = "conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."
 
 
 def official_shapes(version):
-    """{key: shape} of the official single file: version "v1" (SD 1.x) or "v2" (SD 2.x)."""
+    """{key: shape} of the official single file: version "v1" (SD 1.x), "v2" (SD 2.x) or "xl" (SDXL base)."""
     return {k: tuple(v) for k, v in json.loads((KEYS / f"sd-{version}.json").read_text()).items()}
 
 
-def openclip_shapes(width, layers, mlp, vocab=49408, length=77):
-    """{key: shape} of an OpenCLIP text tower under cond_stage_model.model. (SD2's layout)."""
+def openclip_shapes(width, layers, mlp, vocab=49408, length=77, prefix=OPENCLIP, projection=None):
+    """{key: shape} of an OpenCLIP text tower under `prefix` (SD2's cond_stage_model.model., SDXL's
+    conditioner.embedders.1.model.); its text_projection is [width, projection (default width)]."""
     shapes = {"token_embedding.weight": (vocab, width), "positional_embedding": (length, width),
               "ln_final.weight": (width,), "ln_final.bias": (width,),
-              "text_projection": (width, width), "logit_scale": ()}
+              "text_projection": (width, projection or width), "logit_scale": ()}
     for i in range(layers):
         p = f"transformer.resblocks.{i}."
         shapes.update({
@@ -35,7 +37,7 @@ def openclip_shapes(width, layers, mlp, vocab=49408, length=77):
             p + "attn.out_proj.weight": (width, width), p + "attn.out_proj.bias": (width,),
             p + "mlp.c_fc.weight": (mlp, width), p + "mlp.c_fc.bias": (mlp,),
             p + "mlp.c_proj.weight": (width, mlp), p + "mlp.c_proj.bias": (width,)})
-    return {OPENCLIP + k: v for k, v in shapes.items()}
+    return {prefix + k: v for k, v in shapes.items()}
 
 
 def layout_shapes(config):
@@ -50,11 +52,14 @@ def layout_shapes(config):
     t = config.text
     if config.version == "sd2":
         shapes.update(openclip_shapes(t.width, t.layers + 1, t.mlp))
-    else:
-        for k, v in sd.text.transformer.state_dict().items():
+    else:   # SD1's CLIP, or SDXL's first encoder (CLIP-L), in transformers' layout
+        prefix = XL_CLIP if config.text2 else CLIP
+        for k, v in sd.text.encoders[0].transformer.state_dict().items():
             k = k if k.startswith("text_model.") else "text_model." + k
-            shapes[CLIP + k] = tuple(v.shape)
-        shapes[CLIP + "text_model.embeddings.position_ids"] = (1, t.max_length)
+            shapes[prefix + k] = tuple(v.shape)
+        shapes[prefix + "text_model.embeddings.position_ids"] = (1, t.max_length)
+    if t2 := config.text2:   # SDXL's OpenCLIP bigG, every layer kept
+        shapes.update(openclip_shapes(t2.width, t2.layers, t2.mlp, prefix=XL_OPENCLIP, projection=t2.projection))
     shapes.update({"betas": (1000,), "alphas_cumprod": (1000,)})
     return shapes
 

@@ -157,6 +157,8 @@ def test_bad_schedule_for_the_run():
         run(unet, Acceleration(cache=CacheSchedule("dato", depths=(1,) * 7)))
     with pytest.raises(ValueError, match="cannot place"):
         run(unet, Acceleration(cache=CacheSchedule("nonuniform", interval=1, center=3)))
+    with pytest.raises(ValueError, match="center \\(--cache-center\\) 7 is not a UNet call of this run \\(0 .. 6\\)"):
+        run(unet, Acceleration(cache=CacheSchedule("nonuniform", center=7)))
     with pytest.raises(ValueError, match="51 entries, but this run makes 7"):
         run(unet, Acceleration(cache=PRESETS["dato-fixed"].cache))
 

@@ -280,10 +280,12 @@ def test_unsupported_extension(tmp_path):
     assert "unsupported file type" in error_of(tmp_path / "m.gguf")
 
 
-def test_sdxl_is_refused(tmp_path):
+def test_sdxl_text_keys_beside_an_sd1_unet_are_named(tmp_path):
     state = random_state(layout_shapes(TINY))
     state["conditioner.embedders.0.transformer.text_model.final_layer_norm.weight"] = torch.ones(4)
-    assert "SDXL" in error_of(save(state, tmp_path / "xl.safetensors"))
+    error = error_of(save(state, tmp_path / "xl.safetensors"))
+    assert "text-encoder keys of another SD generation beside a SD1 UNet" in error
+    assert "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight" in error
 
 
 def test_inpainting_is_refused(tmp_path):
@@ -355,3 +357,12 @@ def test_bad_config_metadata_is_named(tmp_path):
 def test_a_checkpoint_that_is_not_a_path_is_one_clear_error():
     with pytest.raises(ValueError, match="a checkpoint is a file or folder path, got None"):
         load_checkpoint(None)
+
+
+@pytest.mark.parametrize("device,match", [("tpu", "'tpu' is not a device"), ("xla", "unsupported device type"),
+                                          (3.5, "is not a device")])
+def test_a_device_the_machine_lacks_is_refused_before_reading(tmp_path, device, match):
+    with pytest.raises(ValueError, match=match):
+        load_checkpoint(tmp_path / "missing.safetensors", device=device)   # the device comes first
+    with pytest.raises(ValueError, match=match):
+        random_weights(TINY, device=device)

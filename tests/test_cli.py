@@ -110,8 +110,8 @@ def test_download_failure_says_what_to_pass(monkeypatch):
     (["--prompt", "x", "--threads", "100000"], "--threads must be from 1 to this machine's"),
     (["--prompt", "x", "--prune", "sito", "--viz-prune", "README.md/viz"], "--viz-prune 'README.md/viz' cannot be"),
     (["--from-file", "tests"], "is a folder; give a text file"),
-    (["--prompt", "x", "--cache", "nonuniform", "--cache-center", "1000"], "--cache-center 1000 is not a UNet call"),
-    (["--prompt", "x", "--cache", "nonuniform", "--cache-center", "-1"], "--cache-center -1 is not a UNet call")])
+    (["--prompt", "x", "--cache", "nonuniform", "--cache-center", "1000"], "--cache-center) 1000 is not a UNet call"),
+    (["--prompt", "x", "--cache", "nonuniform", "--cache-center", "-1"], "--cache-center) must be a UNet call index")])
 def test_bad_input_is_one_line_before_loading(tmp_path, capsys, args, match):
     """The checkpoint does not exist: each argument error must come first, and create nothing."""
     with pytest.raises(SystemExit):
@@ -161,7 +161,7 @@ def test_outdir_that_is_a_file(tmp_path, tokenizer_dir, capsys):
     assert "is a file, not a folder" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("size,match", [(["--H", "0"], "--H 0 must be a positive multiple of 8"),
+@pytest.mark.parametrize("size,match", [(["--H", "0"], "--H 0 must be a positive multiple of the VAE factor (8 for SD"),
                                         (["--W", "36"], "--W 36 must be a positive multiple of 8")])
 def test_sizes_the_vae_cannot_decode(tmp_path, tokenizer_dir, capsys, size, match):
     with pytest.raises(SystemExit):

@@ -122,6 +122,7 @@ def test_a_folder_knows_its_weights_by_content_not_by_path(tmp_path, capsys):
     (["--methods", "baseline", "--n", "0"], "--n must be >= 1"),
     (["--methods", "baseline", "--n", "1"], "Fréchet distances (fd_lab) compare two sets"),
     (["--methods", "baseline", "--out", ""], "--out is empty; name a folder"),
+    (["--methods", "baseline", "--out", "tests"], "--out 'tests' holds other files and no settings.json"),
     (["--methods", "baseline", "--prompts", "requirements.txt", "--n", "1000"], "--n 1000: --prompts requirements"),
     (["--methods", "baseline", "--workers", "1000"], "--workers must be from 1 to this machine's"),
     (["--methods", "baseline", "--fid-ref", "README.md"], "--fid-ref 'README.md' is not an .npz of statistics"),

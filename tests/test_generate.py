@@ -85,7 +85,9 @@ def test_dtype_and_attention_are_applied(tokenizer_dir):
     (dict(sampler="ddim", eta=math.nan), "--eta must be a finite"), (dict(eta=0.3), "plms is deterministic"),
     (dict(seed=1.5), "must be a whole number between 0 and 2"), (dict(dtype="int8"), "--dtype"),
     (dict(attention="flash"), "--attention"), (dict(batch_size=0), "batch size"),
-    (dict(size=(64,)), "size must be"), (dict(accel=Acceleration(token_method("dato", schedule=(0.5,) * 3))),
+    (dict(size=(64,)), "size must be"), (dict(size=(-64, 64)), "--H -64 must be a positive"),
+    (dict(size=128), "size must be"), (dict(scale=1e308), "--scale \\(guidance\\) must be between 0 and 100"),
+    (dict(accel=Acceleration(token_method("dato", schedule=(0.5,) * 3))),
                                           "3 ratios, but this run makes 51")])
 def test_bad_settings_are_refused_at_once(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -139,3 +141,11 @@ def test_outdir_checks(tmp_path):
 def test_a_negative_prompt_without_guidance_is_said_to_be_unused():
     with pytest.warns(UserWarning, match="--negative-prompt is unused at --scale 1"):
         Sampling(scale=1, negative_prompt="a blue square")
+
+
+@pytest.mark.parametrize("method", [token_method("todo", factor=8), token_method("tome", sx=8, sy=8, ratio=0.5)])
+def test_a_token_method_that_fits_no_block_is_refused(sd, method):
+    """At 32 px the tiny model's latent is 4x4: an 8x8 cell or factor would silently prune nothing."""
+    with pytest.raises(ValueError, match="acts on no transformer block at a 4x4 latent .* largest block grid is 4x4"):
+        generate(sd, "x", Sampling(steps=2, size=(32, 32), accel=Acceleration(method)))
+    generate(sd, "x", Sampling(steps=2, size=(64, 64), accel=Acceleration(method)))   # an 8x8 latent: it fits

@@ -1,6 +1,6 @@
 """The dependency direction of shared/DESIGN.md, read from the source: prune/ and cache/ are
 leaves, model/ knows no sampler or method, sampler/ knows no method (accel/ is where they meet),
-and the research tools are clients of the packages and of their shared kit (metrics, plots, cli,
+and the research tools are clients of the packages and of their shared kit (metrics, plots, cli, measure,
 shard), never of each other. The top level is the design card plus tools/, accel/, lab/ and docs/."""
 import ast
 from pathlib import Path
@@ -9,7 +9,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("model", "sampler", "prune", "cache", "accel", "lab", "tools", "sample")
-TOOLS = ("bench", "evaluate", "search")   # tools/ entry points; metrics, plots, cli, shard are their kit
+TOOLS = ("bench", "evaluate", "search")   # tools/ entry points; metrics, plots, cli, measure, shard... are their kit
 
 
 def project_imports(path, level=0):

@@ -6,13 +6,13 @@ import torch.nn as nn
 from accel import Acceleration
 from cache import FULL, CacheSchedule
 from conftest import tiny_unet
-from model import SD1, TINY, TINY_SD2
+from model import SD1, TINY, TINY_SD2, TINY_SDXL
 from model.macs import unet_macs
 from model.unet import CrossAttention, UNetModel
 from prune import token_method
 
 
-def hooked_macs(unet, x, context, accel=None):
+def hooked_macs(unet, x, context, accel=None, y=None):
     """MACs per sample and top-level block, counted from the shapes each module really sees."""
     counts = {}
 
@@ -31,7 +31,7 @@ def hooked_macs(unet, x, context, accel=None):
             m.register_forward_hook(lambda m, a, out, name=name: add(name, 2 * a[0].shape[0] * a[0].shape[1] * (
                 a[1] if len(a) > 1 else a[0]).shape[1] * m.to_q.out_features))
     with torch.no_grad():
-        unet(x, 500, context, state=accel)
+        unet(x, 500, context, y=y, state=accel)
     return counts
 
 
@@ -39,12 +39,13 @@ def analytic(unet, hw, **kw):
     return unet_macs(unet, hw, matmuls=True, **kw)
 
 
-@pytest.mark.parametrize("config", [TINY, TINY_SD2], ids=["sd1", "sd2"])
+@pytest.mark.parametrize("config", [TINY, TINY_SD2, TINY_SDXL], ids=["sd1", "sd2", "sdxl"])
 @pytest.mark.parametrize("hw", [(16, 12), (9, 13)])
 def test_full_call_matches_hooks(config, hw):
     unet = tiny_unet(config)
     x, c = torch.randn(2, 4, *hw), torch.randn(2, 77, config.unet.context_dim)
-    assert analytic(unet, hw) == hooked_macs(unet, x, c)
+    y = torch.randn(2, config.unet.adm_in_channels) if config.unet.adm_in_channels else None
+    assert analytic(unet, hw) == hooked_macs(unet, x, c, y=y)
 
 
 @pytest.mark.parametrize("depth", [0, 1, 2, 5, 11])

@@ -135,7 +135,7 @@ def test_dato_aligns_only_guided_batches(guided):
     for _ in range(2):
         state.end_call(torch.randn(2, 4, h, w))
     state.begin_call(2, torch.zeros(2, 4, h, w))
-    plan, _, _ = state.token_plans(torch.randn(2, h * w, 16), (h, w), "block")
+    plan, _, _ = state.token_plans(torch.randn(2, h * w, 16), (h, w), "block", 0)
     assert torch.equal(plan.base[0], plan.base[1]) == guided
 
 
@@ -253,7 +253,7 @@ def test_pruning_feed_forward_of_duplicates_changes_nothing(method, recover_from
     context = torch.randn(2, 5, 24, dtype=torch.float64)
 
     class FeedForwardOnly:
-        def token_plans(self, x, hw, name):
+        def token_plans(self, x, hw, name, level):
             kw = {} if method == "tome" else {"recover_from": recover_from}
             return None, None, plan_of(method, x, hw, 0.75, **kw)
 

@@ -118,6 +118,7 @@ def check_report_refuses_what_is_not_this_search(tmp_path, out, heldout, capsys)
     (["--report", "README.md"], "--report README.md is a file: give the held-out folder"),
     (["--batch-size", "0"], "--batch-size must be >= 1"),
     (["--out", "README.md"], "--out 'README.md' is a file, not a folder"),
+    (["--out", "tests"], "--out 'tests' holds other files and no settings.json"),
 ])
 def test_bad_flags_are_one_line_before_anything_is_written(tmp_path, capsys, flags, message):
     out = ["--out", str(tmp_path / "s")] if "--out" not in flags else []

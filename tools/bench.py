@@ -20,110 +20,34 @@ our baseline with the same attention backend, from the same process. MACs are an
 (the CFG batch doubles them), with and without the attention matmuls. Peak memory is the largest rise over the
 call's starting point (CUDA: allocated bytes; CPU: the resident set after returning freed heap to the system, which
 counts the large buffers reliably, small ones not)."""
-import ctypes
 import importlib.util
 import json
 import math
 import os
-import re
 import statistics
 
 import torch
 import torch.nn.functional as F
 
-from accel import Acceleration, call_kinds, kind_macs, method_syntax, parse_methods, parse_run_method
-from cache import FULL, CacheSchedule
+from accel import call_kinds, kind_macs, method_syntax, parse_methods, parse_run_method
+from cache import FULL
 from lab.vocab import SHIPPED_TOKENIZER
 from model import PRESETS as MODELS
 from model import load_checkpoint, random_weights
 from model.checkpoint import ARCHITECTURES, CONFIG_KEY, read_metadata
 from model.config import config_from_json
-from model.hardware import DTYPE_CHOICES, check_device, cpu_description, dtype_name, resolve_dtype, timed
+from model.hardware import DTYPE_CHOICES, check_device, cpu_description, dtype_name, resolve_dtype
 from model.text import byte_tokenizer
-from model.unet import ATTENTION_BACKENDS
+from model.unet import ATTENTION_BACKENDS, added_conditioning
 from prune import DaTo, SiTo, ToMe
 from sampler import SAMPLERS, unet_calls
 from sampler.generate import Sampling, Timer, check_size, generate
 from tools.cli import Parser, run_tool
+from tools.measure import compare, diffusers_unet, kb, kind_call, kind_settings, peak_memory, random_unet
 from tools.plots import draw_speedups
 
 DEFAULT_METHODS = ("baseline,tome:0.3,tome:0.5,tome:0.7,sito:0.3,sito:0.5,sito:0.7,dato:0.5,todo:2,todo:3,"
                    "deepcache-n3,deepcache-n5,dato-fixed,dato-coco")
-
-
-def kind_settings(accel, kind):
-    """(pruning settings or None, cache depth) of a call of this kind: equal settings are timed once."""
-    depth, ratio = kind
-    return (accel.prune.every_call(ratio) if ratio else None), depth
-
-
-def kind_call(unet, settings, x, t, context):
-    """A function making one UNet call with these settings, as it happens inside a run: the
-    cache filled by an earlier full call, two earlier outputs for DaTo's dynamics map."""
-    prune, depth = settings
-    if prune is None and depth == FULL:
-        return lambda: unet(x, t, context)
-    cache = CacheSchedule("dato", depths=(FULL, depth)) if depth != FULL else None
-    state = Acceleration(prune, cache).start(2, 0, guided=True)   # the benchmark's batches are [uncond; cond]
-    for _ in range(2):
-        state.end_call(torch.randn_like(x))
-    state.begin_call(0, x)
-    unet(x, t, context, state=state)
-
-    def call():
-        state.begin_call(1 if depth != FULL else 0, x)
-        return unet(x, t, context, state=state)
-    return call
-
-
-def compare(calls, runs, warmup, device):
-    """{name: fn} -> {name: [seconds per run]}, the calls interleaved run by run."""
-    for fn in calls.values():
-        for _ in range(warmup):
-            fn()
-    times = {name: [] for name in calls}
-    for _ in range(runs):
-        for name, fn in calls.items():
-            times[name].append(timed(fn, device)[1])
-    return times
-
-
-def _kb(key, path="/proc/self/status"):
-    return int(re.search(rf"{key}:\s+(\d+) kB", open(path).read())[1]) * 1024
-
-
-def peak_memory(fn, device):
-    """Bytes the call needs above what is allocated when it starts (None where not measurable)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - before
-    try:   # Linux: return freed heap to the system, reset the resident-set high-water mark, call, read it
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        before = _kb("VmRSS")
-        fn()
-        return _kb("VmHWM") - before
-    except (OSError, AttributeError):   # not Linux / not glibc
-        return None
-
-
-def diffusers_unet(config, dtype, device, attention):
-    """diffusers' UNet2DConditionModel with the same architecture (random weights; check_args checks the extra)."""
-    from diffusers import UNet2DConditionModel
-    from diffusers.models.attention_processor import AttnProcessor
-    u = config.unet
-    heads = u.num_heads if not u.head_channels else [u.model_channels * m // u.head_channels for m in u.channel_mult]
-    unet = UNet2DConditionModel(block_out_channels=[u.model_channels * m for m in u.channel_mult],
-                                cross_attention_dim=u.context_dim, attention_head_dim=heads,
-                                use_linear_projection=u.linear_proj, layers_per_block=u.num_res_blocks)
-    if attention == "math":
-        unet.set_attn_processor(AttnProcessor())
-    return unet.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
 def bench_methods(args, unet, config, methods, attention, device, dtype):
@@ -132,15 +56,26 @@ def bench_methods(args, unet, config, methods, attention, device, dtype):
     b, hw = 2 * args.batch, (args.H // config.vae.factor, args.W // config.vae.factor)
     x = torch.randn(b, config.unet.in_channels, *hw, device=device, dtype=dtype)
     t = torch.full((b,), 500, device=device)
-    context = torch.randn(b, 77, config.unet.context_dim, device=device, dtype=dtype)
+    cond = {"context": torch.randn(b, 77, config.unet.context_dim, device=device, dtype=dtype)}
+    if config.unet.adm_in_channels:   # SDXL: the pooled embedding and the size ids of this run
+        pooled = torch.randn(b, config.text2.projection, device=device, dtype=dtype)
+        ids = torch.tensor([[args.H, args.W, 0, 0, args.H, args.W]] * b, device=device)
+        cond["y"] = added_conditioning(pooled, ids, config.size_embed_dim)
+        added = {"text_embeds": pooled, "time_ids": ids}
     calls = unet_calls(args.steps, args.sampler)   # the command's run: what "baseline" and diffusers make
     plan = {spec: call_kinds(m.accel, m.calls) for spec, m in methods.items()}
 
     keys = {spec: [kind_settings(methods[spec].accel, kind) for kind in kinds] for spec, kinds in plan.items()}
-    fns = {key: kind_call(unet, key, x, t, context) for key in dict.fromkeys(k for ks in keys.values() for k in ks)}
+    fns = {key: kind_call(unet, key, x, t, cond) for key in dict.fromkeys(k for ks in keys.values() for k in ks)}
     if args.vs_diffusers:
-        theirs = diffusers_unet(config, dtype, device, attention)
-        fns["diffusers"] = lambda: theirs(x, t, context)
+        theirs = diffusers_unet(unet, config, attention)
+        extra = {"added_cond_kwargs": added} if "y" in cond else {}
+        fns["diffusers"] = lambda: theirs(x.contiguous(), t, cond["context"], **extra).sample
+        with torch.inference_mode():   # the same weights: the same output, up to rounding
+            ours, reference = unet(x, t, **cond), fns["diffusers"]()
+        difference = ((ours - reference).abs().max() / reference.abs().max()).item()
+        print(f"diffusers' UNet on the same weights and inputs: max |ours - diffusers| / max |diffusers| = "
+              f"{difference:.1e}")
     with torch.inference_mode():
         times = compare(fns, args.runs, args.warmup, device)
         memory = {key: peak_memory(fn, device) for key, fn in fns.items()}
@@ -162,7 +97,7 @@ def bench_methods(args, unet, config, methods, attention, device, dtype):
         ts = times["diffusers"]
         rows["diffusers"] = dict(calls=calls, run_s=statistics.median(ts) * calls, call_ms=statistics.median(ts) * 1e3,
                                  call_min_ms=min(ts) * 1e3, call_max_ms=max(ts) * 1e3,
-                                 peak_mb=(memory["diffusers"] or 0) / 2 ** 20)
+                                 peak_mb=(memory["diffusers"] or 0) / 2 ** 20, relative_difference=difference)
     base = rows.get("baseline", {}).get("run_s")
     for row in rows.values():
         row["speedup"] = base / row["run_s"] if base else None
@@ -228,7 +163,7 @@ def selection_bench(args, device, dtype):
     h, w = (args.H or 512) // 8, (args.W or 512) // 8
     need = 2.25 * 2 * args.batch * (h * w) ** 2 * dtype.itemsize
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else \
-        _kb("MemAvailable", "/proc/meminfo") if os.path.exists("/proc/meminfo") else math.inf   # CPU: Linux's figure
+        kb("MemAvailable", "/proc/meminfo") if os.path.exists("/proc/meminfo") else math.inf   # CPU: Linux's figure
     if need > free:
         raise ValueError(f"--selection at {8 * h}x{8 * w}, --batch {args.batch} needs about {need / 2 ** 30:,.1f} GiB "
                          f"(N x N matrices, N = {h * w}), {free / 2 ** 30:,.1f} GiB are free: lower --H/--W or --batch")
@@ -347,15 +282,20 @@ def run(args):
         torch.manual_seed(0)
         if args.ckpt:
             sd = load_checkpoint(args.ckpt, device=device, dtype=dtype)
-        else:   # a tokenizer whose ids fit the model's vocabulary (the lab model's is 564 ids)
+            config, unet = sd.config, sd.unet
+        elif args.e2e:   # a tokenizer whose ids fit the model's vocabulary (the lab model's is 564 ids)
             tokenizer = SHIPPED_TOKENIZER if args.model == "lab" else byte_tokenizer()
             sd = random_weights(MODELS[args.model], device=device, dtype=dtype, tokenizer=tokenizer)
-        args.H, args.W = check_size(sd, (args.H, args.W))
+            config, unet = sd.config, sd.unet
+        else:   # timing the UNet needs the UNet only
+            config = MODELS[args.model]
+            unet = random_unet(config, device, dtype)
+        args.H, args.W = check_size(config, (args.H, args.W))
         if args.e2e:   # its tokenizer now, not after the timing: a missing one ends the run before it starts
             sd.text.tokenize(["a red cube on a table"])
         results["methods"] = {}
         for attention in attentions:
-            rows = bench_methods(args, sd.unet, sd.config, methods, attention, device, dtype)
+            rows = bench_methods(args, unet, config, methods, attention, device, dtype)
             if args.e2e:
                 add_e2e(rows, sd, methods, args, attention, device)
             print_rows(rows, args, attention, device, dtype)

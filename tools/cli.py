@@ -29,7 +29,7 @@ from model.hardware import DTYPE_CHOICES, dtype_name
 from model.text import TokenizerError, byte_tokenizer
 from model.unet import ATTENTION_BACKENDS
 from sampler import SAMPLERS
-from sampler.generate import Sampling
+from sampler.generate import Sampling, check_outdir
 from sampler.schedule import MAX_STEPS
 
 from .shard import leave_group
@@ -128,6 +128,15 @@ def upgrade_checkpoint(stored, settings):
             os.path.exists(recorded) and today == weights_id(recorded):
         stored["checkpoint"] = today
     return stored
+
+
+def check_results_folder(out, flag="--out"):
+    """check_outdir, and an existing folder must already be this tool's (it holds settings.json) or be
+    empty: results are never mixed into a folder of other files (a home folder, `/`)."""
+    check_outdir(out, flag)
+    if os.path.isdir(out) and os.listdir(out) and not os.path.exists(os.path.join(out, "settings.json")):
+        raise ValueError(f"{flag} {out!r} holds other files and no settings.json, so it is not a results folder "
+                         f"of this tool; choose a new or empty {flag}")
 
 
 def claim_folder(out, settings, what, upgrade=lambda stored: stored):

@@ -60,11 +60,12 @@ from lab.scenes import image_seed, render, sample_captions
 from model.hardware import check_device, cpu_description, dtype_name, resolve_dtype
 from prune import as_record, from_record
 from sampler import SAMPLERS, unet_calls
-from sampler.generate import Timer, check_outdir, check_seeds, check_size, generate, save_png
+from sampler.generate import Timer, check_seeds, check_size, generate, save_png
 from tools.cli import (
     Parser,
     add_model_flags,
     add_sampling_flags,
+    check_results_folder,
     claim_folder,
     load_model,
     read_prompts,
@@ -271,7 +272,7 @@ def measure(sd, scorer, prompts, methods, args, shard, timing, stats):
     command's own run (--sampler at --steps; the method "baseline") is the reference of mac_ratio and
     of every comparison with the baseline, whatever run a method has."""
     n, size, out = len(prompts), args.batch_size, args.out
-    image_size, calls = check_size(sd, sampling(args).size), unet_calls(args.steps, args.sampler)   # (H, W)
+    image_size, calls = check_size(sd.config, sampling(args).size), unet_calls(args.steps, args.sampler)   # (H, W)
     reference = reference_features(scorer, args, prompts, shard, stats, image_size[::-1])   # PIL sizes: (W, H)
     hw = tuple(side // sd.config.vae.factor for side in image_size)
     base_macs = run_macs(sd.unet, None, calls, hw, matmuls=True)   # attention matmuls: what pruning saves most
@@ -312,7 +313,7 @@ def run(args):
         raise ValueError("evaluate.py plots with matplotlib: pip install -r requirements-eval.txt")
     prompts = draw_prompts(args)
     check_seeds(args.seed, len(prompts))
-    check_outdir(args.out, "--out")
+    check_results_folder(args.out)
     shard = Shard.start(args)
     device = shard.device(check_device(args.device))
     scorer = Scorer.open(prompts, "baseline" in methods, lab_features=args.lab_features or None,

@@ -55,11 +55,12 @@ from prune import METHODS as PRUNE_METHODS
 from prune import CellMethod
 from prune.tokens import max_ratio
 from sampler import unet_calls
-from sampler.generate import Timer, check_outdir, check_seeds, check_size, generate
+from sampler.generate import Timer, check_seeds, check_size, generate
 from tools.cli import (
     Parser,
     add_model_flags,
     add_sampling_flags,
+    check_results_folder,
     claim_folder,
     load_model,
     parse_numbers,
@@ -114,7 +115,7 @@ class Evaluator:
         for record in read_log(log_path, shard.rank == 0):
             self.done[record["key"]] = record
             self.spent += record["share"]
-        self.hw = tuple(side // sd.config.vae.factor for side in check_size(sd, sampling(args).size))
+        self.hw = tuple(side // sd.config.vae.factor for side in check_size(sd.config, sampling(args).size))
         self.base_macs = run_macs(sd.unet, None, space.calls, self.hw, matmuls=True)
         self.baseline = self.baseline_features = self.baseline_seconds = None
 
@@ -296,7 +297,7 @@ def run(args):
         raise ValueError(f"--min-mac-ratio must be a number >= 1 (1: every schedule), got {args.min_mac_ratio}")
     if not 0 < args.budget_minutes < math.inf:
         raise ValueError(f"--budget-minutes must be a number of minutes > 0, got {args.budget_minutes}")
-    check_outdir(args.out, "--out")
+    check_results_folder(args.out)
     space = search_space(args)
     prompts = sample_captions(args.n, seed=f"search/{args.seed}")
     check_seeds(args.seed, len(prompts))

@@ -1,0 +1,119 @@
+"""How bench.py measures one UNet call: the call as it happens inside an accelerated run, the calls timed
+interleaved, the memory a call needs, the UNet alone with random weights, and diffusers' UNet of the same
+architecture sharing its weights (for the side-by-side timing and an output check)."""
+import ctypes
+import re
+
+import torch
+
+from accel import Acceleration
+from cache import FULL, CacheSchedule
+from model.hardware import timed
+from model.unet import UNetModel
+
+
+def kind_settings(accel, kind):
+    """(pruning settings or None, cache depth) of a call of this kind: equal settings are timed once."""
+    depth, ratio = kind
+    return (accel.prune.every_call(ratio) if ratio else None), depth
+
+
+def kind_call(unet, settings, x, t, cond):
+    """A function making one UNet call with these settings, as it happens inside a run: the cache
+    filled by an earlier full call, two earlier outputs for DaTo's dynamics map. cond: the UNet's
+    keyword inputs (context, and y for SDXL)."""
+    prune, depth = settings
+    if prune is None and depth == FULL:
+        return lambda: unet(x, t, **cond)
+    cache = CacheSchedule("dato", depths=(FULL, depth)) if depth != FULL else None
+    state = Acceleration(prune, cache).start(2, 0, guided=True)   # the benchmark's batches are [uncond; cond]
+    for _ in range(2):
+        state.end_call(torch.randn_like(x))
+    state.begin_call(0, x)
+    unet(x, t, **cond, state=state)
+
+    def call():
+        state.begin_call(1 if depth != FULL else 0, x)
+        return unet(x, t, **cond, state=state)
+    return call
+
+
+def compare(calls, runs, warmup, device):
+    """{name: fn} -> {name: [seconds per run]}, the calls interleaved run by run."""
+    for fn in calls.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in calls}
+    for _ in range(runs):
+        for name, fn in calls.items():
+            times[name].append(timed(fn, device)[1])
+    return times
+
+
+def kb(key, path="/proc/self/status"):
+    """A `key: N kB` figure of a Linux /proc file, in bytes."""
+    return int(re.search(rf"{key}:\s+(\d+) kB", open(path).read())[1]) * 1024
+
+
+def peak_memory(fn, device):
+    """Bytes the call needs above what is allocated when it starts (None where not measurable)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    try:   # Linux: return freed heap to the system, reset the resident-set high-water mark, call, read it
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = kb("VmRSS")
+        fn()
+        return kb("VmHWM") - before
+    except (OSError, AttributeError):   # not Linux / not glibc
+        return None
+
+
+def random_unet(config, device, dtype, seed=0):
+    """The UNet of an SDConfig alone, with random weights: speed does not depend on their values, and SDXL's
+    whole model (text encoders included) beside diffusers' UNet would not fit a 24 GB machine."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNetModel(config.unet)
+    return unet.to(device=device, dtype=dtype).eval().requires_grad_(False).channels_last()
+
+
+def diffusers_config(config):
+    """diffusers' UNet2DConditionModel settings (its unet/config.json) for the UNet of an SDConfig."""
+    u, levels = config.unet, len(config.unet.channel_mult)
+    heads = [u.model_channels * m // u.head_channels if u.head_channels else u.num_heads for m in u.channel_mult]
+    settings = dict(in_channels=u.in_channels, out_channels=u.out_channels, layers_per_block=u.num_res_blocks,
+                    block_out_channels=[u.model_channels * m for m in u.channel_mult],
+                    down_block_types=["CrossAttnDownBlock2D" if u.depth(i) else "DownBlock2D" for i in range(levels)],
+                    up_block_types=["CrossAttnUpBlock2D" if u.depth(i) else "UpBlock2D"
+                                    for i in reversed(range(levels))],
+                    transformer_layers_per_block=[max(u.depth(i), 1) for i in range(levels)],
+                    attention_head_dim=heads, cross_attention_dim=u.context_dim, use_linear_projection=u.linear_proj,
+                    upcast_attention=u.upcast_attention)
+    if u.adm_in_channels:   # SDXL: diffusers embeds the size/crop ids itself and adds the pooled embedding
+        settings.update(addition_embed_type="text_time", addition_time_embed_dim=config.size_embed_dim,
+                        projection_class_embeddings_input_dim=u.adm_in_channels)
+    return settings
+
+
+def diffusers_unet(unet, config, attention):
+    """diffusers' UNet2DConditionModel holding `unet`'s weights (renamed by diffusers' own single-file
+    converter; the linear weights shared, the convs copied in diffusers' NCHW layout): the same model
+    in diffusers' code, for timing side by side and checking that both compute the same."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+    from diffusers.models.attention_processor import AttnProcessor
+    settings = diffusers_config(config)
+    with torch.device("meta"):
+        theirs = UNet2DConditionModel(**settings)
+    state = {"model.diffusion_model." + k: v.contiguous() for k, v in unet.state_dict().items()}
+    theirs.load_state_dict(convert_ldm_unet_checkpoint(state, settings), assign=True)
+    if attention == "math":
+        theirs.set_attn_processor(AttnProcessor())
+    return theirs.eval().requires_grad_(False)
