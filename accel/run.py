@@ -41,7 +41,11 @@ class Acceleration:
                              f"{type(self.prune).__name__}")
         if self.cache is not None and not isinstance(self.cache, CacheSchedule):
             raise ValueError(f"cache must be a CacheSchedule, got {type(self.cache).__name__}")
-        if self.viz is not None and self.prune is not None and self.prune.reduces != "tokens":
+        if self.viz is not None and not isinstance(self.viz, PruneViz):
+            raise ValueError(f"viz must be a prune.viz.PruneViz or None, got {type(self.viz).__name__}")
+        if self.viz is not None and self.prune is None:
+            raise ValueError("--viz-prune draws a token method's plans: give a token method (--prune) too")
+        if self.viz is not None and self.prune.reduces != "tokens":
             raise ValueError(f"--viz-prune draws which tokens were kept and removed; {self.prune.name} removes none")
 
     def record(self):

@@ -81,7 +81,11 @@ HUB_TIMEOUT_S = 3
 def load_tokenizer(source=None):
     """A checked CLIPTokenizer from a folder holding vocab.json + merges.txt, or from a hub id: taken from the
     Hugging Face cache, else downloaded (about 2 MB) if the hub can be reached. Default: DEFAULT_TOKENIZER."""
-    source = os.fspath(source) if source else DEFAULT_TOKENIZER
+    if source is not None and not os.fspath(source):
+        raise TokenizerError(f"the tokenizer is empty; {TOKENIZER_FIX}")
+    source = os.fspath(source) if source is not None else DEFAULT_TOKENIZER
+    if os.path.isfile(source):
+        raise TokenizerError(f"tokenizer {source!r} is a file; give the folder that holds vocab.json and merges.txt")
     if os.path.isdir(source):
         return check_tokenizer(_from_pretrained(_tokenizer_folder(source)), source)
     if os.path.isabs(source) or source.startswith((".", "~")):   # a path, never a hub id
@@ -212,8 +216,10 @@ class TextEncoder(nn.Module):
             num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, max_position_embeddings=cfg.max_length,
             hidden_act=cfg.act, layer_norm_eps=1e-5, bos_token_id=cfg.bos_id, eos_token_id=cfg.eos_id,
             projection_dim=cfg.projection or cfg.width))
+        if not (tokenizer is None or isinstance(tokenizer, (str, os.PathLike, CLIPTokenizer))):
+            raise TokenizerError(f"tokenizer must be a CLIPTokenizer, a folder or a hub id, got {tokenizer!r}")
         if isinstance(tokenizer, CLIPTokenizer):   # an object is checked now; a folder or hub id when loaded
-            check_tokenizer(tokenizer)
+            self.check_vocabulary(check_tokenizer(tokenizer))
         self._tokenizer = tokenizer
 
     @property
@@ -238,8 +244,17 @@ class TextEncoder(nn.Module):
     @property
     def tokenizer(self):
         if not isinstance(self._tokenizer, CLIPTokenizer):
-            self._tokenizer = load_tokenizer(self._tokenizer)
+            self._tokenizer = self.check_vocabulary(load_tokenizer(self._tokenizer))
         return self._tokenizer
+
+    def check_vocabulary(self, tokenizer):
+        """`tokenizer`, if its ids fit the embedding table (the lab model's has 564 rows, CLIP's 49408)."""
+        ids = max(tokenizer.get_vocab().values()) + 1
+        if ids > self.config.vocab_size:
+            raise TokenizerError(f"the tokenizer has ids up to {ids - 1}, but this text encoder knows "
+                                 f"{self.config.vocab_size} tokens: use the model's own tokenizer (the lab model's "
+                                 "is lab/tokenizer)")
+        return tokenizer
 
     def tokenize(self, prompts):
         """list[str] -> token ids [B, max_length]: <|startoftext|>, at most max_length - 2 tokens (75 for

@@ -44,6 +44,11 @@ class DaTo(RecoveringMethod):
     base_tokens: str = setting("dynamics", "base", "DaTo base tokens: dynamics (the paper, default) or "
                                "local_random (the official code's default)", choices=BASE_TOKENS)
 
+    def __post_init__(self):
+        super().__post_init__()
+        if self.gamma < 0:   # a weight: a negative one would prefer the tokens that change least
+            raise ValueError(f"DaTo's gamma (the dynamics' weight) must be >= 0, got {self.gamma}")
+
     @property
     def uses_dynamics(self):
         return self.base_tokens == "dynamics"

@@ -23,7 +23,7 @@ class ToDo(TokenMethod):
     """ToDo's settings beside TokenMethod's; recommended values are the defaults.
 
     factor: keys/values come from a grid `factor` times smaller per side (2; 2-3 is the recommended
-        range; 1 turns it off).
+        range).
     mode: torch interpolation mode ("nearest-exact", the reference's).
     stop: the last fraction of the run's UNet calls that run without downsampling (0; 0.2-0.4
         keeps the final details, at a smaller saving).
@@ -39,13 +39,18 @@ class ToDo(TokenMethod):
 
     def __post_init__(self):
         super().__post_init__()
-        if not isinstance(self.factor, int) or self.factor < 1:
-            raise ValueError(f"ToDo's factor must be a whole number >= 1, got {self.factor!r}")
-        if not 0 <= self.stop <= 1:
-            raise ValueError(f"ToDo's stop is a fraction of the run's calls, in [0, 1], got {self.stop}")
+        if not isinstance(self.factor, int) or self.factor < 2:   # 1 would keep every key and value: the plain run
+            raise ValueError(f"ToDo's factor must be a whole number >= 2 (1 changes nothing), got {self.factor!r}")
+        if not 0 <= self.stop < 1:   # 1 would leave every call as it is
+            raise ValueError(f"ToDo's stop is a fraction of the run's calls, in [0, 1), got {self.stop}")
         if self.layers != ("attn1",):
             raise ValueError(f"ToDo reduces the keys and values of self-attention: layers must be ('attn1',), "
                              f"got {self.layers}")
+
+    def check_calls(self, calls):
+        if round(calls * (1 - self.stop)) == 0:
+            raise ValueError(f"ToDo's stop {self.stop} leaves none of this run's {calls} UNet calls downsampled; "
+                             "lower it")
 
     def ratio_at(self, call, calls):
         """The fraction of keys/values removed (1 - 1/factor^2 on a divisible grid) before the last

@@ -152,10 +152,15 @@ def prepare(sd, run):
     sd.unet.set_attention(run.attention)
     viz = run.accel.viz if run.accel is not None else None
     if viz is not None:
-        blocks = [name for name, m in sd.unet.named_modules() if isinstance(m, BasicTransformerBlock)]
-        if viz.block not in blocks:
-            raise ValueError(f"--viz-block {viz.block!r} is not a transformer block of this UNet; "
-                             f"choose one of {', '.join(blocks[:4])}, ... ({len(blocks)} in all)")
+        blocks = {name: m for name, m in sd.unet.named_modules() if isinstance(m, BasicTransformerBlock)}
+        acted = [name for name, m in blocks.items() if 2 ** m.level <= run.accel.prune.max_downsample]
+        if viz.block not in acted:
+            what = "is not acted on by the token method" if viz.block in blocks else "is not a transformer block"
+            raise ValueError(f"--viz-block {viz.block!r} {what} of this UNet; choose one of "
+                             f"{', '.join(acted[:4])}{', ...' if len(acted) > 4 else ''} ({len(acted)} in all)")
+        rows = run.batch_size * (1 if run.scale == 1 else 2)   # guided batches are [uncond; cond]
+        if not -rows <= viz.row < rows:
+            raise ValueError(f"PruneViz row {viz.row} is not a row of this run's batches of {rows}")
     H, W = check_size(sd.config, run.size)
     if run.accel is not None:   # what the acceleration needs of this UNet at this size
         run.accel.check_unet(sd.unet, (H // sd.config.vae.factor, W // sd.config.vae.factor),
@@ -166,6 +171,10 @@ def prepare(sd, run):
 def generate_batches(sd, prompts, run, *, progress=False, timer=None):
     """Yield (images, latents) per batch of run.batch_size prompts, in order; each PIL image
     carries its settings as JSON in image.info["parameters"] (what save_pngs writes)."""
+    if not hasattr(sd, "condition") or not hasattr(sd, "unet"):
+        raise ValueError(f"generate() takes a loaded model (model.load_checkpoint(path)), got {type(sd).__name__}")
+    if not isinstance(run, Sampling):
+        raise ValueError(f"generate()'s settings must be a Sampling, got {type(run).__name__}")
     prompts = check_prompts(prompts)
     check_seeds(run.seed, len(prompts))
     H, W = prepare(sd, run)
@@ -242,10 +251,14 @@ def save_png(image, path):
 def save_pngs(images, outdir):
     """Write images as outdir/NNNNN.png, numbered after the highest existing number and never
     overwriting; the folder is created with the first image. Returns the paths."""
+    if not isinstance(outdir, (str, os.PathLike)):
+        raise ValueError(f"save_pngs writes into a folder path, got {outdir!r}")
+    check_outdir(os.fspath(outdir), "save_pngs' folder")
     paths = []
     for image in images:
         os.makedirs(outdir, exist_ok=True)
-        taken = [int(f[:-4]) for f in os.listdir(outdir) if f.endswith(".png") and f[:-4].isdigit()]
+        taken = [int(f[:-4]) for f in os.listdir(outdir) if f.endswith(".png") and f[:-4].isascii()
+                 and f[:-4].isdigit()]   # ASCII digits only: int() refuses "²"
         n = max(taken, default=-1) + 1
         while True:
             try:

@@ -73,6 +73,10 @@ def sample_steps(unet, x_T, cond, uncond=None, steps=50, scale=7.5, method="plms
     run: DDIM's noise when eta > 0 and the token methods' choices, each through its own stream_seed.
     """
     check_args(steps, scale, method, eta, prediction)
+    for name, c in (("cond", cond), ("uncond", uncond)):
+        rows = c.shape[0] if torch.is_tensor(c) else len(next(iter(c.values()))) if isinstance(c, dict) else None
+        if c is not None and rows != x_T.shape[0]:
+            raise ValueError(f"{name} holds {rows} conditionings for {x_T.shape[0]} latents in x_T: give one per image")
     if accel is not None:
         accel.check(find_sampler(method).calls(steps))
     return run_steps(unet, x_T, cond, uncond, steps, scale, method, eta, prediction, accel, seed)

@@ -131,7 +131,7 @@ def test_read_only_output_folder(tmp_path, capsys, monkeypatch):
 
 def test_schedule_file_with_a_fractional_depth(tmp_path, capsys, monkeypatch):
     """A depth of 1.5 is refused when the file is read (cache/schedule.py), not as a TypeError inside the timing."""
-    monkeypatch.setattr(bench, "random_weights", lambda *a, **k: pytest.fail("loaded weights before checking"))
+    monkeypatch.setattr(bench, "random_unet", lambda *a, **k: pytest.fail("loaded weights before checking"))
     entry = json.loads((ROOT / "lab" / "schedules" / "plms50.json").read_text())["points"][0]
     entry["depths"][3] = 1.5
     (tmp_path / "f.json").write_text(json.dumps(entry))
@@ -159,7 +159,8 @@ def test_schedule_file_with_a_fractional_depth(tmp_path, capsys, monkeypatch):
     (["--json", "/no/such/folder/r.json"], "--json '/no/such/folder/r.json' is in '/no/such/folder', which does not"),
     (["--markdown", "."], "--markdown '.' is a folder"),
     (["--json", "README.md"], "'README.md' exists (results are not"),
-    (["--plot", "speed.xyz"], "matplotlib writes no .xyz files"),
+    (["--plot", "speed.xyz"], "--plot 'speed.xyz': give a picture file name matplotlib writes"),
+    (["--plot", "speed"], "--plot 'speed': give a picture file name"), (["--json", ""], "--json is empty; name a file"),
     (["--json", "same.out", "--markdown", "same.out"], "--markdown 'same.out' is also the --json file"),
     (["--selection", "--H", "72"], "--H 72: --H and --W must be positive multiples of 16"),
     (["--selection", "--plot", "s.png"], "--plot shows the methods' results"),
@@ -167,8 +168,8 @@ def test_schedule_file_with_a_fractional_depth(tmp_path, capsys, monkeypatch):
     (["--selection", "--batch", "100000", "--H", "2048", "--W", "2048"], "--batch 100000 needs about"),
     (["--attention", "flash"], "--attention flash"), (["--device", "cuda:7"], "--device cuda:7")])
 def test_bad_input_before_timing(capsys, monkeypatch, args, match):
-    monkeypatch.setattr(bench, "random_weights", lambda *a, **k: pytest.fail("loaded weights before checking"))
-    monkeypatch.setattr(bench, "load_checkpoint", lambda *a, **k: pytest.fail("loaded weights before checking"))
+    for name in ("random_weights", "random_unet", "load_checkpoint"):
+        monkeypatch.setattr(bench, name, lambda *a, **k: pytest.fail("loaded weights before checking"))
     monkeypatch.setattr(bench, "compare", lambda *a: pytest.fail("timed before checking"))
     with pytest.raises(SystemExit):
         bench.main([*QUICK, *args])
@@ -179,7 +180,7 @@ def test_bad_input_before_timing(capsys, monkeypatch, args, match):
 def test_vs_diffusers_without_diffusers_is_refused_up_front(capsys, monkeypatch):
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "diffusers" else find_spec(name))
-    monkeypatch.setattr(bench, "random_weights", lambda *a, **k: pytest.fail("loaded weights before checking"))
+    monkeypatch.setattr(bench, "random_unet", lambda *a, **k: pytest.fail("loaded weights before checking"))
     with pytest.raises(SystemExit):
         bench.main([*QUICK, "--vs-diffusers"])
     assert "--vs-diffusers needs diffusers: pip install diffusers" in capsys.readouterr().err

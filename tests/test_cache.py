@@ -139,7 +139,7 @@ def test_presets():
 @pytest.mark.parametrize("kw,match", [
     (dict(mode="every"), "unknown cache mode"), (dict(interval=0), "interval"), (dict(depth=12), "depth"),
     (dict(mode="dato"), "explicit"), (dict(mode="dato", depths=(FULL, 13)), r"0\.\.12"),
-    (dict(mode="nonuniform", power=1.0), "power"),
+    (dict(mode="nonuniform", power=1.0), "power"), (dict(mode="nonuniform", power=1e6), "power must be in \\(1, 10\\]"),
     (dict(interval=2.5), "interval must be a whole number"), (dict(mode="dato", depths=(12, True)), "depths must be"),
     (dict(mode="nonuniform", center=-1), "center \\(--cache-center\\) must be a UNet call index"),
     (dict(mode="uniform", depths=(FULL, 1)), "own depths"), (dict(power="x"), "power must be a number"),

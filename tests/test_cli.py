@@ -211,6 +211,12 @@ def test_empty_prompt_file(tmp_path):
         sample.read_prompts(from_file=str(tmp_path / "empty.txt"))
 
 
+def test_a_byte_order_mark_is_not_prompt_text(tmp_path):
+    """Windows editors start UTF-8 files with U+FEFF; it would become part of the first prompt."""
+    (tmp_path / "bom.txt").write_bytes("\ufeffa red circle\na blue square\n".encode())
+    assert sample.read_prompts(from_file=str(tmp_path / "bom.txt")) == ["a red circle", "a blue square"]
+
+
 def test_prediction_override_with_random_weights(tmp_path, tokenizer_dir):
     paths = cli(tmp_path, tokenizer_dir, "--prompt", "x", "--prediction", "v")
     assert params(paths[0])["prediction"] == "v"

@@ -11,6 +11,7 @@ from PIL import Image
 from accel import PRESETS, Acceleration
 from model import TINY, random_weights
 from prune import token_method
+from prune.viz import PruneViz
 from sampler.generate import Sampling, check_outdir, generate, save_png, save_pngs
 
 RUN = Sampling(steps=4, size=(64, 48))
@@ -149,3 +150,44 @@ def test_a_token_method_that_fits_no_block_is_refused(sd, method):
     with pytest.raises(ValueError, match="acts on no transformer block at a 4x4 latent .* largest block grid is 4x4"):
         generate(sd, "x", Sampling(steps=2, size=(32, 32), accel=Acceleration(method)))
     generate(sd, "x", Sampling(steps=2, size=(64, 64), accel=Acceleration(method)))   # an 8x8 latent: it fits
+
+
+@pytest.mark.parametrize("viz,message", [
+    (dict(block="output_blocks.5.1.transformer_blocks.0"), "is not acted on by the token method"),
+    (dict(block="middle_block.0"), "is not a transformer block"),
+    (dict(row=5), "row 5 is not a row of this run's batches of 2")])
+def test_a_picture_block_the_method_does_not_act_on_is_refused(sd, tmp_path, viz, message):
+    accel = Acceleration(token_method("sito"), viz=PruneViz(str(tmp_path / "viz"), **viz))
+    with pytest.raises(ValueError, match=message):
+        generate(sd, "x", Sampling(steps=2, size=(32, 32), accel=accel))
+    assert not (tmp_path / "viz").exists()
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda: Acceleration(viz=PruneViz("v")), "give a token method"),
+    (lambda: Acceleration(viz="v"), "PruneViz or None"),
+    (lambda: PruneViz(""), "needs a folder"), (lambda: PruneViz("v", cell=0), "cell must be a whole number >= 1"),
+    (lambda: PruneViz("v", row=1.5), "row must be a whole number")])
+def test_picture_settings_are_checked_when_made(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_generate_names_what_it_was_given_instead(sd):
+    with pytest.raises(ValueError, match="settings must be a Sampling, got str"):
+        generate(sd, "x", "plms")
+    with pytest.raises(ValueError, match="takes a loaded model .* got str"):
+        generate("lab/lab-sd.safetensors", "x", Sampling(steps=2))
+
+
+@pytest.mark.parametrize("folder,message", [("README.md", "is a file, not a folder"), ("", "is empty"),
+                                            (None, "writes into a folder path")])
+def test_save_pngs_names_a_bad_folder(sd, folder, message):
+    images = generate(sd, "x", Sampling(steps=2, size=(32, 32)))
+    with pytest.raises(ValueError, match=message):
+        save_pngs(images, folder)
+
+
+def test_numbering_skips_names_that_only_look_like_numbers(sd, tmp_path):
+    (tmp_path / "².png").write_bytes(b"")   # str.isdigit() says yes, int() says no
+    assert save_pngs(generate(sd, "x", Sampling(steps=2, size=(32, 32))), tmp_path)[0].endswith("00000.png")

@@ -189,3 +189,11 @@ def test_run_state_sees_every_call():
 def test_bad_arguments(kw, match):
     with pytest.raises(ValueError, match=match):
         check_args(**kw)
+
+
+def test_one_conditioning_per_latent():
+    unet = lambda x, t, c: torch.zeros_like(x)   # noqa: E731
+    with pytest.raises(ValueError, match="cond holds 1 conditionings for 2 latents"):
+        sample(unet, torch.zeros(2, 4, 8, 8), torch.zeros(1, 77, 8), torch.zeros(2, 77, 8), steps=2)
+    with pytest.raises(ValueError, match="uncond holds 3 conditionings for 2 latents"):
+        sample(unet, torch.zeros(2, 4, 8, 8), torch.zeros(2, 77, 8), torch.zeros(3, 77, 8), steps=2)

@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -135,3 +136,19 @@ def test_truncation_warning_points_at_the_caller(tokenizer_dir):
         context = encoder(["cat " * 100])
     assert context.shape == (1, 77, TINY.text.width)
     assert [w.filename for w in record if "truncated" in str(w.message)] == [__file__]
+
+
+@pytest.mark.parametrize("source,message", [("", "the tokenizer is empty"),
+                                            ("README.md", "is a file; give the folder")])
+def test_a_file_or_an_empty_name_is_not_taken_for_a_hub_id(source, message):
+    with pytest.raises(TokenizerError, match=message):
+        load_tokenizer(source)
+
+
+def test_a_tokenizer_with_ids_beyond_the_embedding_table_is_refused(tokenizer_dir):
+    """CLIP's ids (up to 49407) on the lab model's 564-token encoder would be an IndexError inside the model."""
+    small = replace(TINY.text, vocab_size=564, bos_id=562, eos_id=563, pad_id=563)
+    with pytest.raises(TokenizerError, match="ids up to 49407, but this text encoder knows 564 tokens"):
+        TextEncoder(small, tokenizer_dir).tokenize(["a cat"])
+    with pytest.raises(TokenizerError, match="must be a CLIPTokenizer, a folder or a hub id, got 5"):
+        TextEncoder(TINY.text, 5)

@@ -57,10 +57,16 @@ def run(accel, seed=0, steps=6):
         return sample(unet, x, c[:1], c[1:], steps=steps, accel=accel, seed=seed)
 
 
-def test_factor_1_and_stop_1_are_the_plain_run():
-    plain = run(None)
-    for settings in (dict(factor=1), dict(stop=1.0)):
-        assert torch.equal(run(Acceleration(token_method("todo", **settings))), plain)
+def test_settings_that_would_change_nothing_are_refused():
+    """factor 1 keeps every key and value, stop 1 (or one that rounds every call away) keeps every call plain: a
+    run labelled todo that is the plain run."""
+    for settings, message in ((dict(factor=1), "factor must be a whole number >= 2"),
+                              (dict(stop=1.0), "in \\[0, 1\\)")):
+        with pytest.raises(ValueError, match=message):
+            token_method("todo", **settings)
+    with pytest.raises(ValueError, match="stop 0.9 leaves none of this run's 4 UNet calls downsampled"):
+        Acceleration(token_method("todo", stop=0.9)).check(4)
+    Acceleration(token_method("todo", stop=0.8)).check(4)   # one call of four
 
 
 def test_todo_changes_the_run_a_little():
@@ -88,7 +94,7 @@ def test_stop_turns_it_off_for_the_last_calls(stop, active):
 
 def test_settings_are_checked():
     for bad, message in ((dict(factor=0), "factor must be a whole number"), (dict(factor=1.5), "whole number"),
-                         (dict(mode="cubic"), "mode must be one of"), (dict(stop=1.5), r"in \[0, 1\]"),
+                         (dict(mode="cubic"), "mode must be one of"), (dict(stop=1.5), r"in \[0, 1\)"),
                          (dict(layers=("attn1", "ff")), "layers must be"), (dict(ratio=0.5), "not a setting of todo")):
         with pytest.raises(ValueError, match=message):
             token_method("todo", **bad)

@@ -243,10 +243,14 @@ def check_args(args):
             raise ValueError("--plot draws with matplotlib: pip install -r requirements-eval.txt")
         from matplotlib.backend_bases import FigureCanvasBase
         kinds = FigureCanvasBase.get_supported_filetypes()
-        if (ext := os.path.splitext(args.plot)[1][1:].lower()) and ext not in kinds:
-            raise ValueError(f"--plot {args.plot!r}: matplotlib writes no .{ext} files; use .png ({', '.join(kinds)})")
+        ext = os.path.splitext(args.plot)[1][1:].lower()   # without one, matplotlib would write PATH.png
+        if ext not in kinds:
+            raise ValueError(f"--plot {args.plot!r}: give a picture file name matplotlib writes, such as speed.png "
+                             f"({', '.join(kinds)})")
     taken = {}
     for flag, path in (("--json", args.json), ("--markdown", args.markdown), ("--plot", args.plot)):
+        if path == "":
+            raise ValueError(f"{flag} is empty; name a file")
         if path and args.selection and flag != "--json":
             raise ValueError(f"{flag} shows the methods' results; --selection writes its own only with --json")
         if path:

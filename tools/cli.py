@@ -18,9 +18,7 @@ import json
 import os
 from dataclasses import replace
 
-import torch
-
-from lab.cli import Parser, write_json  # noqa: F401  (every command's one-line parser and whole-file JSON, re-exported)
+from lab.cli import Parser, set_threads, write_json  # noqa: F401  (shared with lab.*, re-exported)
 from lab.vocab import SHIPPED_TOKENIZER
 from model import PRESETS, load_checkpoint, random_weights
 from model.config import PREDICTIONS
@@ -74,14 +72,6 @@ def sampling(args, **fields):
     size = None if args.H is None and args.W is None else (args.H, args.W)
     return Sampling(steps=args.steps, scale=args.scale, sampler=args.sampler, eta=args.eta, size=size,
                     attention=args.attention, negative_prompt=args.negative_prompt, **fields)
-
-
-def set_threads(p, args):
-    if args.threads is not None:
-        cores = os.cpu_count() or 1
-        if not 1 <= args.threads <= cores:   # far above, torch's thread pool fails to start (a segfault)
-            p.error(f"--threads must be from 1 to this machine's {cores} CPU cores, got {args.threads}")
-        torch.set_num_threads(args.threads)
 
 
 def run_tool(p, run, argv=None, interrupted="interrupted"):
@@ -198,7 +188,8 @@ def load_model(args, device, dtype):
         config = PRESETS[args.random_weights]
         config = replace(config, prediction=args.prediction or config.prediction)
         default = SHIPPED_TOKENIZER if args.random_weights == "lab" else byte_tokenizer()   # lab: its own 564 ids
-        return random_weights(config, device=device, dtype=dtype, tokenizer=args.tokenizer or default,
+        return random_weights(config, device=device, dtype=dtype,
+                              tokenizer=default if args.tokenizer is None else args.tokenizer,
                               name=args.random_weights)
     return load_checkpoint(resolve_checkpoint(args.ckpt), device=device, dtype=dtype, prediction=args.prediction,
                            tokenizer=args.tokenizer)
@@ -238,7 +229,7 @@ def read_prompts(prompt=None, from_file=None, flag="--from-file"):
         if not os.path.isfile(from_file):
             raise ValueError(f"prompt file {from_file!r} ({flag}) does not exist")
         try:
-            with open(from_file, encoding="utf-8") as f:
+            with open(from_file, encoding="utf-8-sig") as f:   # -sig: a byte-order mark is not prompt text
                 prompts = [line.strip() for line in f if line.strip()]
         except UnicodeDecodeError as e:
             raise ValueError(f"prompt file {from_file!r} ({flag}) is not UTF-8 text (byte {e.object[e.start]:#04x} at "
