@@ -32,7 +32,8 @@ class Preset:
 
 PRESETS = {
     "deepcache-n3": Preset(CacheSchedule("uniform", interval=3, depth=2), None,
-                           "DeepCache SD1.5 N=3 (paper: 1.72x), a full call every 3 calls, depth 2"),
+                           "DeepCache SD1.5 N=3 (paper: 1.72x), a full call every 3 calls, depth 2; also DeepCache's "
+                           "SDXL setting (its README: 2.6x)"),
     "deepcache-n5": Preset(CacheSchedule("uniform", interval=5, depth=2), None,
                            "DeepCache SD1.5 (paper: 2.15x), a full call every 5 calls, depth 2"),
     "deepcache-n5-nonuniform": Preset(CacheSchedule("nonuniform", interval=5, depth=2, center=15, power=1.4), None,

@@ -15,6 +15,7 @@ import torch
 
 from cache import FULL, CacheSchedule
 from model.macs import unet_macs
+from model.unet import BasicTransformerBlock
 from prune import LAYERS, TokenMethod, as_record
 from prune.dato import dynamics_map
 from prune.viz import PruneViz
@@ -61,10 +62,11 @@ class Acceleration:
         if self.cache is not None:
             self.cache.depths_for(calls)
 
-    def check_unet(self, unet, hw, calls):
+    def check_unet(self, unet, hw, calls, rows):
         """Raise ValueError unless this acts on `unet` (model.unet.UNetModel) at an hw latent in a run of
-        `calls` UNet calls: a token method must fit at least one transformer block (else it would
-        silently change nothing), a cache depth must be below the UNet's number of output blocks."""
+        `calls` UNet calls on batches of `rows`: a token method must fit at least one transformer block
+        (else it would silently change nothing), a cache depth must be below the UNet's number of output
+        blocks, a picture's block must be one the method acts on and its row one of the batch's."""
         if self.prune is not None:
             grids = set()
             unet_macs(unet, hw, keep=lambda st, grid, sub: grids.add((grid, st.level)) or 0)
@@ -74,6 +76,16 @@ class Acceleration:
                                  f"(max_downsample {self.prune.max_downsample}; the largest block grid is {largest}): "
                                  "its cells or factor do not fit; choose a larger image, smaller cells or a smaller "
                                  "factor")
+        if self.viz is not None:
+            blocks = {name: m for name, m in unet.named_modules() if isinstance(m, BasicTransformerBlock)}
+            acted = [name for name, m in blocks.items() if 2 ** m.level <= self.prune.max_downsample]
+            if self.viz.block not in acted:
+                what = ("is not acted on by the token method" if self.viz.block in blocks else
+                        "is not a transformer block")
+                raise ValueError(f"--viz-block {self.viz.block!r} {what} of this UNet; choose one of "
+                                 f"{', '.join(acted[:4])}{', ...' if len(acted) > 4 else ''} ({len(acted)} in all)")
+            if not -rows <= self.viz.row < rows:
+                raise ValueError(f"PruneViz row {self.viz.row} is not a row of this run's batches of {rows}")
         blocks = len(unet.output_blocks)
         if (deepest := max((d for d in self.depths(calls) if d != FULL), default=0)) >= blocks:
             raise ValueError(f"cache depth {deepest} does not fit this UNet's {blocks} output blocks (cached depths "

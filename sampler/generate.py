@@ -19,7 +19,7 @@ from PIL import Image, PngImagePlugin
 from tqdm import tqdm
 
 from model.hardware import DTYPE_CHOICES, dtype_name, resolve_dtype, timed
-from model.unet import ATTENTION_BACKENDS, BasicTransformerBlock
+from model.unet import ATTENTION_BACKENDS
 
 from .loop import check_args, final_latent, run_steps
 from .samplers import unet_calls
@@ -40,7 +40,7 @@ class Sampling:
     dtype: None keeps the model's precision; "auto" | "fp32" | "bf16" | "fp16" casts the model
         first (load it in the precision you want: casting back up does not restore bits).
     attention: "sdpa" | "math". accel: an accel.Acceleration (token methods, caching) or None; anything
-        with its check(calls), check_unet(unet, hw, calls), start(calls, seed, guided) and record() will do.
+        with its check(calls), check_unet(unet, hw, calls, rows), start(calls, seed, guided) and record() will do.
     negative_prompt: the unconditional prompt (""). batch_size: images per sampler batch (1).
     """
     steps: int = 50
@@ -143,28 +143,18 @@ def from_pil(images):
 
 
 def prepare(sd, run):
-    """Put the model in the run's precision and attention; check what needs the model (size,
-    picture block; the run itself was checked when the Sampling was made). -> (H, W)."""
+    """Put the model in the run's precision and attention; check what needs the model (size, what the
+    acceleration acts on; the run itself was checked when the Sampling was made). -> (H, W)."""
     if run.dtype is not None:
         dtype = resolve_dtype(run.dtype, sd.device)
         if dtype != sd.dtype:
             sd.to(dtype=dtype)
     sd.unet.set_attention(run.attention)
-    viz = run.accel.viz if run.accel is not None else None
-    if viz is not None:
-        blocks = {name: m for name, m in sd.unet.named_modules() if isinstance(m, BasicTransformerBlock)}
-        acted = [name for name, m in blocks.items() if 2 ** m.level <= run.accel.prune.max_downsample]
-        if viz.block not in acted:
-            what = "is not acted on by the token method" if viz.block in blocks else "is not a transformer block"
-            raise ValueError(f"--viz-block {viz.block!r} {what} of this UNet; choose one of "
-                             f"{', '.join(acted[:4])}{', ...' if len(acted) > 4 else ''} ({len(acted)} in all)")
-        rows = run.batch_size * (1 if run.scale == 1 else 2)   # guided batches are [uncond; cond]
-        if not -rows <= viz.row < rows:
-            raise ValueError(f"PruneViz row {viz.row} is not a row of this run's batches of {rows}")
     H, W = check_size(sd.config, run.size)
     if run.accel is not None:   # what the acceleration needs of this UNet at this size
+        rows = run.batch_size * (1 if run.scale == 1 else 2)   # guided batches are [uncond; cond]
         run.accel.check_unet(sd.unet, (H // sd.config.vae.factor, W // sd.config.vae.factor),
-                             unet_calls(run.steps, run.sampler))
+                             unet_calls(run.steps, run.sampler), rows)
     return H, W
 
 

@@ -287,7 +287,7 @@ def test_caching(tmp_path, tokenizer_dir):
     (["--prune", "todo", "--prune-schedule", "0.5"], "todo takes no per-call ratios"),
     (["--prune", "todo", "--prune-ratio", "0.3"], "--prune-ratio: no effect with --prune todo"),
     (["--prune", "sito", "--prune-factor", "2"], "--prune-factor: no effect with --prune sito (a setting of todo)"),
-    (["--prune", "todo", "--prune-factor", "0"], "factor must be a whole number >= 1"),
+    (["--prune", "todo", "--prune-factor", "0"], "factor must be a whole number >= 2"),
     (["--prune", "dato", "--prune-schedule", "0.5,0.9"], "prune ratio 0.9 out of range"),
     (["--prune-ratio", "0.3"], "--prune-ratio given without a token method"),
     (["--preset", "dato-coco", "--prune-recover", "base", "--cache-depth", "1"],
