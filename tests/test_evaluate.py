@@ -135,6 +135,86 @@ def test_bad_input_fails_before_anything_is_written(tmp_path, capsys, args, mess
     assert message in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
+def test_prompts_that_mix_lab_captions_with_other_lines_are_refused(tmp_path, capsys):
+    """One typo among lab captions would drop accuracy and lab FD for the whole run: refused, as lab.check
+    refuses such a captions.txt; prompts with no lab caption at all are measured without them, said once."""
+    (tmp_path / "t.txt").write_text("a red circle\na blue square\na red circel\n")
+    with pytest.raises(SystemExit):
+        run(tmp_path / "out", "--methods", "baseline,sito:0.5", "--prompts", str(tmp_path / "t.txt"), "--n", "3")
+    err = capsys.readouterr().err
+    assert "prompt 3, 'a red circel', is not a lab caption" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+    evaluate.check_captions(["a photo of a cat", "a dog"], "--prompts coco.txt")
+    assert "accuracy and lab FD are not measured" in capsys.readouterr().out
+
+
+SMALL = ["--ckpt", SHIPPED, "--steps", "2", "--n", "2", "--batch-size", "2", "--H", "32", "--W", "32",
+         "--dtype", "fp32", "--methods", "baseline,sito:0.5"]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A small finished run (2 images x 2 methods at 32x32) for the tests that damage a copy of it."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    evaluate.main([*SMALL, "--out", str(out)])
+    return out
+
+
+def tree(folder):
+    """{relative path: bytes, or None for a folder} of everything under `folder`."""
+    found = {}
+    for root, dirs, names in os.walk(folder):
+        found.update({os.path.relpath(os.path.join(root, d), folder): None for d in dirs})
+        found.update({os.path.relpath(os.path.join(root, n), folder): open(os.path.join(root, n), "rb").read()
+                      for n in names})
+    return found
+
+
+@pytest.mark.parametrize("damaged, content, message", [
+    ("timing.json", '{"baseline": {"0": [{"run": "a', "timing.json cannot be read as JSON"),
+    ("timing.json", "[1, 2]", "timing.json is not an object of methods' timings"),
+    ("timing.json", '{"baseline": {"0": [{"run": "a"}]}}', "the timings of 'baseline' are not per-batch lists"),
+    ("timing.json", None, "timing.json is a folder"),
+    ("baseline/00001.png", None, "00001.png is a folder"),
+    ("results.json", None, "results.json is a folder"),
+    ("sito_0.5", "x", "sito_0.5 is a file where a folder of results is kept"),
+])
+def test_damaged_files_of_a_finished_run_are_one_line_before_rendering(finished, tmp_path, capsys, damaged, content,
+                                                                       message):
+    """A damaged timing.json, or a folder where an image or results.json is written (a file where a method's
+    folder is): one line naming it, before the missing image 00000.png is rendered again."""
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    os.remove(out / "baseline" / "00000.png")
+    path = out / damaged
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        os.remove(path)
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_text(content)
+    before = tree(out)
+    with pytest.raises(SystemExit):
+        evaluate.main([*SMALL, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert message in err and len(err.splitlines()) == 1, err
+    assert tree(out) == before
+
+
+def test_an_unreadable_reference_image_is_named_before_rendering(finished, tmp_path, capsys):
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    shutil.copy(finished / "baseline" / "00000.png", ref / "a.png")
+    (ref / "b.png").write_bytes((finished / "baseline" / "00001.png").read_bytes()[:100])   # truncated
+    with pytest.raises(SystemExit):
+        evaluate.main([*SMALL, "--fid-ref", str(ref), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert f"{ref / 'b.png'} is not a readable image" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_damaged_settings_record_is_named(tmp_path, capsys):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "settings.json").write_text('{"checkpoint": ')   # cut off

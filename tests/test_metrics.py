@@ -219,10 +219,12 @@ def test_paired_test_command_refuses_what_is_not_a_results_file(tmp_path, capsys
     (tmp_path / "r.json").write_text(json.dumps(verdicts))
     (tmp_path / "cut.json").write_text('{"methods": {')
     (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "methods.json").write_text('{"methods": [1, 2]}')
     cases = [([str(tmp_path / "none.json"), "baseline", "x"], "none.json cannot be read as JSON"),
              ([str(tmp_path), "baseline", "x"], "is a folder"),
              ([str(tmp_path / "cut.json"), "a", "b"], "cannot be read"),
              ([str(tmp_path / "list.json"), "a", "b"], "has no 'methods'"),
+             ([str(tmp_path / "methods.json"), "a", "b"], "'methods' is not an object of method entries"),
              ([str(tmp_path / "r.json"), "baseline", "sito:0.5"], "not one 0/1 per image of the same run"),
              ([str(tmp_path / "r.json"), "baseline", "text"], "not one 0/1 per image"),
              ([str(tmp_path / "r.json"), "baseline", "tome"], "'tome' has no checker verdicts")]
@@ -231,3 +233,30 @@ def test_paired_test_command_refuses_what_is_not_a_results_file(tmp_path, capsys
             metrics.main(argv)
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, (argv, err)
+
+
+def edited_results(tmp_path, name, edit):
+    """A results.json of two methods' real entries (lab_accuracy on 6 lab captions), edited by `edit`."""
+    prompts = sample_captions(6, seed="edited")
+    verdicts = {"baseline": [1, 0, 1, 1, 0, 1], "sito:0.5": [1, 1, 0, 1, 0, 1]}
+    results = {"methods": {m: metrics.lab_accuracy(v, prompts) for m, v in verdicts.items()}}
+    edit(results["methods"])
+    (tmp_path / name).write_text(json.dumps(results))
+    return str(tmp_path / name)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda r: r["sito:0.5"].pop("by_kind"), "the by_kind of 'sito:0.5' is not an object of per-kind figures"),
+    (lambda r: r["sito:0.5"].update(by_kind=[]), "the by_kind of 'sito:0.5' is not an object of per-kind figures"),
+    (lambda r: r["sito:0.5"].pop("accuracy"), "the accuracy of 'sito:0.5' is not a number"),
+    (lambda r: r["sito:0.5"]["by_kind"]["single"].pop("accuracy"), "by_kind.single.accuracy of 'sito:0.5'"),
+    (lambda r: r["sito:0.5"]["by_kind"]["single"].update(images=[0, 7]), "not a split of its 6 images"),
+    (lambda r: r["baseline"]["by_kind"].update(other={"accuracy": 0.0, "images": []}),
+     "the kinds (by_kind) of 'sito:0.5' are not over the same images as those of 'baseline'"),
+])
+def test_paired_test_command_refuses_an_edited_results_file(tmp_path, capsys, edit, message):
+    with pytest.raises(SystemExit):
+        metrics.main([edited_results(tmp_path, "r.json", edit), "baseline", "sito:0.5"])
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert metrics.main([edited_results(tmp_path, "ok.json", lambda r: None), "baseline", "sito:0.5"]) == 0

@@ -85,7 +85,11 @@ def check_report_refuses_what_is_not_this_search(tmp_path, out, heldout, capsys)
     cases = {"other": ({"methods": {"baseline": results["methods"]["baseline"],
                                     "runs/other/pareto.json#0": results["methods"]["baseline"]}}, "holds no point of"),
              "nomethods": ({"points": []}, "has no 'methods'"),
-             "garbage": ("{not json", "cannot be read as JSON")}
+             "garbage": ("{not json", "cannot be read as JSON"),
+             "listed": ({"methods": [1]}, "'methods' is not an object of method entries"),
+             "nomacs": ({"methods": {**results["methods"], f"{out}/pareto.json#0": {
+                 k: v for k, v in results["methods"][f"{out}/pareto.json#0"].items() if k != "mac_ratio"}}},
+                 f"'{out}/pareto.json#0' has no mac_ratio")}
     for name, (content, message) in cases.items():
         (tmp_path / name).mkdir()
         (tmp_path / name / "results.json").write_text(content if isinstance(content, str) else json.dumps(content))
@@ -95,11 +99,26 @@ def check_report_refuses_what_is_not_this_search(tmp_path, out, heldout, capsys)
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
         assert (tmp_path / "s" / "pareto.json").read_bytes() == pareto
-    (tmp_path / "broken").mkdir()
-    (tmp_path / "broken" / "pareto.json").write_text("[1, 2")
-    with pytest.raises(SystemExit):
-        search.main(["--out", str(tmp_path / "broken"), "--report", heldout])
-    assert "broken/pareto.json cannot be read as JSON" in capsys.readouterr().err
+    stored = json.loads(pareto)
+    for name, content, message in (("broken", "[1, 2", "broken/pareto.json cannot be read as JSON"),
+                                   ("five", {**stored, "points": 5}, "'points' is not a list of schedule entries"),
+                                   ("strings", {**stored, "points": ["x"]}, "'points' is not a list of schedule"),
+                                   ("nosearch", {"points": stored["points"]}, "has no 'search' record")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "pareto.json").write_text(content if isinstance(content, str) else json.dumps(content))
+        written = (tmp_path / name / "pareto.json").read_bytes()
+        with pytest.raises(SystemExit):
+            search.main(["--out", str(tmp_path / name), "--report", heldout])
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+        assert (tmp_path / name / "pareto.json").read_bytes() == written
+        assert not (tmp_path / name / "pareto.png").exists()
+    times = [(tmp_path / "s" / name).stat().st_mtime_ns for name in ("pareto.json", "pareto.png")]
+    with pytest.raises(SystemExit):   # a --ship path under a file: refused before pareto.json or .png is rewritten
+        search.main(["--out", out, "--report", heldout, "--ship", str(tmp_path / "shipped.json" / "ship.json")])
+    err = capsys.readouterr().err
+    assert "shipped.json is a file, so nothing can be written under it" in err and len(err.strip().splitlines()) == 1
+    assert [(tmp_path / "s" / name).stat().st_mtime_ns for name in ("pareto.json", "pareto.png")] == times
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -119,6 +138,7 @@ def check_report_refuses_what_is_not_this_search(tmp_path, out, heldout, capsys)
     (["--batch-size", "0"], "--batch-size must be >= 1"),
     (["--out", "README.md"], "--out 'README.md' is a file, not a folder"),
     (["--out", "tests"], "--out 'tests' holds other files and no settings.json"),
+    (["--n", "1", "--quality", "fd_lab_vs_baseline"], "--n 1: --quality fd_lab_vs_baseline is a Fréchet distance"),
 ])
 def test_bad_flags_are_one_line_before_anything_is_written(tmp_path, capsys, flags, message):
     out = ["--out", str(tmp_path / "s")] if "--out" not in flags else []
@@ -169,6 +189,13 @@ def test_cost_time_searches_measured_speed_and_a_rerun_with_other_settings_is_re
     with pytest.raises(SystemExit):   # the log's evaluations were measured with another objective
         search.main([*TINY, "--generations", "2", "--cost", "macs", "--out", out])
     assert "(cost differ)" in capsys.readouterr().err
+    log = (tmp_path / "s" / "evaluations.jsonl").read_text()
+    (tmp_path / "s" / "evaluations.jsonl").write_text(log + "{}\n")   # a record without its fields
+    with pytest.raises(SystemExit):
+        search.main([*TINY, "--generations", "1", "--cost", "time", "--out", out])
+    err = capsys.readouterr().err
+    assert f"line {len(records) + 1} is not an evaluation record (no key," in err and len(err.splitlines()) == 1, err
+    assert (tmp_path / "s" / "evaluations.jsonl").read_text() == log + "{}\n"
 
 
 def test_a_cut_off_last_evaluation_is_dropped_and_a_damaged_log_named(tmp_path):
@@ -181,4 +208,7 @@ def test_a_cut_off_last_evaluation_is_dropped_and_a_damaged_log_named(tmp_path):
     assert log.read_text() == "\n".join(good) + "\n"
     log.write_text(good[0] + "\n{broken\n" + good[1] + "\n")
     with pytest.raises(ValueError, match="line 2 is not an evaluation record"):
+        search.read_log(str(log), repair=True)
+    log.write_text(good[0] + "\n" + json.dumps({"key": "b"}) + "\n")   # whole JSON, but not a whole record
+    with pytest.raises(ValueError, match=r"line 2 is not an evaluation record \(no share\)"):
         search.read_log(str(log), repair=True)

@@ -10,10 +10,11 @@ schedule files), each on the command's --sampler/--steps or on its own run: SPEC
 (baseline@dpmpp-2m:20, deepcache-n3@dpmpp-2m:25); a schedule file keeps the run it records. The
 command's run ("baseline") is the reference of every vs-baseline metric, of mac_ratio and of speedup.
 Prompts: --prompts FILE (one per line), or else --n captions of the lab's scene sampler (lab/scenes.py),
-drawn with --seed. Image k has prompt k and noise seed --seed + k, rendered in the fixed batch
-k // --batch-size, so it is the same image in every method folder, in every run and with any number of
-processes (DDIM noise and token choices follow the batch's first seed). Sampling flags and defaults are
-sample.py's.
+drawn with --seed. A file that mixes lab captions with other lines is refused, naming the first other one
+(as lab.check refuses such a captions.txt): accuracy and lab FD need every prompt to be a lab caption.
+Image k has prompt k and noise seed --seed + k, rendered in the fixed batch k // --batch-size, so it is
+the same image in every method folder, in every run and with any number of processes (DDIM noise and
+token choices follow the batch's first seed). Sampling flags and defaults are sample.py's.
 
 Output, in --out:
     settings.json              what the images depend on; a later run with other settings is refused
@@ -45,7 +46,6 @@ interrupted run leaves no partial file) and recomputes the metrics.
 import importlib.util
 import json
 import os
-import re
 import statistics
 import time
 import uuid
@@ -74,16 +74,12 @@ from tools.cli import (
     settings_record,
     write_json,
 )
-from tools.metrics import LPIPS_WEIGHTS, Scorer, load_stats, markdown
+from tools.metrics import LPIPS_WEIGHTS, Scorer, check_captions, load_stats, markdown
 from tools.plots import GRID_COLUMNS, draw_grid, draw_tradeoff
+from tools.results import check_images, check_outputs, folder_name, image_path, read_timing
 from tools.shard import Shard, add_worker_flag, run_workers, wants_workers
 
 IMAGE_TYPES = (".png", ".jpg", ".jpeg", ".webp")
-
-
-def folder_name(spec):
-    """A method spec as a folder name: sito:0.5 -> sito_0.5."""
-    return re.sub(r"[^A-Za-z0-9._-]", "_", spec)
 
 
 def claim_methods(out, settings, methods):
@@ -126,12 +122,10 @@ def draw_prompts(args):
         if args.n and args.n > len(prompts):
             raise ValueError(f"--n {args.n}: --prompts {args.prompts} holds {len(prompts)} prompts; lower --n or "
                              "leave it out (all of them)")
-        return prompts[:args.n] if args.n else prompts
+        prompts = prompts[:args.n] if args.n else prompts
+        check_captions(prompts, f"--prompts {args.prompts}")
+        return prompts
     return sample_captions(args.n or 256, seed=f"evaluate/{args.seed}")
-
-
-def image_path(out, spec, k):
-    return os.path.join(out, folder_name(spec), f"{k:05d}.png")
 
 
 def is_whole(path):
@@ -183,10 +177,7 @@ def update_timing(out, seconds, run_id, device):
     images adds to their batches and keeps what the first run measured.
     -> {spec: {batch: [{"run", "device", "seconds_per_image"}, ...]}}."""
     path = os.path.join(out, "timing.json")
-    timing = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            timing = {spec: upgrade_timing(entry) for spec, entry in json.load(f).items()}
+    timing = read_timing(path)   # run() checked it before the rendering: a damaged file fails there, not here
     machine = cpu_description() if device.type == "cpu" else torch.cuda.get_device_name(device)
     for spec, batches in seconds.items():
         for start, value in batches.items():
@@ -194,14 +185,6 @@ def update_timing(out, seconds, run_id, device):
                 {"run": run_id, "device": machine, "seconds_per_image": value})
     write_json(path, timing)
     return timing
-
-
-def upgrade_timing(entry):
-    """A method's timing in its form before batches were kept apart (one run's list of values)."""
-    if "unet_seconds_per_image" not in entry:
-        return entry
-    return {f"run-{entry['run']}-{i}": [{"run": entry["run"], "device": entry["device"], "seconds_per_image": v}]
-            for i, v in enumerate(entry["unet_seconds_per_image"])}
 
 
 def speedup(timing, spec):
@@ -240,7 +223,7 @@ def check_reference(args, scorer):
     if not scorer.features:
         raise ValueError("--fid-ref needs a feature network: --inception FILE (or lab captions with --lab-features)")
     if os.path.isdir(args.fid_ref):
-        reference_files(args.fid_ref)
+        check_images(reference_files(args.fid_ref), f"--fid-ref {args.fid_ref}")
         return None
     if not os.path.isfile(args.fid_ref):
         raise ValueError(f"--fid-ref {args.fid_ref!r} does not exist (a folder of images or an .npz of mu, sigma)")
@@ -314,6 +297,7 @@ def run(args):
     prompts = draw_prompts(args)
     check_seeds(args.seed, len(prompts))
     check_results_folder(args.out)
+    check_outputs(args.out, methods, len(prompts))
     shard = Shard.start(args)
     device = shard.device(check_device(args.device))
     scorer = Scorer.open(prompts, "baseline" in methods, lab_features=args.lab_features or None,

@@ -45,13 +45,30 @@ def bootstrap_interval(correct, seed=0):
     return [means.quantile(0.025).item(), means.quantile(0.975).item()]
 
 
-def is_lab(prompts):
+def is_caption(prompt):
     try:
-        for prompt in prompts:
-            parse(prompt)
+        parse(prompt)
     except ValueError:
         return False
     return True
+
+
+def is_lab(prompts):
+    return all(map(is_caption, prompts))
+
+
+def check_captions(prompts, source):
+    """Prompts that mix lab captions with other lines are refused, as lab.check refuses a captions.txt with
+    a line that is no caption: one typo would otherwise drop the lab metrics (accuracy, lab FD) of the
+    whole run unannounced. Prompts with no lab caption (COCO's) are measured without them, said once."""
+    other = [k for k, prompt in enumerate(prompts) if not is_caption(prompt)]
+    if other and len(other) < len(prompts):
+        k = other[0]
+        raise ValueError(f"{source}: prompt {k + 1}, {prompts[k]!r}, is not a lab caption (lab/scenes.py's grammar) "
+                         f"but {len(prompts) - len(other)} others are; the lab metrics (accuracy, lab FD) need every "
+                         "prompt to be one: correct it, or give a file without lab captions")
+    if other:
+        print(f"{source}: not lab captions ({prompts[0]!r}), so accuracy and lab FD are not measured")
 
 
 def mcnemar(correct, reference):
@@ -349,7 +366,8 @@ def main(argv=None):
     verdicts against the reference's on the same images, over all captions and per kind, from one
     evaluate.py run's results.json (any two of its methods: e.g. an accelerated run against a plain
     short run)."""
-    from tools.cli import Parser, read_json
+    from tools.cli import Parser
+    from tools.results import paired_results
     p = Parser(prog="python -m tools.metrics", description=main.__doc__)
     p.add_argument("results", help="evaluate.py's results.json")
     p.add_argument("reference", help="the method to compare against (a --methods spec of that run)")
@@ -358,21 +376,9 @@ def main(argv=None):
     if os.path.isdir(args.results):
         p.error(f"{args.results} is a folder: give the results.json inside it")
     try:
-        results = read_json(args.results, "methods", "give the results.json an evaluate.py run wrote")["methods"]
+        results = paired_results(args.results, [args.reference, *args.methods])
     except ValueError as e:
         p.error(str(e))
-    n = None
-    for spec in [args.reference, *args.methods]:
-        entry = results.get(spec) if isinstance(results, dict) else None
-        if not isinstance(entry, dict) or "verdicts" not in entry:
-            p.error(f"{spec!r} has no checker verdicts in {args.results} (methods: {', '.join(results or [])}); "
-                    "verdicts are stored for lab captions by evaluate.py")
-        verdicts = entry["verdicts"]
-        if not isinstance(verdicts, list) or any(v not in (0, 1) or isinstance(v, float) for v in verdicts) \
-                or n is not None and len(verdicts) != n:
-            p.error(f"{args.results}: the verdicts of {spec!r} are not one 0/1 per image of the same run "
-                    "(the file was edited or mixes runs); rerun evaluate.py to rewrite it")
-        n = len(verdicts)
     kinds = list(results[args.reference]["by_kind"])
     print(f"against {args.reference}: accuracy, then +wins −losses, p (McNemar), over all captions and per kind")
     for spec in args.methods:

@@ -72,37 +72,15 @@ from tools.cli import (
 )
 from tools.metrics import Scorer
 from tools.report import PRESETS_SHOWN, non_dominated, report
+from tools.results import read_log
 from tools.shard import Shard, add_worker_flag, run_workers, wants_workers
 from tools.space import Space, initial_population, pymoo_problem, pymoo_repair
 
 QUALITIES = {"accuracy": 1, "psnr": 1, "fd_lab_vs_baseline": -1}   # +1: higher is better
 COSTS = {"macs": "mac_ratio", "time": "speedup"}   # --cost -> the record's field; the objective is its inverse
 
+RECORD = ("key", "depths", "ratios", "quality", "mac_ratio", "share")   # what a resumed search reads of a record
 SCHEDULED = [name for name, cls in PRUNE_METHODS.items() if issubclass(cls, CellMethod)]   # per-call ratios
-
-
-def read_log(path, repair):
-    """The records of the resume log. A last line without its newline is an append that was cut off (the
-    process was killed): it is dropped, and with `repair` cut from the file, so the next append starts a
-    line of its own. A broken line anywhere else is a damaged log, refused by line number."""
-    if not os.path.exists(path):
-        return []
-    with open(path, "rb") as f:
-        data = f.read()
-    lines, records = data.split(b"\n"), []
-    if lines[-1].strip():   # the cut-off append
-        print(f"{path}: dropping the last, half-written evaluation (the run was killed while writing it)")
-        if repair:
-            with open(path, "r+b") as f:
-                f.truncate(len(data) - len(lines[-1]))
-    for number, line in enumerate(lines[:-1], 1):
-        try:
-            if line.strip():
-                records.append(json.loads(line))
-        except ValueError:
-            raise ValueError(f"{path} line {number} is not an evaluation record: the log is damaged; move it "
-                             "away to start the search afresh in this --out") from None
-    return records
 
 
 class Evaluator:
@@ -112,7 +90,8 @@ class Evaluator:
     def __init__(self, sd, args, space, prompts, scorer, log_path, shard):
         self.sd, self.args, self.space, self.prompts, self.scorer = sd, args, space, prompts, scorer
         self.log_path, self.shard, self.done, self.spent = log_path, shard, {}, 0.0
-        for record in read_log(log_path, shard.rank == 0):
+        fields = (*RECORD, *(["speedup"] if args.cost == "time" else []))
+        for record in read_log(log_path, shard.rank == 0, fields):
             self.done[record["key"]] = record
             self.spent += record["share"]
         self.hw = tuple(side // sd.config.vae.factor for side in check_size(sd.config, sampling(args).size))
@@ -293,6 +272,9 @@ def run(args):
                              ("--generations", args.generations, 1), ("--batch-size", args.batch_size, 1)):
         if value < low:
             raise ValueError(f"{flag} must be >= {low}, got {value}")
+    if args.quality.startswith("fd") and args.n < 2:   # as evaluate.py refuses --n 1, before any rendering
+        raise ValueError(f"--n {args.n}: --quality {args.quality} is a Fréchet distance between two sets of images "
+                         "and needs at least 2 of each; use --n 2 or more")
     if not 1 <= args.min_mac_ratio < math.inf:
         raise ValueError(f"--min-mac-ratio must be a number >= 1 (1: every schedule), got {args.min_mac_ratio}")
     if not 0 < args.budget_minutes < math.inf:
