@@ -24,13 +24,12 @@ It is meant for generated images too: soft edges, colour drift, blur, noise and 
 """
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 
 import torch
 from PIL import Image
 
-from lab.cli import FolderError, Parser, list_pngs, read_listing, save_new
+from lab.cli import FolderError, Parser, check_new_file, list_pngs, path_flag, read_listing, save_new
 from lab.scenes import AXES, COLORS, RELATIONS, parse, scene_caption
 
 # each colour's accepted hues (degrees): the generator's windows widened by ~20 degrees; hues in the
@@ -351,16 +350,6 @@ def _percent(entry):
     return "-" if entry["accuracy"] is None else f"{100 * entry['accuracy']:.1f}% of {entry['n']}"
 
 
-def check_new_file(path):
-    """FolderError unless `path` is a new file in a folder that can be written: checked before scoring."""
-    if os.path.lexists(path):
-        raise FolderError(f"--json {path} exists; choose another file or delete it (reports are not overwritten)")
-    try:
-        tempfile.TemporaryFile(dir=os.path.dirname(path) or ".").close()   # a real write: os.access lies to root
-    except OSError as e:
-        raise FolderError(f"--json {path} cannot be written ({e.strerror}); choose another place") from None
-
-
 def show(report, verbose):
     """Print the report: with `verbose`, each wrong image and why first."""
     for r in (r for r in report["images"] if verbose and not r["correct"]):
@@ -375,16 +364,17 @@ def show(report, verbose):
 
 def main(argv=None):
     p = Parser(prog="python -m lab.check", description=__doc__)
-    p.add_argument("folder", help="folder of PNGs, with captions.txt or captions in the PNGs")
-    p.add_argument("--json", help="write the full report (accuracy, by_kind, by_relation, images) to this new file")
+    p.add_argument("folder", type=path_flag, help="folder of PNGs, with captions.txt or captions in the PNGs")
+    p.add_argument("--json", type=path_flag,
+                   help="write the full report (accuracy, by_kind, by_relation, images) to this new file")
     p.add_argument("-v", "--verbose", action="store_true", help="list each wrong image and why")
     args = p.parse_args(argv)
     try:
-        if args.json:
-            check_new_file(args.json)
+        if args.json is not None:
+            check_new_file(args.json, "--json")   # before scoring
         report = check_folder(args.folder)
         show(report, args.verbose)
-        if args.json:   # save_new leaves no file if the write fails or is interrupted
+        if args.json is not None:   # save_new leaves no file if the write fails or is interrupted
             save_new(args.json, lambda f: f.write(json.dumps(report, indent=1).encode()))
     except (FolderError, OSError) as e:     # OSError: an unreadable folder, a full disk (its line names the file)
         raise SystemExit(f"error: {e}") from None

@@ -1,11 +1,13 @@
 """What the command lines of the lab tools share, and through tools/cli.py every other command: errors
-in one line (Parser), JSON files replaced whole or not at all (write_json), and the folders: lab.scenes
+in one line (Parser), --threads within the machine's cores (set_threads), no empty file or folder flag
+(path_flag), JSON files replaced whole or not at all (write_json), and the folders: lab.scenes
 writes a data set into a new or empty one, lab.check reads one (PNGs in numeric order, captions.txt
 beside them), and neither writes over a file. Every problem with a folder is a FolderError: one line
 that says what to do."""
 import argparse
 import json
 import os
+import re
 import tempfile
 
 
@@ -18,6 +20,25 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
+
+
+def path_flag(text):
+    """The argparse type of every file and folder flag: an empty one (an unset shell variable, say) names
+    nothing, and each command would read it as something else (the current folder, no report at all)."""
+    if not text:
+        raise argparse.ArgumentTypeError("is empty; give a file or folder name")
+    return text
+
+
+def set_threads(p, args):
+    """torch's CPU threads from --threads (None: torch's choice), refused in one line unless 1 to the cores."""
+    if args.threads is not None:
+        cores = os.cpu_count() or 1
+        if not 1 <= args.threads <= cores:   # far above, torch's thread pool fails to start (a segfault)
+            p.error(f"--threads must be from 1 to this machine's {cores} CPU cores, got {args.threads}")
+        # imported here, not above: lab.scenes (and its render workers) use this module without torch
+        import torch
+        torch.set_num_threads(args.threads)
 
 
 class FolderError(ValueError):
@@ -54,15 +75,33 @@ def prepare_out(out):
         raise FolderError(f"--out {out} cannot be written ({e.strerror}); choose a folder you can write in") from None
 
 
+def check_new_file(path, flag):
+    """FolderError unless `path` (given as `flag`) is a new file in a folder that can be written: checked
+    before the work that fills it."""
+    if os.path.lexists(path):
+        raise FolderError(f"{flag} {path} exists; choose another file or delete it (nothing is overwritten)")
+    try:
+        tempfile.TemporaryFile(dir=os.path.dirname(path) or ".").close()   # a real write: os.access lies to root
+    except OSError as e:
+        raise FolderError(f"{flag} {path} cannot be written ({e.strerror}); choose another place") from None
+
+
 def list_pngs(folder):
-    """The PNGs of a folder, numbered ones in numeric order first; FolderError if there are none."""
+    """The PNGs of a folder, numbered ones in numeric order first (png_order); FolderError if there are none."""
     if not os.path.isdir(folder):
         raise FolderError(f"{folder} {'is a file' if os.path.exists(folder) else 'is missing'}: give a folder of PNGs")
     names = [f for f in os.listdir(folder) if f.lower().endswith(".png")]
     if not names:
         raise FolderError(f"{folder} holds no PNG images: nothing to score")
-    names.sort(key=lambda f: (0, int(f[:-4]), f) if f[:-4].isdigit() else (1, 0, f))
+    names.sort(key=png_order)
     return [os.path.join(folder, f) for f in names]
+
+
+def png_order(name):
+    """Sort key of a PNG's name: the numbered ones (ASCII digits, as sampler.generate.save_pngs and lab.scenes
+    write them) by number first, then the others by name; str.isdigit would take '²' for a number int() refuses."""
+    stem = name[:-4]
+    return (0, int(stem), name) if re.fullmatch(r"[0-9]+", stem) else (1, 0, name)
 
 
 def read_listing(listing, n):

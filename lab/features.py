@@ -22,10 +22,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from lab.cli import Parser
+from lab.cli import FolderError, Parser, path_flag, save_new, set_threads
 from lab.scenes import COLORS, SHAPES, SceneConfig, draw, image_seed, layout, sample_description
 from sampler.generate import from_pil
 
@@ -141,10 +142,12 @@ def train(config=FeatureConfig(), n_scenes=16384, steps=4000, batch=64, lr=2e-3,
 
 
 def save(net, path):
+    """Write `net` to `path`, a new file, whole or not at all (save_new: Ctrl-C or a full disk leaves none)."""
     if os.path.exists(path):
-        raise ValueError(f"{path} exists; choose another --out (nothing is overwritten)")
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, path,
-              metadata={CONFIG_KEY: json.dumps(asdict(net.config))})
+        raise FolderError(f"{path} exists; choose another --out (nothing is overwritten)")
+    data = safetensors_bytes({k: v.contiguous() for k, v in net.state_dict().items()},
+                             metadata={CONFIG_KEY: json.dumps(asdict(net.config))})
+    save_new(path, lambda f: f.write(data))
 
 
 def load(path):
@@ -166,7 +169,7 @@ def load(path):
 
 def main(argv=None):
     p = Parser(prog="python -m lab.features", description=__doc__)
-    p.add_argument("--out", required=True, help="the .safetensors file to write (never overwritten)")
+    p.add_argument("--out", required=True, type=path_flag, help="the .safetensors file to write (never overwritten)")
     p.add_argument("--scenes", type=int, default=16384, help="training scenes (16384)")
     p.add_argument("--steps", type=int, default=4000, help="optimiser steps of 64 scenes (4000)")
     p.add_argument("--seed", type=int, default=0, help="scenes, initialisation and batches (0)")
@@ -181,12 +184,16 @@ def main(argv=None):
         p.error(f"{args.out} exists; choose another --out (nothing is overwritten)")
     if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
         p.error(f"--out {args.out}: its folder does not exist; create it or choose another --out")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    net = train(n_scenes=args.scenes, steps=args.steps, seed=args.seed)
-    right, error = accuracy(net, *scenes(1024, f"features/held-out/{args.seed}"))
-    print(f"held-out: presence all right on {right:.1%} of 1024 scenes, centroid error {error:.2f} px")
-    save(net, args.out)
+    set_threads(p, args)   # at most the cores: far above, torch's thread pool crashes the process
+    try:
+        net = train(n_scenes=args.scenes, steps=args.steps, seed=args.seed)
+        right, error = accuracy(net, *scenes(1024, f"features/held-out/{args.seed}"))
+        print(f"held-out: presence all right on {right:.1%} of 1024 scenes, centroid error {error:.2f} px")
+        save(net, args.out)
+    except KeyboardInterrupt:   # the file is written last, whole or not at all (save)
+        raise SystemExit(f"interrupted; {args.out} was not written: rerun the same command") from None
+    except (FolderError, OSError) as e:   # --out taken meanwhile, a full disk: the line names the file
+        raise SystemExit(f"error: {e}") from None
     print(f"wrote {args.out}")
 
 

@@ -1,14 +1,20 @@
 """The settings of a lab.train run: the recipe (TrainConfig), the command line that sets it, and the run's
 record, RUN/config.json, from which a resumed run takes its settings. Every check of a command runs here,
-before anything is loaded, trained or written, and reports one line naming the flag and the fix.
+before anything is loaded, trained or written, and reports one line naming the flag and the fix; so does a
+stage file (vae.pt, latents.pt, unet.pt) that turns out unreadable as a stage restores itself (stage_file).
 """
 import argparse
+import contextlib
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, replace
+import typing
+import zipfile
+from dataclasses import asdict, dataclass, fields, replace
 
-from lab.cli import Parser, write_json
+import torch
+
+from lab.cli import FolderError, Parser, path_flag, write_json
 from model import LAB, load_checkpoint
 from model.checkpoint import CONFIG_KEY, TOKENIZER_KEY, read_metadata
 from model.config import config_from_json
@@ -46,6 +52,7 @@ FLAGS = ("unet_minutes", "batch", "latents", "eval_minutes")   # the TrainConfig
 # May differ on --resume: how long the UNet trains, and how often it is evaluated (neither changes a step).
 # The latents and the batch size make the data and the batches already drawn: a change would make another run.
 ADJUSTABLE = ("unet_minutes", "eval_minutes")
+STAGE_FILES = ("vae.pt", "latents.pt", "unet.pt")   # the stages' checkpoints, in the order made: each from the last
 
 
 def flag(field):
@@ -65,7 +72,8 @@ def positive(kind):
 
 def parser(description):
     p = Parser(prog="python -m lab.train", description=description)
-    p.add_argument("--out", default="runs/lab", help="folder for checkpoints, logs and pictures (runs/lab)")
+    p.add_argument("--out", default="runs/lab", type=path_flag,
+                   help="folder for checkpoints, logs and pictures (runs/lab): new, empty or a run's")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out with the settings in its config.json")
     p.add_argument("--unet-minutes", type=positive(float),
@@ -84,10 +92,11 @@ def parser(description):
                         "minutes of compiling, so worth it for runs longer than about 25 minutes")
     p.add_argument("--threads", type=positive(int),
                    help="torch threads (default: torch's; give a background run its share)")
-    p.add_argument("--export", metavar="FILE", help="write the trained model to FILE (.safetensors, a new file) "
-                                                    "and stop")
-    p.add_argument("--init", metavar="FILE", help="start from a shipped model (e.g. lab/lab-sd.safetensors): its VAE "
-                                                  "is kept, its UNet and text encoder train on")
+    p.add_argument("--export", metavar="FILE", type=path_flag,
+                   help="write the trained model to FILE (.safetensors, a new file) and stop")
+    p.add_argument("--init", metavar="FILE", type=path_flag,
+                   help="start from a shipped model (e.g. lab/lab-sd.safetensors): its VAE is kept, its UNet and "
+                        "text encoder train on")
     return p
 
 
@@ -95,7 +104,10 @@ def prepare(p, args):
     """Every check of a training command, then its record written -> (TrainConfig, init, device)."""
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         p.error(f"--out {args.out} is a file; choose a folder")
+    check_own_folder(p, args.out)
     cfg, init = settings(p, args)
+    if args.resume:
+        check_stage_files(p, args.out)
     if init is not None:
         check_init(p, init)
     try:
@@ -133,6 +145,18 @@ def settings(p, args):
     return replace(cfg, **given), init
 
 
+def check_own_folder(p, out):
+    """--out must be new, empty or a run of lab.train (it holds config.json): a run's files (vae.pt, ...) are
+    written over as it goes, so never into a folder of other files."""
+    try:
+        foreign = os.path.isdir(out) and os.listdir(out) and not os.path.isfile(os.path.join(out, RECORD))
+    except OSError as e:
+        p.error(f"--out {out} cannot be read ({e.strerror}); choose a folder you can write to")
+    if foreign:
+        p.error(f"--out {out} holds other files and no {RECORD}, so it is no lab.train run; choose a new or empty "
+                "folder (nothing is written over)")
+
+
 def read_record(p, out, given_init):
     """(TrainConfig, init) recorded in out/config.json, or None where out holds no run. A record written before
     runs recorded --init takes the command's."""
@@ -143,9 +167,28 @@ def read_record(p, out, given_init):
         with open(path) as f:
             record = json.load(f)
         init = record.pop("init", given_init)
-        return TrainConfig(**record), init
+        cfg = TrainConfig(**record)
     except (OSError, ValueError, TypeError, AttributeError) as e:
         p.error(f"{path} is not a lab.train run record ({e}); choose another --out")
+    for name, value, kinds in (*((f.name, getattr(cfg, f.name), f.type) for f in fields(TrainConfig)),
+                               ("init", init, str | None)):
+        if not of_type(value, kinds):   # an edited record: "5" for 5 would fail deep in a stage
+            p.error(f"{path}: {name!r} is {json.dumps(value)}, not {type_name(kinds)}; correct it in {RECORD} "
+                    "(or choose another --out)")
+    return cfg, init
+
+
+def of_type(value, annotation):
+    """Whether a recorded value is of a TrainConfig field's annotated type (an int is a float; a bool, JSON's
+    true, is no number)."""
+    kinds = typing.get_args(annotation) or (annotation,)
+    kinds = (*kinds, int) if float in kinds else kinds
+    return isinstance(value, kinds) and not isinstance(value, bool)
+
+
+def type_name(annotation):
+    names = {int: "an integer", float: "a number", str: "a path", type(None): "null"}
+    return " or ".join(names[kind] for kind in typing.get_args(annotation) or (annotation,))
 
 
 def write_record(out, cfg, init):
@@ -194,3 +237,36 @@ def check_export(p, args):
     if missing:
         p.error(f"--export: {args.out} holds no run trained up to its UNet stage (no {', '.join(missing)}); "
                 "name the run's folder with --out")
+    check_stage_files(p, args.out)
+
+
+def stage_error(path, why):
+    """A stage file that cannot be used: one line naming it, and the fix, to make it again (and the later
+    stages' files, made from it, with it)."""
+    out, name = os.path.split(path)
+    later = [n for n in STAGE_FILES[STAGE_FILES.index(name) + 1:] if os.path.exists(os.path.join(out, n))]
+    also = f" with {' and '.join(later)}, made from it," if later else ""
+    return FolderError(f"{path} cannot be read as lab.train's checkpoint ({why}); delete it{also} and rerun with "
+                       f"--resume (--out {out}) to make {'them' if later else 'it'} again")
+
+
+def check_stage_files(p, out):
+    """Each stage file in `out` must be whole, checked before any stage runs: torch.save writes a zip whose index
+    comes last, so a truncated, empty or foreign file has none (checking costs no load)."""
+    for name in STAGE_FILES:
+        path = os.path.join(out, name)
+        if os.path.isfile(path) and not zipfile.is_zipfile(path):
+            p.error(str(stage_error(path, "not a whole torch file: truncated, empty or another program's")))
+
+
+@contextlib.contextmanager
+def stage_file(path):
+    """The contents of the stage file `path`, for a stage to restore itself from: whatever fails in reading or
+    restoring (a torch file of another program, of other shapes) ends in stage_error's one line, no traceback."""
+    try:
+        yield torch.load(path, map_location="cpu")
+    except FolderError:   # an earlier stage's file, read within (export reads the VAE's while the UNet's is open)
+        raise
+    except Exception as e:   # torch.load and load_state_dict fail in many types: UnpicklingError, KeyError, ...
+        first = str(e).strip().splitlines()[:1]
+        raise stage_error(path, ": ".join([type(e).__name__, *(line[:160] for line in first)])) from None

@@ -25,7 +25,7 @@ from functools import partial
 
 from PIL import Image, ImageChops, ImageDraw
 
-from lab.cli import FolderError, Parser, prepare_out, save_new
+from lab.cli import FolderError, Parser, path_flag, prepare_out, save_new
 
 COLORS = ("red", "green", "blue", "yellow")
 SHAPES = ("circle", "square", "triangle")
@@ -318,7 +318,7 @@ def main(argv=None):
     p = Parser(prog="python -m lab.scenes", description=__doc__)
     p.add_argument("--n", type=int, required=True, help="number of images")
     p.add_argument("--seed", type=int, default=0, help="same seed, same files (0 or more)")
-    p.add_argument("--out", required=True, help="output folder: new or empty (nothing is written over)")
+    p.add_argument("--out", required=True, type=path_flag, help="output folder: new or empty (nothing is written over)")
     p.add_argument("--pairs", type=float, default=0.5, help="fraction of two-object scenes (default 0.5)")
     p.add_argument("--noise", type=int, default=SceneConfig.noise,
                    help=f"background noise, +- grey levels, 0-{MAX_NOISE} (default {SceneConfig.noise}; 0 = flat)")

@@ -12,7 +12,8 @@ RUN/config.json records a run's settings (--init included) before anything else 
 them from there. Only --unet-minutes (a new total) and --eval-minutes (from the next evaluation on) may
 change on --resume, with --device, --compile and --threads, which are not part of the recipe; a --batch,
 --latents or --init other than the recorded one is refused (the same value is accepted, so the command
-that started a run, with --resume, continues it). An export never overwrites a file.
+that started a run, with --resume, continues it). --out is a new or empty folder or a run (it holds config.json):
+a run writes over its own files only. An export never overwrites a file.
 
 Stages, each resumable from its checkpoint in --out:
 1. tokenizer: a CLIP BPE tokenizer whose merges spell the scene words (any other text falls back
@@ -48,8 +49,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from lab.check import check, summary
+from lab.cli import FolderError, set_threads
 from lab.pictures import draw_curve, grid
-from lab.run_config import TrainConfig, check_export, parser, prepare
+from lab.run_config import TrainConfig, check_export, parser, prepare, stage_file
 from lab.scenes import image_seed, render, sample_captions
 from lab.vocab import write_lab_tokenizer
 from model import LAB, StableDiffusion, save_checkpoint
@@ -83,10 +85,6 @@ def autocast(device):
     return torch.autocast(kind, dtype=torch.bfloat16, enabled=kind == "cuda" or native_bf16_cpu())
 
 
-def load(path):
-    return torch.load(path, map_location="cpu")
-
-
 def to_tensor(images):
     """PIL images -> [B, 3, H, W] in [-1, 1]."""
     return from_pil(images).float() / 127.5 - 1
@@ -102,12 +100,12 @@ def train_vae(cfg, out, resume, device="cpu"):
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     step = 0
     if resume and os.path.exists(path):
-        ckpt = load(path)
-        vae.load_state_dict(ckpt["vae"])
-        if ckpt["step"] >= cfg.vae_steps:
-            return vae
-        opt.load_state_dict(ckpt["opt"])
-        step = ckpt["step"]
+        with stage_file(path) as ckpt:
+            vae.load_state_dict(ckpt["vae"])
+            if ckpt["step"] >= cfg.vae_steps:
+                return vae
+            opt.load_state_dict(ckpt["opt"])
+            step = ckpt["step"]
     bar = tqdm(range(step, cfg.vae_steps), initial=step, total=cfg.vae_steps, desc="vae")
     for step in bar:
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
@@ -152,7 +150,8 @@ def encode_latents(cfg, out, vae, resume, scale_factor=None, device="cpu"):
     Scenes render in worker processes (render_workers), the VAE encodes on `device`."""
     path = os.path.join(out, "latents.pt")
     if resume and os.path.exists(path):
-        return load(path)
+        with stage_file(path) as data:   # what the UNet stage takes from it: a KeyError here, not there
+            return {key: data[key] for key in ("latents", "captions", "scale_factor")}
     captions = sample_captions(cfg.latents, seed=f"train/{cfg.seed}", pairs=cfg.pairs)
     jobs = [(c, image_seed(f"train/{cfg.seed}", k)) for k, c in enumerate(captions)]
     chunks, size = [], 1024
@@ -220,14 +219,14 @@ def train_unet(cfg, out, sd, data, resume, compile_unet=False, continued=False):
            "text": copy.deepcopy(sd.text).eval().requires_grad_(False)}
     step, elapsed, next_eval = 0, 0.0, 0.0
     if resume and os.path.exists(path):
-        ckpt = load(path)
-        sd.unet.load_state_dict(ckpt["unet"])
-        sd.text.load_state_dict(ckpt["text"])
-        ema["unet"].load_state_dict(ckpt["ema_unet"])
-        ema["text"].load_state_dict(ckpt["ema_text"])
-        opt.load_state_dict(ckpt["opt"])
-        step, elapsed, next_eval = ckpt["step"], ckpt["elapsed"], ckpt["next_eval"]
-        continued = ckpt.get("continued", False)
+        with stage_file(path) as ckpt:
+            sd.unet.load_state_dict(ckpt["unet"])
+            sd.text.load_state_dict(ckpt["text"])
+            ema["unet"].load_state_dict(ckpt["ema_unet"])
+            ema["text"].load_state_dict(ckpt["ema_text"])
+            opt.load_state_dict(ckpt["opt"])
+            step, elapsed, next_eval = ckpt["step"], ckpt["elapsed"], ckpt["next_eval"]
+            continued = ckpt.get("continued", False)
     device = sd.device
     latents = data["latents"].to(device).float() * sd.config.scale_factor
     captions, n = data["captions"], len(data["captions"])
@@ -308,11 +307,12 @@ def export(out, path):
                                                       shallow=False) for name in ("vocab.json", "merges.txt")):
         raise SystemExit(f"{folder} holds a different tokenizer from {ours}, whose token ids this model was "
                          "trained on; export into another folder, or move that tokenizer away first")
-    data = load(os.path.join(out, "latents.pt"))
-    ckpt = load(os.path.join(out, "unet.pt"))
-    sd = lab_model(train_vae(TrainConfig(**ckpt["config"]), out, True), data["scale_factor"], None)
-    sd.unet.load_state_dict(ckpt["ema_unet"])
-    sd.text.load_state_dict(ckpt["ema_text"])
+    with stage_file(os.path.join(out, "latents.pt")) as data:
+        scale_factor = data["scale_factor"]
+    with stage_file(os.path.join(out, "unet.pt")) as ckpt:
+        sd = lab_model(train_vae(TrainConfig(**ckpt["config"]), out, True), scale_factor, None)
+        sd.unet.load_state_dict(ckpt["ema_unet"])
+        sd.text.load_state_dict(ckpt["ema_text"])
     if not os.path.exists(folder):
         write_folder(folder, functools.partial(shutil.copytree, ours))
     tmp = path + ".tmp"   # written under another name first: an interrupted export leaves no torn `path`
@@ -364,14 +364,15 @@ def run(cfg, out, resume, init=None, device="cpu", compile_unet=False):
 def main(argv=None):
     p = parser(__doc__)
     args = p.parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    if args.export:
+    set_threads(p, args)   # at most the cores: far above, torch's thread pool fails
+    if args.export is not None:
         check_export(p, args)
         try:
             print(export(args.out, args.export))
         except KeyboardInterrupt:   # the file is written under another name first
             raise SystemExit(f"interrupted; {args.export} was not written: rerun the same command") from None
+        except FolderError as e:   # a stage file that cannot be read (run_config.stage_file)
+            p.error(str(e))
         return
     cfg, init, device = prepare(p, args)   # every check, then config.json: before any heavy work
     try:
@@ -379,6 +380,8 @@ def main(argv=None):
     except KeyboardInterrupt:   # every checkpoint is whole (written atomically); the last one is where --resume starts
         raise SystemExit("interrupted; rerun the same command with --resume to continue from the last checkpoint "
                          f"in {args.out}") from None
+    except FolderError as e:   # a stage file that cannot be read (run_config.stage_file)
+        p.error(str(e))
 
 
 if __name__ == "__main__":

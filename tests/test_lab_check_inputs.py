@@ -16,6 +16,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from lab import check as C
 from lab import scenes as S
+from lab.cli import list_pngs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -99,6 +100,14 @@ def test_scenes_refuses_an_unusable_out(tmp_path, capsys, monkeypatch, where, wh
     no_rendering(monkeypatch)
     assert f"error: --out {out} {why}" in error_of(S.main, ["--n", "2", "--out", out], capsys)
     assert (tmp_path / "file").read_text() == "keep"
+
+
+def test_scenes_refuses_an_empty_out(tmp_path, capsys, monkeypatch):
+    no_rendering(monkeypatch)
+    monkeypatch.chdir(tmp_path)   # where an empty path would land
+    assert error_of(S.main, ["--n", "2", "--out", ""], capsys) == \
+        "python -m lab.scenes: error: argument --out: is empty; give a file or folder name (--help lists the flags)"
+    assert os.listdir(tmp_path) == []
 
 
 class Interrupted:
@@ -197,12 +206,21 @@ BAD_FOLDERS = {   # name: (make it in tmp_path / "d", what the error line says)
     "not UTF-8": (lambda d: bad_captions(d, "a red circle\na r\xe9d circle\na red circle\n".encode("latin-1")),
                   "{d}/captions.txt is not UTF-8 (byte 16); save it as UTF-8 text"),
     "truncated PNG": (truncated, "{d}/00001.png is not a readable image (image file is truncated); delete or"),
+    # '²'.isdigit() is True, but int('²') fails: only ASCII digits number a PNG, others sort by name after them
+    "superscript digit": (lambda d: (scene_set(d) / "².png").touch(), "{d}/².png is not a readable image"),
     "prompt not the grammar": (lambda d: sampled(d, [([("a red circle", 0), ("a cat", 1)], 20)]),
                                "{d}/00001.png: its prompt: not a scene caption: 'a cat'"),
     "same prompt and seed, other settings": (
         lambda d: sampled(d, [([("a red circle", 0)], 20), ([("a red circle", 0)], 50)]),
         "{d}/00000.png and {d}/00001.png have the same prompt and seed but other steps: the folder mixes runs"),
 }
+
+
+def test_only_ascii_digits_number_a_png(tmp_path):
+    """As lab.scenes and sample.py name them; '²' and '٣' are digits to str.isdigit (int() takes only the second)."""
+    for name in ("10.png", "2.png", "².png", "٣.png", "b.png"):
+        (tmp_path / name).touch()
+    assert [os.path.basename(p) for p in list_pngs(tmp_path)] == ["2.png", "10.png", "b.png", "².png", "٣.png"]
 
 
 @pytest.mark.parametrize("name", list(BAD_FOLDERS))
@@ -227,6 +245,17 @@ def test_check_refuses_an_unwritable_json_before_scoring(tmp_path, capsys, monke
     assert error_of(C.main, [str(scene_set(tmp_path / "set")), "--json", path], capsys).startswith(
         f"error: --json {path} {why}")
     assert (tmp_path / "report.json").read_text() == "an earlier report"
+
+
+@pytest.mark.parametrize("argv, flag", [(["{d}/set", "--json", ""], "--json"), ([""], "folder"),
+                                        (["", "--json", "{d}/r.json"], "folder")])
+def test_check_refuses_an_empty_path(tmp_path, capsys, monkeypatch, argv, flag):
+    """--json '' (an unset shell variable, say) used to score the folder and write no report, silently."""
+    monkeypatch.setattr(C, "check_folder", lambda *a: pytest.fail("scored before refusing an empty path"))
+    line = error_of(C.main, [a.format(d=tmp_path) for a in argv], capsys)
+    assert line == f"python -m lab.check: error: argument {flag}: is empty; give a file or folder name " \
+                   "(--help lists the flags)", line
+    assert os.listdir(tmp_path) == []
 
 
 def test_check_counts_a_rerun_once(tmp_path, capsys):

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from test_lab_train import SHIPPED, TINY_RUN
 
 import lab.train
-from lab.run_config import write_record
+from lab.run_config import STAGE_FILES, write_record
 from lab.train import TrainConfig, main, run, train_vae
 from model import LAB, TINY, load_checkpoint
 from model.checkpoint import CONFIG_KEY
@@ -28,6 +28,7 @@ def tiny_run(tmp_path_factory):
 
 
 STARTED = replace(TINY_RUN, batch=4, latents=16, eval_minutes=100)   # a tiny recipe with these three flags
+CORES = os.cpu_count() or 1
 
 
 def record(out):
@@ -114,6 +115,8 @@ def bad_files(tmp_path):
     save_file({"x": torch.zeros(1)}, tmp_path / "tiny.safetensors", metadata={CONFIG_KEY: config_to_json(TINY)})
     os.makedirs(tmp_path / "alone")
     shutil.copy(SHIPPED, tmp_path / "alone" / "lab.safetensors")   # without its tokenizer
+    os.makedirs(tmp_path / "foreign")
+    (tmp_path / "foreign" / "vae.pt").write_text("x\n")   # a folder of other files: a run would write over them
     return tmp_path
 
 
@@ -135,12 +138,38 @@ def bad_files(tmp_path):
     (["--init", "{tmp}/plain.safetensors"], "--init: .*plain.safetensors has no 'sd_config' metadata"),
     (["--init", "{tmp}/tiny.safetensors"], "--init: .*tiny.safetensors is not of the lab architecture"),
     (["--init", "{tmp}/alone/lab.safetensors"], "--init: .*lab.safetensors has no tokenizer beside it"),
+    (["--out", "{tmp}/foreign"], "--out .*foreign holds other files and no config.json, so it is no lab.train run; "
+                                 "choose a new or empty folder \\(nothing is written over\\)$"),
+    (["--out", "{tmp}/foreign", "--resume"], "--out .*foreign holds other files and no config.json"),
+    # far above the cores, torch's thread pool failed after config.json claimed the folder (a MemoryError)
+    (["--threads", str(CORES + 1)], f"error: --threads must be from 1 to this machine's {CORES} CPU cores, "
+                                    f"got {CORES + 1}$"),
+    (["--out", ""], "argument --out: is empty; give a file or folder name$"),
+    (["--init", ""], "argument --init: is empty; give a file or folder name$"),
 ])
 def test_bad_input_is_one_line_before_anything_is_written(bad_files, trainings, capsys, flags, error):
     argv = ["--out", str(bad_files / "new"), *(f.format(tmp=bad_files) for f in flags)]
     assert re.search(error, refused(capsys, argv))
     assert trainings == [] and not os.path.exists(bad_files / "new")
     assert (bad_files / "file").read_text() == "not a folder"
+    assert os.listdir(bad_files / "foreign") == ["vae.pt"] and (bad_files / "foreign" / "vae.pt").read_text() == "x\n"
+
+
+@pytest.mark.parametrize("edit, error", [
+    ({"vae_steps": "5"}, "'vae_steps' is \"5\", not an integer"),   # used to fail deep in the VAE stage
+    ({"lr": "fast"}, "'lr' is \"fast\", not a number"),
+    ({"unet_steps": 2.5}, "'unet_steps' is 2.5, not an integer or null"),
+    ({"batch": True}, "'batch' is true, not an integer"),
+    ({"init": 3}, "'init' is 3, not a path or null"),
+])
+def test_a_record_of_the_wrong_types_is_one_line(started, trainings, capsys, edit, error):
+    path, edited = os.path.join(started, "config.json"), {**record(started), **edit}
+    with open(path, "w") as f:
+        json.dump(edited, f)
+    before = record(started)
+    line = refused(capsys, ["--out", started, "--resume"])
+    assert line == f"python -m lab.train: error: {path}: {error}; correct it in config.json (or choose another --out)"
+    assert trainings == [] and record(started) == before
 
 
 def test_a_refused_init_leaves_nothing_that_refuses_the_corrected_command(bad_files, trainings, capsys):
@@ -156,6 +185,7 @@ def test_a_refused_init_leaves_nothing_that_refuses_the_corrected_command(bad_fi
     (["--out", "{tmp}", "--export", SHIPPED], f"--export {SHIPPED} exists, and an export never overwrites one; "
      "export beside it \\(--export .*lab-sd-new.safetensors\\), check it, then move it over: mv .*lab-sd-new"),
     (["--export", "{tmp}/lab.pt"], "--export .*lab.pt: the name must end in .safetensors"),
+    (["--export", ""], "argument --export: is empty; give a file or folder name$"),
     (["--export", "{tmp}/lab.safetensors", "--batch", "4", "--resume"], "--export writes a trained run's model and "
      "stops: drop --batch, --resume"),
 ])
@@ -184,6 +214,59 @@ def test_an_interrupted_export_leaves_no_file_and_a_done_one_is_never_overwritte
     written = os.stat(path)
     assert "exists, and an export never overwrites one" in refused(capsys, ["--out", tiny_run, "--export", path])
     assert os.stat(path).st_mtime_ns == written.st_mtime_ns
+
+
+def unchanged(folder):
+    """What a refused command leaves as it was: each file's size and time (config.json may be written again, the
+    same: record compares it)."""
+    return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.name != "config.json"}
+
+
+def damaged(path, how):
+    """Replace a stage file by a new one (unlinked first: it is a hard link into the shared tiny run)."""
+    data = path.read_bytes()
+    path.unlink()
+    if how == "foreign":   # a whole torch file, of another program
+        torch.save({"x": torch.zeros(1)}, path)
+    else:
+        path.write_bytes({"empty": b"", "text": b"x\n", "truncated": data[:len(data) // 2]}[how])
+
+
+WHOLE = "not a whole torch file: truncated, empty or another program's"
+RESUME, EXPORT = ["--resume"], ["--export", "{tmp}/m.safetensors"]
+
+
+@pytest.mark.parametrize("command, name, how, why, also", [
+    (RESUME, "vae.pt", "text", WHOLE, " with latents.pt and unet.pt, made from it,"),   # was an UnpicklingError
+    (RESUME, "unet.pt", "truncated", WHOLE, ""),
+    (RESUME, "vae.pt", "foreign", "KeyError: 'vae'", " with latents.pt and unet.pt, made from it,"),
+    (RESUME, "latents.pt", "foreign", "KeyError: 'latents'", " with unet.pt, made from it,"),
+    (EXPORT, "latents.pt", "empty", WHOLE, " with unet.pt, made from it,"),   # was an EOFError
+    (EXPORT, "unet.pt", "foreign", "KeyError: 'config'", ""),
+])
+def test_an_unreadable_stage_file_is_one_line_naming_it_and_the_fix(tiny_run, tmp_path, capsys, command, name, how,
+                                                                     why, also):
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run, out, copy_function=os.link)   # hard links: the stage files are not copied
+    write_record(str(out), TINY_RUN, None)
+    damaged(out / name, how)
+    before, recorded = unchanged(out), record(out)
+    argv = ["--out", str(out), *(f.format(tmp=tmp_path) for f in command)]
+    assert refused(capsys, argv) == (f"python -m lab.train: error: {out / name} cannot be read as lab.train's "
+                                     f"checkpoint ({why}); delete it{also} and rerun with --resume (--out {out}) to "
+                                     f"make {'them' if also else 'it'} again")
+    assert unchanged(out) == before and record(out) == recorded and not (tmp_path / "m.safetensors").exists()
+
+
+def test_an_export_of_empty_stage_files_is_one_line(tmp_path, capsys):
+    out = tmp_path / "r"
+    os.makedirs(out / "tokenizer")
+    for name in STAGE_FILES:
+        (out / name).touch()
+    assert f"error: {out / 'vae.pt'} cannot be read as lab.train's checkpoint ({WHOLE}); delete it with latents.pt " \
+           "and unet.pt" in refused(capsys, ["--out", str(out), "--export", str(tmp_path / "m.safetensors")])
+    assert sorted(os.listdir(out)) == ["latents.pt", "tokenizer", "unet.pt", "vae.pt"]
+    assert not (tmp_path / "m.safetensors").exists()
 
 
 def interrupt_at(monkeypatch, call):
