@@ -166,6 +166,7 @@ def test_schedule_file_with_a_fractional_depth(tmp_path, capsys, monkeypatch):
     (["--selection", "--plot", "s.png"], "--plot shows the methods' results"),
     (["--selection", "--H", "65536", "--W", "65536"], "GiB are free: lower --H/--W or --batch"),
     (["--selection", "--batch", "100000", "--H", "2048", "--W", "2048"], "--batch 100000 needs about"),
+    (["--macs-only", "--vs-diffusers"], "--macs-only counts an architecture's MACs"),
     (["--attention", "flash"], "--attention flash"), (["--device", "cuda:7"], "--device cuda:7")])
 def test_bad_input_before_timing(capsys, monkeypatch, args, match):
     for name in ("random_weights", "random_unet", "load_checkpoint"):
@@ -184,3 +185,15 @@ def test_vs_diffusers_without_diffusers_is_refused_up_front(capsys, monkeypatch)
     with pytest.raises(SystemExit):
         bench.main([*QUICK, "--vs-diffusers"])
     assert "--vs-diffusers needs diffusers: pip install diffusers" in capsys.readouterr().err
+
+
+def test_macs_only_counts_sdxl_at_1024_px_without_timing(tmp_path, monkeypatch):
+    """SDXL's UNet at 1024 px: 2,989 GMACs a call (about 6 TFLOPs); DeepCache's SDXL setting (a full call every 3,
+    the others at depth 2, 4.3% of a full call) saves 2.76x of the MACs of PLMS-50. Nothing is built or timed."""
+    for name in ("random_weights", "random_unet", "load_checkpoint", "compare"):
+        monkeypatch.setattr(bench, name, lambda *a, **k: pytest.fail("built or timed a model"))
+    bench.main(["--model", "sdxl", "--H", "1024", "--W", "1024", "--macs-only", "--methods", "baseline,deepcache-n3",
+                "--json", str(tmp_path / "m.json")])
+    rows = json.loads((tmp_path / "m.json").read_text())["macs"]
+    assert round(rows["baseline"]["gmacs_call"], 1) == 2988.7 and rows["baseline"]["macs_ratio"] == 1
+    assert round(rows["deepcache-n3"]["macs_ratio"], 2) == 2.76

@@ -29,7 +29,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from accel import call_kinds, kind_macs, method_syntax, parse_methods, parse_run_method
+from accel import call_kinds, kind_macs, method_syntax, parse_methods, parse_run_method, run_macs
 from cache import FULL
 from lab.vocab import SHIPPED_TOKENIZER
 from model import PRESETS as MODELS
@@ -38,7 +38,7 @@ from model.checkpoint import ARCHITECTURES, CONFIG_KEY, read_metadata
 from model.config import config_from_json
 from model.hardware import DTYPE_CHOICES, check_device, cpu_description, dtype_name, resolve_dtype
 from model.text import byte_tokenizer
-from model.unet import ATTENTION_BACKENDS, added_conditioning
+from model.unet import ATTENTION_BACKENDS, UNetModel, added_conditioning
 from prune import DaTo, SiTo, ToMe
 from sampler import SAMPLERS, unet_calls
 from sampler.generate import Sampling, Timer, check_size, generate
@@ -133,6 +133,29 @@ def print_rows(rows, args, attention, device, dtype):
         print(f"{name:24} {r['call_ms']:8.0f} {r['call_min_ms']:6.0f}-{r['call_max_ms']:<6.0f} {r['run_s']:10.1f} "
               f"{ratio_text(r['speedup'], 8)} {macs} {r['peak_mb']:8.0f}"
               + (f" {r['e2e_s']:7.1f}" if "e2e_s" in r else ""))
+
+
+def macs_table(args, methods):
+    """--macs-only: every method's analytic MACs per image at --H x --W, printed (the UNet on the meta
+    device: instant at any size, e.g. SDXL at 1024 px); MAC ratios against the command's run."""
+    config = MODELS[args.model]
+    args.H, args.W = check_size(config, (args.H, args.W))
+    with torch.device("meta"):
+        unet = UNetModel(config.unet)
+    hw, calls = (args.H // config.vae.factor, args.W // config.vae.factor), unet_calls(args.steps, args.sampler)
+    base = [run_macs(unet, None, calls, hw, mm) for mm in (False, True)]
+    print(f"\n{args.model}, {args.H}x{args.W}: analytic MACs per image; the baseline is {args.sampler.upper()}-"
+          f"{args.steps} = {calls} UNet calls\n{'method':28} {'calls':>5} {'GMAC/call':>9} {'+attn mm':>8} "
+          f"{'GMAC/run':>9} {'MAC ratio':>9} {'+attn mm':>8}")
+    rows = {}
+    for spec, m in methods.items():
+        macs = [run_macs(unet, m.accel, m.calls, hw, mm) for mm in (False, True)]
+        rows[spec] = dict(calls=m.calls, gmacs_call=macs[0] / m.calls / 1e9, gmacs_call_mm=macs[1] / m.calls / 1e9,
+                          gmacs_run=macs[0] / 1e9, macs_ratio=base[0] / macs[0], macs_ratio_mm=base[1] / macs[1])
+        r = rows[spec]
+        print(f"{spec:28} {m.calls:5} {r['gmacs_call']:9.1f} {r['gmacs_call_mm']:8.1f} {r['gmacs_run']:9.0f} "
+              f"{ratio_text(r['macs_ratio'], 9)} {ratio_text(r['macs_ratio_mm'], 8)}")
+    return rows
 
 
 # token selection alone ------------------------------------------------------------------------
@@ -238,6 +261,9 @@ def check_args(args):
         raise ValueError("--vs-diffusers needs diffusers: pip install diffusers")
     if args.ckpt and not os.path.exists(args.ckpt):
         raise ValueError(f"--ckpt {args.ckpt!r} does not exist (a .safetensors/.ckpt file or a diffusers folder)")
+    if args.macs_only and (args.ckpt or args.selection or args.e2e or args.vs_diffusers or args.plot or args.markdown):
+        raise ValueError("--macs-only counts an architecture's MACs (--model) and times nothing: leave out --ckpt, "
+                         "--selection, --e2e, --vs-diffusers, --plot and --markdown")
     if args.plot:
         if importlib.util.find_spec("matplotlib") is None:
             raise ValueError("--plot draws with matplotlib: pip install -r requirements-eval.txt")
@@ -282,6 +308,8 @@ def run(args):
     if args.selection:
         with torch.inference_mode():
             results["selection"] = selection_bench(args, device, dtype)
+    elif args.macs_only:
+        results["macs"] = macs_table(args, methods)
     else:
         torch.manual_seed(0)
         if args.ckpt:
@@ -334,6 +362,8 @@ def main(argv=None):
     p.add_argument("--vs-diffusers", action="store_true", help="also time diffusers' UNet2DConditionModel")
     p.add_argument("--e2e", action="store_true", help="also time one real sampling run per method")
     p.add_argument("--selection", action="store_true", help="time token selection alone (no UNet)")
+    p.add_argument("--macs-only", action="store_true", help="only the analytic MACs of each method (no timing: "
+                   "instant at any size)")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--plot", help="draw the speed-ups into this PNG")
     p.add_argument("--markdown", help="write the results table (the format of docs/benchmarks.md) to this file")
