@@ -133,8 +133,11 @@ def test_scenes_ctrl_c_leaves_whole_pngs_only(tmp_path, monkeypatch):
 def test_scenes_ctrl_c_for_real(tmp_path):
     """A real SIGINT while writing: one line, no traceback, and every PNG left whole."""
     out = tmp_path / "out"
+    # A shell starts background jobs with SIGINT ignored, and children inherit that; Python then installs no
+    # KeyboardInterrupt handler. Restore the default, so the test means the same wherever pytest was started.
     proc = subprocess.Popen([sys.executable, "-m", "lab.scenes", "--n", "100000", "--out", str(out)], cwd=ROOT,
-                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and len(list(out.glob("*.png")) if out.is_dir() else []) < 3:
