@@ -251,7 +251,7 @@ def test_an_empty_negative_prompt_is_the_zero_text_embedding(sd):
 
 
 def pixels(image):
-    return torch.tensor(list(image.getdata()), dtype=torch.float32)
+    return torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).float()
 
 
 @pytest.mark.parametrize("spec", ["tome:0.5", "sito:0.5", "dato:0.5", "todo:2", "deepcache-n3", "dato-fixed",
