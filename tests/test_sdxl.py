@@ -27,21 +27,9 @@ from model.macs import unet_macs
 from model.unet import BasicTransformerBlock, added_conditioning
 from prune import token_method
 from sampler.generate import Sampling, generate
+from tools.measure import diffusers_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def diffusers_unet_config(u):
-    """diffusers' UNet2DConditionModel configuration of an SDXL-style UNetConfig (as SDXL's unet/config.json)."""
-    levels = len(u.channel_mult)
-    return dict(sample_size=8, block_out_channels=[u.model_channels * m for m in u.channel_mult],
-                down_block_types=["CrossAttnDownBlock2D" if u.depth(i) else "DownBlock2D" for i in range(levels)],
-                up_block_types=["CrossAttnUpBlock2D" if u.depth(i) else "UpBlock2D" for i in reversed(range(levels))],
-                transformer_layers_per_block=[max(u.depth(i), 1) for i in range(levels)],
-                attention_head_dim=[u.model_channels * m // u.head_channels for m in u.channel_mult],
-                cross_attention_dim=u.context_dim, use_linear_projection=True, layers_per_block=u.num_res_blocks,
-                addition_embed_type="text_time", projection_class_embeddings_input_dim=u.adm_in_channels,
-                addition_time_embed_dim=(TINY_SDXL if u is TINY_SDXL.unet else SDXL).size_embed_dim)
 
 
 def text_configs(config):
@@ -118,7 +106,7 @@ def test_full_size_unet_is_diffusers_sdxl_unet_renamed():
     """diffusers' SDXL UNet (its unet/config.json settings), renamed by our folder converter, has exactly our
     keys and shapes: 2 and 10 transformer blocks per level, 10 in the middle, label_emb = add_embedding."""
     with torch.device("meta"):
-        theirs = UNet2DConditionModel(**diffusers_unet_config(SDXL.unet))
+        theirs = UNet2DConditionModel(**diffusers_config(SDXL))
         ours = StableDiffusion.build(SDXL).unet
     renamed = {k: tuple(v.shape) for k, v in diffusers_unet_to_ldm(theirs.state_dict()).items()}
     assert renamed == {k: tuple(v.shape) for k, v in ours.state_dict().items()}
@@ -135,7 +123,7 @@ def test_the_single_file_loads_as_sdxl(checkpoint, state):
 
 
 def test_unet_with_added_conditioning_equals_diffusers(checkpoint, state):
-    cfg = diffusers_unet_config(TINY_SDXL.unet)
+    cfg = diffusers_config(TINY_SDXL)
     theirs = UNet2DConditionModel(**cfg).eval()
     theirs.load_state_dict(convert_ldm_unet_checkpoint(state, cfg))
     ours = load_checkpoint(checkpoint).unet
@@ -183,7 +171,7 @@ def test_vae_decodes_with_sdxl_scale_as_diffusers(checkpoint, state):
 
 def test_a_diffusers_folder_equals_the_single_file(tmp_path, checkpoint, state, tokenizer_dir):
     """unet/, vae/, text_encoder/, text_encoder_2/ (diffusers' own conversions and save_pretrained)."""
-    cfg = diffusers_unet_config(TINY_SDXL.unet)
+    cfg = diffusers_config(TINY_SDXL)
     unet = UNet2DConditionModel(**cfg)
     unet.load_state_dict(convert_ldm_unet_checkpoint(state, cfg))
     unet.save_pretrained(tmp_path / "unet")
