@@ -45,14 +45,24 @@ class TrainConfig:
     eval_minutes: float = 10.0
     eval_captions: int = 32        # fixed captions (their own seed) sampled with PLMS-eval_steps
     eval_steps: int = 25
+    decoder_minutes: float = 60.0  # the decoder fine-tuned on whole scenes, encoder frozen: time budget ...
+    decoder_steps: int | None = None   # ... or a number of steps (None: the time budget decides)
+    decoder_batch: int = 8
+    decoder_lr: float = 3e-4
+    mse_weight: float = 10.0       # the decoder loss: pixel L1, plus this weight on pixel MSE ...
+    edge_weight: float = 1.0       # ... and this one on the L1 of neighbour differences (edges)
+    decoder_eval: int = 32         # held-out scenes whose reconstruction PSNR decoder.jsonl logs
+    stage: str = "all"             # "all": every stage; "decoder": with --init, only that model's decoder
 
 
 RECORD = "config.json"
-FLAGS = ("unet_minutes", "batch", "latents", "eval_minutes")   # the TrainConfig fields the command line sets
-# May differ on --resume: how long the UNet trains, and how often it is evaluated (neither changes a step).
+# the TrainConfig fields the command line sets
+FLAGS = ("unet_minutes", "batch", "latents", "eval_minutes", "decoder_minutes", "stage")
+# May differ on --resume: how long the UNet or decoder trains, and how often it is evaluated (none changes a step).
 # The latents and the batch size make the data and the batches already drawn: a change would make another run.
-ADJUSTABLE = ("unet_minutes", "eval_minutes")
-STAGE_FILES = ("vae.pt", "latents.pt", "unet.pt")   # the stages' checkpoints, in the order made: each from the last
+ADJUSTABLE = ("unet_minutes", "eval_minutes", "decoder_minutes")
+STAGES = ("all", "decoder")
+STAGE_FILES = ("vae.pt", "latents.pt", "unet.pt", "decoder.pt")   # the stages' checkpoints, in the order made
 
 
 def flag(field):
@@ -86,6 +96,12 @@ def parser(description):
     p.add_argument("--eval-minutes", type=positive(float), help=f"training minutes between checker evaluations "
                                                                 f"({TrainConfig.eval_minutes:g}); with --resume, "
                                                                 "from the next evaluation on")
+    p.add_argument("--stage", choices=STAGES,
+                   help="all (default): every stage; decoder: with --init, fine-tune only that model's VAE decoder "
+                        "(its UNet, text encoder and encoder stay as they are); fixed for a run")
+    p.add_argument("--decoder-minutes", type=positive(float),
+                   help=f"decoder fine-tuning budget in minutes ({TrainConfig.decoder_minutes:g}); with --resume, "
+                        "a new total")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--compile", action="store_true",
                    help="train the UNet through torch.compile: steps 1.26x faster on a 2-core CPU after about 5 "
@@ -106,6 +122,9 @@ def prepare(p, args):
         p.error(f"--out {args.out} is a file; choose a folder")
     check_own_folder(p, args.out)
     cfg, init = settings(p, args)
+    if cfg.stage == "decoder" and init is None:
+        p.error("--stage decoder fine-tunes a trained model's decoder: give it with --init FILE "
+                "(e.g. --init lab/lab-sd.safetensors)")
     if args.resume:
         check_stage_files(p, args.out)
     if init is not None:
@@ -136,13 +155,18 @@ def settings(p, args):
     cfg, init = recorded
     for field, value in given.items():
         if field not in ADJUSTABLE and value != getattr(cfg, field):
-            p.error(f"{flag(field)} {value:g}: {args.out} was started with {flag(field)} {getattr(cfg, field):g}; "
+            p.error(f"{flag(field)} {shown(value)}: {args.out} was started with {flag(field)} "
+                    f"{shown(getattr(cfg, field))}; "
                     f"drop {flag(field)} to resume it, or start a new run in another --out")
     if args.init is not None and (init is None or os.path.abspath(args.init) != os.path.abspath(init)):
         started = f"from {init}" if init else "without --init"
         p.error(f"--init {args.init}: {args.out} was started {started}; drop --init to resume it, "
                 "or start a new run in another --out")
     return replace(cfg, **given), init
+
+
+def shown(value):
+    return f"{value:g}" if isinstance(value, (int, float)) else value
 
 
 def check_own_folder(p, out):
@@ -170,6 +194,9 @@ def read_record(p, out, given_init):
         cfg = TrainConfig(**record)
     except (OSError, ValueError, TypeError, AttributeError) as e:
         p.error(f"{path} is not a lab.train run record ({e}); choose another --out")
+    if cfg.stage not in STAGES:   # before the types: a stage is no path
+        p.error(f"{path}: 'stage' is {json.dumps(cfg.stage)}, not one of {', '.join(STAGES)}; correct it in {RECORD} "
+                "(or choose another --out)")
     for name, value, kinds in (*((f.name, getattr(cfg, f.name), f.type) for f in fields(TrainConfig)),
                                ("init", init, str | None)):
         if not of_type(value, kinds):   # an edited record: "5" for 5 would fail deep in a stage
@@ -219,7 +246,8 @@ def check_init(p, path):
 
 def check_export(p, args):
     """--export FILE writes a run's model and stops, so it takes no training flags; FILE is a new .safetensors
-    (an export never overwrites one) and --out a run trained up to its UNet stage."""
+    (an export never overwrites one) and --out a run trained up to its UNet stage (a --stage decoder run: up to
+    its decoder stage, with its --init file still there)."""
     training = [flag(name) for name in (*FLAGS, "resume", "init", "compile")
                 if getattr(args, name) not in (None, False)]
     if training:
@@ -232,11 +260,17 @@ def check_export(p, args):
         beside = path[:-len(".safetensors")] + "-new.safetensors"
         p.error(f"--export {path} exists, and an export never overwrites one; export beside it "
                 f"(--export {beside}), check it, then move it over: mv {beside} {path}")
-    missing = [name for name in ("tokenizer", "vae.pt", "latents.pt", "unet.pt")
-               if not os.path.exists(os.path.join(args.out, name))]
+    recorded = read_record(p, args.out, None)
+    decoder_run = recorded is not None and recorded[0].stage == "decoder"
+    needed = ("tokenizer", "vae.pt", "decoder.pt") if decoder_run else ("tokenizer", "vae.pt", "latents.pt", "unet.pt")
+    missing = [name for name in needed if not os.path.exists(os.path.join(args.out, name))]
     if missing:
-        p.error(f"--export: {args.out} holds no run trained up to its UNet stage (no {', '.join(missing)}); "
+        up_to = "its decoder stage" if decoder_run else "its UNet stage"
+        p.error(f"--export: {args.out} holds no run trained up to {up_to} (no {', '.join(missing)}); "
                 "name the run's folder with --out")
+    if decoder_run and not os.path.isfile(recorded[1]):
+        p.error(f"--export: {args.out} fine-tuned the decoder of {recorded[1]}, which is gone, and its other "
+                "tensors come from there; put it back")
     check_stage_files(p, args.out)
 
 
@@ -245,7 +279,7 @@ def stage_error(path, why):
     stages' files, made from it, with it)."""
     out, name = os.path.split(path)
     later = [n for n in STAGE_FILES[STAGE_FILES.index(name) + 1:] if os.path.exists(os.path.join(out, n))]
-    also = f" with {' and '.join(later)}, made from it," if later else ""
+    also = f" with {' and '.join(later)}, made after it," if later else ""
     return FolderError(f"{path} cannot be read as lab.train's checkpoint ({why}); delete it{also} and rerun with "
                        f"--resume (--out {out}) to make {'them' if later else 'it'} again")
 

@@ -7,13 +7,14 @@ generated scenes (lab/scenes.py), judged by the exact caption checker (lab/check
     python -m lab.train --out runs/lab2 --init lab/lab-sd.safetensors --compile   # continue the shipped model
     python -m lab.train --out runs/lab --export lab/lab-sd-new.safetensors   # then mv it over lab/lab-sd.safetensors
     python -m lab.train --out runs/gpu --init lab/lab-sd.safetensors --device cuda --batch 256 --latents 60000
+    python -m lab.train --out runs/dec --init lab/lab-sd.safetensors --stage decoder --decoder-minutes 70  # its decoder
 
 RUN/config.json records a run's settings (--init included) before anything else is written; --resume takes
-them from there. Only --unet-minutes (a new total) and --eval-minutes (from the next evaluation on) may
-change on --resume, with --device, --compile and --threads, which are not part of the recipe; a --batch,
---latents or --init other than the recorded one is refused (the same value is accepted, so the command
-that started a run, with --resume, continues it). --out is a new or empty folder or a run (it holds config.json):
-a run writes over its own files only. An export never overwrites a file.
+them from there. Only --unet-minutes and --decoder-minutes (new totals) and --eval-minutes (from the next
+evaluation on) may change on --resume, with --device, --compile and --threads, which are not part of the recipe;
+a --batch, --latents, --stage or --init other than the recorded one is refused (the same value is accepted, so
+the command that started a run, with --resume, continues it). --out is a new or empty folder or a run (it holds
+config.json): a run writes over its own files only. An export never overwrites a file.
 
 Stages, each resumable from its checkpoint in --out:
 1. tokenizer: a CLIP BPE tokenizer whose merges spell the scene words (any other text falls back
@@ -27,8 +28,13 @@ Stages, each resumable from its checkpoint in --out:
    autocast on GPUs and on CPUs with native bf16. Every --eval-minutes the EMA model samples fixed
    captions through the real pipeline (sampler.generate) and the checker scores them: the
    learning curve (accuracy against training time) goes to log.jsonl and curve.png.
-5. export: the EMA weights as one fp16 .safetensors in the official SD1 layout with the config in
-   its metadata, and the tokenizer beside it.
+5. decoder: post_quant_conv and the decoder fine-tuned on whole scenes with the encoder frozen (so the
+   latents the UNet learned do not move): pixel L1 and MSE plus L1 on neighbour differences, fresh scenes
+   every step, the PSNR of held-out scenes logged to decoder.jsonl. A run from nothing ends with it; a run
+   continued with --init keeps its model's decoder; --stage decoder --init FILE runs this stage alone.
+6. export: the EMA weights as one fp16 .safetensors in the official SD1 layout with the config in
+   its metadata, and the tokenizer beside it; a --stage decoder run's is its --init file with only the
+   decoder's tensors replaced (every other tensor, and the metadata, byte for byte).
 Batches, noise and timesteps are drawn from CPU generators seeded by (seed, step), so a resumed run
 equals an uninterrupted one, and a GPU run (--device cuda) draws the same batches as a CPU run.
 """
@@ -46,17 +52,20 @@ from dataclasses import asdict, replace
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from tqdm import tqdm
 
+from lab import recon
 from lab.check import check, summary
 from lab.cli import FolderError, set_threads
 from lab.pictures import draw_curve, grid
 from lab.run_config import TrainConfig, check_export, parser, prepare, stage_file
 from lab.scenes import image_seed, render, sample_captions
 from lab.vocab import write_lab_tokenizer
-from model import LAB, StableDiffusion, save_checkpoint
-from model.checkpoint import CLIP, CONFIG_KEY, TOKENIZER_KEY, UNET, VAE, read_metadata, read_state_dict
+from model import LAB, StableDiffusion
+from model.checkpoint import CLIP, CONFIG_KEY, TOKENIZER_KEY, UNET, VAE, checkpoint_state, read_metadata
 from model.config import config_from_json
+from model.files import read_state_dict
 from model.hardware import native_bf16_cpu
 from model.text import TextEncoder
 from model.unet import UNetModel
@@ -129,6 +138,78 @@ def train_vae(cfg, out, resume, device="cpu"):
         if (step + 1) % 100 == 0 or step + 1 == cfg.vae_steps:
             save({"vae": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1}, path)
     return vae
+
+
+# ---------------------------------------------------------------------------------------------
+# stage 2b: the decoder, fine-tuned on whole scenes
+
+def edges(images):
+    """Differences of vertical and horizontal neighbours: zero inside a flat shape, large on its edge."""
+    return images[..., 1:, :] - images[..., :-1, :], images[..., :, 1:] - images[..., :, :-1]
+
+
+def decoder_loss(recon, images, cfg):
+    """L1 and MSE on pixels plus L1 on their neighbour differences. L1 keeps flat areas flat; the MSE term
+    weighs the few large errors (a speck, a wrong corner) that L1 counts like any other pixel (on 80 steps
+    from the shipped decoder, weight 10 gave 29.8 dB where L1 alone gave 29.3); the differences keep edges
+    steep (a blurred edge costs little L1 but its whole step in the differences)."""
+    error = recon - images
+    edge = sum((a - b).abs().mean() for a, b in zip(edges(recon), edges(images), strict=True))
+    return error.abs().mean() + cfg.mse_weight * error.pow(2).mean() + cfg.edge_weight * edge
+
+
+def train_decoder(cfg, out, vae, resume, init=None, device="cpu"):
+    """Fine-tune post_quant_conv and the decoder on whole 128x128 scenes (borders included), fresh ones every
+    step, with the encoder frozen: the latents, and so a UNet trained on them, stay as they are (Stability's
+    ft-MSE / ft-EMA decoders for SD are the same move). The decoder learns from posterior means, the latents the
+    UNet was trained on. Every 50 steps and at the end: a checkpoint (with `init`, the model file whose decoder
+    this is, for the export), and the PSNR of held-out scenes (lab/recon.py) in decoder.jsonl."""
+    path, log_path = os.path.join(out, "decoder.pt"), os.path.join(out, "decoder.jsonl")
+    trained = ("post_quant_conv.", "decoder.")
+    vae.eval().requires_grad_(False)
+    params = [p for name, p in vae.named_parameters() if name.startswith(trained)]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=cfg.decoder_lr, weight_decay=0.0)
+    step, elapsed = 0, 0.0
+    if resume and os.path.exists(path):
+        with stage_file(path) as ckpt:
+            vae.load_state_dict({**vae.state_dict(), **ckpt["decoder"]})
+            opt.load_state_dict(ckpt["opt"])
+            step, elapsed = ckpt["step"], ckpt["elapsed"]
+    held_out = recon.scenes(cfg.decoder_eval, f"decoder-eval/{cfg.seed}").to(device)
+
+    def checkpoint():
+        whole, worst = recon.psnr(recon.reconstruct(vae, held_out), held_out)
+        with open(log_path, "a") as f:
+            f.write(json.dumps({"step": step, "minutes": elapsed / 60, "psnr": whole.mean().item(),
+                                "worst_patch": worst.median().item()}) + "\n")
+        decoder = {k: v for k, v in vae.state_dict().items() if k.startswith(trained)}
+        save({"decoder": decoder, "opt": opt.state_dict(), "step": step, "elapsed": elapsed, "config": asdict(cfg),
+              "init": init}, path)
+
+    def done():
+        return step >= cfg.decoder_steps if cfg.decoder_steps is not None else elapsed >= cfg.decoder_minutes * 60
+
+    first, bar = step, tqdm(desc="decoder", initial=step, total=cfg.decoder_steps)
+    while not done():
+        start = time.perf_counter()
+        images = recon.scenes(cfg.decoder_batch, f"decoder/{cfg.seed}/{step}").to(device)
+        with torch.no_grad(), autocast(device):
+            z = vae.moments(images)[0].float()
+        with autocast(device):
+            rebuilt = vae.decoder(vae.post_quant_conv(z))
+        loss = decoder_loss(rebuilt.float(), images, cfg)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        elapsed += time.perf_counter() - start
+        bar.update()
+        bar.set_postfix(loss=f"{loss.item():.4f}", min=f"{elapsed / 60:.1f}")
+        if step % 50 == 0 or (done() and step > first):
+            checkpoint()
+    return vae.requires_grad_(False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,8 +378,10 @@ def train_unet(cfg, out, sd, data, resume, compile_unet=False, continued=False):
 
 
 def export(out, path):
-    """The EMA weights of `out` -> `path` (fp16, official SD1 layout) with the run's tokenizer beside it
-    (in tokenizer/; refused if a different tokenizer is there, or if `path` exists: nothing is overwritten)."""
+    """The model of run `out` -> `path` (fp16, official SD1 layout) with the run's tokenizer beside it
+    (in tokenizer/; refused if a different tokenizer is there, or if `path` exists: nothing is overwritten).
+    A run's model is its EMA UNet and text encoder with its VAE, whose decoder is decoder.pt's once that
+    stage has run; a --stage decoder run's is its --init file with only the decoder's tensors replaced."""
     if os.path.exists(path):
         raise FileExistsError(f"{path} exists; choose another name (checkpoints are never overwritten)")
     folder = os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer")
@@ -307,20 +390,49 @@ def export(out, path):
                                                       shallow=False) for name in ("vocab.json", "merges.txt")):
         raise SystemExit(f"{folder} holds a different tokenizer from {ours}, whose token ids this model was "
                          "trained on; export into another folder, or move that tokenizer away first")
+    state, metadata = decoder_export(out) if decoder_only(out) else run_export(out)
+    if not os.path.exists(folder):
+        write_folder(folder, functools.partial(shutil.copytree, ours))
+    tmp = path + ".tmp"   # written under another name first: an interrupted export leaves no torn `path`
+    if os.path.exists(tmp):
+        os.remove(tmp)
+    save_file(state, tmp, metadata=metadata)
+    os.replace(tmp, path)
+    return path
+
+
+def run_export(out):
+    """(state dict, metadata) of a run trained up to its UNet stage: the EMA weights, in fp16."""
     with stage_file(os.path.join(out, "latents.pt")) as data:
         scale_factor = data["scale_factor"]
     with stage_file(os.path.join(out, "unet.pt")) as ckpt:
         sd = lab_model(train_vae(TrainConfig(**ckpt["config"]), out, True), scale_factor, None)
         sd.unet.load_state_dict(ckpt["ema_unet"])
         sd.text.load_state_dict(ckpt["ema_text"])
-    if not os.path.exists(folder):
-        write_folder(folder, functools.partial(shutil.copytree, ours))
-    tmp = path + ".tmp"   # written under another name first: an interrupted export leaves no torn `path`
-    if os.path.exists(tmp):
-        os.remove(tmp)
-    save_checkpoint(sd, tmp, tokenizer="tokenizer")
-    os.replace(tmp, path)
-    return path
+    if os.path.exists(os.path.join(out, "decoder.pt")):
+        with stage_file(os.path.join(out, "decoder.pt")) as ckpt:
+            sd.vae.load_state_dict({**sd.vae.state_dict(), **ckpt["decoder"]})
+    return checkpoint_state(sd, tokenizer="tokenizer")
+
+
+def decoder_only(out):
+    """Whether `out` is a --stage decoder run (its decoder.pt says)."""
+    path = os.path.join(out, "decoder.pt")
+    if not os.path.exists(path):
+        return False
+    with stage_file(path) as ckpt:
+        return ckpt["config"]["stage"] == "decoder"
+
+
+def decoder_export(out):
+    """(state dict, metadata) of a --stage decoder run: every tensor and the metadata of the model it started
+    from as stored, byte for byte, but post_quant_conv's and the decoder's, which are the run's (in the file's
+    dtype)."""
+    with stage_file(os.path.join(out, "decoder.pt")) as ckpt:
+        state = read_state_dict(ckpt["init"])
+        for k, v in ckpt["decoder"].items():
+            state[VAE + k] = v.to(state[VAE + k].dtype).contiguous()
+    return state, read_metadata(ckpt["init"])
 
 
 def start_from(path, out, cfg):
@@ -343,13 +455,16 @@ def start_from(path, out, cfg):
 def run(cfg, out, resume, init=None, device="cpu", compile_unet=False):
     """Every stage, each continuing from its checkpoint when `resume`; `init`: a shipped .safetensors to
     continue training (a new --out); `compile_unet`: train the UNet through torch.compile. The command line
-    records the run's settings (config.json) first: lab/run_config.py."""
+    records the run's settings (config.json) first: lab/run_config.py. -> (sd, the EMA UNet and text encoder),
+    or with cfg.stage "decoder" the VAE with its fine-tuned decoder."""
     os.makedirs(out, exist_ok=True)
     scale_factor, shipped = start_from(init, out, cfg) if init else (None, None)
     tokenizer = os.path.join(out, "tokenizer")   # a resumed or continued run keeps the one it has
     if not os.path.exists(tokenizer):
         write_folder(tokenizer, write_lab_tokenizer)
     vae = train_vae(cfg, out, resume or init is not None, device).eval().requires_grad_(False)
+    if cfg.stage == "decoder":   # the model's decoder alone: its UNet and text encoder stay in the file
+        return train_decoder(cfg, out, vae, resume, init, device)
     data = encode_latents(cfg, out, vae, resume, scale_factor, device)
     torch.manual_seed(cfg.seed)   # the fresh UNet and text encoder, whatever the earlier stages drew
     sd = lab_model(vae, data["scale_factor"], tokenizer)
@@ -358,7 +473,10 @@ def run(cfg, out, resume, init=None, device="cpu", compile_unet=False):
         text = {k[len(CLIP):]: v for k, v in shipped.items() if k.startswith(CLIP) and "position_ids" not in k}
         sd.text.transformer.load_state_dict(sd.text.adapt_keys(text))
     sd.to(device)
-    return sd, train_unet(cfg, out, sd, data, resume, compile_unet, continued=shipped is not None)
+    ema = train_unet(cfg, out, sd, data, resume, compile_unet, continued=shipped is not None)
+    if shipped is None:   # from nothing: the decoder, fine-tuned last (a continued model keeps its own)
+        train_decoder(cfg, out, sd.vae, resume, device=device)
+    return sd, ema
 
 
 def main(argv=None):

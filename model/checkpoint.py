@@ -285,11 +285,18 @@ def save_checkpoint(sd, path, *, dtype=torch.float16, tokenizer=None):
     its SDConfig in the metadata so load_checkpoint needs no detection; `tokenizer`: a folder name
     relative to the file, recorded for loading. Floating tensors are stored in `dtype`
     (fp16: half the size). Never overwrites: an existing `path` is an error."""
+    if os.path.exists(path):
+        raise FileExistsError(f"{path} exists; choose another name (checkpoints are never overwritten)")
+    state, metadata = checkpoint_state(sd, dtype=dtype, tokenizer=tokenizer)
+    save_file(state, path, metadata=metadata)
+    return path
+
+
+def checkpoint_state(sd, *, dtype=torch.float16, tokenizer=None):
+    """(state dict, metadata) that save_checkpoint writes."""
     if sd.config.version != "sd1":
         raise ValueError("save_checkpoint writes the SD 1.x layout (a CLIP text encoder); this model is "
                          f"{sd.config.version}")
-    if os.path.exists(path):
-        raise FileExistsError(f"{path} exists; choose another name (checkpoints are never overwritten)")
     state = {UNET + k: v for k, v in sd.unet.state_dict().items()}
     state.update({VAE + k: v for k, v in sd.vae.state_dict().items()})
     state.update({CLIP + (k if k.startswith("text_model.") else "text_model." + k): v
@@ -298,8 +305,7 @@ def save_checkpoint(sd, path, *, dtype=torch.float16, tokenizer=None):
     metadata = {CONFIG_KEY: config_to_json(sd.config)}
     if tokenizer is not None:
         metadata[TOKENIZER_KEY] = tokenizer
-    save_file(state, path, metadata=metadata)
-    return path
+    return state, metadata
 
 
 def load_checkpoint(path, *, device="cpu", dtype=torch.float32, prediction=None, tokenizer=None):

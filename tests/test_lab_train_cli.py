@@ -80,6 +80,7 @@ def test_resume_keeps_the_recorded_settings(started, trainings, flags, changed):
                                     "it, or start a new run in another --out$"),
     (["--resume", "--latents", "24000"], "--latents 24000: .* was started with --latents 16; drop --latents"),
     (["--resume", "--init", SHIPPED], "--init .*: .* was started without --init; drop --init to resume it"),
+    (["--resume", "--stage", "decoder"], "--stage decoder: .* was started with --stage all; drop --stage"),
     ([], "holds a run; pass --resume to continue it, or choose another --out"),
 ])
 def test_resume_refuses_a_flag_that_contradicts_the_run(started, trainings, capsys, flags, error):
@@ -125,6 +126,9 @@ def bad_files(tmp_path):
     (["--latents", "0"], "argument --latents: must be a number above 0, not 0$"),
     (["--threads", "-1"], "argument --threads: must be a number above 0, not -1$"),
     (["--unet-minutes", "0"], "argument --unet-minutes: must be a number above 0, not 0$"),
+    (["--decoder-minutes", "-5"], "argument --decoder-minutes: must be a number above 0, not -5$"),
+    (["--stage", "unet"], "argument --stage: invalid choice: 'unet' \\(choose from '?all'?, '?decoder'?\\)$"),
+    (["--stage", "decoder"], "--stage decoder fine-tunes a trained model's decoder: give it with --init FILE"),
     (["--eval-minutes", "nan"], "argument --eval-minutes: must be a number above 0, not nan$"),
     (["--batch", "2.5"], "argument --batch: invalid int value: '2.5'$"),
     (["--resume"], "--resume: .*new holds no run \\(no config.json\\); drop --resume to start one there$"),
@@ -161,6 +165,7 @@ def test_bad_input_is_one_line_before_anything_is_written(bad_files, trainings, 
     ({"unet_steps": 2.5}, "'unet_steps' is 2.5, not an integer or null"),
     ({"batch": True}, "'batch' is true, not an integer"),
     ({"init": 3}, "'init' is 3, not a path or null"),
+    ({"stage": "unet"}, "'stage' is \"unet\", not one of all, decoder"),
 ])
 def test_a_record_of_the_wrong_types_is_one_line(started, trainings, capsys, edit, error):
     path, edited = os.path.join(started, "config.json"), {**record(started), **edit}
@@ -182,6 +187,8 @@ def test_a_refused_init_leaves_nothing_that_refuses_the_corrected_command(bad_fi
 @pytest.mark.parametrize("flags, error", [
     (["--out", "{tmp}/none", "--export", "{tmp}/lab.safetensors"], "--export: .*none holds no run trained up to "
      "its UNet stage \\(no tokenizer, vae.pt, latents.pt, unet.pt\\); name the run's folder with --out$"),
+    (["--out", "{tmp}/decoder-run", "--export", "{tmp}/lab.safetensors"], "--export: .*decoder-run holds no run "
+     "trained up to its decoder stage \\(no decoder.pt\\); name the run's folder with --out$"),
     (["--out", "{tmp}", "--export", SHIPPED], f"--export {SHIPPED} exists, and an export never overwrites one; "
      "export beside it \\(--export .*lab-sd-new.safetensors\\), check it, then move it over: mv .*lab-sd-new"),
     (["--export", "{tmp}/lab.pt"], "--export .*lab.pt: the name must end in .safetensors"),
@@ -190,6 +197,9 @@ def test_a_refused_init_leaves_nothing_that_refuses_the_corrected_command(bad_fi
      "stops: drop --batch, --resume"),
 ])
 def test_export_refuses_bad_input_in_one_line_before_loading(tmp_path, capsys, flags, error):
+    os.makedirs(tmp_path / "decoder-run" / "tokenizer")   # a --stage decoder run stopped before its first checkpoint
+    (tmp_path / "decoder-run" / "vae.pt").touch()
+    write_record(str(tmp_path / "decoder-run"), replace(TINY_RUN, stage="decoder"), SHIPPED)
     shipped = os.stat(SHIPPED)
     assert re.search(error, refused(capsys, [f.format(tmp=tmp_path) for f in flags]))
     assert os.stat(SHIPPED).st_mtime_ns == shipped.st_mtime_ns and not os.path.exists(tmp_path / "lab.safetensors")
@@ -199,13 +209,13 @@ def test_an_interrupted_export_leaves_no_file_and_a_done_one_is_never_overwritte
                                                                                  capsys):
     path = str(tmp_path / "lab.safetensors")
 
-    def torn(sd, tmp, **kwargs):   # Ctrl-C halfway through writing
+    def torn(state, tmp, **kwargs):   # Ctrl-C halfway through writing
         with open(tmp, "wb") as f:
             f.write(b"half")
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patched:
-        patched.setattr(lab.train, "save_checkpoint", torn)
+        patched.setattr(lab.train, "save_file", torn)
         with pytest.raises(SystemExit, match=f"^interrupted; {path} was not written: rerun the same command$"):
             main(["--out", tiny_run, "--export", path])
     assert not os.path.exists(path)
@@ -234,15 +244,16 @@ def damaged(path, how):
 
 WHOLE = "not a whole torch file: truncated, empty or another program's"
 RESUME, EXPORT = ["--resume"], ["--export", "{tmp}/m.safetensors"]
+AFTER_VAE = " with latents.pt and unet.pt and decoder.pt, made after it,"
 
 
 @pytest.mark.parametrize("command, name, how, why, also", [
-    (RESUME, "vae.pt", "text", WHOLE, " with latents.pt and unet.pt, made from it,"),   # was an UnpicklingError
-    (RESUME, "unet.pt", "truncated", WHOLE, ""),
-    (RESUME, "vae.pt", "foreign", "KeyError: 'vae'", " with latents.pt and unet.pt, made from it,"),
-    (RESUME, "latents.pt", "foreign", "KeyError: 'latents'", " with unet.pt, made from it,"),
-    (EXPORT, "latents.pt", "empty", WHOLE, " with unet.pt, made from it,"),   # was an EOFError
-    (EXPORT, "unet.pt", "foreign", "KeyError: 'config'", ""),
+    (RESUME, "vae.pt", "text", WHOLE, AFTER_VAE),   # was an UnpicklingError
+    (RESUME, "unet.pt", "truncated", WHOLE, " with decoder.pt, made after it,"),
+    (RESUME, "vae.pt", "foreign", "KeyError: 'vae'", AFTER_VAE),
+    (RESUME, "latents.pt", "foreign", "KeyError: 'latents'", " with unet.pt and decoder.pt, made after it,"),
+    (EXPORT, "latents.pt", "empty", WHOLE, " with unet.pt and decoder.pt, made after it,"),   # was an EOFError
+    (EXPORT, "unet.pt", "foreign", "KeyError: 'config'", " with decoder.pt, made after it,"),
 ])
 def test_an_unreadable_stage_file_is_one_line_naming_it_and_the_fix(tiny_run, tmp_path, capsys, command, name, how,
                                                                      why, also):
@@ -265,7 +276,7 @@ def test_an_export_of_empty_stage_files_is_one_line(tmp_path, capsys):
         (out / name).touch()
     assert f"error: {out / 'vae.pt'} cannot be read as lab.train's checkpoint ({WHOLE}); delete it with latents.pt " \
            "and unet.pt" in refused(capsys, ["--out", str(out), "--export", str(tmp_path / "m.safetensors")])
-    assert sorted(os.listdir(out)) == ["latents.pt", "tokenizer", "unet.pt", "vae.pt"]
+    assert sorted(os.listdir(out)) == ["decoder.pt", "latents.pt", "tokenizer", "unet.pt", "vae.pt"]
     assert not (tmp_path / "m.safetensors").exists()
 
 
