@@ -19,7 +19,7 @@ from model import LAB, load_checkpoint
 from model.checkpoint import CONFIG_KEY, TOKENIZER_KEY, read_metadata
 from model.config import config_from_json
 from model.files import read_state_dict
-from model.hardware import check_device
+from model.hardware import check_device, native_bf16_cpu
 from model.text import TokenizerError
 
 
@@ -304,3 +304,15 @@ def stage_file(path):
     except Exception as e:   # torch.load and load_state_dict fail in many types: UnpicklingError, KeyError, ...
         first = str(e).strip().splitlines()[:1]
         raise stage_error(path, ": ".join([type(e).__name__, *(line[:160] for line in first)])) from None
+
+
+def save(state, path):
+    """Write a stage file atomically: an interrupted save never leaves a half-written checkpoint."""
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def autocast(device):
+    """Training's precision: bf16 autocast on GPUs and on CPUs with native bf16 units, else fp32."""
+    kind = torch.device(device).type
+    return torch.autocast(kind, dtype=torch.bfloat16, enabled=kind == "cuda" or native_bf16_cpu())

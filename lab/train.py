@@ -28,13 +28,10 @@ Stages, each resumable from its checkpoint in --out:
    autocast on GPUs and on CPUs with native bf16. Every --eval-minutes the EMA model samples fixed
    captions through the real pipeline (sampler.generate) and the checker scores them: the
    learning curve (accuracy against training time) goes to log.jsonl and curve.png.
-5. decoder: post_quant_conv and the decoder fine-tuned on whole scenes with the encoder frozen (so the
-   latents the UNet learned do not move): pixel L1 and MSE plus L1 on neighbour differences, fresh scenes
-   every step, the PSNR of held-out scenes logged to decoder.jsonl. A run from nothing ends with it; a run
-   continued with --init keeps its model's decoder; --stage decoder --init FILE runs this stage alone.
+5. decoder (lab/decoder.py): the decoder fine-tuned on whole scenes, encoder frozen. A run from nothing ends
+   with it, one continued with --init keeps its model's decoder, --stage decoder --init FILE runs it alone.
 6. export: the EMA weights as one fp16 .safetensors in the official SD1 layout with the config in
-   its metadata, and the tokenizer beside it; a --stage decoder run's is its --init file with only the
-   decoder's tensors replaced (every other tensor, and the metadata, byte for byte).
+   its metadata, and the tokenizer beside it; a --stage decoder run's is FILE with only the decoder replaced.
 Batches, noise and timesteps are drawn from CPU generators seeded by (seed, step), so a resumed run
 equals an uninterrupted one, and a GPU run (--device cuda) draws the same batches as a CPU run.
 """
@@ -55,29 +52,22 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from lab import recon
 from lab.check import check, summary
 from lab.cli import FolderError, set_threads
+from lab.decoder import decoder_export, decoder_only, train_decoder
 from lab.pictures import draw_curve, grid
-from lab.run_config import TrainConfig, check_export, parser, prepare, stage_file
+from lab.run_config import TrainConfig, autocast, check_export, parser, prepare, save, stage_file
 from lab.scenes import image_seed, render, sample_captions
 from lab.vocab import write_lab_tokenizer
 from model import LAB, StableDiffusion
 from model.checkpoint import CLIP, CONFIG_KEY, TOKENIZER_KEY, UNET, VAE, checkpoint_state, read_metadata
 from model.config import config_from_json
 from model.files import read_state_dict
-from model.hardware import native_bf16_cpu
 from model.text import TextEncoder
 from model.unet import UNetModel
 from model.vae import AutoencoderKL
 from sampler.generate import Sampling, from_pil, generate
 from sampler.schedule import alphas_cumprod
-
-
-def save(state, path):
-    """Write atomically: an interrupted save never leaves a half-written checkpoint."""
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
 
 
 def write_folder(folder, write):
@@ -87,11 +77,6 @@ def write_folder(folder, write):
     shutil.rmtree(tmp, ignore_errors=True)   # left by an interrupted write
     write(tmp)
     os.replace(tmp, folder)
-
-
-def autocast(device):
-    kind = torch.device(device).type
-    return torch.autocast(kind, dtype=torch.bfloat16, enabled=kind == "cuda" or native_bf16_cpu())
 
 
 def to_tensor(images):
@@ -138,78 +123,6 @@ def train_vae(cfg, out, resume, device="cpu"):
         if (step + 1) % 100 == 0 or step + 1 == cfg.vae_steps:
             save({"vae": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1}, path)
     return vae
-
-
-# ---------------------------------------------------------------------------------------------
-# stage 2b: the decoder, fine-tuned on whole scenes
-
-def edges(images):
-    """Differences of vertical and horizontal neighbours: zero inside a flat shape, large on its edge."""
-    return images[..., 1:, :] - images[..., :-1, :], images[..., :, 1:] - images[..., :, :-1]
-
-
-def decoder_loss(recon, images, cfg):
-    """L1 and MSE on pixels plus L1 on their neighbour differences. L1 keeps flat areas flat; the MSE term
-    weighs the few large errors (a speck, a wrong corner) that L1 counts like any other pixel (on 80 steps
-    from the shipped decoder, weight 10 gave 29.8 dB where L1 alone gave 29.3); the differences keep edges
-    steep (a blurred edge costs little L1 but its whole step in the differences)."""
-    error = recon - images
-    edge = sum((a - b).abs().mean() for a, b in zip(edges(recon), edges(images), strict=True))
-    return error.abs().mean() + cfg.mse_weight * error.pow(2).mean() + cfg.edge_weight * edge
-
-
-def train_decoder(cfg, out, vae, resume, init=None, device="cpu"):
-    """Fine-tune post_quant_conv and the decoder on whole 128x128 scenes (borders included), fresh ones every
-    step, with the encoder frozen: the latents, and so a UNet trained on them, stay as they are (Stability's
-    ft-MSE / ft-EMA decoders for SD are the same move). The decoder learns from posterior means, the latents the
-    UNet was trained on. Every 50 steps and at the end: a checkpoint (with `init`, the model file whose decoder
-    this is, for the export), and the PSNR of held-out scenes (lab/recon.py) in decoder.jsonl."""
-    path, log_path = os.path.join(out, "decoder.pt"), os.path.join(out, "decoder.jsonl")
-    trained = ("post_quant_conv.", "decoder.")
-    vae.eval().requires_grad_(False)
-    params = [p for name, p in vae.named_parameters() if name.startswith(trained)]
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=cfg.decoder_lr, weight_decay=0.0)
-    step, elapsed = 0, 0.0
-    if resume and os.path.exists(path):
-        with stage_file(path) as ckpt:
-            vae.load_state_dict({**vae.state_dict(), **ckpt["decoder"]})
-            opt.load_state_dict(ckpt["opt"])
-            step, elapsed = ckpt["step"], ckpt["elapsed"]
-    held_out = recon.scenes(cfg.decoder_eval, f"decoder-eval/{cfg.seed}").to(device)
-
-    def checkpoint():
-        whole, worst = recon.psnr(recon.reconstruct(vae, held_out), held_out)
-        with open(log_path, "a") as f:
-            f.write(json.dumps({"step": step, "minutes": elapsed / 60, "psnr": whole.mean().item(),
-                                "worst_patch": worst.median().item()}) + "\n")
-        decoder = {k: v for k, v in vae.state_dict().items() if k.startswith(trained)}
-        save({"decoder": decoder, "opt": opt.state_dict(), "step": step, "elapsed": elapsed, "config": asdict(cfg),
-              "init": init}, path)
-
-    def done():
-        return step >= cfg.decoder_steps if cfg.decoder_steps is not None else elapsed >= cfg.decoder_minutes * 60
-
-    first, bar = step, tqdm(desc="decoder", initial=step, total=cfg.decoder_steps)
-    while not done():
-        start = time.perf_counter()
-        images = recon.scenes(cfg.decoder_batch, f"decoder/{cfg.seed}/{step}").to(device)
-        with torch.no_grad(), autocast(device):
-            z = vae.moments(images)[0].float()
-        with autocast(device):
-            rebuilt = vae.decoder(vae.post_quant_conv(z))
-        loss = decoder_loss(rebuilt.float(), images, cfg)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
-        elapsed += time.perf_counter() - start
-        bar.update()
-        bar.set_postfix(loss=f"{loss.item():.4f}", min=f"{elapsed / 60:.1f}")
-        if step % 50 == 0 or (done() and step > first):
-            checkpoint()
-    return vae.requires_grad_(False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,26 +326,6 @@ def run_export(out):
         with stage_file(os.path.join(out, "decoder.pt")) as ckpt:
             sd.vae.load_state_dict({**sd.vae.state_dict(), **ckpt["decoder"]})
     return checkpoint_state(sd, tokenizer="tokenizer")
-
-
-def decoder_only(out):
-    """Whether `out` is a --stage decoder run (its decoder.pt says)."""
-    path = os.path.join(out, "decoder.pt")
-    if not os.path.exists(path):
-        return False
-    with stage_file(path) as ckpt:
-        return ckpt["config"]["stage"] == "decoder"
-
-
-def decoder_export(out):
-    """(state dict, metadata) of a --stage decoder run: every tensor and the metadata of the model it started
-    from as stored, byte for byte, but post_quant_conv's and the decoder's, which are the run's (in the file's
-    dtype)."""
-    with stage_file(os.path.join(out, "decoder.pt")) as ckpt:
-        state = read_state_dict(ckpt["init"])
-        for k, v in ckpt["decoder"].items():
-            state[VAE + k] = v.to(state[VAE + k].dtype).contiguous()
-    return state, read_metadata(ckpt["init"])
 
 
 def start_from(path, out, cfg):

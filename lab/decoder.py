@@ -1,0 +1,108 @@
+"""lab.train's decoder stage: post_quant_conv and the VAE decoder fine-tuned on whole scenes with the encoder
+frozen, and the export of a --stage decoder run (its --init file with only the decoder's tensors replaced).
+
+The latents a UNet was trained on come from the encoder, so a better decoder improves every picture that UNet
+draws without retraining it: Stability shipped SD's ft-MSE / ft-EMA decoders the same way. lab/recon.py
+measures what it buys.
+"""
+import json
+import os
+import time
+from dataclasses import asdict
+
+import torch
+from tqdm import tqdm
+
+from lab import recon
+from lab.run_config import autocast, save, stage_file
+from model.checkpoint import VAE, read_metadata
+from model.files import read_state_dict
+
+
+def edges(images):
+    """Differences of vertical and horizontal neighbours: zero inside a flat shape, large on its edge."""
+    return images[..., 1:, :] - images[..., :-1, :], images[..., :, 1:] - images[..., :, :-1]
+
+
+def decoder_loss(recon, images, cfg):
+    """L1 and MSE on pixels plus L1 on their neighbour differences. L1 keeps flat areas flat; the MSE term
+    weighs the few large errors (a speck, a wrong corner) that L1 counts like any other pixel (on 80 steps
+    from the shipped decoder, weight 10 gave 29.8 dB where L1 alone gave 29.3); the differences keep edges
+    steep (a blurred edge costs little L1 but its whole step in the differences)."""
+    error = recon - images
+    edge = sum((a - b).abs().mean() for a, b in zip(edges(recon), edges(images), strict=True))
+    return error.abs().mean() + cfg.mse_weight * error.pow(2).mean() + cfg.edge_weight * edge
+
+
+def train_decoder(cfg, out, vae, resume, init=None, device="cpu"):
+    """Fine-tune post_quant_conv and the decoder on whole 128x128 scenes (borders included), fresh ones every
+    step, with the encoder frozen: the latents, and so a UNet trained on them, stay as they are (Stability's
+    ft-MSE / ft-EMA decoders for SD are the same move). The decoder learns from posterior means, the latents the
+    UNet was trained on. Every 50 steps and at the end: a checkpoint (with `init`, the model file whose decoder
+    this is, for the export), and the PSNR of held-out scenes (lab/recon.py) in decoder.jsonl."""
+    path, log_path = os.path.join(out, "decoder.pt"), os.path.join(out, "decoder.jsonl")
+    trained = ("post_quant_conv.", "decoder.")
+    vae.eval().requires_grad_(False)
+    params = [p for name, p in vae.named_parameters() if name.startswith(trained)]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=cfg.decoder_lr, weight_decay=0.0)
+    step, elapsed = 0, 0.0
+    if resume and os.path.exists(path):
+        with stage_file(path) as ckpt:
+            vae.load_state_dict({**vae.state_dict(), **ckpt["decoder"]})
+            opt.load_state_dict(ckpt["opt"])
+            step, elapsed = ckpt["step"], ckpt["elapsed"]
+    held_out = recon.scenes(cfg.decoder_eval, f"decoder-eval/{cfg.seed}").to(device)
+
+    def checkpoint():
+        whole, worst = recon.psnr(recon.reconstruct(vae, held_out), held_out)
+        with open(log_path, "a") as f:
+            f.write(json.dumps({"step": step, "minutes": elapsed / 60, "psnr": whole.mean().item(),
+                                "worst_patch": worst.median().item()}) + "\n")
+        decoder = {k: v for k, v in vae.state_dict().items() if k.startswith(trained)}
+        save({"decoder": decoder, "opt": opt.state_dict(), "step": step, "elapsed": elapsed, "config": asdict(cfg),
+              "init": init}, path)
+
+    def done():
+        return step >= cfg.decoder_steps if cfg.decoder_steps is not None else elapsed >= cfg.decoder_minutes * 60
+
+    first, bar = step, tqdm(desc="decoder", initial=step, total=cfg.decoder_steps)
+    while not done():
+        start = time.perf_counter()
+        images = recon.scenes(cfg.decoder_batch, f"decoder/{cfg.seed}/{step}").to(device)
+        with torch.no_grad(), autocast(device):
+            z = vae.moments(images)[0].float()
+        with autocast(device):
+            rebuilt = vae.decoder(vae.post_quant_conv(z))
+        loss = decoder_loss(rebuilt.float(), images, cfg)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        elapsed += time.perf_counter() - start
+        bar.update()
+        bar.set_postfix(loss=f"{loss.item():.4f}", min=f"{elapsed / 60:.1f}")
+        if step % 50 == 0 or (done() and step > first):
+            checkpoint()
+    return vae.requires_grad_(False)
+
+
+def decoder_only(out):
+    """Whether `out` is a --stage decoder run (its decoder.pt says)."""
+    path = os.path.join(out, "decoder.pt")
+    if not os.path.exists(path):
+        return False
+    with stage_file(path) as ckpt:
+        return ckpt["config"]["stage"] == "decoder"
+
+
+def decoder_export(out):
+    """(state dict, metadata) of a --stage decoder run: every tensor and the metadata of the model it started
+    from as stored, byte for byte, but post_quant_conv's and the decoder's, which are the run's (in the file's
+    dtype)."""
+    with stage_file(os.path.join(out, "decoder.pt")) as ckpt:
+        state = read_state_dict(ckpt["init"])
+        for k, v in ckpt["decoder"].items():
+            state[VAE + k] = v.to(state[VAE + k].dtype).contiguous()
+    return state, read_metadata(ckpt["init"])
