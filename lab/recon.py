@@ -1,6 +1,7 @@
 """How well a lab model's VAE gives back a scene: decode(encode(x)) on fresh scenes, no UNet involved.
 
     python -m lab.recon --ckpt lab/lab-sd.safetensors --n 64 --seed recon   # PSNR and worst-patch PSNR
+    python -m lab.recon --ckpt old.safetensors --ckpt lab/lab-sd.safetensors --sheet recon.png   # and a picture
 
 PSNR is over 8-bit pixels (what a PNG shows), one value per image, averaged. The worst-patch PSNR is the
 PSNR of an image's worst 8x8 patch, the median over images: a speck or a smeared corner barely moves the
@@ -9,8 +10,9 @@ latents were made (lab.train's latents stage), so these are the latents a decode
 """
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
-from lab.cli import Parser, path_flag, set_threads
+from lab.cli import FolderError, Parser, check_new_file, path_flag, set_threads
 from lab.scenes import image_seed, render, sample_captions
 from model.checkpoint import CONFIG_KEY, VAE, read_metadata
 from model.config import config_from_json
@@ -29,10 +31,10 @@ def scenes(n, seed, pairs=0.5):
 
 def load_vae(path):
     """The whole VAE (encoder too) of a lab model file, fp32, at scale 1 (reconstruction needs no latent scale)."""
+    state = {k[len(VAE):]: v.float() for k, v in read_state_dict(path).items() if k.startswith(VAE)}
     metadata = read_metadata(path)
     if CONFIG_KEY not in metadata:
         raise ValueError(f"{path} has no {CONFIG_KEY!r} metadata; give a lab model written by lab.train --export")
-    state = {k[len(VAE):]: v.float() for k, v in read_state_dict(path).items() if k.startswith(VAE)}
     if not any(k.startswith("encoder.") for k in state):
         raise ValueError(f"{path} holds no VAE encoder (first_stage_model.encoder.*), so nothing can be encoded")
     vae = AutoencoderKL(config_from_json(metadata[CONFIG_KEY]).vae, scale_factor=1.0, encoder=True)
@@ -55,31 +57,45 @@ def psnr(recon, images):
     return -10 * whole.clamp(min=1e-10).log10(), -10 * worst.clamp(min=1e-10).log10()
 
 
-def measure(vae, n=64, seed="recon"):
-    """{"psnr": mean PSNR, "worst_patch": median worst-patch PSNR, "n": n} on n fresh scenes."""
-    images = scenes(n, seed)
-    whole, worst = psnr(reconstruct(vae, images), images)
-    return {"psnr": whole.mean().item(), "worst_patch": worst.median().item(), "n": n}
+def sheet(images, rows, columns=8, zoom=2):
+    """The first `columns` scenes above their reconstructions (one row per model), each pixel zoom x zoom."""
+    picture = torch.cat([torch.cat(list(x[:columns]), dim=2) for x in (images, *rows)], dim=1)   # [3, H*r, W*c]
+    pixels = ((picture.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
+    image = Image.fromarray(pixels)
+    return image.resize((image.width * zoom, image.height * zoom), Image.NEAREST)
 
 
 def main(argv=None):
     p = Parser(prog="python -m lab.recon", description=__doc__)
-    p.add_argument("--ckpt", default="lab/lab-sd.safetensors", type=path_flag, help="a lab model file")
+    p.add_argument("--ckpt", action="append", type=path_flag,
+                   help="a lab model file (lab/lab-sd.safetensors); repeat to compare several")
     p.add_argument("--n", type=int, default=64, help="fresh scenes to reconstruct (64)")
     p.add_argument("--seed", default="recon", help="their seed (recon; lab.train's decoder stage trains on others)")
+    p.add_argument("--sheet", type=path_flag, metavar="FILE",
+                   help="also draw the first 8 scenes above their reconstructions, a row per --ckpt (a new .png)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     args = p.parse_args(argv)
+    paths = args.ckpt or ["lab/lab-sd.safetensors"]
     if args.n < 1:
         p.error(f"--n must be at least 1, got {args.n}")
+    if args.sheet is not None:
+        try:
+            check_new_file(args.sheet, "--sheet")
+        except FolderError as e:
+            p.error(str(e))
     set_threads(p, args)
     try:
-        vae = load_vae(args.ckpt)
+        vaes = [load_vae(path) for path in paths]
     except ValueError as e:   # CheckpointError is one: a missing or damaged file
         p.error(f"--ckpt: {e}")
-    result = measure(vae, args.n, args.seed)
-    print(f"{args.ckpt}: PSNR {result['psnr']:.2f} dB, median worst {PATCH}x{PATCH} patch "
-          f"{result['worst_patch']:.2f} dB ({args.n} scenes, seed {args.seed})")
-    return result
+    images, rows = scenes(args.n, args.seed), []
+    for path, vae in zip(paths, vaes, strict=True):
+        rows.append(reconstruct(vae, images))
+        whole, worst = psnr(rows[-1], images)
+        print(f"{path}: PSNR {whole.mean():.2f} dB, median worst {PATCH}x{PATCH} patch {worst.median():.2f} dB "
+              f"({args.n} scenes, seed {args.seed})")
+    if args.sheet is not None:
+        sheet(images, rows).save(args.sheet)
 
 
 if __name__ == "__main__":

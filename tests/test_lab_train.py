@@ -4,6 +4,7 @@ line: test_lab_train_cli.py)."""
 import functools
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -265,5 +266,28 @@ def test_a_run_from_nothing_exports_its_fine_tuned_decoder(tmp_path, tiny_run):
 def test_the_shipped_vae_reconstructs_fresh_scenes_sharply():
     """A regression guard on the shipped decoder (docs/lab.md gives the 64-scene figures): fresh scenes come back
     above these floors, whole images and their worst 8x8 patch (where a speck or a smeared corner shows)."""
-    result = recon.measure(recon.load_vae(SHIPPED), n=8, seed="recon-test")
-    assert result["psnr"] > PSNR_FLOOR and result["worst_patch"] > WORST_PATCH_FLOOR, result
+    images = recon.scenes(8, "recon-test")
+    whole, worst = recon.psnr(recon.reconstruct(recon.load_vae(SHIPPED), images), images)
+    assert whole.mean() > PSNR_FLOOR and worst.median() > WORST_PATCH_FLOOR, (whole, worst)
+
+
+@pytest.mark.parametrize("flags, error", [
+    (["--n", "0"], "--n must be at least 1, got 0$"),
+    (["--ckpt", "{tmp}/missing.safetensors"], "--ckpt: checkpoint .*missing.safetensors' does not exist$"),
+    (["--sheet", "{tmp}/taken.png"], "--sheet .*taken.png exists; choose another file or delete it"),
+    (["--ckpt", ""], "argument --ckpt: is empty; give a file or folder name$"),
+])
+def test_lab_recon_refuses_bad_input_in_one_line(tmp_path, capsys, flags, error):
+    (tmp_path / "taken.png").write_bytes(b"mine")
+    with pytest.raises(SystemExit):
+        recon.main([f.format(tmp=tmp_path) for f in flags])
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(error, err.removesuffix(" (--help lists the flags)")), err
+    assert (tmp_path / "taken.png").read_bytes() == b"mine"
+
+
+def test_lab_recon_measures_and_draws_each_model(tmp_path, capsys):
+    recon.main(["--ckpt", SHIPPED, "--ckpt", SHIPPED, "--n", "2", "--sheet", str(tmp_path / "r.png")])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and lines[0] == lines[1] and "PSNR" in lines[0]
+    assert Image.open(tmp_path / "r.png").size == (2 * 128 * 2, 2 * 128 * 3)   # 2 scenes; scenes and two rows
