@@ -368,7 +368,7 @@ def run(cfg, out, resume, init=None, device="cpu", compile_unet=False):
     sd.to(device)
     ema = train_unet(cfg, out, sd, data, resume, compile_unet, continued=shipped is not None)
     if shipped is None:   # from nothing: the decoder, fine-tuned last (a continued model keeps its own)
-        train_decoder(cfg, out, sd.vae, resume, device=device)
+        sd.vae = train_decoder(cfg, out, sd.vae, resume, device=device)
     return sd, ema
 
 
