@@ -23,9 +23,9 @@ from sampler.generate import from_pil
 PATCH = 8
 
 
-def scenes(n, seed, pairs=0.5):
-    """n fresh scenes as [n, 3, H, W] in [-1, 1]; the same (n, seed) gives the same images."""
-    captions = sample_captions(n, seed=f"{seed}", pairs=pairs)
+def scenes(n, seed):
+    """n fresh scenes (half of them pairs) as [n, 3, H, W] in [-1, 1]; the same (n, seed) gives the same images."""
+    captions = sample_captions(n, seed=f"{seed}")
     return from_pil([render(c, image_seed(seed, k)) for k, c in enumerate(captions)]).float() / 127.5 - 1
 
 

@@ -45,7 +45,7 @@ class TrainConfig:
     eval_minutes: float = 10.0
     eval_captions: int = 32        # fixed captions (their own seed) sampled with PLMS-eval_steps
     eval_steps: int = 25
-    decoder_minutes: float = 60.0  # the decoder fine-tuned on whole scenes, encoder frozen: time budget ...
+    decoder_minutes: float = 65.0  # the decoder fine-tuned on whole scenes, encoder frozen: time budget ...
     decoder_steps: int | None = None   # ... or a number of steps (None: the time budget decides)
     decoder_batch: int = 8
     decoder_lr: float = 3e-4
