@@ -15,9 +15,10 @@ import torch
 from tqdm import tqdm
 
 from lab import recon
+from lab.cli import FolderError
 from lab.run_config import autocast, save, stage_file
 from model.checkpoint import VAE, read_metadata
-from model.files import read_state_dict
+from model.files import CheckpointError, read_state_dict
 
 TRAINED = ("post_quant_conv.", "decoder.")
 
@@ -27,13 +28,13 @@ def edges(images):
     return images[..., 1:, :] - images[..., :-1, :], images[..., :, 1:] - images[..., :, :-1]
 
 
-def decoder_loss(recon, images, cfg):
+def decoder_loss(rebuilt, images, cfg):
     """L1 and MSE on pixels plus L1 on their neighbour differences. L1 keeps flat areas flat; the MSE term
     weighs the few large errors (a speck, a wrong corner) that L1 counts like any other pixel (on 80 steps
     from the shipped decoder, weight 10 gave 29.8 dB where L1 alone gave 29.3); the differences keep edges
     steep (a blurred edge costs little L1 but its whole step in the differences)."""
-    error = recon - images
-    edge = sum((a - b).abs().mean() for a, b in zip(edges(recon), edges(images), strict=True))
+    error = rebuilt - images
+    edge = sum((a - b).abs().mean() for a, b in zip(edges(rebuilt), edges(images), strict=True))
     return error.abs().mean() + cfg.mse_weight * error.pow(2).mean() + cfg.edge_weight * edge
 
 
@@ -46,7 +47,8 @@ def train_decoder(cfg, out, vae, resume, init=None, device="cpu"):
     """Fine-tune post_quant_conv and the decoder on whole 128x128 scenes (borders included), fresh ones every
     step, with the encoder frozen: the latents, and so a UNet trained on them, stay as they are (Stability's
     ft-MSE / ft-EMA decoders for SD are the same move). The decoder learns from posterior means, the latents the
-    UNet was trained on; an EMA of its weights (cfg.ema, warmed up as the UNet's) is the result. Every 50 steps
+    UNet was trained on; an EMA of its weights (cfg.ema) is the result, warmed up as a fresh UNet's (the starting
+    decoder is the one being replaced: its share of the average should fade within the first steps). Every 50 steps
     and at the end: a checkpoint (with `init`, the model file whose decoder this is, for the export), and the
     EMA's PSNR on held-out scenes (lab/recon.py) in decoder.jsonl. -> the VAE with the EMA decoder."""
     path, log_path = os.path.join(out, "decoder.pt"), os.path.join(out, "decoder.jsonl")
@@ -72,7 +74,7 @@ def train_decoder(cfg, out, vae, resume, init=None, device="cpu"):
             f.write(json.dumps({"step": step, "minutes": elapsed / 60, "psnr": whole.mean().item(),
                                 "worst_patch": worst.median().item()}) + "\n")
         save({"decoder": decoder_state(ema), "trained": decoder_state(vae), "opt": opt.state_dict(), "step": step,
-              "elapsed": elapsed, "config": asdict(cfg), "init": init}, path)
+              "elapsed": elapsed, "config": asdict(cfg), "init": init and os.path.abspath(init)}, path)
 
     def done():
         return step >= cfg.decoder_steps if cfg.decoder_steps is not None else elapsed >= cfg.decoder_minutes * 60
@@ -112,9 +114,18 @@ def decoder_only(out):
 def decoder_export(out):
     """(state dict, metadata) of a --stage decoder run: every tensor and the metadata of the model it started
     from as stored, byte for byte, but post_quant_conv's and the decoder's, which are the run's (in the file's
-    dtype)."""
+    dtype). FolderError if that file is gone, damaged or no longer has the encoder the decoder was tuned for."""
     with stage_file(os.path.join(out, "decoder.pt")) as ckpt:
-        state = read_state_dict(ckpt["init"])
-        for k, v in ckpt["decoder"].items():
-            state[VAE + k] = v.to(state[VAE + k].dtype).contiguous()
-    return state, read_metadata(ckpt["init"])
+        init, decoder = ckpt["init"], ckpt["decoder"]
+    with stage_file(os.path.join(out, "vae.pt")) as ckpt:
+        encoder = {k: v for k, v in ckpt["vae"].items() if not k.startswith(TRAINED)}
+    try:
+        state = read_state_dict(init)
+    except CheckpointError as e:
+        raise FolderError(f"{out} fine-tuned the decoder of {init}, whose other tensors it exports, but: {e}") from None
+    if any(VAE + k not in state or not torch.equal(state[VAE + k].float(), v) for k, v in encoder.items()):
+        raise FolderError(f"{init} has another VAE encoder than the one {out} fine-tuned a decoder for (was it "
+                          "replaced?); put that model back, or fine-tune this one's decoder in a new run")
+    for k, v in decoder.items():
+        state[VAE + k] = v.to(state[VAE + k].dtype).contiguous()
+    return state, read_metadata(init)

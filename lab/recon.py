@@ -25,7 +25,7 @@ PATCH = 8
 
 def scenes(n, seed):
     """n fresh scenes (half of them pairs) as [n, 3, H, W] in [-1, 1]; the same (n, seed) gives the same images."""
-    captions = sample_captions(n, seed=f"{seed}")
+    captions = sample_captions(n, seed=str(seed))
     return from_pil([render(c, image_seed(seed, k)) for k, c in enumerate(captions)]).float() / 127.5 - 1
 
 
@@ -79,6 +79,8 @@ def main(argv=None):
     if args.n < 1:
         p.error(f"--n must be at least 1, got {args.n}")
     if args.sheet is not None:
+        if not args.sheet.lower().endswith(".png"):
+            p.error(f"--sheet {args.sheet}: the name must end in .png, the format written")
         try:
             check_new_file(args.sheet, "--sheet")
         except FolderError as e:
@@ -86,8 +88,8 @@ def main(argv=None):
     set_threads(p, args)
     try:
         vaes = [load_vae(path) for path in paths]
-    except ValueError as e:   # CheckpointError is one: a missing or damaged file
-        p.error(f"--ckpt: {e}")
+    except (ValueError, RuntimeError) as e:   # CheckpointError is a ValueError; other shapes a RuntimeError
+        p.error(f"--ckpt: {str(e).splitlines()[0]}")
     images, rows = scenes(args.n, args.seed), []
     for path, vae in zip(paths, vaes, strict=True):
         rows.append(reconstruct(vae, images))
@@ -99,4 +101,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        raise SystemExit("interrupted; nothing written") from None

@@ -1,7 +1,7 @@
 """The settings of a lab.train run: the recipe (TrainConfig), the command line that sets it, and the run's
 record, RUN/config.json, from which a resumed run takes its settings. Every check of a command runs here,
 before anything is loaded, trained or written, and reports one line naming the flag and the fix; so does a
-stage file (vae.pt, latents.pt, unet.pt) that turns out unreadable as a stage restores itself (stage_file).
+stage file (vae.pt, latents.pt, unet.pt, decoder.pt) that turns out unreadable as a stage restores itself (stage_file).
 """
 import argparse
 import contextlib
@@ -62,7 +62,8 @@ FLAGS = ("unet_minutes", "batch", "latents", "eval_minutes", "decoder_minutes", 
 # The latents and the batch size make the data and the batches already drawn: a change would make another run.
 ADJUSTABLE = ("unet_minutes", "eval_minutes", "decoder_minutes")
 STAGES = ("all", "decoder")
-STAGE_FILES = ("vae.pt", "latents.pt", "unet.pt", "decoder.pt")   # the stages' checkpoints, in the order made
+MADE_FROM = {"vae.pt": None, "latents.pt": "vae.pt", "unet.pt": "latents.pt", "decoder.pt": "vae.pt"}
+STAGE_FILES = tuple(MADE_FROM)   # the stages' checkpoints, each made from the one MADE_FROM names
 
 
 def flag(field):
@@ -125,6 +126,13 @@ def prepare(p, args):
     if cfg.stage == "decoder" and init is None:
         p.error("--stage decoder fine-tunes a trained model's decoder: give it with --init FILE "
                 "(e.g. --init lab/lab-sd.safetensors)")
+    unused = [flag(name) for name in ("unet_minutes", "batch", "latents", "eval_minutes", "compile")
+              if getattr(args, name) not in (None, False)]
+    if cfg.stage == "decoder" and unused:
+        p.error(f"--stage decoder trains the decoder alone: drop {', '.join(unused)}, which set the UNet stage")
+    if cfg.stage == "all" and init is not None and args.decoder_minutes is not None:
+        p.error("--decoder-minutes: a run continued with --init keeps its model's decoder; fine-tune that in a run "
+                "of its own (--stage decoder)")
     if args.resume:
         check_stage_files(p, args.out)
     if init is not None:
@@ -278,10 +286,16 @@ def stage_error(path, why):
     """A stage file that cannot be used: one line naming it, and the fix, to make it again (and the later
     stages' files, made from it, with it)."""
     out, name = os.path.split(path)
-    later = [n for n in STAGE_FILES[STAGE_FILES.index(name) + 1:] if os.path.exists(os.path.join(out, n))]
-    also = f" with {' and '.join(later)}, made after it," if later else ""
+    later = [n for n in STAGE_FILES if n != name and name in upstream(n) and os.path.exists(os.path.join(out, n))]
+    also = f" with {' and '.join(later)}, made from it," if later else ""
     return FolderError(f"{path} cannot be read as lab.train's checkpoint ({why}); delete it{also} and rerun with "
                        f"--resume (--out {out}) to make {'them' if later else 'it'} again")
+
+
+def upstream(name):
+    """The stage files `name` was made from, directly or not."""
+    source = MADE_FROM[name]
+    return [] if source is None else [source, *upstream(source)]
 
 
 def check_stage_files(p, out):

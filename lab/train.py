@@ -7,7 +7,7 @@ generated scenes (lab/scenes.py), judged by the exact caption checker (lab/check
     python -m lab.train --out runs/lab2 --init lab/lab-sd.safetensors --compile   # continue the shipped model
     python -m lab.train --out runs/lab --export lab/lab-sd-new.safetensors   # then mv it over lab/lab-sd.safetensors
     python -m lab.train --out runs/gpu --init lab/lab-sd.safetensors --device cuda --batch 256 --latents 60000
-    python -m lab.train --out runs/dec --init lab/lab-sd.safetensors --stage decoder --decoder-minutes 70  # its decoder
+    python -m lab.train --out runs/dec --init lab/lab-sd.safetensors --stage decoder --decoder-minutes 65  # its decoder
 
 RUN/config.json records a run's settings (--init included) before anything else is written; --resume takes
 them from there. Only --unet-minutes and --decoder-minutes (new totals) and --eval-minutes (from the next
@@ -23,15 +23,14 @@ Stages, each resumable from its checkpoint in --out:
    works on 128x128 after), L1 + MSE reconstruction and a small KL term, as LDM's first stage
    without the GAN.
 3. latents: N scenes rendered once and encoded (posterior means); scale_factor = 1 / their std.
-4. unet: UNet and text encoder together, eps-prediction on LDM's schedule, min-SNR-5 loss
-   weights, 10% empty captions (for guidance), AdamW with warm-up, an EMA of the weights, bf16
-   autocast on GPUs and on CPUs with native bf16. Every --eval-minutes the EMA model samples fixed
-   captions through the real pipeline (sampler.generate) and the checker scores them: the
-   learning curve (accuracy against training time) goes to log.jsonl and curve.png.
+4. unet: UNet and text encoder together, eps-prediction on LDM's schedule, min-SNR-5 loss weights, 10% empty
+   captions (for guidance), AdamW with warm-up, an EMA of the weights, bf16 autocast on GPUs and on CPUs with
+   native bf16. Every --eval-minutes the EMA model samples fixed captions through the real pipeline and the
+   checker scores them: the learning curve (accuracy against training time) goes to log.jsonl and curve.png.
 5. decoder (lab/decoder.py): the decoder fine-tuned on whole scenes, encoder frozen. A run from nothing ends
    with it, one continued with --init keeps its model's decoder, --stage decoder --init FILE runs it alone.
-6. export: the EMA weights as one fp16 .safetensors in the official SD1 layout with the config in
-   its metadata, and the tokenizer beside it; a --stage decoder run's is FILE with only the decoder replaced.
+6. export: the EMA weights as one fp16 .safetensors in the official SD1 layout with the config in its metadata,
+   the tokenizer beside it; a --stage decoder run's is FILE with only the decoder replaced.
 Batches, noise and timesteps are drawn from CPU generators seeded by (seed, step), so a resumed run
 equals an uninterrupted one, and a GPU run (--device cuda) draws the same batches as a CPU run.
 """
@@ -247,6 +246,7 @@ def train_unet(cfg, out, sd, data, resume, compile_unet=False, continued=False):
                        "log.jsonl has its numbers")
         return images
 
+    finished = step > 0 and done()   # resumed after the stage ended (in the decoder stage): its log is whole
     bar = tqdm(desc="unet", initial=step, total=cfg.unet_steps)
     while not done():
         if elapsed >= next_eval:   # the learning curve: accuracy of the EMA model against training time
@@ -285,8 +285,9 @@ def train_unet(cfg, out, sd, data, resume, compile_unet=False, continued=False):
         bar.set_postfix(loss=f"{loss.item():.4f}", min=f"{elapsed / 60:.1f}")
         if step % 100 == 0:
             checkpoint()
-    log_evaluation()
-    checkpoint()
+    if not finished:
+        log_evaluation()
+        checkpoint()
     return ema
 
 

@@ -12,14 +12,17 @@ from dataclasses import replace
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 from transformers import CLIPTokenizer
 
 from lab import recon
+from lab.cli import FolderError
 from lab.pictures import draw_curve
 from lab.train import TrainConfig, batch_indices, export, min_snr_weights, run
 from lab.vocab import WORDS, lab_merges, write_lab_tokenizer
-from model import LAB, load_checkpoint
-from model.checkpoint import UNET, read_metadata, read_state_dict
+from model import LAB, TINY, load_checkpoint
+from model.checkpoint import CONFIG_KEY, UNET, read_metadata, read_state_dict
+from model.config import config_to_json
 from model.text import write_tokenizer
 from sampler.generate import Sampling, generate
 from sampler.schedule import alphas_cumprod
@@ -217,8 +220,8 @@ def decoder_run(tmp_path, tiny_run, **changes):
 
 
 def test_the_decoder_stage_changes_only_the_decoder(tmp_path, tiny_run):
-    """Encoder, UNet, text encoder, metadata and tokenizer of the exported file are the --init file's, byte for
-    byte; post_quant_conv and the decoder are the run's."""
+    """Encoder, UNet, text encoder and metadata of the exported file are the --init file's, byte for byte;
+    post_quant_conv and the decoder are the run's."""
     path, out, vae = decoder_run(tmp_path, tiny_run, decoder_steps=2)
     assert not os.path.exists(os.path.join(out, "unet.pt")) and not os.path.exists(os.path.join(out, "latents.pt"))
     new = export(out, str(tmp_path / "ship" / "lab-new.safetensors"))
@@ -233,6 +236,21 @@ def test_the_decoder_stage_changes_only_the_decoder(tmp_path, tiny_run):
         assert torch.equal(after[k], trained[k.removeprefix("first_stage_model.")].half()), k
     assert read_metadata(new) == read_metadata(path)
     assert load_checkpoint(new).config == load_checkpoint(path).config
+
+
+def test_a_decoder_export_refuses_a_model_file_gone_or_replaced(tmp_path, tiny_run):
+    path, out, _ = decoder_run(tmp_path, tiny_run)
+    other = str(tmp_path / "other.safetensors")
+    os.rename(path, other)
+    with pytest.raises(FolderError, match=f"fine-tuned the decoder of {path}, whose other tensors it exports, but: "
+                                          "checkpoint .* does not exist"):
+        export(out, str(tmp_path / "a.safetensors"))
+    state = read_state_dict(other)
+    state["first_stage_model.encoder.conv_in.bias"] += 1   # another model's encoder at the same path
+    save_file(state, path, metadata=read_metadata(other))
+    with pytest.raises(FolderError, match="has another VAE encoder than the one .* fine-tuned a decoder for"):
+        export(out, str(tmp_path / "b.safetensors"))
+    assert not os.path.exists(tmp_path / "a.safetensors") and not os.path.exists(tmp_path / "b.safetensors")
 
 
 @pytest.mark.slow
@@ -276,9 +294,13 @@ def test_the_shipped_vae_reconstructs_fresh_scenes_sharply():
     (["--ckpt", "{tmp}/missing.safetensors"], "--ckpt: checkpoint .*missing.safetensors' does not exist$"),
     (["--sheet", "{tmp}/taken.png"], "--sheet .*taken.png exists; choose another file or delete it"),
     (["--ckpt", ""], "argument --ckpt: is empty; give a file or folder name$"),
+    (["--sheet", "{tmp}/r.jpg"], "--sheet .*r.jpg: the name must end in .png"),
+    (["--ckpt", "{tmp}/tiny.safetensors"], "--ckpt: .*tiny.safetensors holds no VAE encoder"),
 ])
 def test_lab_recon_refuses_bad_input_in_one_line(tmp_path, capsys, flags, error):
     (tmp_path / "taken.png").write_bytes(b"mine")
+    save_file({"first_stage_model.decoder.conv_in.bias": torch.zeros(4)}, tmp_path / "tiny.safetensors",
+              metadata={CONFIG_KEY: config_to_json(TINY)})   # a model file whose VAE has no encoder
     with pytest.raises(SystemExit):
         recon.main([f.format(tmp=tmp_path) for f in flags])
     err = capsys.readouterr().err.strip()

@@ -129,6 +129,10 @@ def bad_files(tmp_path):
     (["--decoder-minutes", "-5"], "argument --decoder-minutes: must be a number above 0, not -5$"),
     (["--stage", "unet"], "argument --stage: invalid choice: 'unet' \\(choose from '?all'?, '?decoder'?\\)$"),
     (["--stage", "decoder"], "--stage decoder fine-tunes a trained model's decoder: give it with --init FILE"),
+    (["--stage", "decoder", "--init", SHIPPED, "--batch", "4", "--compile"], "--stage decoder trains the decoder "
+     "alone: drop --batch, --compile, which set the UNet stage$"),
+    (["--init", SHIPPED, "--decoder-minutes", "5"], "--decoder-minutes: a run continued with --init keeps its "
+     "model's decoder; fine-tune that in a run of its own \\(--stage decoder\\)$"),
     (["--eval-minutes", "nan"], "argument --eval-minutes: must be a number above 0, not nan$"),
     (["--batch", "2.5"], "argument --batch: invalid int value: '2.5'$"),
     (["--resume"], "--resume: .*new holds no run \\(no config.json\\); drop --resume to start one there$"),
@@ -244,16 +248,16 @@ def damaged(path, how):
 
 WHOLE = "not a whole torch file: truncated, empty or another program's"
 RESUME, EXPORT = ["--resume"], ["--export", "{tmp}/m.safetensors"]
-AFTER_VAE = " with latents.pt and unet.pt and decoder.pt, made after it,"
+AFTER_VAE = " with latents.pt and unet.pt and decoder.pt, made from it,"
 
 
 @pytest.mark.parametrize("command, name, how, why, also", [
     (RESUME, "vae.pt", "text", WHOLE, AFTER_VAE),   # was an UnpicklingError
-    (RESUME, "unet.pt", "truncated", WHOLE, " with decoder.pt, made after it,"),
+    (RESUME, "unet.pt", "truncated", WHOLE, ""),
     (RESUME, "vae.pt", "foreign", "KeyError: 'vae'", AFTER_VAE),
-    (RESUME, "latents.pt", "foreign", "KeyError: 'latents'", " with unet.pt and decoder.pt, made after it,"),
-    (EXPORT, "latents.pt", "empty", WHOLE, " with unet.pt and decoder.pt, made after it,"),   # was an EOFError
-    (EXPORT, "unet.pt", "foreign", "KeyError: 'config'", " with decoder.pt, made after it,"),
+    (RESUME, "latents.pt", "foreign", "KeyError: 'latents'", " with unet.pt, made from it,"),
+    (EXPORT, "latents.pt", "empty", WHOLE, " with unet.pt, made from it,"),   # was an EOFError
+    (EXPORT, "unet.pt", "foreign", "KeyError: 'config'", ""),
 ])
 def test_an_unreadable_stage_file_is_one_line_naming_it_and_the_fix(tiny_run, tmp_path, capsys, command, name, how,
                                                                      why, also):
