@@ -29,7 +29,7 @@ from sampler.schedule import alphas_cumprod
 
 TINY_RUN = TrainConfig(vae_steps=2, vae_batch=2, latents=8, unet_steps=2, batch=4, eval_captions=2, eval_steps=2,
                        eval_minutes=1e6, decoder_steps=1, decoder_batch=2, decoder_eval=2)
-PSNR_FLOOR, WORST_PATCH_FLOOR = 0, 0   # set from the shipped file
+PSNR_FLOOR, WORST_PATCH_FLOOR = 35.0, 25.0   # measured on those 8 scenes: 36.33 and 27.35 dB
 SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lab", "lab-sd.safetensors")
 
 
