@@ -102,21 +102,21 @@ def train_decoder(cfg, out, vae, resume, init=None, device="cpu"):
     return ema
 
 
-def decoder_only(out):
-    """Whether `out` is a --stage decoder run (its decoder.pt says)."""
+def read_decoder(out):
+    """The contents of out/decoder.pt, or None where the stage has not run."""
     path = os.path.join(out, "decoder.pt")
     if not os.path.exists(path):
-        return False
+        return None
     with stage_file(path) as ckpt:
-        return ckpt["config"]["stage"] == "decoder"
+        return ckpt
 
 
-def decoder_export(out):
-    """(state dict, metadata) of a --stage decoder run: every tensor and the metadata of the model it started
-    from as stored, byte for byte, but post_quant_conv's and the decoder's, which are the run's (in the file's
-    dtype). FolderError if that file is gone, damaged or no longer has the encoder the decoder was tuned for."""
-    with stage_file(os.path.join(out, "decoder.pt")) as ckpt:
-        init, decoder = ckpt["init"], ckpt["decoder"]
+def decoder_export(out, tuned):
+    """(state dict, metadata) of a --stage decoder run, `tuned` its decoder.pt: every tensor and the metadata of
+    the model it started from as stored, byte for byte, but post_quant_conv's and the decoder's, which are the
+    run's (in the file's dtype). FolderError if that file is gone, damaged or no longer has the encoder the
+    decoder was tuned for."""
+    init, decoder = tuned["init"], tuned["decoder"]
     with stage_file(os.path.join(out, "vae.pt")) as ckpt:
         encoder = {k: v for k, v in ckpt["vae"].items() if not k.startswith(TRAINED)}
     try:

@@ -18,7 +18,7 @@ from model.checkpoint import CONFIG_KEY, VAE, read_metadata
 from model.config import config_from_json
 from model.files import read_state_dict
 from model.vae import AutoencoderKL
-from sampler.generate import from_pil
+from sampler.generate import from_pil, to_pil
 
 PATCH = 8
 
@@ -60,8 +60,7 @@ def psnr(recon, images):
 def sheet(images, rows, columns=8, zoom=2):
     """The first `columns` scenes above their reconstructions (one row per model), each pixel zoom x zoom."""
     picture = torch.cat([torch.cat(list(x[:columns]), dim=2) for x in (images, *rows)], dim=1)   # [3, H*r, W*c]
-    pixels = ((picture.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
-    image = Image.fromarray(pixels)
+    image = to_pil(picture[None])[0]
     return image.resize((image.width * zoom, image.height * zoom), Image.NEAREST)
 
 

@@ -53,7 +53,7 @@ from tqdm import tqdm
 
 from lab.check import check, summary
 from lab.cli import FolderError, set_threads
-from lab.decoder import decoder_export, decoder_only, train_decoder
+from lab.decoder import decoder_export, read_decoder, train_decoder
 from lab.pictures import draw_curve, grid
 from lab.run_config import TrainConfig, autocast, check_export, parser, prepare, save, stage_file
 from lab.scenes import image_seed, render, sample_captions
@@ -304,7 +304,8 @@ def export(out, path):
                                                       shallow=False) for name in ("vocab.json", "merges.txt")):
         raise SystemExit(f"{folder} holds a different tokenizer from {ours}, whose token ids this model was "
                          "trained on; export into another folder, or move that tokenizer away first")
-    state, metadata = decoder_export(out) if decoder_only(out) else run_export(out)
+    tuned = read_decoder(out)   # a --stage decoder run exports its --init file, any other run its own model
+    state, metadata = (decoder_export if tuned and tuned["config"]["stage"] == "decoder" else run_export)(out, tuned)
     if not os.path.exists(folder):
         write_folder(folder, functools.partial(shutil.copytree, ours))
     tmp = path + ".tmp"   # written under another name first: an interrupted export leaves no torn `path`
@@ -315,17 +316,16 @@ def export(out, path):
     return path
 
 
-def run_export(out):
-    """(state dict, metadata) of a run trained up to its UNet stage: the EMA weights, in fp16."""
+def run_export(out, tuned):
+    """(state dict, metadata) of a run trained up to its UNet stage: EMA weights, fp16; decoder.pt's decoder (tuned)."""
     with stage_file(os.path.join(out, "latents.pt")) as data:
         scale_factor = data["scale_factor"]
     with stage_file(os.path.join(out, "unet.pt")) as ckpt:
         sd = lab_model(train_vae(TrainConfig(**ckpt["config"]), out, True), scale_factor, None)
         sd.unet.load_state_dict(ckpt["ema_unet"])
         sd.text.load_state_dict(ckpt["ema_text"])
-    if os.path.exists(os.path.join(out, "decoder.pt")):
-        with stage_file(os.path.join(out, "decoder.pt")) as ckpt:
-            sd.vae.load_state_dict({**sd.vae.state_dict(), **ckpt["decoder"]})
+    if tuned is not None:
+        sd.vae.load_state_dict({**sd.vae.state_dict(), **tuned["decoder"]})
     return checkpoint_state(sd, tokenizer="tokenizer")
 
 
