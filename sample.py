@@ -12,7 +12,9 @@ import time
 from dataclasses import fields, replace
 
 from accel import PRESETS as ACCEL_PRESETS
-from accel import Acceleration, check_preset_fits, find_preset
+from accel import Acceleration, Guidance, Skip, check_preset_fits, find_preset
+from accel.guidance import MODES as GUIDANCE
+from accel.guidance import OUTSIDE as GUIDANCE_OUTSIDE
 from cache import FULL, CacheSchedule
 from cache import MODES as CACHE_MODES
 from model.hardware import check_device, dtype_name, resolve_dtype
@@ -94,15 +96,27 @@ def parser():
     g.add_argument("--viz-block", default="input_blocks.1.1.transformer_blocks.0", help="the block --viz-prune shows")
 
     g = p.add_argument_group("feature caching (cache/)")
-    g.add_argument("--cache", choices=("none",) + CACHE_MODES, default="none",
+    g.add_argument("--cache", choices=("none", *CACHE_MODES), default="none",
                    help="uniform / nonuniform (DeepCache) or dato (an explicit per-call --cache-schedule)")
     g.add_argument("--cache-interval", type=int, help="a full UNet call every N calls (5)")
     g.add_argument("--cache-depth", type=int, help=f"blocks recomputed on each side by cached calls: 0 (reuse all) "
                                                    f".. {FULL - 1} (2: DeepCache SD)")
     g.add_argument("--cache-center", type=int, help="nonuniform: call around which full calls are densest (15)")
     g.add_argument("--cache-power", type=float, help="nonuniform: DeepCache's power (1.4)")
+    g.add_argument("--cache-order", type=int, help="cached calls start from the newest features (0, DeepCache) or "
+                   "a forecast from the last 2 or 3 full calls, linear (1) or quadratic (2) in log-SNR")
     g.add_argument("--cache-schedule", help=f"one depth per UNet call, comma-separated, {FULL} = full call "
                                             "(first entry must be full)")
+    g = p.add_argument_group("guidance, skipped calls and timesteps (accel/)")
+    g.add_argument("--guidance-window", metavar="LO,HI", help="guide only the UNet calls whose noise level sigma is "
+                   "in (LO, HI]; the others run one branch (--guidance-outside)")
+    g.add_argument("--guidance-outside", choices=GUIDANCE_OUTSIDE, help="calls outside the window: cond (the "
+                   "conditional prediction alone, the default) or reuse (plus the last guided call's difference)")
+    g.add_argument("--guidance-schedule", help=f"one mode per UNet call, comma-separated: {', '.join(GUIDANCE)}")
+    g.add_argument("--skip", metavar="CALLS", help="UNet calls (indices >= 2, never two in a row) replaced by "
+                   "extrapolating the last two estimates, e.g. 3,5,7")
+    g.add_argument("--timesteps", help="the run's timesteps, one per step, descending (e.g. Align Your Steps' "
+                   "SD1.5 ten: 999,850,736,645,545,455,343,233,124,24)")
     g.add_argument("--preset", metavar="NAME|FILE.json[#k]",
                    help="published settings: " + "; ".join(f"{k}: {v.about}" for k, v in ACCEL_PRESETS.items())
                         + "; or a schedule file (search.py's: FILE.json#k is its point k)")
@@ -127,7 +141,8 @@ def prune_flags():
 
 # tuning flags (argparse dests) -> the token method / CacheSchedule fields they set
 PRUNE_FLAGS = prune_flags()
-CACHE_FLAGS = {"cache_interval": "interval", "cache_depth": "depth", "cache_center": "center", "cache_power": "power"}
+CACHE_FLAGS = {"cache_interval": "interval", "cache_depth": "depth", "cache_center": "center", "cache_power": "power",
+               "cache_order": "order"}
 
 
 def flags_set(args, dests):
@@ -169,10 +184,9 @@ def acceleration(args):
     """The Acceleration the command line asks for, or None. Tuning flags default to None so that
     one given without its method (or beside a --preset, which fixes them) is an error, not ignored."""
     prune_flags = flags_set(args, PRUNE_FLAGS)
-    shape_flags = flags_set(args, ["cache_interval", "cache_depth"])   # uniform and nonuniform
-    curve_flags = flags_set(args, ["cache_center", "cache_power"])     # nonuniform only
-    if args.preset:
-        cache_flags = shape_flags + curve_flags + flags_set(args, ["cache_schedule"])
+    preset = find_preset(args.preset) if args.preset else None
+    if preset is not None and (preset.prune or preset.cache):   # a preset of timesteps or guidance adds to the flags
+        cache_flags = flags_set(args, [*CACHE_FLAGS, "cache_schedule"])
         prune, cache = preset_settings(args, prune_flags, cache_flags)
     else:
         if prune_flags and args.prune == "none":
@@ -180,11 +194,12 @@ def acceleration(args):
                              f"{'|'.join(PRUNE_METHODS)}")
         if args.cache_schedule and args.cache != "dato":
             raise ValueError("--cache-schedule is an explicit per-call schedule: use it with --cache dato")
-        unused = {"none": shape_flags + curve_flags, "uniform": curve_flags, "nonuniform": [],
-                  "dato": shape_flags + curve_flags}[args.cache]
-        if unused:
+        reads = CACHE_MODES[args.cache].reads if args.cache != "none" else ()
+        if unused := [f for dest, f in CACHE_FLAGS.items() if getattr(args, dest) is not None and f not in reads]:
+            unused = [f"--cache-{f}" for f in unused]
             raise ValueError(f"{', '.join(unused)}: no effect with --cache {args.cache}; "
-                             "interval and depth are for uniform/nonuniform, center and power for nonuniform")
+                             "interval and depth are for uniform/nonuniform, center and power for nonuniform, "
+                             "order for any")
         prune = None if args.prune == "none" else method_settings(args)
         depths = parse_numbers(args.cache_schedule, int, "--cache-schedule") if args.cache_schedule else ()
         cache = None if args.cache == "none" else CacheSchedule(args.cache, depths=depths,
@@ -198,7 +213,38 @@ def acceleration(args):
     viz = PruneViz(args.viz_prune, args.viz_block) if args.viz_prune else None
     if viz and not prune:
         raise ValueError("--viz-prune needs a pruning method (--prune tome|sito|dato)")
-    return Acceleration(prune, cache, viz) if prune or cache else None
+    guidance, skip, timesteps = plan_settings(args, preset)
+    if not (prune or cache or guidance or skip or timesteps):
+        return None
+    return Acceleration(prune, cache, viz, guidance, skip, timesteps)
+
+
+def plan_settings(args, preset):
+    """(guidance, skip, timesteps) of the flags, on top of a preset's: a flag that the preset fixes is refused."""
+    if args.guidance_outside and not args.guidance_window:
+        raise ValueError("--guidance-outside says what the calls outside --guidance-window do: give the window too")
+    if args.guidance_window and args.guidance_schedule:
+        raise ValueError("give either --guidance-window or --guidance-schedule, not both")
+    guidance = skip = timesteps = None
+    if args.guidance_window:
+        window = parse_numbers(args.guidance_window, float, "--guidance-window")
+        if len(window) != 2:
+            raise ValueError(f"--guidance-window must be two noise levels LO,HI, got {args.guidance_window!r}")
+        guidance = Guidance(window=window, outside=args.guidance_outside or "cond")
+    elif args.guidance_schedule:
+        guidance = Guidance(modes=tuple(m.strip() for m in args.guidance_schedule.split(",")))
+    if args.skip:
+        skip = Skip(parse_numbers(args.skip, int, "--skip"))
+    if args.timesteps:
+        timesteps = parse_numbers(args.timesteps, int, "--timesteps")
+    for flag, value, fixed in (("--guidance-window/--guidance-schedule", guidance, preset and preset.guidance),
+                               ("--skip", skip, preset and preset.skip),
+                               ("--timesteps", timesteps, preset and preset.timesteps)):
+        if value and fixed:
+            raise ValueError(f"--preset {args.preset} fixes {flag.split('/')[0].lstrip('-')}; leave out {flag}")
+    if preset is not None:
+        guidance, skip, timesteps = guidance or preset.guidance, skip or preset.skip, timesteps or preset.timesteps
+    return guidance, skip, timesteps or ()
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""Acceleration settings under a name: the published presets (DeepCache, DaTo) and schedule files
-(per-call cache depths and pruning, as search.py writes them), each with the run it was made for.
+"""Acceleration settings under a name: the published presets (DeepCache, DaTo, Align Your Steps) and
+schedule files (per-call plans: cache depths, pruning, guidance, skipped calls, as search.py writes them),
+each with the run it was made for.
 
     from accel import PRESETS, find_preset
     accel = PRESETS["deepcache-n3"].acceleration()
@@ -11,10 +12,14 @@ from dataclasses import dataclass
 
 from cache import DATO_COCO, DATO_FIXED, FULL, CacheSchedule, from_dato
 from prune import DaTo, TokenMethod, as_record, from_record
-from sampler import SAMPLERS, unet_calls
+from sampler import SAMPLERS, call_sigmas, unet_calls
 from sampler.schedule import MAX_STEPS
 
+from .guidance import Guidance
 from .run import Acceleration
+from .skip import Skip
+
+AYS_SD15_10 = (999, 850, 736, 645, 545, 455, 343, 233, 124, 24)   # Sabour et al. 2024, optimised for SD1.5
 
 
 @dataclass(frozen=True)
@@ -25,9 +30,12 @@ class Preset:
     prune: TokenMethod | None
     about: str
     run: tuple | None = None   # (sampler, steps) the per-call schedule was made for (None: any run)
+    guidance: Guidance | None = None
+    skip: Skip | None = None
+    timesteps: tuple = ()
 
     def acceleration(self):
-        return Acceleration(self.prune, self.cache)
+        return Acceleration(self.prune, self.cache, guidance=self.guidance, skip=self.skip, timesteps=self.timesteps)
 
 
 PRESETS = {
@@ -53,20 +61,33 @@ PRESETS = {
                                "DaTo: the dato-coco cache vector + DaTo pruning at 0.4 as the official run_command8: "
                                "local_random base tokens (one random pattern per UNet call); for PLMS-50",
                                run=("plms", 50)),
+    "ays-10": Preset(None, None, "Align Your Steps' SD1.5 timesteps for 10 steps (999, 850, ..., 24; the paper's "
+                     "Table, diffusers' AysSchedules), with DPM-Solver++(2M) as the paper", run=("dpmpp-2m", 10),
+                     timesteps=AYS_SD15_10),
 }
 
 
 def schedule_entry(accel, sampler, steps, about="", **extra):
-    """One schedule of a schedule file: the per-call cache depths and pruning of `accel` for a run of
-    `sampler` with `steps` steps, spelled out call by call; `extra` (e.g. measured quality) is kept."""
+    """One schedule of a schedule file: the per-call plan of `accel` for a run of `sampler` with `steps`
+    steps, spelled out call by call (cache depths, pruning; guidance modes, skipped calls, timesteps and the
+    forecast order when set); `extra` (e.g. measured quality) is kept."""
     calls = unet_calls(steps, sampler)
     prune = None
     if accel.prune is not None:
         prune = as_record(accel.prune)
         if "schedule" in prune:
             prune["schedule"] = [accel.prune.ratio_at(i, calls) for i in range(calls)]
-    return {"sampler": sampler, "steps": steps, "depths": list(accel.depths(calls)), "prune": prune,
-            "about": about, **extra}
+    entry = {"sampler": sampler, "steps": steps, "depths": list(accel.depths(calls)), "prune": prune}
+    if accel.guidance is not None:
+        sigmas = call_sigmas(sampler, steps, accel.timesteps or None)
+        entry["guidance"] = [plan.guidance for plan in accel.plans(calls, sigmas)]
+    if accel.skip is not None:
+        entry["skip"] = list(accel.skip.calls)
+    if accel.timesteps:
+        entry["timesteps"] = list(accel.timesteps)
+    if accel.cache is not None and accel.cache.order:
+        entry["order"] = accel.cache.order
+    return {**entry, "about": about, **extra}
 
 
 def is_schedule_file(spec):
@@ -112,12 +133,18 @@ def load_schedule(spec):
         raise ValueError(f"{spec!r}: {len(depths)} depths for {run[0].upper()}-{steps}, which makes "
                          f"{unet_calls(steps, run[0])} UNet calls")
     try:
-        cache = CacheSchedule("dato", depths=depths) if any(d != FULL for d in depths) else None
+        order = entry.get("order", 0)
+        cache = CacheSchedule("dato", depths=depths, order=order) if any(d != FULL for d in depths) else None
         prune = from_record(entry["prune"]) if entry.get("prune") is not None else None
-        Acceleration(prune, cache).check(len(depths))   # the first call full, a ratio per call
+        guidance = Guidance(modes=entry["guidance"]) if entry.get("guidance") is not None else None
+        skip = Skip(entry["skip"]) if entry.get("skip") is not None else None
+        timesteps = tuple(entry.get("timesteps") or ())
+        preset = Preset(cache, prune, entry.get("about", ""), run, guidance, skip, timesteps)
+        accel = preset.acceleration()   # the first call full, a ratio and a mode per call, the timesteps' run
+        accel.check(len(depths), call_sigmas(run[0], run[1], timesteps or None))
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{spec!r} is not a valid schedule ({type(e).__name__}: {e}); fix the file") from None
-    return Preset(cache, prune, entry.get("about", ""), run)
+    return preset
 
 
 def find_preset(spec):

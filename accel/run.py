@@ -1,27 +1,33 @@
 """The state of one accelerated sampling run (AcceleratedRun) and what it is made from
-(Acceleration: a token method's settings and a cache schedule), with the analytic MACs a run costs.
+(Acceleration: a token method's settings, a cache schedule, guidance per call, skipped calls, the
+run's timesteps), with the analytic MACs a run costs.
 
-prune/ (token plans per block) and cache/ (which calls are full, how deep the others recompute)
-know nothing of each other; this is where they meet. The UNet never keeps state between calls:
-everything that spans the calls of one sampling run (the call index, the last two raw outputs for
-DaTo's dynamics map, the cached features, the token methods' random stream) lives in an
-AcceleratedRun, which the sampler makes fresh for every batch (Acceleration.start) and passes to
-each UNet call. The UNet sees it only through the contract model.unet.RunState; the sampler only
-through `check(calls)` and `start(calls, seed, guided)`. Nothing leaks between runs.
+prune/ (token plans per block), cache/ (which calls are full, how deep the others recompute),
+guidance.py and skip.py know nothing of each other; this is where they meet, as one CallPlan per
+UNet call of the run. The UNet never keeps state between calls: everything that spans the calls of
+one sampling run (the plans, the cached features, the last outputs and estimates, the token method's
+own state) lives in an AcceleratedRun, which the sampler makes fresh for every batch
+(Acceleration.start) and asks, call by call, for the plan. The UNet sees it only through the
+contract model.unet.RunState; the sampler only through `check(calls)`, `start(...)` and the
+run's `plans`, `begin_call`, `end_call`, `extrapolated` and `delta`. Nothing leaks between runs.
 """
+import math
 from dataclasses import asdict, dataclass
-
-import torch
 
 from cache import FULL, CacheSchedule
 from model.macs import unet_macs
 from model.unet import BasicTransformerBlock
 from prune import LAYERS, TokenMethod, as_record
-from prune.dato import dynamics_map
 from prune.viz import PruneViz
-from sampler import stream_seed
+from sampler import PLAIN, CallPlan, stream_seed
+from sampler.schedule import check_timesteps
+
+from .guidance import Guidance
+from .skip import Skip
 
 NO_PLANS = (None, None, None)
+
+
 
 
 @dataclass(frozen=True)
@@ -30,37 +36,54 @@ class Acceleration:
     runs its plain forward, bit for bit.
 
     prune: a token method's settings (prune.METHODS) or None. cache: CacheSchedule or None.
-    viz: PruneViz (pictures of one block's plans) or None.
+    viz: PruneViz (pictures of one block's plans) or None. guidance: Guidance (which calls are
+    guided) or None: all. skip: Skip (calls replaced by extrapolation) or None.
+    timesteps: the run's timesteps, one per step in sampling order (e.g. Align Your Steps'), or ():
+    the sampler's own spacing.
     """
     prune: TokenMethod | None = None
     cache: CacheSchedule | None = None
     viz: PruneViz | None = None
+    guidance: Guidance | None = None
+    skip: Skip | None = None
+    timesteps: tuple = ()
 
     def __post_init__(self):
-        if self.prune is not None and not isinstance(self.prune, TokenMethod):
-            raise ValueError(f"prune must be a token method's settings (prune.token_method), got "
-                             f"{type(self.prune).__name__}")
-        if self.cache is not None and not isinstance(self.cache, CacheSchedule):
-            raise ValueError(f"cache must be a CacheSchedule, got {type(self.cache).__name__}")
-        if self.viz is not None and not isinstance(self.viz, PruneViz):
-            raise ValueError(f"viz must be a prune.viz.PruneViz or None, got {type(self.viz).__name__}")
+        for name, kind in (("prune", TokenMethod), ("cache", CacheSchedule), ("viz", PruneViz),
+                           ("guidance", Guidance), ("skip", Skip)):
+            if (value := getattr(self, name)) is not None and not isinstance(value, kind):
+                raise ValueError(f"{name} must be a {kind.__module__}.{kind.__name__} or None, got "
+                                 f"{type(value).__name__}")
+        if isinstance(self.timesteps, list):   # JSON's arrays: stored as the tuple they mean
+            object.__setattr__(self, "timesteps", tuple(self.timesteps))
+        if self.timesteps:
+            check_timesteps(self.timesteps, len(self.timesteps))
         if self.viz is not None and self.prune is None:
             raise ValueError("--viz-prune draws a token method's plans: give a token method (--prune) too")
         if self.viz is not None and self.prune.reduces != "tokens":
             raise ValueError(f"--viz-prune draws which tokens were kept and removed; {self.prune.name} removes none")
 
     def record(self):
-        """JSON-ready settings (PNG metadata, evaluate.py's method folders): the method named."""
-        return {"prune": as_record(self.prune) if self.prune is not None else None,
-                "cache": asdict(self.cache) if self.cache is not None else None,
-                "viz": asdict(self.viz) if self.viz is not None else None}
+        """JSON-ready settings (PNG metadata, evaluate.py's method folders): the method named. Guidance,
+        skips and timesteps appear only when set, so a record made before they existed stays the same."""
+        record = {"prune": as_record(self.prune) if self.prune is not None else None,
+                  "cache": asdict(self.cache) if self.cache is not None else None,
+                  "viz": asdict(self.viz) if self.viz is not None else None}
+        if record["cache"] is not None and not self.cache.order:
+            del record["cache"]["order"]
+        extra = {"guidance": asdict(self.guidance) if self.guidance else None,
+                 "skip": list(self.skip.calls) if self.skip else None, "timesteps": list(self.timesteps) or None}
+        return {**record, **{k: v for k, v in extra.items() if v is not None}}
 
-    def check(self, calls):
-        """Raise ValueError if the schedules do not fit a run of `calls` UNet calls."""
+    def check(self, calls, sigmas=None):
+        """Raise ValueError if the schedules do not fit a run of `calls` UNet calls (a guidance window
+        is checked when the run's noise levels `sigmas` are given)."""
         if self.prune is not None:
             self.prune.check_calls(calls)
-        if self.cache is not None:
-            self.cache.depths_for(calls)
+        if sigmas is not None or self.guidance is None or self.guidance.window is None:
+            self.plans(calls, sigmas)
+        else:
+            self.depths(calls)
 
     def check_unet(self, unet, hw, calls, rows):
         """Raise ValueError unless this acts on `unet` (model.unet.UNetModel) at an hw latent in a run of
@@ -95,70 +118,141 @@ class Acceleration:
         """The cache depth of each UNet call of a run (FULL for full calls)."""
         return self.cache.depths_for(calls) if self.cache is not None else [FULL] * calls
 
-    def start(self, calls, seed, guided=False):
-        """A fresh AcceleratedRun for a run of `calls` UNet calls, its random stream derived from
-        `seed`; `guided`: every call's batch is [uncond; cond] (classifier-free guidance)."""
-        return AcceleratedRun(self, calls, seed, guided)
+    def plans(self, calls, sigmas=None):
+        """The CallPlan of each UNet call of a run of `calls` calls at noise levels `sigmas` (one per call;
+        a guidance window and a forecast need them). A call on which depth 0 runs no transformer block
+        prunes nothing."""
+        depths = self.depths(calls)
+        modes = self.guidance.modes_for(calls, sigmas) if self.guidance is not None else ["both"] * calls
+        skipped = self.skip.skipped_for(calls) if self.skip is not None else [False] * calls
+        if self.cache is not None and self.cache.order and sigmas is None:
+            raise ValueError("a forecast (cache order > 0) needs the noise level of each UNet call of the run")
+        plans = [CallPlan(modes[i], depths[i], self.prune.ratio_at(i, calls) if self.prune and depths[i] else 0.0,
+                          skipped[i]) for i in range(calls)]
+        check_plans(plans)
+        return plans
+
+    def start(self, calls, seed, guided=False, sigmas=None):
+        """A fresh AcceleratedRun for a run of `calls` UNet calls at noise levels `sigmas`, its random
+        streams derived from `seed`; `guided`: the run uses classifier-free guidance (its guided calls'
+        batches are [uncond; cond])."""
+        return AcceleratedRun(self, calls, seed, guided, sigmas)
 
 
-def call_kinds(accel, calls):
-    """The kind (cache depth, FULL for a full call; prune ratio) of each UNet call of a run."""
-    kinds = []
-    for i, depth in enumerate(accel.depths(calls) if accel else [FULL] * calls):
-        ratio = accel.prune.ratio_at(i, calls) if accel and accel.prune else 0.0
-        kinds.append((depth, ratio if depth else 0.0))   # depth 0 runs no transformer block: nothing to prune
-    return kinds
+def check_plans(plans):
+    """Raise ValueError for plans no run can follow: a reused guidance difference needs a guided call made
+    before it; a guided cached call needs guided features (every call made since the last full call guided:
+    a one-branch call keeps only the conditional half)."""
+    guided_before, features_guided = False, True
+    for i, plan in enumerate(plans):
+        if plan.skip:
+            continue
+        if plan.guidance == "reuse" and not guided_before:
+            raise ValueError(f"UNet call {i} reuses the guidance difference, but no guided call is made before it")
+        if plan.depth != FULL and plan.guidance == "both" and not features_guided:
+            raise ValueError(f"UNet call {i} is guided and cached, but a call since the last full one ran one "
+                             "branch only: its features have no unconditional half")
+        both = plan.guidance == "both"
+        guided_before |= both
+        features_guided = both if plan.depth == FULL else features_guided and both
 
 
-def kind_macs(unet, accel, kind, hw, matmuls=False):
-    """Analytic MACs per image of one UNet call of this kind on an hw latent (model/macs.py)."""
-    depth, ratio = kind
+def kind_macs(unet, accel, plan, hw, matmuls=False):
+    """Analytic MACs per image of one UNet call made as `plan` (a CallPlan) on an hw latent (model/macs.py),
+    counted as a share of a guided call: a one-branch call costs half, a skipped one nothing."""
+    if plan.skip:
+        return 0
     prune = accel.prune if accel else None
 
     def keep(st, grid, sub):
-        if ratio and prune.applies(grid, st.level):
-            return prune.tokens_into(sub, grid, ratio)
+        if plan.ratio and prune.applies(grid, st.level):
+            return prune.tokens_into(sub, grid, plan.ratio)
         return grid[0] * grid[1]
-    return sum(unet_macs(unet, hw, depth=None if depth == FULL else depth, keep=keep, matmuls=matmuls).values())
+    depth = None if plan.depth == FULL else plan.depth
+    return plan.share * sum(unet_macs(unet, hw, depth=depth, keep=keep, matmuls=matmuls).values())
 
 
-def run_macs(unet, accel, calls, hw, matmuls=False):
+def run_plans(accel, calls, sigmas=None):
+    """The CallPlan of each UNet call of a run (the plain call for every call of the baseline, None)."""
+    return accel.plans(calls, sigmas) if accel is not None else [PLAIN] * calls
+
+
+def run_macs(unet, accel, calls, hw, matmuls=False, sigmas=None):
     """Analytic MACs per image of a whole run of `calls` UNet calls (None: the baseline)."""
-    return sum(kind_macs(unet, accel, kind, hw, matmuls) for kind in call_kinds(accel, calls))
+    return sum(kind_macs(unet, accel, plan, hw, matmuls) for plan in run_plans(accel, calls, sigmas))
+
+
+def fitted(t, rows):
+    """A batch tensor for a call of `rows` rows: a guided [uncond; cond] one gives its conditional half."""
+    if t.shape[0] == rows:
+        return t
+    if t.shape[0] == 2 * rows:
+        return t[rows:]
+    raise ValueError(f"a cached tensor of {t.shape[0]} rows does not fit a UNet call on {rows}")
 
 
 class AcceleratedRun:
     """State of one accelerated sampling run; implements model.unet.RunState.
 
-    The sampler calls begin_call(i, x) before and end_call(output) after UNet call i. During the
-    call the UNet reads `depth` (None: a full call, or d: recompute d blocks on each side, the rest
-    from `features`; model.unet.RunState), hands the output-block results it computed to remember(), and its transformer
-    blocks ask token_plans() for their plans.
+    The sampler reads `plans[i]` before UNet call i: a skipped call is not made (its estimate is
+    `extrapolated()`); otherwise it builds the call's batch (both guidance branches or one), calls
+    begin_call(i, x) before and end_call(output, estimate, delta) after it. During the call the UNet
+    reads `depth` (None: a full call, or d: recompute d blocks on each side, the rest from `features`;
+    model.unet.RunState), hands the output-block results it computed to remember(), and its
+    transformer blocks ask token_plans() for their plans.
     """
 
-    def __init__(self, settings, calls, seed, guided=False):
-        self.depths, self.calls = settings.depths(calls), calls
+    def __init__(self, settings, calls, seed, guided=False, sigmas=None):
+        self.plans, self.calls = settings.plans(calls, sigmas), calls
         self.settings, self.seed, self.guided = settings, seed, guided
+        self.lambdas = [-math.log(max(s, 1e-10)) for s in sigmas] if sigmas is not None else None   # λ = log(α/σ)
         self.call = None            # index of the UNet call in progress, 0 .. calls-1
         self.depth = None           # cache depth of the call in progress (None: full)
         self.features = None        # newest result of each output block (only when caching)
-        self.generator = None       # the token methods' random stream, on the latent's device
+        self.history = []           # (λ, output-block results) of the last full calls (a forecast's points)
         self.outputs = (None, None)  # the two most recent raw UNet outputs, oldest first
-        self.dynamics = None        # DaTo's D for the call in progress: [B, h, w] or None
+        self.estimates = (None, None)  # the two most recent estimates the sampler received, oldest first
+        self.delta = None           # eps_c - eps_u of the last guided call (raw outputs)
+        prune = settings.prune
+        self.tokens = prune.start(lambda name: stream_seed(seed, name)) if prune is not None else None
 
     def begin_call(self, index, x):
-        """UNet call `index` on latent x [B, c, h, w] is about to run."""
-        depth = self.depths[index]
-        self.call, self.depth = index, None if depth == FULL else depth
-        if self.generator is None:   # on the run's device: a CPU draw copied to a GPU would sync every block
-            self.generator = torch.Generator(x.device).manual_seed(stream_seed(self.seed, "accel"))
-        prune = self.settings.prune
-        self.dynamics = dynamics_map(*self.outputs) if prune is not None and prune.uses_dynamics else None
-        if self.dynamics is not None and self.dynamics.shape[0] != x.shape[0]:
-            self.dynamics = None
+        """UNet call `index` on latent batch x [B, c, h, w] is about to run."""
+        plan = self.plans[index]
+        self.call, self.depth = index, None if plan.depth == FULL else plan.depth
+        rows = x.shape[0]
+        if self.features is not None and self.features[0].shape[0] != rows:   # one branch after both
+            self.features = [fitted(f, rows) for f in self.features]
+            self.history = [(lam, [fitted(f, rows) for f in fs]) for lam, fs in self.history]
+        if self.depth is not None and self.settings.cache.order and self.history:
+            self.forecast(len(self.features) - 1 - self.depth)
+        if self.tokens is not None:
+            self.tokens.begin_call(index, x, self.outputs)
 
-    def end_call(self, output):
-        self.outputs = (self.outputs[1], output)
+    def forecast(self, entry):
+        """Replace the cached result of output block `entry` by its Lagrange extrapolation in λ through the
+        last (order + 1) full calls (fewer while there are fewer)."""
+        points = self.history[-(self.settings.cache.order + 1):]
+        lam = self.lambdas[self.call]
+        value = 0
+        for j, (lam_j, fs) in enumerate(points):
+            weight = math.prod((lam - lam_k) / (lam_j - lam_k) for k, (lam_k, _) in enumerate(points) if k != j)
+            value = value + weight * fs[entry]
+        self.features[entry] = value
+
+    def end_call(self, output, estimate=None, delta=None):
+        """UNet call done: its raw output (None: skipped), the estimate the sampler receives and the guidance
+        difference of a guided call."""
+        if output is not None:
+            self.outputs = (self.outputs[1], output)
+        self.estimates = (self.estimates[1], estimate)
+        if delta is not None:
+            self.delta = delta
+
+    def extrapolated(self):
+        """The estimate of a skipped call: 2 e_(i-1) - e_(i-2) (skip.py)."""
+        previous, latest = self.estimates
+        return 2 * latest - previous
 
     def remember(self, outputs):
         """The results of the last len(outputs) output blocks, just computed: a full call replaces
@@ -166,29 +260,23 @@ class AcceleratedRun:
         starts from the newest result of its entry block (DaTo's mixed-depth schedules)."""
         if self.settings.cache is None:
             return
-        if self.features is None:
+        if self.features is None or self.depth is None:
             self.features = list(outputs)
         else:
             self.features[len(self.features) - len(outputs):] = outputs
-
-    def call_generator(self):
-        """A fresh generator for one block that draws what every other block of this UNet call
-        draws, and something new for each call (DaTo's local_random: the official code re-forks
-        the global RNG in every block and nothing draws from it between the blocks of a call).
-        Its own stream per call, so the run's shared stream (self.generator) is left untouched."""
-        return torch.Generator(self.generator.device).manual_seed(stream_seed(self.seed, f"accel/call{self.call}"))
+        if self.depth is None and self.settings.cache.order:   # a point per noise level (PLMS evaluates one twice)
+            lam = self.lambdas[self.call]
+            self.history = ([p for p in self.history if p[0] != lam] + [(lam, list(outputs))])[-3:]
 
     def token_plans(self, x, hw, block, level):
         """A plan (prune/method.py) or None for self-attention, cross-attention and feed-forward of
         the transformer block named `block`, whose input is x [B, h*w, C], `level` x2 downsamplings
         below the UNet's top transformer level."""
-        prune = self.settings.prune
-        ratio = prune.ratio_at(self.call, self.calls) if prune is not None else 0
+        prune, ratio = self.settings.prune, self.plans[self.call].ratio
         if not ratio or not prune.applies(hw, level):
             return NO_PLANS
-        generator = self.call_generator() if prune.same_draws_per_call else self.generator
-        plan = prune.plan(x, hw, ratio, generator=generator, dynamics=self.dynamics, guided=self.guided)
+        guided = self.guided and self.plans[self.call].guidance == "both"
+        plan = self.tokens.plan(x, hw, ratio, guided)
         if self.settings.viz is not None:
             self.settings.viz.record(f"seed{self.seed}_call{self.call:03d}", block, hw, plan)
         return tuple(plan if layer in prune.layers else None for layer in LAYERS)
-

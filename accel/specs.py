@@ -6,7 +6,7 @@
 from dataclasses import dataclass, fields
 
 from prune import METHODS, max_ratio, token_method
-from sampler import SAMPLERS, unet_calls
+from sampler import SAMPLERS, call_sigmas, unet_calls
 
 from .presets import PRESETS, check_preset_fits, find_preset, is_schedule_file
 from .run import Acceleration
@@ -57,6 +57,11 @@ class Method:
     def calls(self):
         return unet_calls(self.steps, self.sampler)
 
+    @property
+    def sigmas(self):
+        """The noise level of each UNet call of its run (on the acceleration's timesteps, if it gives them)."""
+        return call_sigmas(self.sampler, self.steps, self.accel.timesteps or None if self.accel else None)
+
 
 def parse_run(spec, text):
     """'dpmpp-2m:20' (the part of a method spec after '@') -> (sampler, steps)."""
@@ -79,9 +84,10 @@ def parse_run_method(spec, sampler, steps):
     accel = parse_method(base)
     if base in PRESETS or is_schedule_file(base):
         check_preset_fits(base, sampler, steps)
+    method = Method(accel, sampler, steps)
     if accel is not None:
-        accel.check(unet_calls(steps, sampler))
-    return Method(accel, sampler, steps)
+        accel.check(method.calls, method.sigmas)
+    return method
 
 
 def parse_methods(text, sampler, steps):

@@ -11,13 +11,13 @@ calls a run makes).
 """
 import math
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass
 
 # How schedules write "a full call" (the whole UNet runs), as DaTo's files do; on SD1/SD2 it is
 # also the number of output blocks. A cached depth must be below the UNet's number of output
 # blocks, which the UNet checks (model.unet.RunState); below FULL is what a schedule can say.
 FULL = 12
-MODES = ("uniform", "nonuniform", "dato")
 MAX_POWER = 10   # of DeepCache's non-uniform curve: its search found ~1.4 best; the fit lowers it in 0.02 steps
 
 # DaTo's released cache vectors (github.com/EvelynZhang-epiclab/DaTo, sd1/scripts): entry i is
@@ -59,13 +59,16 @@ def deepcache_nonuniform(total, n, center=15, power=1.4):
 class CacheSchedule:
     """Feature caching settings; the defaults are DeepCache's SD1.5 setting.
 
-    mode: "uniform" (a full call every `interval` calls), "nonuniform" (DeepCache's: as many
-        full calls, denser around `center` with exponent `power`), or "dato" (explicit `depths`).
+    mode: a row of MODES: "uniform" (a full call every `interval` calls), "nonuniform" (DeepCache's:
+        as many full calls, denser around `center` with exponent `power`), or "dato" (explicit `depths`).
     interval: calls per full call for uniform/nonuniform (DeepCache SD1.5: 5; 3 is gentler).
     depth: depth of the cached calls for uniform/nonuniform (2: DeepCache SD; 1: DeepCache's
         LDM runs and DaTo; 0 repeats the last output).
     center, power: non-uniform shape (DeepCache: 15, 1.4; its search found c ~ 15, p ~ 1.4 best).
     depths: "dato" mode: one depth per UNet call, FULL (12) for full calls; call 0 must be full.
+    order: what a cached call starts from: 0 the newest remembered features (DeepCache, DaTo); 1 or 2
+        a forecast, the features extrapolated in λ = log(α/σ) from the last 2 or 3 full calls (linear or
+        quadratic; TaylorSeer's idea with the noise level as the time). Fewer full calls so far: lower.
 
     Everything is keyed by UNet-call index: uniform full calls are range(0, calls, interval)
     (interval 1: every call full), non-uniform ones DeepCache's formula with `calls` points.
@@ -78,10 +81,11 @@ class CacheSchedule:
     center: int = 15
     power: float = 1.4
     depths: tuple = ()
+    order: int = 0
 
     def __post_init__(self):
         if self.mode not in MODES:
-            raise ValueError(f"unknown cache mode {self.mode!r}; choose one of {MODES}")
+            raise ValueError(f"unknown cache mode {self.mode!r}; choose one of {', '.join(MODES)}")
         if isinstance(self.depths, list):   # JSON's arrays: stored as the tuple they mean
             object.__setattr__(self, "depths", tuple(self.depths))
         if not isinstance(self.depths, tuple):
@@ -89,7 +93,7 @@ class CacheSchedule:
         if isinstance(self.power, bool) or not isinstance(self.power, numbers.Real):
             raise ValueError(f"non-uniform power must be a number, got {self.power!r}")
         for name, value in (("interval", self.interval), ("depth", self.depth), ("center", self.center),
-                            *(("depths", d) for d in self.depths)):
+                            ("order", self.order), *(("depths", d) for d in self.depths)):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):   # numpy's integers too
                 raise ValueError(f"cache {name} must be a whole number (of UNet calls or blocks), got {value!r}")
         if self.interval < 1:
@@ -97,11 +101,12 @@ class CacheSchedule:
         if not 0 <= self.depth < FULL:
             raise ValueError(f"cache depth must be in 0..{FULL - 1} (cached calls recompute that many blocks "
                              f"on each side), got {self.depth}")
-        if self.mode == "dato" and not self.depths:
-            raise ValueError("cache mode 'dato' needs an explicit per-call depth vector")
-        if self.mode != "dato" and self.depths:
-            raise ValueError(f"cache mode {self.mode!r} computes its own depths; "
-                             "use mode 'dato' for an explicit vector")
+        if ("depths" in MODES[self.mode].reads) != bool(self.depths):
+            raise ValueError("cache mode 'dato' needs an explicit per-call depth vector" if not self.depths else
+                             f"cache mode {self.mode!r} computes its own depths; use mode 'dato' for an explicit "
+                             "vector")
+        if self.order not in FORECAST_ORDERS:
+            raise ValueError(f"cache order (forecast) must be one of {FORECAST_ORDERS} (0: reuse), got {self.order}")
         if bad := [d for d in self.depths if not 0 <= d <= FULL]:
             raise ValueError(f"cache depths must be in 0..{FULL} ({FULL} = full call), got {bad}")
         if self.mode == "nonuniform" and not 1 < self.power <= MAX_POWER:
@@ -111,19 +116,43 @@ class CacheSchedule:
 
     def depths_for(self, calls):
         """The per-call depths of a run of `calls` UNet calls."""
-        if self.mode == "dato":
-            if len(self.depths) != calls:
-                raise ValueError(f"cache schedule has {len(self.depths)} entries, but this run makes {calls} "
-                                 "UNet calls; give one depth per call")
-            if self.depths[0] != FULL:
-                raise ValueError(f"the first call has nothing cached to reuse: its depth must be {FULL} (full)")
-            return list(self.depths)
-        if self.mode == "uniform":
-            full = set(range(0, calls, self.interval))
-        else:
-            if self.center >= calls:   # the curve would centre beyond the run: about uniform, silently
-                raise ValueError(f"non-uniform center (--cache-center) {self.center} is not a UNet call of this run "
-                                 f"(0 .. {calls - 1}): full calls would centre on nothing; choose a center below "
-                                 f"{calls}")
-            full = set(deepcache_nonuniform(calls, math.ceil(calls / self.interval), self.center, self.power))
-        return [FULL if i in full else self.depth for i in range(calls)]
+        return MODES[self.mode].depths(self, calls)
+
+
+def uniform_depths(s, calls):
+    return [s.depth if i % s.interval else FULL for i in range(calls)]
+
+
+def nonuniform_depths(s, calls):
+    if s.center >= calls:   # the curve would centre beyond the run: about uniform, silently
+        raise ValueError(f"non-uniform center (--cache-center) {s.center} is not a UNet call of this run "
+                         f"(0 .. {calls - 1}): full calls would centre on nothing; choose a center below {calls}")
+    full = set(deepcache_nonuniform(calls, math.ceil(calls / s.interval), s.center, s.power))
+    return [FULL if i in full else s.depth for i in range(calls)]
+
+
+def explicit_depths(s, calls):
+    if len(s.depths) != calls:
+        raise ValueError(f"cache schedule has {len(s.depths)} entries, but this run makes {calls} UNet calls; "
+                         "give one depth per call")
+    if s.depths[0] != FULL:
+        raise ValueError(f"the first call has nothing cached to reuse: its depth must be {FULL} (full)")
+    return list(s.depths)
+
+
+@dataclass(frozen=True)
+class CacheMode:
+    """One way of placing full and cached calls: depths(schedule, calls) -> one depth per call; reads:
+    the CacheSchedule fields it uses (the others must keep their defaults: sample.py refuses their flags)."""
+    depths: Callable
+    reads: tuple
+    about: str
+
+
+FORECAST_ORDERS = (0, 1, 2)
+MODES = {
+    "uniform": CacheMode(uniform_depths, ("interval", "depth", "order"), "a full call every N calls (DeepCache)"),
+    "nonuniform": CacheMode(nonuniform_depths, ("interval", "depth", "center", "power", "order"),
+                            "as many full calls, densest around a centre call (DeepCache's non-uniform)"),
+    "dato": CacheMode(explicit_depths, ("depths", "order"), "an explicit depth per call (DaTo, searched schedules)"),
+}

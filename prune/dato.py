@@ -6,8 +6,8 @@ channel-mean |eps_k - eps_(k-1)| of the raw UNet outputs, pooled to the block's 
 carry the dynamics through self-attention, which keeps cached steps (cache/) from going stale.
 In a guided run (batch = [uncond; cond]) align_cfg uses the unconditional half's base tokens
 for the conditional half too. base_tokens="local_random" is the official code's default instead:
-a random position per cell, one pattern for the whole batch (the caller gives every block of a
-UNet call the same draws; see accel/).
+a random position per cell, one pattern for the whole batch and every block of a UNet call
+(DaToRun).
 
 Not reproduced from the official code (docs/methods.md, "Differences from the
 official code"): its random
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .method import RecoveringMethod, setting
+from .method import RecoveringMethod, TokenRun, setting
 from .tokens import cell_indices, noise, normalized, per_cell_argmax, split_by_similarity
 
 BASE_TOKENS = ("dynamics", "local_random")
@@ -49,15 +49,8 @@ class DaTo(RecoveringMethod):
         if self.gamma < 0:   # a weight: a negative one would prefer the tokens that change least
             raise ValueError(f"DaTo's gamma (the dynamics' weight) must be >= 0, got {self.gamma}")
 
-    @property
-    def uses_dynamics(self):
-        return self.base_tokens == "dynamics"
-
-    @property
-    def same_draws_per_call(self):
-        """local_random: one base pattern per call, as the official code gets by re-forking the global
-        RNG in every block."""
-        return self.base_tokens == "local_random"
+    def start(self, stream):
+        return DaToRun(self, stream)
 
     def plan(self, x, hw, ratio, generator=None, dynamics=None, guided=False):
         """x [B, h*w, C] (the block input) -> (prune, recover) as a TokenPlan.
@@ -89,6 +82,25 @@ class DaTo(RecoveringMethod):
             score = score + self.gamma * pooled(dynamics, hw).reshape(b, n).float()
         base = per_cell_argmax(score, h, w, self.sx, self.sy)
         return base[:b // 2].repeat(2, 1) if align else base
+
+
+class DaToRun(TokenRun):
+    """DaTo across a run: the dynamics map D of each call, from the two previous raw UNet outputs, and
+    for local_random one base pattern per call, shared by every block of it (the official code
+    re-forks the global RNG in every block and draws nothing between the blocks of a call): a
+    generator of its own per call, so the run's shared stream is left untouched."""
+
+    def begin_call(self, call, x, outputs):
+        super().begin_call(call, x, outputs)
+        dynamics = dynamics_map(*outputs) if self.method.base_tokens == "dynamics" else None
+        self.dynamics = dynamics if dynamics is not None and dynamics.shape[0] == x.shape[0] else None
+        self.call_seed = self.stream(f"accel/call{call}")
+
+    def plan(self, x, hw, ratio, guided):
+        generator = self.generator
+        if self.method.base_tokens == "local_random":
+            generator = torch.Generator(generator.device).manual_seed(self.call_seed)
+        return self.method.plan(x, hw, ratio, generator=generator, dynamics=self.dynamics, guided=guided)
 
 
 def dynamics_map(previous, latest):

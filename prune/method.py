@@ -20,6 +20,8 @@ import numbers
 from dataclasses import dataclass, field, fields, replace
 from typing import ClassVar
 
+import torch
+
 from .tokens import RECOVER, check_ratio
 
 LAYERS = ("attn1", "attn2", "ff")   # self-attention, cross-attention, feed-forward
@@ -74,15 +76,10 @@ class TokenMethod:
         if not self.layers or set(self.layers) - set(LAYERS):
             raise ValueError(f"layers must be a non-empty subset of {LAYERS}, got {self.layers}")
 
-    @property
-    def uses_dynamics(self):
-        """Whether plans need DaTo's dynamics map of the last two UNet outputs."""
-        return False
-
-    @property
-    def same_draws_per_call(self):
-        """Whether every block of a UNet call must draw the same random numbers."""
-        return False
+    def start(self, stream):
+        """This method's state for one sampling run (TokenRun), its random numbers drawn from the
+        seeds stream(name) (the run's named streams, sampler.stream_seed)."""
+        return TokenRun(self, stream)
 
     def check_calls(self, calls):
         """Raise ValueError if per-call settings do not fit a run of `calls` UNet calls."""
@@ -114,6 +111,25 @@ class TokenMethod:
     def plan(self, x, hw, ratio, generator=None, dynamics=None, guided=False):
         """The plan of one block whose input is x [B, h*w, C]; `guided`: x is a CFG batch [uncond; cond]."""
         raise NotImplementedError
+
+
+class TokenRun:
+    """A token method's state across the UNet calls of one run: its random stream, on the latent's
+    device (a CPU draw copied to a GPU would sync every block). The run state (accel/) begins each
+    call on it with the call's latent and the last two raw UNet outputs, and asks it for plans.
+    A method that needs more across calls (DaTo's dynamics) subclasses it."""
+
+    def __init__(self, method, stream):
+        self.method, self.stream, self.generator = method, stream, None
+
+    def begin_call(self, call, x, outputs):
+        """UNet call `call` on latent batch x [B, c, h, w] is about to run; outputs: the two most recent
+        raw UNet outputs, oldest first (None before there are two)."""
+        if self.generator is None:
+            self.generator = torch.Generator(x.device).manual_seed(self.stream("accel"))
+
+    def plan(self, x, hw, ratio, guided):
+        return self.method.plan(x, hw, ratio, generator=self.generator, guided=guided)
 
 
 @dataclass(frozen=True)

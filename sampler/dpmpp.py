@@ -57,15 +57,14 @@ def schedule(steps, alphas, karras=False):
         lo, hi = sigmas[0].item() ** (1 / KARRAS_RHO), sigmas[-1].item() ** (1 / KARRAS_RHO)
         levels = [(hi + r * (lo - hi)) ** KARRAS_RHO for r in linspace(0.0, 1.0, steps)]
         log_sigmas = sigmas.log()
-        ts = [round(timestep_of(s, log_sigmas)) for s in levels]
-    else:
-        ts = [round(v) for v in linspace(0.0, float(MAX_STEPS), steps + 1)][::-1][:-1]
-        levels = [sigmas_of(alphas[t]).item() for t in ts]
-    return ts, levels + [0.0]
+        return [round(timestep_of(s, log_sigmas)) for s in levels], levels + [0.0]
+    ts = [round(v) for v in linspace(0.0, float(MAX_STEPS), steps + 1)][::-1][:-1]
+    return ts, sigma_levels(ts, alphas)
 
 
-def timesteps(steps, alphas, karras=False):
-    return schedule(steps, alphas, karras)[0]
+def sigma_levels(ts, alphas):
+    """The noise levels σ of timesteps `ts` in sampling order, then 0 (the run ends on the data)."""
+    return [sigmas_of(alphas[t]).item() for t in ts] + [0.0]
 
 
 def alpha_sigma(sigma):
@@ -74,13 +73,13 @@ def alpha_sigma(sigma):
     return alpha, sigma * alpha
 
 
-def dpmpp_2m_steps(model, x, steps, alphas, eta=0.0, generator=None, karras=False):
-    """Yield (i, t, x_next, pred_x0) for each of `steps` steps.
+def dpmpp_2m_steps(model, x, ts, sigmas, eta=0.0, generator=None):
+    """Yield (i, t, x_next, pred_x0) for each step of timesteps `ts` (sampling order).
 
-    model(x, t, ᾱ) -> guided noise estimate; ᾱ = α_σ² is the noise level of x (for Karras sigmas
-    between the training timesteps). Deterministic: eta and generator are not used.
+    model(x, t, ᾱ) -> guided noise estimate; sigmas: the σ of each step, then the σ the run ends at
+    (0; for Karras sigmas the levels lie between the training timesteps, ᾱ = α_σ²).
+    Deterministic: eta and generator are not used.
     """
-    ts, sigmas = schedule(steps, alphas, karras)
     last = len(ts) - 1
     prev_x0 = prev_lambda = None
     for i, t in enumerate(ts):
@@ -98,8 +97,3 @@ def dpmpp_2m_steps(model, x, steps, alphas, eta=0.0, generator=None, karras=Fals
                 x = x - 0.5 * (a_t * math.expm1(-h)) * ((x0 - prev_x0) / r)
         prev_x0, prev_lambda = x0, lambda_s
         yield i, t, x, x0
-
-
-def dpmpp_2m_karras_steps(model, x, steps, alphas, eta=0.0, generator=None):
-    """dpmpp_2m_steps on Karras sigmas."""
-    return dpmpp_2m_steps(model, x, steps, alphas, eta, generator, karras=True)

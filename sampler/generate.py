@@ -22,7 +22,7 @@ from model.hardware import DTYPE_CHOICES, dtype_name, resolve_dtype, timed
 from model.unet import ATTENTION_BACKENDS
 
 from .loop import check_args, final_latent, run_steps
-from .samplers import unet_calls
+from .samplers import call_sigmas, unet_calls
 
 MAX_SEED = 2 ** 64 - 1   # torch.Generator.manual_seed takes seeds up to this
 
@@ -39,8 +39,9 @@ class Sampling:
     size: (H, W) in pixels, multiples of the VAE factor (None, or a None side: the model's native size).
     dtype: None keeps the model's precision; "auto" | "fp32" | "bf16" | "fp16" casts the model
         first (load it in the precision you want: casting back up does not restore bits).
-    attention: "sdpa" | "math". accel: an accel.Acceleration (token methods, caching) or None; anything
-        with its check(calls), check_unet(unet, hw, calls, rows), start(calls, seed, guided) and record() will do.
+    attention: "sdpa" | "math". accel: an accel.Acceleration (token methods, caching, guidance per call,
+        skipped calls, timesteps) or None; anything with its check(calls, sigmas), check_unet(unet, hw, calls,
+        rows), start(calls, seed, guided, sigmas), timesteps and record() will do.
     negative_prompt: the unconditional prompt (""). batch_size: images per sampler batch (1).
     """
     steps: int = 50
@@ -79,8 +80,9 @@ class Sampling:
                           stacklevel=3)
         if not is_int(self.batch_size) or self.batch_size < 1:
             raise ValueError(f"--n-samples (batch size) must be >= 1, got {self.batch_size!r}")
-        if self.accel is not None:   # schedules must fit this sampler and step count
-            self.accel.check(unet_calls(self.steps, self.sampler))
+        if self.accel is not None:   # schedules must fit this sampler and step count (and its noise levels)
+            timesteps = getattr(self.accel, "timesteps", None) or None
+            self.accel.check(unet_calls(self.steps, self.sampler), call_sigmas(self.sampler, self.steps, timesteps))
 
 
 def is_int(value):

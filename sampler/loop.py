@@ -15,8 +15,8 @@ import torch
 
 from model.config import PREDICTIONS
 
-from .samplers import find_sampler
-from .schedule import alphas_cumprod, check_steps
+from .samplers import find_sampler, run_schedule
+from .schedule import check_steps
 
 
 def stream_seed(seed, stream):
@@ -25,6 +25,29 @@ def stream_seed(seed, stream):
     independent of it and of each other."""
     return int.from_bytes(hashlib.sha256(f"{seed}/{stream}".encode()).digest()[:8], "little")
 
+
+GUIDANCE = {"both": 1.0, "cond": 0.5, "reuse": 0.5}   # guidance mode -> its share of a guided call's batch
+
+
+@dataclass(frozen=True)
+class CallPlan:
+    """How one UNet call of a run is made (an accelerated run's plans, accel/run.py). guidance: "both"
+    (the guided batch [uncond; cond]), "cond" (the conditional branch alone) or "reuse" (the conditional
+    branch plus the last guided call's difference, accel/guidance.py); depth: its cache depth (FULL, 12:
+    the whole UNet; model.unet.RunState); ratio: its token method's ratio (0: off); skip: no UNet call,
+    the estimate extrapolated (accel/skip.py)."""
+    guidance: str = "both"
+    depth: int = 12
+    ratio: float = 0.0
+    skip: bool = False
+
+    @property
+    def share(self):
+        """Its UNet batch relative to a guided call's: 1, 0.5 for one branch, 0 when skipped."""
+        return 0.0 if self.skip else GUIDANCE[self.guidance]
+
+
+PLAIN = CallPlan()   # the plain call: both branches, the whole UNet, nothing pruned
 
 MAX_SCALE = 100   # the highest guidance accepted; SD is used at 5-15
 
@@ -69,8 +92,9 @@ def sample_steps(unet, x_T, cond, uncond=None, steps=50, scale=7.5, method="plms
     Guidance batches one call on [x; x] with contexts [uncond; cond]:
     eps = eps_u + scale * (eps_c - eps_u). v-prediction outputs are converted per call:
     eps = √ᾱ·v + √(1-ᾱ)·x at the latent's noise level ᾱ. accel: an accel.Acceleration (or None); its
-    per-run state is made here. `seed` (the one x_T was drawn from) seeds the random streams of the
-    run: DDIM's noise when eta > 0 and the token methods' choices, each through its own stream_seed.
+    per-run state is made here, and each UNet call is made as its plan says (accel.run.CallPlan: one
+    guidance branch or both, or no call). `seed` (the one x_T was drawn from) seeds the random streams
+    of the run: DDIM's noise when eta > 0 and the token methods' choices, each through its own stream_seed.
     """
     check_args(steps, scale, method, eta, prediction)
     for name, c in (("cond", cond), ("uncond", uncond)):
@@ -85,34 +109,45 @@ def sample_steps(unet, x_T, cond, uncond=None, steps=50, scale=7.5, method="plms
 def run_steps(unet, x_T, cond, uncond, steps, scale, method, eta, prediction, accel, seed):
     """sample_steps on settings already checked (by sample_steps, or by Sampling for generate())."""
     sampler = find_sampler(method)
-    alphas = alphas_cumprod()
+    ts, levels = run_schedule(method, steps, accel.timesteps or None if accel is not None else None)
     guided = uncond is not None and scale != 1
-    run = accel.start(sampler.calls(steps), seed, guided) if accel is not None else None
-    calls = 0
+    run = accel.start(sampler.calls(steps), seed, guided, sampler.call_sigmas(levels)) if accel is not None else None
+    index = calls = 0
 
     def model(x, t, a):
-        nonlocal calls
-        x_in, c_in = (torch.cat([x, x]), joined(uncond, cond)) if guided else (x, cond)
+        nonlocal index, calls
+        plan = run.plans[index] if run is not None else PLAIN
+        index += 1
+        if plan.skip:
+            out = run.extrapolated()
+            run.end_call(None, out)
+            return out
+        both = guided and plan.guidance == "both"
+        x_in, c_in = (torch.cat([x, x]), joined(uncond, cond)) if both else (x, cond)
         t_in = torch.full((x_in.shape[0],), t, device=x.device)
         args, kwargs = ((c_in,), {}) if torch.is_tensor(c_in) else ((), c_in)
         if run is None:
-            out = unet(x_in, t_in, *args, **kwargs)
+            raw = unet(x_in, t_in, *args, **kwargs)
         else:
-            run.begin_call(calls, x_in)
-            out = unet(x_in, t_in, *args, **kwargs, state=run)
-            run.end_call(out)
+            run.begin_call(index - 1, x_in)
+            raw = unet(x_in, t_in, *args, **kwargs, state=run)
         calls += 1
-        out = out.to(x.dtype)
-        if guided:
+        out, delta = raw.to(x.dtype), None
+        if both:
             e_uncond, e_cond = out.chunk(2)
-            out = e_uncond + scale * (e_cond - e_uncond)
+            delta = e_cond - e_uncond
+            out = e_uncond + scale * delta
+        elif guided and plan.guidance == "reuse":   # eps_c + (w - 1)·Δ: the guided sum with the last Δ
+            out = out + (scale - 1) * run.delta
         if prediction == "v":
             out = a ** 0.5 * out + (1 - a) ** 0.5 * x
+        if run is not None:
+            run.end_call(raw, out, delta)
         return out
 
     x_T = x_T.to(torch.promote_types(x_T.dtype, torch.float32))   # latents stay in (at least) fp32
     generator = torch.Generator().manual_seed(stream_seed(seed, "ddim")) if sampler.takes_eta else None
-    for i, t, x, pred_x0 in sampler.run(model, x_T, steps, alphas, eta, generator):
+    for i, t, x, pred_x0 in sampler.run(model, x_T, ts, levels, eta, generator):
         yield Step(i, steps, t, x, pred_x0, calls)
 
 

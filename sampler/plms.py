@@ -10,23 +10,24 @@ eps' from the current and up to three previous noise estimates.
 where e1, e2, e3 are the previous steps' eps (as evaluated, not eps'). So S steps cost S + 1
 model calls: 50 steps = 51 calls.
 """
-from .schedule import ddim_update, ldm_timesteps, step_alphas
+from .schedule import ddim_update
 
 
-def plms_steps(model, x, steps, alphas, eta=0.0, generator=None):
-    """Yield (i, t, x_prev, pred_x0) for each of `steps` steps.
+def plms_steps(model, x, ts, levels, eta=0.0, generator=None):
+    """Yield (i, t, x_prev, pred_x0) for each step of timesteps `ts` (sampling order).
 
-    model(x, t, ᾱ) -> guided noise estimate at timestep t (noise level ᾱ); alphas: ᾱ indexed by
-    timestep. Deterministic: eta and generator are not used.
+    model(x, t, ᾱ) -> guided noise estimate at timestep t (noise level ᾱ); levels: ᾱ of each
+    timestep and, last, the level the run ends at (sampler/schedule.py, alpha_levels).
+    Deterministic: eta and generator are not used.
     """
-    ts = ldm_timesteps(steps)[::-1]
     old = []
-    for i, (t, (a_t, a_prev)) in enumerate(zip(ts, step_alphas(ts, alphas), strict=True)):
+    for i, t in enumerate(ts):
+        a_t, a_prev = levels[i], levels[i + 1]
         eps = model(x, t, a_t)
         if not old:
             x_euler, _ = ddim_update(x, eps, a_t, a_prev)
-            t_next = ts[min(i + 1, len(ts) - 1)]
-            eps_next = model(x_euler, t_next, alphas[t_next].item())
+            j = min(i + 1, len(ts) - 1)
+            eps_next = model(x_euler, ts[j], levels[j])
             eps_prime = (eps + eps_next) / 2
         elif len(old) == 1:
             eps_prime = (3 * eps - old[-1]) / 2

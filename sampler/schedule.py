@@ -31,11 +31,24 @@ def ldm_timesteps(steps):
     return [1 + i * (TRAIN_STEPS // steps) for i in range(steps)]
 
 
-def step_alphas(ts, alphas):
-    """(ᾱ_t, ᾱ_prev) for each step of timesteps `ts` in sampling order (descending).
-    The last step goes to ᾱ[0], not to 1, as in LDM."""
-    prev = list(ts[1:]) + [0]
-    return [(alphas[t].item(), alphas[p].item()) for t, p in zip(ts, prev, strict=True)]
+def alpha_levels(ts, alphas):
+    """The noise levels ᾱ of PLMS and DDIM for timesteps `ts` in sampling order (descending): ᾱ_t
+    of each, then the level the last step goes to, ᾱ[0] (not 1, as in LDM)."""
+    return [alphas[t].item() for t in ts] + [alphas[0].item()]
+
+
+def check_timesteps(timesteps, steps):
+    """Raise ValueError unless `timesteps` are `steps` whole training timesteps, strictly descending (the
+    order a run visits them), e.g. Align Your Steps' SD1.5 ten: 999, 850, ..., 24."""
+    if not isinstance(timesteps, (tuple, list)) or any(isinstance(t, bool) or not isinstance(t, int)
+                                                       for t in timesteps):
+        raise ValueError(f"timesteps must be a list of whole training timesteps, got {timesteps!r}")
+    if len(timesteps) != steps:
+        raise ValueError(f"{len(timesteps)} timesteps for a run of {steps} steps: give one per step")
+    descending = all(a > b for a, b in zip(timesteps, timesteps[1:], strict=False))
+    if not all(0 <= t <= MAX_STEPS for t in timesteps) or not descending:
+        raise ValueError(f"timesteps must run strictly down within 0 .. {MAX_STEPS} (sampling order), got "
+                         f"{list(timesteps)}")
 
 
 def ddim_update(x, eps, a_t, a_prev, sigma=0.0, noise=None):

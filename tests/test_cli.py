@@ -297,7 +297,21 @@ def test_caching(tmp_path, tokenizer_dir):
     (["--prune", "sito", "--prune-base", "local_random"], "--prune-base: no effect with --prune sito"),
     (["--cache", "uniform", "--cache-power", "1.2"], "--cache-power: no effect with --cache uniform"),
     (["--cache", "dato", "--cache-schedule", "12,1", "--cache-depth", "1"],
-     "--cache-depth: no effect with --cache dato")])
+     "--cache-depth: no effect with --cache dato"),
+    (["--cache-order", "1"], "--cache-order: no effect with --cache none"),
+    (["--cache", "uniform", "--cache-order", "3"], "cache order (forecast) must be one of (0, 1, 2)"),
+    (["--guidance-outside", "reuse"], "give the window too"),
+    (["--guidance-window", "1"], "two noise levels LO,HI"),
+    (["--guidance-window", "5,1"], "0 <= σ_lo < σ_hi"),
+    (["--guidance-window", "1,5", "--guidance-schedule", "both"], "not both"),
+    (["--guidance-schedule", "both,reuse"], "2 modes, but this run makes 11"),
+    (["--guidance-schedule", "reuse" + ",both" * 10], "no guided call is made before it"),
+    (["--guidance-schedule", "both" + ",guided" * 10], "guidance modes must be one of both, cond, reuse"),
+    (["--skip", "1"], "indices >= 2"),
+    (["--skip", "3,4"], "must not follow one another"),
+    (["--skip", "11"], "skipped call 11 is not a UNet call of this run"),
+    (["--timesteps", "999,500"], "2 timesteps for a run of 10 steps"),
+    (["--preset", "ays-10", "--timesteps", "999,500"], "fixes timesteps; leave out --timesteps")])
 def test_cache_errors(tmp_path, capsys, args, match):
     with pytest.raises(SystemExit):
         sample.main(["--prompt", "x", "--steps", "10", "--ckpt", str(tmp_path / "missing.safetensors")] + args)

@@ -225,8 +225,11 @@ def test_base_tokens_setting_is_checked():
         token_method("dato", base_tokens="random")
     with pytest.raises(ValueError, match="base_tokens must be one of"):
         DaTo(base_tokens="simscore")
-    assert not token_method("dato", base_tokens="local_random").uses_dynamics
-    assert token_method("dato").uses_dynamics
+    x, outputs = torch.zeros(2, 4, 8, 8), (torch.zeros(2, 4, 8, 8), torch.ones(2, 4, 8, 8))
+    for base, uses in (("local_random", False), ("dynamics", True)):
+        run = token_method("dato", base_tokens=base).start(lambda name: 0)
+        run.begin_call(0, x, outputs)
+        assert (run.dynamics is not None) == uses
 
 
 def test_dato_presets_follow_the_official_recipes():

@@ -164,14 +164,14 @@ def test_run_state_sees_every_call():
             seen.append(index)
             super().begin_call(index, x)
 
-        def end_call(self, output):
+        def end_call(self, output, estimate=None, delta=None):
             outputs.append(output)
-            super().end_call(output)
+            super().end_call(output, estimate, delta)
 
     class Watched(Acceleration):
-        def start(self, calls, seed, guided=False):
-            assert calls == 51 and guided
-            return Watch(self, calls, seed, guided)
+        def start(self, calls, seed, guided=False, sigmas=None):
+            assert calls == 51 and guided and len(sigmas) == 51
+            return Watch(self, calls, seed, guided, sigmas)
 
     def unet(x, t, context, state=None):
         assert isinstance(state, Watch)

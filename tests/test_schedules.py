@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 import sample
-from accel import PRESETS, Acceleration, call_kinds, find_preset, parse_methods, run_macs, schedule_entry
+from accel import PRESETS, Acceleration, find_preset, parse_methods, run_macs, run_plans, schedule_entry
 from cache import FULL, CacheSchedule
 from model import load_checkpoint
 from prune import token_method
@@ -33,7 +33,7 @@ def test_every_preset_round_trips_call_by_call(tmp_path, name):
     loaded = find_preset(path)
     calls = len(loaded.acceleration().depths(51 if sampler == "plms" else steps))
     assert loaded.run == (sampler, steps) and loaded.about == preset.about
-    assert call_kinds(loaded.acceleration(), calls) == call_kinds(preset.acceleration(), calls)
+    assert run_plans(loaded.acceleration(), calls) == run_plans(preset.acceleration(), calls)
     if preset.prune is not None:   # every other pruning setting carried over
         keep = {k: v for k, v in vars(preset.prune).items() if k not in ("ratio", "schedule")}
         assert {k: v for k, v in vars(loaded.prune).items() if k in keep} == keep

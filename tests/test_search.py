@@ -12,25 +12,45 @@ from tools import evaluate, search
 pytest.importorskip("pymoo")
 
 
-def test_repair_keeps_constraints_on_random_offspring():
-    space = search.Space(51, "joint", min_full=4, max_reuse=2)
+PLAIN = (["both"] * 51, [False] * 51)
+
+
+@pytest.mark.parametrize("plan_genes", [False, True])
+def test_repair_keeps_constraints_on_random_offspring(plan_genes):
+    space = search.Space(51, "joint", min_full=4, max_reuse=2, guidance=plan_genes, skips=plan_genes)
     problem_repair = search.pymoo_repair(space)
     rng = np.random.default_rng(0)
     offspring = rng.uniform(0, np.array(space.bounds), size=(300, len(space.bounds)))   # as SBX/PM leave them
     for x in problem_repair._do(None, offspring):
-        depths, ratios = space.decode(x)
-        assert depths[0] == FULL and depths.count(FULL) >= 4
-        zeros = "".join("0" if d == 0 else "x" for d in depths)
+        plan = space.decode(x)
+        depths, ratios, modes, skipped = plan
+        made = [i for i in range(51) if not skipped[i]]
+        assert depths[0] == FULL and sum(depths[i] == FULL for i in made) >= 4
+        zeros = "".join("0" if depths[i] == 0 else "x" for i in made)
         assert "000" not in zeros
         assert all(r == 0 for d, r in zip(depths, ratios, strict=True) if d == 0)
-        assert space.repair(depths, ratios) == (depths, ratios)   # repaired schedules stay as they are
-    assert space.repair([1] * 51, [0.5] * 51)[0].count(FULL) == 4   # the repair changes only what it must
+        assert not skipped[0] and not skipped[1]
+        assert not any(a and b for a, b in zip(skipped, skipped[1:], strict=False))
+        space.acceleration(plan).check(51)   # a plan a run can follow: guidance before reuse, guided features
+        assert space.repair(plan) == plan   # repaired schedules stay as they are
+        assert plan_genes or (modes, skipped) == PLAIN
+    assert space.repair(search.Plan([1] * 51, [0.5] * 51, *PLAIN)).depths.count(FULL) == 4   # only what it must
 
 
 def test_search_space_round_trips_the_presets():
     space = search.Space(51, "cache")
     depths = find_preset("dato-coco").acceleration().depths(51)
-    assert space.decode(space.encode(depths, [0.4] * 51)) == (list(depths), [0.4] * 51)
+    plan = search.Plan(list(depths), [0.4] * 51, *PLAIN)
+    assert space.decode(space.encode(plan)) == plan
+
+
+def test_initial_population_spans_light_and_heavy_schedules():
+    """Random schedules draw their cheapness too: the population is not all at the cheap end."""
+    space = search.Space(10, "joint", guidance=True, skips=True)
+    rng = np.random.default_rng(0)
+    cached = [sum(d != FULL for d in space.repair(space.decode(row)).depths)
+              for row in search.initial_population(space, 40, rng)]
+    assert min(cached) <= 2 and max(cached) >= 6
 
 
 TINY = ["--random-weights", "tiny", "--H", "32", "--W", "32", "--steps", "4", "--n", "2", "--batch-size", "2",

@@ -29,7 +29,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from accel import call_kinds, kind_macs, method_syntax, parse_methods, parse_run_method, run_macs
+from accel import kind_macs, method_syntax, parse_methods, parse_run_method, run_macs, run_plans
 from cache import FULL
 from lab.vocab import SHIPPED_TOKENIZER
 from model import PRESETS as MODELS
@@ -63,10 +63,11 @@ def bench_methods(args, unet, config, methods, attention, device, dtype):
         cond["y"] = added_conditioning(pooled, ids, config.size_embed_dim)
         added = {"text_embeds": pooled, "time_ids": ids}
     calls = unet_calls(args.steps, args.sampler)   # the command's run: what "baseline" and diffusers make
-    plan = {spec: call_kinds(m.accel, m.calls) for spec, m in methods.items()}
+    plan = {spec: run_plans(m.accel, m.calls, m.sigmas) for spec, m in methods.items()}
 
     keys = {spec: [kind_settings(methods[spec].accel, kind) for kind in kinds] for spec, kinds in plan.items()}
-    fns = {key: kind_call(unet, key, x, t, cond) for key in dict.fromkeys(k for ks in keys.values() for k in ks)}
+    fns = {key: kind_call(unet, key, x, t, cond)
+           for key in dict.fromkeys(k for ks in keys.values() for k in ks if k is not None)}
     if args.vs_diffusers:
         theirs = diffusers_unet(unet, config, attention)
         extra = {"added_cond_kwargs": added} if "y" in cond else {}
@@ -82,7 +83,7 @@ def bench_methods(args, unet, config, methods, attention, device, dtype):
 
     rows = {}
     for spec, kinds in plan.items():
-        run = {f.__name__: sum(f(times[k]) for k in keys[spec]) for f in (statistics.median, min, max)}
+        run = {f.__name__: sum(f(times[k]) for k in keys[spec] if k is not None) for f in (statistics.median, min, max)}
         macs = {mm: sum(kind_macs(unet, methods[spec].accel, k, hw, mm) for k in kinds) for mm in (False, True)}
         n = len(kinds)   # this method's UNet calls (its own run's)
         rows[spec] = dict(calls=n, sampler=methods[spec].sampler, steps=methods[spec].steps, run_s=run["median"],
@@ -90,9 +91,8 @@ def bench_methods(args, unet, config, methods, attention, device, dtype):
                           call_min_ms=1e3 * run["min"] / n, call_max_ms=1e3 * run["max"] / n,
                           gmacs_call=macs[False] / n / 1e9, gmacs_call_mm=macs[True] / n / 1e9,
                           gmacs_run=macs[False] / 1e9, gmacs_run_mm=macs[True] / 1e9,
-                          peak_mb=max((memory[k] or 0) for k in keys[spec]) / 2 ** 20,
-                          kinds={f"{'full' if d == FULL else f'depth {d}'} @ {r:g}": kinds.count((d, r))
-                                 for d, r in dict.fromkeys(kinds)})
+                          peak_mb=max((memory[k] or 0) for k in keys[spec] if k is not None) / 2 ** 20,
+                          kinds={kind_name(k): kinds.count(k) for k in dict.fromkeys(kinds)})
     if args.vs_diffusers:
         ts = times["diffusers"]
         rows["diffusers"] = dict(calls=calls, run_s=statistics.median(ts) * calls, call_ms=statistics.median(ts) * 1e3,
@@ -149,13 +149,21 @@ def macs_table(args, methods):
           f"{'GMAC/run':>9} {'MAC ratio':>9} {'+attn mm':>8}")
     rows = {}
     for spec, m in methods.items():
-        macs = [run_macs(unet, m.accel, m.calls, hw, mm) for mm in (False, True)]
+        macs = [run_macs(unet, m.accel, m.calls, hw, mm, m.sigmas) for mm in (False, True)]
         rows[spec] = dict(calls=m.calls, gmacs_call=macs[0] / m.calls / 1e9, gmacs_call_mm=macs[1] / m.calls / 1e9,
                           gmacs_run=macs[0] / 1e9, macs_ratio=base[0] / macs[0], macs_ratio_mm=base[1] / macs[1])
         r = rows[spec]
         print(f"{spec:28} {m.calls:5} {r['gmacs_call']:9.1f} {r['gmacs_call_mm']:8.1f} {r['gmacs_run']:9.0f} "
               f"{ratio_text(r['macs_ratio'], 9)} {ratio_text(r['macs_ratio_mm'], 8)}")
     return rows
+
+
+def kind_name(plan):
+    """'full @ 0', 'depth 2 @ 0.4', 'full @ 0 cond', 'skipped': a call kind of bench.py's table."""
+    if plan.skip:
+        return "skipped"
+    name = f"{'full' if plan.depth == FULL else f'depth {plan.depth}'} @ {plan.ratio:g}"
+    return name if plan.guidance == "both" else f"{name} {plan.guidance}"
 
 
 # token selection alone ------------------------------------------------------------------------

@@ -276,7 +276,7 @@ def measure(sd, scorer, prompts, methods, args, shard, timing, stats):
             baseline_correct = [ok for part in parts for ok in part["correct"]] if scorer.lab else None
         m = methods[spec]
         entry = {"n": n, "sampler": m.sampler, "steps": m.steps,
-                 "mac_ratio": base_macs / run_macs(sd.unet, m.accel, m.calls, hw, matmuls=True)}
+                 "mac_ratio": base_macs / run_macs(sd.unet, m.accel, m.calls, hw, matmuls=True, sigmas=m.sigmas)}
         others = (None, None) if spec == "baseline" else (baseline, baseline_correct)
         entry.update(scorer.summarize(parts, prompts, reference, *others))
         if (s := speedup(timing, spec)) is not None:

@@ -6,27 +6,33 @@ import re
 
 import torch
 
-from accel import Acceleration
+from accel import Acceleration, Guidance
 from cache import FULL, CacheSchedule
 from model.hardware import timed
 from model.unet import UNetModel
 
 
-def kind_settings(accel, kind):
-    """(pruning settings or None, cache depth) of a call of this kind: equal settings are timed once."""
-    depth, ratio = kind
-    return (accel.prune.every_call(ratio) if ratio else None), depth
+def kind_settings(accel, plan):
+    """(pruning settings or None, cache depth, guided) of a call made as `plan` (a CallPlan), None for a
+    skipped call (nothing to time): equal settings are timed once."""
+    if plan.skip:
+        return None
+    return (accel.prune.every_call(plan.ratio) if plan.ratio else None), plan.depth, plan.guidance == "both"
 
 
 def kind_call(unet, settings, x, t, cond):
     """A function making one UNet call with these settings, as it happens inside a run: the cache
-    filled by an earlier full call, two earlier outputs for DaTo's dynamics map. cond: the UNet's
-    keyword inputs (context, and y for SDXL)."""
-    prune, depth = settings
+    filled by an earlier full call, two earlier outputs for DaTo's dynamics map; a one-branch call on
+    the conditional half of the guided batch x. cond: the UNet's keyword inputs (context, and y for SDXL)."""
+    prune, depth, guided = settings
+    if not guided:
+        half = x.shape[0] // 2
+        x, t, cond = x[half:], t[half:], {k: v[half:] for k, v in cond.items()}
     if prune is None and depth == FULL:
         return lambda: unet(x, t, **cond)
     cache = CacheSchedule("dato", depths=(FULL, depth)) if depth != FULL else None
-    state = Acceleration(prune, cache).start(2, 0, guided=True)   # the benchmark's batches are [uncond; cond]
+    mode = "both" if guided else "cond"
+    state = Acceleration(prune, cache, guidance=Guidance(modes=(mode, mode))).start(2, 0, guided=True)
     for _ in range(2):
         state.end_call(torch.randn_like(x))
     state.begin_call(0, x)

@@ -74,7 +74,7 @@ from tools.metrics import Scorer
 from tools.report import PRESETS_SHOWN, non_dominated, report
 from tools.results import read_log
 from tools.shard import Shard, add_worker_flag, run_workers, wants_workers
-from tools.space import Space, initial_population, pymoo_problem, pymoo_repair
+from tools.space import Plan, Space, initial_population, pymoo_problem, pymoo_repair
 
 QUALITIES = {"accuracy": 1, "psnr": 1, "fd_lab_vs_baseline": -1}   # +1: higher is better
 COSTS = {"macs": "mac_ratio", "time": "speedup"}   # --cost -> the record's field; the objective is its inverse
@@ -123,10 +123,11 @@ class Evaluator:
         return QUALITIES[self.args.quality] * entry[self.args.quality]
 
     def __call__(self, schedules):
-        """[{"quality", "mac_ratio", ...}] of repaired (depths, ratios) schedules, on every process. Those not
+        """[{"quality", "mac_ratio", ...}] of repaired schedules (tools.space.Plan), on every process. Those not
         in the log are evaluated, one per process at a time (schedule i by rank i % processes), and logged
         by rank 0 in the order given."""
-        keys = [json.dumps([depths, ratios]) for depths, ratios in schedules]
+        keys = [json.dumps(self.space.key(plan)) for plan in schedules]
+        plans = dict(zip(keys, schedules, strict=True))
         todo = list(dict.fromkeys(key for key in keys if key not in self.done))
         if todo:
             if self.spent > 60 * self.args.budget_minutes:
@@ -134,7 +135,7 @@ class Evaluator:
             if self.baseline_seconds is None and (self.args.quality != "accuracy" or self.args.cost == "time"):
                 self.prepare_baseline()
             def work(i, _):
-                return self.evaluate(*json.loads(todo[i]))
+                return self.evaluate(plans[todo[i]])
             records = self.shard.share(self.shard.batches(len(todo), 1, work))
             for record in records:
                 record["share"] = record["seconds"] / self.shard.world   # of the search's wall-clock
@@ -157,17 +158,17 @@ class Evaluator:
             features = [self.scorer.features_of(batch) for _, batch in self.batches(images)]
             self.baseline_features = {name: [f[name] for f in features] for name in self.scorer.features}
 
-    def mac_ratio(self, depths, ratios):
+    def mac_ratio(self, plan):
         """The baseline's UNet MACs over the schedule's (analytic: known before rendering)."""
-        accel = self.space.acceleration(depths, ratios)
+        accel = self.space.acceleration(plan)
         return self.base_macs / run_macs(self.sd.unet, accel, self.space.calls, self.hw, matmuls=True)
 
-    def evaluate(self, depths, ratios):
+    def evaluate(self, plan):
         start = time.perf_counter()
-        images, unet_seconds = self.render(self.space.acceleration(depths, ratios))
-        record = {"key": json.dumps([depths, ratios]), "depths": depths, "ratios": ratios,
-                  "quality": self.score(images), "unet_seconds": unet_seconds,
-                  "mac_ratio": self.mac_ratio(depths, ratios)}
+        images, unet_seconds = self.render(self.space.acceleration(plan))
+        record = {"key": json.dumps(self.space.key(plan)), "depths": plan.depths, "ratios": plan.ratios,
+                  **({"modes": plan.modes, "skipped": plan.skipped} if self.space.guidance or self.space.skips else {}),
+                  "quality": self.score(images), "unet_seconds": unet_seconds, "mac_ratio": self.mac_ratio(plan)}
         if self.args.cost == "time":   # kept in the record: a resumed run replays the same objectives
             record["speedup"] = self.baseline_seconds / unet_seconds
         return {**record, "seconds": time.perf_counter() - start}
@@ -185,7 +186,7 @@ def search(args, evaluate, space):
     from pymoo.operators.repair.rounding import RoundingRepair
 
     rng = np.random.default_rng(args.seed)
-    feasible = lambda depths, ratios: evaluate.mac_ratio(depths, ratios) >= args.min_mac_ratio   # noqa: E731
+    feasible = lambda plan: evaluate.mac_ratio(plan) >= args.min_mac_ratio   # noqa: E731
     algorithm = NSGA2(pop_size=args.population, sampling=initial_population(space, args.population, rng, feasible),
                       crossover=SBX(prob=0.9, eta=10, vtype=float, repair=RoundingRepair()),
                       mutation=PM(prob=1.0, eta=10, vtype=float, repair=RoundingRepair()),
@@ -206,15 +207,21 @@ def search(args, evaluate, space):
 
 
 def write_pareto(path, records, space, args):
-    points = [schedule_entry(space.acceleration(r["depths"], r["ratios"]), args.sampler, args.steps,
+    points = [schedule_entry(space.acceleration(record_plan(r, space.calls)), args.sampler, args.steps,
                              about=f"search.py --search {args.search}: search-set {args.quality} "
                                    f"{r['quality']:.4f} at {r['mac_ratio']:.2f}x fewer MACs",
                              mac_ratio=r["mac_ratio"], search_quality=r["quality"],
                              **({"speedup": r["speedup"]} if "speedup" in r else {})) for r in records]
     settings = {k: getattr(args, k) for k in ("search", "quality", "cost", "n", "seed", "population", "generations",
                                               "method", "min_full", "max_reuse", "min_mac_ratio", "steps",
-                                              "sampler")}
+                                              "sampler", "guidance", "skips")}
     write_json(path, {"points": points, "search": settings})
+
+
+def record_plan(record, calls):
+    """The Plan of an evaluation record (a search of depths and ratios only logs no modes or skips)."""
+    return Plan(record["depths"], record["ratios"], record.get("modes", ["both"] * calls),
+                record.get("skipped", [False] * calls))
 
 
 def heldout_command(args, out, points):
@@ -256,7 +263,8 @@ def search_space(args):
                              f"(--sampler {args.sampler} --steps {args.steps}) makes {calls} UNet calls: give a "
                              "schedule file of this run (a search's pareto.json#k) or a preset that fits it") from None
     return Space(calls, args.search, depths=depths, ratios=ratios, fixed_depths=fixed, fixed_ratio=args.fixed_ratio,
-                 min_full=args.min_full, max_reuse=args.max_reuse, method=args.method)
+                 min_full=args.min_full, max_reuse=args.max_reuse, method=args.method, guidance=args.guidance,
+                 skips=args.skips)
 
 
 def run(args):
@@ -292,9 +300,10 @@ def run(args):
     sd = load_model(args, device, dtype)
     # what an evaluation depends on: a resumed search reuses the log's records only under the same settings
     settings = {**settings_record(args, sd, prompts, dtype), "quality": args.quality, "cost": args.cost,
-                "method": args.method}
+                "method": args.method, **({"guidance": True} if args.guidance else {}),
+                **({"skips": True} if args.skips else {})}
     evaluate = Evaluator(sd, args, space, prompts, scorer, os.path.join(args.out, "evaluations.jsonl"), shard)
-    reach = evaluate.mac_ratio(*space.cheapest())
+    reach = evaluate.mac_ratio(space.cheapest())
     if args.min_mac_ratio > reach:
         raise ValueError(f"--min-mac-ratio {args.min_mac_ratio:g} is out of reach: the cheapest schedule these "
                          f"constraints allow saves {reach:.2f}x; lower it, or relax --max-reuse / --min-full")
@@ -336,6 +345,10 @@ def parser():
     p.add_argument("--fixed-depths", default="dato-fixed", help="--search prune: depths of this preset/file")
     p.add_argument("--min-full", type=int, default=2, help="at least this many full calls (2)")
     p.add_argument("--max-reuse", type=int, default=3, help="at most this many reuse-all calls in a row (3)")
+    p.add_argument("--guidance", action="store_true", help="search each call's guidance too: both branches, the "
+                   "conditional one plus the last guided difference (reuse), or the conditional one alone (cond)")
+    p.add_argument("--skips", action="store_true", help="search which calls are skipped too (their estimate "
+                   "extrapolated from the last two; never two in a row)")
     p.add_argument("--min-mac-ratio", type=float, default=1.0,
                    help="search only schedules with at least this MAC ratio; the others are not rendered (1: all)")
     p.add_argument("--report", metavar="HELDOUT_DIR", help="add evaluate.py's held-out results to pareto.json")

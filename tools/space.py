@@ -1,24 +1,38 @@
-"""The genome of search.py's schedule search, its constraints and NSGA-II's problem (pymoo): one cache
-depth gene and/or one pruning ratio gene per UNet call, repaired after every variation."""
+"""The genome of search.py's schedule search, its constraints and NSGA-II's problem (pymoo): per UNet call a
+cache depth gene and/or a pruning ratio gene, and optionally a guidance gene and a skip gene (the call plan,
+accel/run.py), repaired after every variation."""
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
-from accel import Acceleration, find_preset
+from accel import Acceleration, Guidance, Skip, find_preset
 from cache import FULL, CacheSchedule
 from prune import token_method
 from tools.report import PRESETS_SHOWN
 
+GUIDANCE_CHOICES = ("both", "reuse", "cond")   # ordered: neighbouring genes are similar calls
+
+
+class Plan(NamedTuple):
+    """A searched schedule: per UNet call its depth, ratio, guidance mode and whether it is skipped."""
+    depths: list
+    ratios: list
+    modes: list
+    skipped: list
+
 
 @dataclass
 class Space:
-    """The genome of a schedule and its constraints: one depth gene and/or one ratio gene per UNet call,
-    each an index into its list of choices (ordered, so neighbouring indices are similar schedules).
+    """The genome of a schedule and its constraints: one depth gene and/or one ratio gene per UNet call, each an
+    index into its list of choices (ordered, so neighbouring indices are similar schedules), then with `guidance`
+    one mode gene per call (both, reuse, cond) and with `skips` one skip gene per call.
 
-    calls: UNet calls of the run. search: "cache", "prune" or "joint" (what the genes hold).
+    calls: UNet calls of the run. search: "cache", "prune" or "joint" (what the depth/ratio genes hold).
     depths, ratios: the choices of a gene (FULL and 0 are always among them). fixed_depths: the depths
     of a "prune" search (default: every call full); fixed_ratio: the ratio of a "cache" search.
     min_full: full calls at least; max_reuse: cached calls in a row at most. method: the token method.
+    guidance: search each call's guidance mode. skips: search which calls are skipped (extrapolated).
     """
     calls: int
     search: str = "joint"
@@ -29,6 +43,8 @@ class Space:
     min_full: int = 2
     max_reuse: int = 3
     method: str = "dato"
+    guidance: bool = False
+    skips: bool = False
 
     def __post_init__(self):
         self.depths = tuple(sorted(set(self.depths) | {FULL}))
@@ -54,51 +70,81 @@ class Space:
     def bounds(self):
         """Upper bound of each gene (the lower bounds are 0)."""
         return ([len(self.depths) - 1] * self.calls * self.searches_depths
-                + [len(self.ratios) - 1] * self.calls * self.searches_ratios)
+                + [len(self.ratios) - 1] * self.calls * self.searches_ratios
+                + [len(GUIDANCE_CHOICES) - 1] * self.calls * self.guidance + [1] * self.calls * self.skips)
 
     def decode(self, genes):
-        """(depths, ratios) per UNet call of a genome."""
-        genes = [int(g) for g in genes]
-        depths = [self.depths[g] for g in genes[:self.calls]] if self.searches_depths else list(self.fixed_depths)
-        ratios = [self.ratios[g] for g in genes[-self.calls:]] if self.searches_ratios else \
-            [self.fixed_ratio] * self.calls
-        return depths, ratios
+        """The Plan of a genome."""
+        genes, n = [int(g) for g in genes], self.calls
+        parts = iter([genes[k:k + n] for k in range(0, len(genes), n)])
+        depths = [self.depths[g] for g in next(parts)] if self.searches_depths else list(self.fixed_depths)
+        ratios = [self.ratios[g] for g in next(parts)] if self.searches_ratios else [self.fixed_ratio] * n
+        modes = [GUIDANCE_CHOICES[g] for g in next(parts)] if self.guidance else ["both"] * n
+        skipped = [bool(g) for g in next(parts)] if self.skips else [False] * n
+        return Plan(depths, ratios, modes, skipped)
 
-    def encode(self, depths, ratios):
-        """The genome of (depths, ratios); each value is taken to the nearest choice."""
+    def encode(self, plan):
+        """The genome of a Plan; each depth and ratio is taken to the nearest choice."""
         nearest = lambda values, v: min(range(len(values)), key=lambda i: abs(values[i] - v))  # noqa: E731
-        genes = [nearest(self.depths, d) for d in depths] * self.searches_depths
-        return genes + [nearest(self.ratios, r) for r in ratios] * self.searches_ratios
+        return ([nearest(self.depths, d) for d in plan.depths] * self.searches_depths
+                + [nearest(self.ratios, r) for r in plan.ratios] * self.searches_ratios
+                + [GUIDANCE_CHOICES.index(m) for m in plan.modes] * self.guidance
+                + [int(s) for s in plan.skipped] * self.skips)
 
-    def repair(self, depths, ratios):
-        """The constraints, kept by the smallest deterministic changes: call 0 full; every run of reuse-all
-        calls longer than max_reuse broken by a shallowest non-reuse call; a full call in the middle of the
-        longest stretch without one until there are min_full; no ratio on reuse-all calls."""
-        depths, ratios = list(depths), list(ratios)
-        depths[0] = FULL
+    def repair(self, plan):
+        """The constraints, kept by the smallest deterministic changes: call 0 full, guided and made; no skipped
+        call before call 2 or right after another; every run of reuse-all calls longer than max_reuse broken by a
+        shallowest non-reuse call; a full call in the middle of the longest stretch without one until there are
+        min_full; a guided cached call after a one-branch call since the last full one reuses the difference
+        instead; no ratio on reuse-all calls; a skipped call holds the plain genes (nothing of it is made)."""
+        depths, ratios, modes, skipped = (list(part) for part in plan)
+        depths[0], modes[0] = FULL, "both"
+        for i in range(self.calls):
+            skipped[i] = skipped[i] and i >= 2 and not skipped[i - 1]
         shallowest = min((d for d in self.depths if d > 0), default=FULL)
         run = 0
         for i, d in enumerate(depths):
+            if skipped[i]:   # nothing is made: it neither breaks nor extends a run of reuse-all calls
+                continue
             run = run + 1 if d == 0 else 0
             if run > self.max_reuse:
                 depths[i], run = shallowest, 0
-        while depths.count(FULL) < self.min_full:
-            full = [i for i, d in enumerate(depths) if d == FULL] + [self.calls]
-            gap, start = max((b - a, a) for a, b in zip(full, full[1:], strict=False))
-            depths[start + gap // 2] = FULL
+        full = lambda: [i for i, d in enumerate(depths) if d == FULL and not skipped[i]]  # noqa: E731
+        while len(full()) < self.min_full:
+            ends = full() + [self.calls]
+            gap, start = max((b - a, a) for a, b in zip(ends, ends[1:], strict=False))
+            depths[start + gap // 2], skipped[start + gap // 2] = FULL, False
+        features_guided = True
+        for i in range(self.calls):
+            if skipped[i]:
+                depths[i], ratios[i], modes[i] = FULL, 0, "both"
+                continue
+            if depths[i] != FULL and modes[i] == "both" and not features_guided:
+                modes[i] = "reuse"
+            both = modes[i] == "both"
+            features_guided = both if depths[i] == FULL else features_guided and both
         ratios = [0 if d == 0 else r for d, r in zip(depths, ratios, strict=True)]
-        return depths, ratios
+        return Plan(depths, ratios, modes, skipped)
 
     def cheapest(self):
-        """The schedule with the fewest MACs the constraints allow: every call reuse-all where it may be, and the
-        highest pruning ratio."""
-        genes = [0] * self.calls * self.searches_depths + [len(self.ratios) - 1] * self.calls * self.searches_ratios
-        return self.repair(*self.decode(genes))
+        """The schedule with the fewest MACs the constraints allow: every call reuse-all where it may be, the
+        highest pruning ratio, one branch, and every other call skipped."""
+        genes = ([0] * self.calls * self.searches_depths + [len(self.ratios) - 1] * self.calls * self.searches_ratios
+                 + [GUIDANCE_CHOICES.index("cond")] * self.calls * self.guidance
+                 + [i % 2 for i in range(self.calls)] * self.skips)
+        return self.repair(self.decode(genes))
 
-    def acceleration(self, depths, ratios):
+    def acceleration(self, plan):
+        depths, ratios, modes, skipped = plan
         cache = CacheSchedule("dato", depths=tuple(depths)) if any(d != FULL for d in depths) else None
         prune = token_method(self.method, ratio=max(ratios), schedule=tuple(ratios)) if any(ratios) else None
-        return Acceleration(prune, cache)
+        guidance = Guidance(modes=tuple(modes)) if any(m != "both" for m in modes) else None
+        skip = Skip(tuple(i for i, s in enumerate(skipped) if s)) if any(skipped) else None
+        return Acceleration(prune, cache, guidance=guidance, skip=skip)
+
+    def key(self, plan):
+        """The resume log's key of a repaired Plan (a search of depths and ratios only keeps its old keys)."""
+        return [plan.depths, plan.ratios] + ([plan.modes, plan.skipped] if self.guidance or self.skips else [])
 
 
 def pymoo_problem(space, evaluate, min_mac_ratio=1.0):
@@ -115,7 +161,7 @@ def pymoo_problem(space, evaluate, min_mac_ratio=1.0):
 
         def _evaluate(self, X, out, *args, **kwargs):
             schedules = [space.decode(x) for x in X]
-            ratios = np.array([evaluate.mac_ratio(*schedule) for schedule in schedules])
+            ratios = np.array([evaluate.mac_ratio(schedule) for schedule in schedules])
             feasible = ratios >= min_mac_ratio
             out["F"] = np.full((len(X), 2), np.inf)   # an infeasible schedule's objectives are never compared
             if feasible.any():
@@ -131,30 +177,40 @@ def pymoo_repair(space):
 
     class KeepConstraints(Repair):
         def _do(self, problem, X, **kwargs):
-            return np.array([space.encode(*space.repair(*space.decode(np.rint(x)))) for x in X], dtype=float)
+            return np.array([space.encode(space.repair(space.decode(np.rint(x)))) for x in X], dtype=float)
     return KeepConstraints()
 
 
-def initial_population(space, size, rng, feasible=lambda depths, ratios: True, tries=100):
+def random_plan(space, rng):
+    """A random schedule whose cheapness is itself drawn: with probability p (uniform per schedule) a call takes a
+    cheaper choice than the plain one in each searched part, so a population spans light to heavy schedules
+    (1.1x to 3x over the run, not only the cheap end)."""
+    p, n = rng.uniform(0.1, 0.9), space.calls
+    cheaper = lambda choices: [rng.choice(choices) if rng.random() < p else None for _ in range(n)]  # noqa: E731
+    depths = [FULL if d is None else d for d in cheaper([d for d in space.depths if d != FULL])]
+    ratios = [0 if r is None else r for r in cheaper([r for r in space.ratios if r])]
+    modes = [m or "both" for m in cheaper(["reuse", "cond"])]
+    skipped = [rng.random() < p / 3 for _ in range(n)]
+    return Plan(depths, ratios, modes, skipped)
+
+
+def initial_population(space, size, rng, feasible=lambda plan: True, tries=100):
     """The known schedules that fit and are feasible once repaired (the deepcache and dato presets, the
-    baseline), then random ones whose depths lean to the shallow end (most good schedules are mostly cached),
-    each redrawn up to `tries` times until it is feasible."""
+    baseline), then random ones (random_plan), each redrawn up to `tries` times until it is feasible."""
     calls, known = space.calls, []
+    plain = ["both"] * calls, [False] * calls
     for name in PRESETS_SHOWN:
         try:
             depths = find_preset(name).acceleration().depths(calls)
         except ValueError:
             continue
-        known.append(space.encode(depths, [space.fixed_ratio if d else 0 for d in depths]))
-    known.append(space.encode([FULL] * calls, [0] * calls))
-    rows = [row for row in known if feasible(*space.repair(*space.decode(row)))]
+        known.append(space.encode(Plan(depths, [space.fixed_ratio if d else 0 for d in depths], *plain)))
+    known.append(space.encode(Plan([FULL] * calls, [0] * calls, *plain)))
+    rows = [row for row in known if feasible(space.repair(space.decode(row)))]
     while len(rows) < size:
         for _ in range(tries):
-            depths = [space.depths[min(int(rng.exponential(1.0)), len(space.depths) - 1)] for _ in range(calls)]
-            ratios = [rng.choice(space.ratios) for _ in range(calls)]
-            if feasible(*space.repair(depths, ratios)):
+            plan = random_plan(space, rng)
+            if feasible(space.repair(plan)):
                 break
-        rows.append(space.encode(depths, ratios))
+        rows.append(space.encode(plan))
     return np.array(rows[:size], dtype=float)
-
-

@@ -1,0 +1,63 @@
+"""How each UNet call of a guided run combines the conditional and unconditional predictions.
+
+Classifier-free guidance runs every call on [x; x] with contexts [uncond; cond] and takes
+eps = eps_u + w·(eps_c - eps_u): twice the work of one conditional prediction. Guidance matters most
+at mid noise (Kynkäänniemi et al. 2024, "Applying guidance in a limited interval"), and the difference
+Δ = eps_c - eps_u changes slowly, so a call can instead run
+- "both": the guided batch, as SD does (and remember Δ);
+- "cond": the conditional prediction alone, at half the batch (no guidance);
+- "reuse": the conditional prediction plus the last guided call's Δ, eps = eps_c + (w - 1)·Δ
+  (eps_u + w·Δ is the same sum), at half the batch.
+On a v-prediction model the combination is made on the raw outputs, as guidance is.
+"""
+import math
+import numbers
+from dataclasses import dataclass
+
+from sampler.loop import GUIDANCE as MODES
+
+OUTSIDE = ("cond", "reuse")
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """Which calls of a run are guided; give `modes` or `window`.
+
+    modes: one mode of MODES per UNet call (what search.py writes).
+    window: (σ_lo, σ_hi): guided where the call's noise level σ lies in (σ_lo, σ_hi], `outside` elsewhere
+        (Kynkäänniemi et al. recommend (0.28, 5.42] for SD-XL, from a 0.002..80 σ range; SD1's trained
+        range is 0.029..14.6). Needs the run's σ per call (sampler.call_sigmas).
+    outside: what the calls outside the window do, "cond" (the paper) or "reuse".
+    """
+    modes: tuple = ()
+    window: tuple | None = None
+    outside: str = "cond"
+
+    def __post_init__(self):
+        if isinstance(self.modes, list):   # JSON's arrays: stored as the tuple they mean
+            object.__setattr__(self, "modes", tuple(self.modes))
+        if isinstance(self.window, list):
+            object.__setattr__(self, "window", tuple(self.window))
+        if bool(self.modes) == (self.window is not None):
+            raise ValueError("guidance: give either one mode per call (modes) or a noise-level window (window)")
+        if not isinstance(self.modes, tuple) or set(self.modes) - set(MODES):
+            raise ValueError(f"guidance modes must be one of {', '.join(MODES)} per UNet call, got {self.modes!r}")
+        if self.window is not None:
+            if (not isinstance(self.window, tuple) or len(self.window) != 2 or
+                    not all(isinstance(s, numbers.Real) and not isinstance(s, bool) and math.isfinite(s)
+                            for s in self.window) or not 0 <= self.window[0] < self.window[1]):
+                raise ValueError(f"guidance window must be (σ_lo, σ_hi) with 0 <= σ_lo < σ_hi, got {self.window!r}")
+        if self.outside not in OUTSIDE:
+            raise ValueError(f"guidance outside the window must be one of {', '.join(OUTSIDE)}, got {self.outside!r}")
+
+    def modes_for(self, calls, sigmas=None):
+        """The mode of each of a run's `calls` UNet calls; `sigmas`: their noise levels (a window needs them)."""
+        if self.window is None:
+            if len(self.modes) != calls:
+                raise ValueError(f"guidance has {len(self.modes)} modes, but this run makes {calls} UNet calls; "
+                                 "give one per call")
+            return list(self.modes)
+        if sigmas is None:
+            raise ValueError("a guidance window needs the noise level of each UNet call of the run")
+        lo, hi = self.window
+        return ["both" if lo < s <= hi else self.outside for s in sigmas]
