@@ -77,10 +77,12 @@ class Acceleration:
 
     def check(self, calls, sigmas=None):
         """Raise ValueError if the schedules do not fit a run of `calls` UNet calls (a guidance window
-        is checked when the run's noise levels `sigmas` are given)."""
+        and a forecast are checked when the run's noise levels `sigmas` are given)."""
         if self.prune is not None:
             self.prune.check_calls(calls)
-        if sigmas is not None or self.guidance is None or self.guidance.window is None:
+        needs_sigmas = self.guidance is not None and self.guidance.window is not None or \
+            self.cache is not None and self.cache.order
+        if sigmas is not None or not needs_sigmas:
             self.plans(calls, sigmas)
         else:
             self.depths(calls)
@@ -220,25 +222,26 @@ class AcceleratedRun:
         """UNet call `index` on latent batch x [B, c, h, w] is about to run."""
         plan = self.plans[index]
         self.call, self.depth = index, None if plan.depth == FULL else plan.depth
-        rows = x.shape[0]
-        if self.features is not None and self.features[0].shape[0] != rows:   # one branch after both
+        if self.depth is not None:   # a cached call starts from the remembered features, fitted to its batch
+            rows = x.shape[0]
             self.features = [fitted(f, rows) for f in self.features]
-            self.history = [(lam, [fitted(f, rows) for f in fs]) for lam, fs in self.history]
-        if self.depth is not None and self.settings.cache.order and self.history:
-            self.forecast(len(self.features) - 1 - self.depth)
+            if self.settings.cache.order:
+                self.forecast(len(self.features) - 1 - self.depth, rows)
         if self.tokens is not None:
             self.tokens.begin_call(index, x, self.outputs)
 
-    def forecast(self, entry):
+    def forecast(self, entry, rows):
         """Replace the cached result of output block `entry` by its Lagrange extrapolation in λ through the
-        last (order + 1) full calls (fewer while there are fewer)."""
-        points = self.history[-(self.settings.cache.order + 1):]
-        lam = self.lambdas[self.call]
-        value = 0
-        for j, (lam_j, fs) in enumerate(points):
+        last (order + 1) full calls that hold this batch's rows (fewer while there are fewer; with one, the
+        newest features are reused as at order 0)."""
+        points = [(lam, fs[entry]) for lam, fs in self.history if fs[entry].shape[0] in (rows, 2 * rows)]
+        points = points[-(self.settings.cache.order + 1):]
+        lam, value = self.lambdas[self.call], 0
+        for j, (lam_j, feature) in enumerate(points):
             weight = math.prod((lam - lam_k) / (lam_j - lam_k) for k, (lam_k, _) in enumerate(points) if k != j)
-            value = value + weight * fs[entry]
-        self.features[entry] = value
+            value = value + weight * fitted(feature, rows)
+        if len(points) > 1:
+            self.features[entry] = value
 
     def end_call(self, output, estimate=None, delta=None):
         """UNet call done: its raw output (None: skipped), the estimate the sampler receives and the guidance

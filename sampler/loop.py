@@ -7,6 +7,7 @@ state as the keyword `state`, see model.unet.RunState). `sample_steps` is the sa
 generator that yields a Step after every step, for progress bars, previews and timing.
 """
 import hashlib
+import itertools
 import math
 from collections import deque
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ import torch
 
 from model.config import PREDICTIONS
 
-from .samplers import find_sampler, run_schedule
+from .samplers import call_sigmas, find_sampler, run_schedule
 from .schedule import check_steps
 
 
@@ -102,7 +103,7 @@ def sample_steps(unet, x_T, cond, uncond=None, steps=50, scale=7.5, method="plms
         if c is not None and rows != x_T.shape[0]:
             raise ValueError(f"{name} holds {rows} conditionings for {x_T.shape[0]} latents in x_T: give one per image")
     if accel is not None:
-        accel.check(find_sampler(method).calls(steps))
+        accel.check(find_sampler(method).calls(steps), call_sigmas(method, steps, accel.timesteps or None))
     return run_steps(unet, x_T, cond, uncond, steps, scale, method, eta, prediction, accel, seed)
 
 
@@ -112,12 +113,12 @@ def run_steps(unet, x_T, cond, uncond, steps, scale, method, eta, prediction, ac
     ts, levels = run_schedule(method, steps, accel.timesteps or None if accel is not None else None)
     guided = uncond is not None and scale != 1
     run = accel.start(sampler.calls(steps), seed, guided, sampler.call_sigmas(levels)) if accel is not None else None
-    index = calls = 0
+    indices, calls = itertools.count(), 0
 
     def model(x, t, a):
-        nonlocal index, calls
+        nonlocal calls
+        index = next(indices)   # of this evaluation among the run's UNet calls, made or skipped
         plan = run.plans[index] if run is not None else PLAIN
-        index += 1
         if plan.skip:
             out = run.extrapolated()
             run.end_call(None, out)
@@ -129,7 +130,7 @@ def run_steps(unet, x_T, cond, uncond, steps, scale, method, eta, prediction, ac
         if run is None:
             raw = unet(x_in, t_in, *args, **kwargs)
         else:
-            run.begin_call(index - 1, x_in)
+            run.begin_call(index, x_in)
             raw = unet(x_in, t_in, *args, **kwargs, state=run)
         calls += 1
         out, delta = raw.to(x.dtype), None

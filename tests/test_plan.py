@@ -226,3 +226,15 @@ def test_schedule_file_carries_the_plan(tmp_path):
     sigmas = call_sigmas("dpmpp-2m", 6, accel.timesteps)
     assert loaded.plans(6, sigmas) == accel.plans(6, sigmas) and loaded.timesteps == accel.timesteps
     assert loaded.cache.order == 1
+
+
+def test_batches_change_size_across_a_run_with_forecasts():
+    """One-branch and guided calls interleaved with cached, forecast calls: each cached call gets features of its
+    own batch (a guided full call after one-branch ones, then cached calls of both kinds)."""
+    unet = tiny_unet()
+    x, g = torch.randn(1, 4, 16, 12), torch.Generator().manual_seed(0)
+    cond, uncond = (torch.randn(1, 77, unet.config.context_dim, generator=g) for _ in range(2))
+    accel = Acceleration(cache=CacheSchedule("dato", depths=(FULL, FULL, FULL, 1, FULL, 2, 1), order=2),
+                         guidance=Guidance(modes=("cond", "both", "both", "both", "cond", "cond", "reuse")))
+    out = sample(unet, x, cond, uncond, steps=7, method="ddim", accel=accel)
+    assert out.shape == x.shape and torch.isfinite(out).all()

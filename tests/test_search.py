@@ -183,6 +183,26 @@ def test_min_mac_ratio_renders_only_schedules_that_save_enough(tmp_path, capsys)
     assert "out of reach" in capsys.readouterr().err and not (tmp_path / "t").exists()
 
 
+def test_a_search_of_guidance_and_skips_writes_plans_a_run_follows(tmp_path):
+    """--guidance --skips: the log holds each schedule's modes and skips, its MAC ratio counts one-branch calls as
+    half and skipped ones as nothing, and every Pareto point loads as a schedule file with that plan."""
+    out = tmp_path / "s"
+    search.main([*TINY, "--generations", "2", "--guidance", "--skips", "--out", str(out)])
+    records = [json.loads(line) for line in (out / "evaluations.jsonl").read_text().splitlines()]
+    assert any(r["mac_ratio"] > 1 and set(r["modes"]) - {"both"} for r in records)
+    for r in records:   # 5 calls of PLMS-4; depths and ratios are off the analytic count's table here
+        plain = all(d == FULL and not ratio for d, ratio in zip(r["depths"], r["ratios"], strict=True))
+        if plain:
+            shares = [0 if s else 1 if m == "both" else 0.5 for m, s in zip(r["modes"], r["skipped"], strict=True)]
+            assert r["mac_ratio"] == pytest.approx(5 / sum(shares))
+    points = json.load(open(out / "pareto.json"))["points"]
+    for k, point in enumerate(points):
+        accel = find_preset(f"{out}/pareto.json#{k}").acceleration()
+        modes = point.get("guidance", ["both"] * 5)
+        assert [p.guidance for p in accel.plans(5)] == modes
+        assert [p.skip for p in accel.plans(5)] == [i in point.get("skip", []) for i in range(5)]
+
+
 @pytest.mark.slow
 def test_two_workers_search_as_one_process_does(tmp_path):
     """--workers 2 splits each generation's new schedules between two processes: the same evaluations
