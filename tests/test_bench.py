@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from accel import Acceleration, Guidance, Skip, schedule_entry
 from model.checkpoint import ARCHITECTURES
 from tools import bench
 
@@ -44,6 +45,20 @@ def test_methods_on_their_own_runs(tmp_path):
     assert rows["baseline@dpmpp-2m:20"]["macs_ratio"] == pytest.approx(6 / 20)
     assert rows["deepcache-n3@dpmpp-2m:20"]["macs_ratio"] > rows["baseline@dpmpp-2m:20"]["macs_ratio"]
     assert all(r["e2e_s"] > 0 for r in rows.values())
+
+
+def test_call_plans_are_timed_by_kind(tmp_path):
+    """A plan's one-branch calls are their own kind (timed on half the batch), a skipped call is no kind to time,
+    and its MAC ratio counts them as half and nothing."""
+    accel = Acceleration(guidance=Guidance(modes=("both", "both", "reuse", "cond", "reuse", "both")), skip=Skip((4,)))
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps(schedule_entry(accel, "dpmpp-2m", 6)))
+    bench.main([*QUICK, "--methods", f"baseline,{plan}", "--sampler", "dpmpp-2m", "--steps", "6", "--e2e",
+                "--json", str(tmp_path / "r.json")])
+    rows = json.loads((tmp_path / "r.json").read_text())["methods"]["sdpa"]
+    assert rows[str(plan)]["kinds"] == {"full @ 0": 3, "full @ 0 reuse": 1, "full @ 0 cond": 1, "skipped": 1}
+    assert rows[str(plan)]["macs_ratio"] == pytest.approx(6 / 4)
+    assert rows[str(plan)]["run_s"] < rows["baseline"]["run_s"]
 
 
 def test_end_to_end_runs_through_generate(tmp_path):
