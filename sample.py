@@ -237,11 +237,12 @@ def plan_settings(args, preset):
         skip = Skip(parse_numbers(args.skip, int, "--skip"))
     if args.timesteps:
         timesteps = parse_numbers(args.timesteps, int, "--timesteps")
-    for flag, value, fixed in (("--guidance-window/--guidance-schedule", guidance, preset and preset.guidance),
-                               ("--skip", skip, preset and preset.skip),
-                               ("--timesteps", timesteps, preset and preset.timesteps)):
+    for what, flag, value, fixed in (("guidance", "--guidance-window/--guidance-schedule", guidance,
+                                      preset and preset.guidance),
+                                     ("skipped calls", "--skip", skip, preset and preset.skip),
+                                     ("timesteps", "--timesteps", timesteps, preset and preset.timesteps)):
         if value and fixed:
-            raise ValueError(f"--preset {args.preset} fixes {flag.split('/')[0].lstrip('-')}; leave out {flag}")
+            raise ValueError(f"--preset {args.preset} fixes its {what}; leave out {flag}")
     if preset is not None:
         guidance, skip, timesteps = guidance or preset.guidance, skip or preset.skip, timesteps or preset.timesteps
     return guidance, skip, timesteps or ()

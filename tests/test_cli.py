@@ -311,7 +311,7 @@ def test_caching(tmp_path, tokenizer_dir):
     (["--skip", "3,4"], "must not follow one another"),
     (["--skip", "11"], "skipped call 11 is not a UNet call of this run"),
     (["--timesteps", "999,500"], "2 timesteps for a run of 10 steps"),
-    (["--preset", "ays-10", "--timesteps", "999,500"], "fixes timesteps; leave out --timesteps")])
+    (["--preset", "ays-10", "--timesteps", "999,500"], "fixes its timesteps; leave out --timesteps")])
 def test_cache_errors(tmp_path, capsys, args, match):
     with pytest.raises(SystemExit):
         sample.main(["--prompt", "x", "--steps", "10", "--ckpt", str(tmp_path / "missing.safetensors")] + args)

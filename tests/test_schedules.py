@@ -12,7 +12,7 @@ from accel import PRESETS, Acceleration, find_preset, parse_methods, run_macs, r
 from cache import FULL, CacheSchedule
 from model import load_checkpoint
 from prune import token_method
-from sampler import unet_calls
+from sampler import call_sigmas, unet_calls
 from sampler.generate import from_pil
 from tools import evaluate
 
@@ -97,28 +97,33 @@ def test_a_schedule_file_keeps_its_run_and_is_refused_for_another(tmp_path, caps
 
 
 def test_shipped_lab_schedules_load_and_their_recorded_figures_are_theirs():
-    """lab/schedules/*.json (search.py's Pareto sets on the lab model): every point is a schedule of the run
-    its search used that keeps the constraints its file records; the MAC ratio it records is the one its
-    schedule has against that run, and its held-out one against PLMS-50 (the held-out images' baseline)."""
+    """lab/schedules/*.json (search.py's Pareto sets on the lab model, and the plans made by hand from an
+    ablation): every point is a schedule of the run it records; a searched one keeps the constraints its file
+    records; the MAC ratio it records is the one its schedule has against that run, and its held-out one
+    against PLMS-50 (the held-out images' baseline)."""
     folder = os.path.join(os.path.dirname(SHIPPED), "schedules")
     files = sorted(f for f in os.listdir(folder) if f.endswith(".json"))
-    assert "dpmpp-2m-10.json" in files and "plms50.json" in files
+    assert {"dpmpp-2m-10.json", "plms50.json", "plan-dpmpp-2m-10.json", "plan-dpmpp-2m-20.json"} <= set(files)
     unet = load_checkpoint(SHIPPED).unet
     plms50 = run_macs(unet, None, 51, (32, 32), matmuls=True)
     for name in files:
         path = os.path.join(folder, name)
         with open(path) as f:
             shipped = json.load(f)
-        limits = shipped["search"]
-        calls = unet_calls(limits["steps"], limits["sampler"])
-        base = run_macs(unet, None, calls, (32, 32), matmuls=True)
+        limits = shipped.get("search")
         for k, point in enumerate(shipped["points"]):
             preset = find_preset(f"{path}#{k}")
-            depths = preset.acceleration().depths(calls)
-            assert preset.run == (limits["sampler"], limits["steps"])
-            assert depths[0] == FULL and depths.count(FULL) >= limits["min_full"]
-            reuses = "".join("0" if d == 0 else "x" for d in depths)
-            assert "0" * (limits["max_reuse"] + 1) not in reuses
-            macs = run_macs(unet, preset.acceleration(), calls, (32, 32), matmuls=True)
-            assert base / macs == pytest.approx(point["mac_ratio"]) and base / macs >= limits.get("min_mac_ratio", 1)
+            calls = unet_calls(point["steps"], point["sampler"])
+            base = run_macs(unet, None, calls, (32, 32), matmuls=True)
+            accel = preset.acceleration()
+            sigmas = call_sigmas(point["sampler"], point["steps"], accel.timesteps or None)
+            if limits is not None:
+                depths = accel.depths(calls)
+                assert preset.run == (limits["sampler"], limits["steps"])
+                assert depths[0] == FULL and depths.count(FULL) >= limits["min_full"]
+                reuses = "".join("0" if d == 0 else "x" for d in depths)
+                assert "0" * (limits["max_reuse"] + 1) not in reuses
+            macs = run_macs(unet, accel, calls, (32, 32), matmuls=True, sigmas=sigmas)
+            assert base / macs == pytest.approx(point["mac_ratio"]) and base / macs >= (limits or {}).get(
+                "min_mac_ratio", 1)
             assert plms50 / macs == pytest.approx(point["heldout"]["mac_ratio"])
