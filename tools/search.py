@@ -10,7 +10,9 @@ What is searched, per UNet call of the run (any sampler and step count): a cache
 is a full call, 0 reuses everything) and a pruning ratio (--ratios, 0 = off) of --method's token pruning.
 --search cache fixes the ratio (--fixed-ratio, DaTo's 0.4), --search prune fixes the depths
 (--fixed-depths, a preset or schedule file; DaTo's ratio search used dato-fixed's), --search joint
-searches both. Every candidate is repaired after crossover and mutation (and at initialisation): call 0
+searches both; --guidance adds a guidance gene per call (both branches, the conditional one plus the last
+guided difference, or the conditional one alone) and --skips a skip gene (the call's estimate extrapolated),
+the whole call plan of accel/. Every candidate is repaired after crossover and mutation (and at initialisation): call 0
 full, at least --min-full full calls, at most --max-reuse consecutive reuse-all calls, and no ratio on a
 reuse-all call (it runs no transformer block). DaTo's released search kept none of this after its first
 generation, rewarded slower runs, and its ratio genes had no effect (shared/reference/methods.md §5.4).
