@@ -165,9 +165,8 @@ def method_settings(args):
     return token_method(args.prune, **{owners[args.prune]: getattr(args, dest) for dest, owners in given.items()})
 
 
-def preset_settings(args, prune_flags, cache_flags):
-    """(prune, cache) of --preset; the flags it fixes are refused, naming what to do instead."""
-    preset = find_preset(args.preset)
+def preset_settings(args, preset, prune_flags, cache_flags):
+    """(prune, cache) of --preset (`preset`, found); the flags it fixes are refused, naming what to do instead."""
     if args.prune != "none" or args.cache != "none":
         if preset.prune is None and preset.cache is not None and preset.cache.mode != "dato":
             raise ValueError(f"--preset {args.preset} fixes caching and prunes nothing; to add pruning, spell the "
@@ -187,7 +186,7 @@ def acceleration(args):
     preset = find_preset(args.preset) if args.preset else None
     if preset is not None and (preset.prune or preset.cache):   # a preset of timesteps or guidance adds to the flags
         cache_flags = flags_set(args, [*CACHE_FLAGS, "cache_schedule"])
-        prune, cache = preset_settings(args, prune_flags, cache_flags)
+        prune, cache = preset_settings(args, preset, prune_flags, cache_flags)
     else:
         if prune_flags and args.prune == "none":
             raise ValueError(f"{', '.join(prune_flags)} given without a token method: add --prune "

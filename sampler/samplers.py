@@ -48,7 +48,8 @@ def ldm_schedule(steps, alphas):
     return ts, alpha_levels(ts, alphas)
 
 
-def alpha_sigma(a):
+def sigma_of_alpha(a):
+    """σ = √((1-ᾱ)/ᾱ) of a PLMS/DDIM level ᾱ."""
     return math.sqrt((1 - a) / a)
 
 
@@ -57,9 +58,9 @@ def karras_schedule(steps, alphas):
 
 
 SAMPLERS = {
-    "plms": Sampler(plms.plms_steps, ldm_schedule, alpha_levels, alpha_sigma, extra_calls=1,
+    "plms": Sampler(plms.plms_steps, ldm_schedule, alpha_levels, sigma_of_alpha, extra_calls=1,
                     about="LDM's PLMS, what SD's and the papers' results use (50 steps: 51 UNet calls)"),
-    "ddim": Sampler(ddim.ddim_steps, ldm_schedule, alpha_levels, alpha_sigma, takes_eta=True,
+    "ddim": Sampler(ddim.ddim_steps, ldm_schedule, alpha_levels, sigma_of_alpha, takes_eta=True,
                     about="LDM's DDIM; eta > 0 adds noise"),
     "dpmpp-2m": Sampler(dpmpp.dpmpp_2m_steps, dpmpp.schedule, dpmpp.sigma_levels, float,
                         about="DPM-Solver++(2M), diffusers' DPMSolverMultistepScheduler for SD 1.5 (20-25 steps)"),
