@@ -12,7 +12,7 @@ import time
 from dataclasses import fields, replace
 
 from accel import PRESETS as ACCEL_PRESETS
-from accel import Acceleration, Guidance, Skip, check_preset_fits, find_preset
+from accel import Acceleration, Gate, Guidance, Skip, check_preset_fits, find_preset
 from accel.guidance import MODES as GUIDANCE
 from accel.guidance import OUTSIDE as GUIDANCE_OUTSIDE
 from cache import FULL, CacheSchedule
@@ -107,7 +107,7 @@ def parser():
                    "a forecast from the last 2 or 3 full calls, linear (1) or quadratic (2) in log-SNR")
     g.add_argument("--cache-schedule", help=f"one depth per UNet call, comma-separated, {FULL} = full call "
                                             "(first entry must be full)")
-    g = p.add_argument_group("guidance, skipped calls and timesteps (accel/)")
+    g = p.add_argument_group("guidance, skipped calls, timesteps and a cross-attention gate (accel/)")
     g.add_argument("--guidance-window", metavar="LO,HI", help="guide only the UNet calls whose noise level sigma is "
                    "in (LO, HI]; the others run one branch (--guidance-outside)")
     g.add_argument("--guidance-outside", choices=GUIDANCE_OUTSIDE, help="calls outside the window: cond (the "
@@ -115,6 +115,9 @@ def parser():
     g.add_argument("--guidance-schedule", help=f"one mode per UNet call, comma-separated: {', '.join(GUIDANCE)}")
     g.add_argument("--skip", metavar="CALLS", help="UNet calls (indices >= 2, never two in a row) replaced by "
                    "extrapolating the last two estimates, e.g. 3,5,7")
+    g.add_argument("--gate", type=int, metavar="CALL", help="T-GATE: from UNet call CALL on, every cross-attention "
+                   "reads its output at call CALL-1 (the mean of the two branches) and the call runs one branch "
+                   "(e.g. 4 of DPM++(2M)-10)")
     g.add_argument("--timesteps", help="the run's timesteps, one per step, descending (e.g. Align Your Steps' "
                    "SD1.5 ten: 999,850,736,645,545,455,343,233,124,24)")
     g.add_argument("--preset", metavar="NAME|FILE.json[#k]",
@@ -212,14 +215,15 @@ def acceleration(args):
     viz = PruneViz(args.viz_prune, args.viz_block) if args.viz_prune else None
     if viz and not prune:
         raise ValueError("--viz-prune needs a pruning method (--prune tome|sito|dato)")
-    guidance, skip, timesteps = plan_settings(args, preset)
-    if not (prune or cache or guidance or skip or timesteps):
+    guidance, skip, timesteps, gate = plan_settings(args, preset)
+    if not (prune or cache or guidance or skip or timesteps or gate):
         return None
-    return Acceleration(prune, cache, viz, guidance, skip, timesteps)
+    return Acceleration(prune, cache, viz, guidance, skip, timesteps, gate)
 
 
 def plan_settings(args, preset):
-    """(guidance, skip, timesteps) of the flags, on top of a preset's: a flag that the preset fixes is refused."""
+    """(guidance, skip, timesteps, gate) of the flags, on top of a preset's: a flag that the preset fixes is
+    refused."""
     if args.guidance_outside and not args.guidance_window:
         raise ValueError("--guidance-outside says what the calls outside --guidance-window do: give the window too")
     if args.guidance_window and args.guidance_schedule:
@@ -236,15 +240,18 @@ def plan_settings(args, preset):
         skip = Skip(parse_numbers(args.skip, int, "--skip"))
     if args.timesteps:
         timesteps = parse_numbers(args.timesteps, int, "--timesteps")
+    gate = Gate(args.gate) if args.gate is not None else None
     for what, flag, value, fixed in (("guidance", "--guidance-window/--guidance-schedule", guidance,
                                       preset and preset.guidance),
                                      ("skipped calls", "--skip", skip, preset and preset.skip),
-                                     ("timesteps", "--timesteps", timesteps, preset and preset.timesteps)):
+                                     ("timesteps", "--timesteps", timesteps, preset and preset.timesteps),
+                                     ("gate", "--gate", gate, preset and preset.gate)):
         if value and fixed:
             raise ValueError(f"--preset {args.preset} fixes its {what}; leave out {flag}")
     if preset is not None:
         guidance, skip, timesteps = guidance or preset.guidance, skip or preset.skip, timesteps or preset.timesteps
-    return guidance, skip, timesteps or ()
+        gate = gate or preset.gate
+    return guidance, skip, timesteps or (), gate
 
 
 if __name__ == "__main__":

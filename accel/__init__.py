@@ -1,12 +1,13 @@
-"""Where token methods (prune/), feature caching (cache/), guidance per call (guidance.py) and skipped calls
-(skip.py) meet: the state of one accelerated run and its plan per UNet call (run.py), the published presets
-and schedule files (presets.py), and the tools' method specs (specs.py).
+"""Where token methods (prune/), feature caching (cache/), guidance per call (guidance.py), skipped calls
+(skip.py) and cached cross-attention (gate.py) meet: the state of one accelerated run and its plan per UNet
+call (run.py), the published presets and schedule files (presets.py), and the tools' method specs (specs.py).
 
     from accel import PRESETS, Acceleration
     from prune import token_method
     run = Sampling(steps=20, sampler="dpmpp-2m", accel=PRESETS["deepcache-n3"].acceleration())
     run = Sampling(accel=Acceleration(prune=token_method("todo", factor=2)))
 """
+from .gate import Gate
 from .guidance import Guidance
 from .presets import PRESETS, Preset, check_preset_fits, find_preset, is_schedule_file, load_schedule, schedule_entry
 from .run import AcceleratedRun, Acceleration, kind_macs, run_macs, run_plans
@@ -14,5 +15,5 @@ from .skip import Skip
 from .specs import Method, method_syntax, parse_method, parse_methods, parse_run, parse_run_method
 
 __all__ = ["Acceleration", "AcceleratedRun", "PRESETS", "Preset", "find_preset", "load_schedule", "schedule_entry",
-           "is_schedule_file", "check_preset_fits", "run_plans", "kind_macs", "run_macs", "Guidance", "Skip", "Method",
-           "method_syntax", "parse_method", "parse_methods", "parse_run", "parse_run_method"]
+           "is_schedule_file", "check_preset_fits", "run_plans", "kind_macs", "run_macs", "Gate", "Guidance", "Skip",
+           "Method", "method_syntax", "parse_method", "parse_methods", "parse_run", "parse_run_method"]

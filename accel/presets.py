@@ -1,5 +1,5 @@
 """Acceleration settings under a name: the published presets (DeepCache, DaTo, Align Your Steps) and
-schedule files (per-call plans: cache depths, pruning, guidance, skipped calls, as search.py writes them),
+schedule files (per-call plans: cache depths, pruning, guidance, skipped calls, a gate, as search.py writes them),
 each with the run it was made for.
 
     from accel import PRESETS, find_preset
@@ -15,6 +15,7 @@ from prune import DaTo, TokenMethod, as_record, from_record
 from sampler import SAMPLERS, call_sigmas, unet_calls
 from sampler.schedule import MAX_STEPS
 
+from .gate import Gate
 from .guidance import Guidance
 from .run import Acceleration
 from .skip import Skip
@@ -33,9 +34,11 @@ class Preset:
     guidance: Guidance | None = None
     skip: Skip | None = None
     timesteps: tuple = ()
+    gate: Gate | None = None
 
     def acceleration(self):
-        return Acceleration(self.prune, self.cache, guidance=self.guidance, skip=self.skip, timesteps=self.timesteps)
+        return Acceleration(self.prune, self.cache, guidance=self.guidance, skip=self.skip, timesteps=self.timesteps,
+                            gate=self.gate)
 
 
 PRESETS = {
@@ -69,8 +72,8 @@ PRESETS = {
 
 def schedule_entry(accel, sampler, steps, about="", **extra):
     """One schedule of a schedule file: the per-call plan of `accel` for a run of `sampler` with `steps`
-    steps, spelled out call by call (cache depths, pruning; guidance modes, skipped calls, timesteps and the
-    forecast order when set); `extra` (e.g. measured quality) is kept."""
+    steps, spelled out call by call (cache depths, pruning; guidance modes, skipped calls, timesteps, the
+    forecast order and the gate when set); `extra` (e.g. measured quality) is kept."""
     calls = unet_calls(steps, sampler)
     prune = None
     if accel.prune is not None:
@@ -87,6 +90,8 @@ def schedule_entry(accel, sampler, steps, about="", **extra):
         entry["timesteps"] = list(accel.timesteps)
     if accel.cache is not None and accel.cache.order:
         entry["order"] = accel.cache.order
+    if accel.gate is not None:
+        entry["gate"] = accel.gate.call
     return {**entry, "about": about, **extra}
 
 
@@ -139,7 +144,8 @@ def load_schedule(spec):
         guidance = Guidance(modes=entry["guidance"]) if entry.get("guidance") is not None else None
         skip = Skip(entry["skip"]) if entry.get("skip") is not None else None
         timesteps = tuple(entry.get("timesteps") or ())
-        preset = Preset(cache, prune, entry.get("about", ""), run, guidance, skip, timesteps)
+        gate = Gate(entry["gate"]) if entry.get("gate") is not None else None
+        preset = Preset(cache, prune, entry.get("about", ""), run, guidance, skip, timesteps, gate)
         accel = preset.acceleration()   # the first call full, a ratio and a mode per call, the timesteps' run
         accel.check(len(depths), call_sigmas(run[0], run[1], timesteps or None))
     except (KeyError, TypeError, ValueError) as e:

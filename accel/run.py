@@ -1,9 +1,9 @@
 """The state of one accelerated sampling run (AcceleratedRun) and what it is made from
 (Acceleration: a token method's settings, a cache schedule, guidance per call, skipped calls, the
-run's timesteps), with the analytic MACs a run costs.
+run's timesteps, a cross-attention gate), with the analytic MACs a run costs.
 
 prune/ (token plans per block), cache/ (which calls are full, how deep the others recompute),
-guidance.py and skip.py know nothing of each other; this is where they meet, as one CallPlan per
+guidance.py, skip.py and gate.py know nothing of each other; this is where they meet, as one CallPlan per
 UNet call of the run. The UNet never keeps state between calls: everything that spans the calls of
 one sampling run (the plans, the cached features, the last outputs and estimates, the token method's
 own state) lives in an AcceleratedRun, which the sampler makes fresh for every batch
@@ -22,6 +22,7 @@ from prune.viz import PruneViz
 from sampler import PLAIN, CallPlan, stream_seed
 from sampler.schedule import check_timesteps
 
+from .gate import Gate
 from .guidance import Guidance
 from .skip import Skip
 
@@ -39,7 +40,7 @@ class Acceleration:
     viz: PruneViz (pictures of one block's plans) or None. guidance: Guidance (which calls are
     guided) or None: all. skip: Skip (calls replaced by extrapolation) or None.
     timesteps: the run's timesteps, one per step in sampling order (e.g. Align Your Steps'), or ():
-    the sampler's own spacing.
+    the sampler's own spacing. gate: Gate (T-GATE: cross-attention cached from a call on) or None.
     """
     prune: TokenMethod | None = None
     cache: CacheSchedule | None = None
@@ -47,10 +48,11 @@ class Acceleration:
     guidance: Guidance | None = None
     skip: Skip | None = None
     timesteps: tuple = ()
+    gate: Gate | None = None
 
     def __post_init__(self):
         for name, kind in (("prune", TokenMethod), ("cache", CacheSchedule), ("viz", PruneViz),
-                           ("guidance", Guidance), ("skip", Skip)):
+                           ("guidance", Guidance), ("skip", Skip), ("gate", Gate)):
             if (value := getattr(self, name)) is not None and not isinstance(value, kind):
                 raise ValueError(f"{name} must be a {kind.__module__}.{kind.__name__} or None, got "
                                  f"{type(value).__name__}")
@@ -72,7 +74,8 @@ class Acceleration:
         if record["cache"] is not None and not self.cache.order:
             del record["cache"]["order"]
         extra = {"guidance": asdict(self.guidance) if self.guidance else None,
-                 "skip": list(self.skip.calls) if self.skip else None, "timesteps": list(self.timesteps) or None}
+                 "skip": list(self.skip.calls) if self.skip else None, "timesteps": list(self.timesteps) or None,
+                 "gate": self.gate.call if self.gate else None}
         return {**record, **{k: v for k, v in extra.items() if v is not None}}
 
     def check(self, calls, sigmas=None):
@@ -127,10 +130,13 @@ class Acceleration:
         depths = self.depths(calls)
         modes = self.guidance.modes_for(calls, sigmas) if self.guidance is not None else ["both"] * calls
         skipped = self.skip.skipped_for(calls) if self.skip is not None else [False] * calls
+        cross = self.gate.cross_for(calls) if self.gate is not None else ["compute"] * calls
         if self.cache is not None and self.cache.order and sigmas is None:
             raise ValueError("a forecast (cache order > 0) needs the noise level of each UNet call of the run")
+        if self.guidance is None:   # past a gate, one branch: both would compute the same
+            modes = ["cond" if c == "cached" else m for m, c in zip(modes, cross, strict=True)]
         plans = [CallPlan(modes[i], depths[i], self.prune.ratio_at(i, calls) if self.prune and depths[i] else 0.0,
-                          skipped[i]) for i in range(calls)]
+                          skipped[i], cross[i]) for i in range(calls)]
         check_plans(plans)
         return plans
 
@@ -144,9 +150,16 @@ class Acceleration:
 def check_plans(plans):
     """Raise ValueError for plans no run can follow: a reused guidance difference needs a guided call made
     before it; a guided cached call needs guided features (every call made since the last full call guided:
-    a one-branch call keeps only the conditional half)."""
+    a one-branch call keeps only the conditional half); the call that keeps the cross-attention (T-GATE)
+    is made full and guided, and the calls that read it run one branch."""
     guided_before, features_guided = False, True
     for i, plan in enumerate(plans):
+        if plan.cross == "keep" and (plan.skip or plan.depth != FULL or plan.guidance != "both"):
+            raise ValueError(f"UNet call {i} keeps the cross-attention for the gate: it must be made, full and "
+                             "guided (not skipped, cached or one-branch)")
+        if plan.cross == "cached" and plan.guidance != "cond":
+            raise ValueError(f"UNet call {i} is past the gate (cross-attention cached, the prompt no longer read): "
+                             f"its guidance must be cond, got {plan.guidance}")
         if plan.skip:
             continue
         if plan.guidance == "reuse" and not guided_before:
@@ -167,6 +180,8 @@ def kind_macs(unet, accel, plan, hw, matmuls=False):
     prune = accel.prune if accel else None
 
     def keep(st, grid, sub):
+        if sub == "attn2" and plan.cross == "cached":
+            return 0
         if plan.ratio and prune.applies(grid, st.level):
             return prune.tokens_into(sub, grid, plan.ratio)
         return grid[0] * grid[1]
@@ -215,6 +230,7 @@ class AcceleratedRun:
         self.outputs = (None, None)  # the two most recent raw UNet outputs, oldest first
         self.estimates = (None, None)  # the two most recent estimates the sampler received, oldest first
         self.delta = None           # eps_c - eps_u of the last guided call (raw outputs)
+        self.cross = {}             # T-GATE: each transformer block's kept cross-attention output
         prune = settings.prune
         self.tokens = prune.start(lambda name: stream_seed(seed, name)) if prune is not None else None
 
@@ -270,6 +286,16 @@ class AcceleratedRun:
         if self.depth is None and self.settings.cache.order:   # a point per noise level (PLMS evaluates one twice)
             lam = self.lambdas[self.call]
             self.history = ([p for p in self.history if p[0] != lam] + [(lam, list(outputs))])[-3:]
+
+    def cross_attention(self, block):
+        """The kept cross-attention output of transformer block `block` on a call past the gate, else None."""
+        return self.cross[block] if self.plans[self.call].cross == "cached" else None
+
+    def remember_cross(self, block, out):
+        """Block `block` computed its cross-attention output `out`: the gate call keeps the mean of its
+        two branches ([uncond; cond] of a guided run; the output itself in a run without guidance)."""
+        if self.plans[self.call].cross == "keep":
+            self.cross[block] = sum(out.chunk(2)) / 2 if self.guided else out
 
     def token_plans(self, x, hw, block, level):
         """A plan (prune/method.py) or None for self-attention, cross-attention and feed-forward of

@@ -31,7 +31,8 @@ def transformer_macs(st, hw, context_len, keep, matmuls):
         a, kv, x, f = (keep(st, hw, sub) for sub in ("attn1", "kv1", "attn2", "ff"))
         inner, ctx = block.attn1.to_q.out_features, block.attn2.to_k.in_features
         macs += a * c * inner + 2 * kv * c * inner + a * inner * c   # self-attention q, k, v, out
-        macs += x * c * inner + 2 * context_len * ctx * inner + x * inner * c   # cross-attention
+        if x:   # cross-attention (none when its output is read from a cache, T-GATE)
+            macs += x * c * inner + 2 * context_len * ctx * inner + x * inner * c
         macs += f * (c * block.ff.net[0].proj.out_features + block.ff.net[2].in_features * c)   # GEGLU, out
         if matmuls:
             macs += 2 * a * kv * inner + 2 * x * context_len * inner

@@ -46,6 +46,8 @@ class RunState(Protocol):
     one). Each transformer block asks token_plans(x, hw, block, level) for a plan (prune/method.py)
     or None for each of its self-attention, cross-attention and feed-forward (see prune/); `level`
     counts the x2 downsamplings below the UNet's top transformer level (SpatialTransformer).
+    Each transformer block reads its cross-attention output from cross_attention(block) when that
+    is not None (T-GATE, accel/gate.py), else computes it and hands it to remember_cross(block, out).
     """
     depth: int | None
     features: list | None
@@ -53,6 +55,10 @@ class RunState(Protocol):
     def remember(self, outputs: list) -> None: ...
 
     def token_plans(self, x: torch.Tensor, hw: tuple, block: str, level: int) -> tuple: ...
+
+    def cross_attention(self, block: str) -> torch.Tensor | None: ...
+
+    def remember_cross(self, block: str, out: torch.Tensor) -> None: ...
 
 
 def timestep_embedding(t, dim, max_period=10000):
@@ -176,7 +182,12 @@ class BasicTransformerBlock(nn.Module):
         plans = state.token_plans(x, hw, self.name, self.level) if state is not None else (None, None, None)
         attn1, attn2, ff = plans
         x = x + run_with_plan(self.attn1, self.norm1(x), attn1)
-        x = x + run_with_plan(self.attn2, self.norm2(x), attn2, context)
+        cross = state.cross_attention(self.name) if state is not None else None
+        if cross is None:
+            cross = run_with_plan(self.attn2, self.norm2(x), attn2, context)
+            if state is not None:
+                state.remember_cross(self.name, cross)
+        x = x + cross
         return x + run_with_plan(self.ff, self.norm3(x), ff)
 
 

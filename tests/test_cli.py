@@ -276,6 +276,8 @@ def test_caching(tmp_path, tokenizer_dir):
     sample.main(common + ["--steps", "4", "--sampler", "ddim", "--cache", "nonuniform", "--cache-interval", "2",
                           "--cache-center", "1", "--outdir", str(tmp_path)])
     assert (tmp_path / "00002.png").exists()
+    sample.main(common + ["--steps", "4", "--sampler", "dpmpp-2m", "--gate", "2", "--outdir", str(tmp_path)])
+    assert params(tmp_path / "00003.png")["acceleration"]["gate"] == 2
 
 
 @pytest.mark.parametrize("args,match", [
@@ -311,6 +313,9 @@ def test_caching(tmp_path, tokenizer_dir):
     (["--skip", "3,4"], "must not follow one another"),
     (["--skip", "11"], "skipped call 11 is not a UNet call of this run"),
     (["--timesteps", "999,500"], "2 timesteps for a run of 10 steps"),
+    (["--gate", "0"], "an index >= 1"),
+    (["--gate", "11"], "gate call 11 is not a UNet call of this run"),
+    (["--gate", "4", "--guidance-schedule", ",".join(["both"] * 11)], "its guidance must be cond"),
     (["--preset", "ays-10", "--timesteps", "999,500"], "fixes its timesteps; leave out --timesteps")])
 def test_cache_errors(tmp_path, capsys, args, match):
     with pytest.raises(SystemExit):

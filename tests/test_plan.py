@@ -1,17 +1,20 @@
 """One plan per UNet call: guidance per call (window, one branch, a reused difference), skipped calls,
 forecast features and given timesteps, each against its definition computed by hand here."""
+import json
 import math
 
 import diffusers.schedulers.scheduling_utils as diffusers_schedules
 import pytest
 import torch
 
-from accel import PRESETS, Acceleration, Guidance, Skip, find_preset, run_macs, schedule_entry
+from accel import PRESETS, Acceleration, Gate, Guidance, Skip, find_preset, kind_macs, run_macs, schedule_entry
 from accel.presets import AYS_SD15_10
 from cache import FULL, CacheSchedule
 from conftest import tiny_unet
+from model.macs import unet_macs
+from model.unet import BasicTransformerBlock
 from prune import token_method
-from sampler import call_sigmas, run_schedule, sample
+from sampler import CallPlan, call_sigmas, run_schedule, sample
 from sampler.ddim import ddim_steps
 from sampler.dpmpp import dpmpp_2m_steps
 from sampler.schedule import alphas_cumprod, ddim_update
@@ -238,3 +241,77 @@ def test_batches_change_size_across_a_run_with_forecasts():
                          guidance=Guidance(modes=("cond", "both", "both", "both", "cond", "cond", "reuse")))
     out = sample(unet, x, cond, uncond, steps=7, method="ddim", accel=accel)
     assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_gate_reads_the_branch_mean_of_each_cross_attention_by_hand():
+    """T-GATE on a tiny UNet, DDIM 4 steps, gate 2: calls 0 and 1 guided as SD; call 1 keeps each cross-attention's
+    output, (out_u + out_c) / 2; calls 2 and 3 run the conditional branch with every cross-attention's output
+    replaced by the kept one (done here with forward hooks on the plain UNet)."""
+    unet = tiny_unet()
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randn(2, 4, 16, 12, generator=g)
+    cond, uncond = (torch.randn(2, 77, unet.config.context_dim, generator=g) for _ in range(2))
+    got = sample(unet, x0, cond, uncond, steps=4, scale=SCALE, method="ddim", accel=Acceleration(gate=Gate(2)))
+    layers = {m.name: m.attn2 for m in unet.modules() if isinstance(m, BasicTransformerBlock)}
+    seen, kept, hooks = {}, {}, []
+    ts, levels = run_schedule("ddim", 4)
+    x = x0
+    for i, t in enumerate(ts):
+        if i == 1:
+            hooks = [layer.register_forward_hook(lambda m, args, out, name=name: seen.__setitem__(name, out))
+                     for name, layer in layers.items()]
+        if i < 2:
+            e_u, e_c = unet(torch.cat([x, x]), torch.full((4,), t), torch.cat([uncond, cond])).chunk(2)
+            eps = e_u + SCALE * (e_c - e_u)
+        else:
+            eps = unet(x, torch.full((2,), t), cond)
+        if i == 1:
+            for h in hooks:
+                h.remove()
+            kept.update({name: sum(out.chunk(2)) / 2 for name, out in seen.items()})
+            hooks = [layer.register_forward_hook(lambda m, args, out, name=name: kept[name])
+                     for name, layer in layers.items()]
+        x, _ = ddim_update(x, eps, levels[i], levels[i + 1])
+    for h in hooks:
+        h.remove()
+    assert len(kept) == len(layers) > 0
+    assert torch.allclose(got, x, rtol=1e-5, atol=1e-5)
+
+
+def test_gated_call_costs_half_a_call_without_its_cross_attention():
+    """A call past the gate: the conditional branch, and none of the cross-attention's projections (the queries,
+    the context's keys and values, the output) nor its matmuls, counted here from the layers' shapes."""
+    unet, hw = tiny_unet(), (16, 12)
+    full = sum(unet_macs(unet, hw, matmuls=True).values())
+    cross = 0
+    for st in unet.modules():
+        if hasattr(st, "transformer_blocks"):
+            n = math.ceil(hw[0] / 2 ** st.level) * math.ceil(hw[1] / 2 ** st.level)
+            for block in st.transformer_blocks:
+                a = block.attn2
+                cross += n * (a.to_q.in_features + a.to_out[0].out_features) * a.to_q.out_features
+                cross += 77 * (a.to_k.in_features * a.to_k.out_features + a.to_v.in_features * a.to_v.out_features)
+                cross += 2 * n * 77 * a.to_q.out_features
+    gated = CallPlan(guidance="cond", cross="cached")
+    assert kind_macs(unet, Acceleration(gate=Gate(1)), gated, hw, matmuls=True) == (full - cross) / 2
+    assert run_macs(unet, Acceleration(gate=Gate(2)), 4, hw, matmuls=True) == 2 * full + (full - cross)
+
+
+@pytest.mark.parametrize("accel,match", [
+    (Acceleration(gate=Gate(2), guidance=Guidance(modes=("both", "both", "both", "cond"))), "guidance must be cond"),
+    (Acceleration(gate=Gate(2), guidance=Guidance(modes=("both", "cond", "cond", "cond"))), "must be made, full and"),
+    (Acceleration(gate=Gate(2), cache=CacheSchedule("dato", depths=(FULL, 2, FULL, 2))), "must be made, full and"),
+    (Acceleration(gate=Gate(4)), "not a UNet call of this run"),
+])
+def test_gates_no_run_can_follow_are_refused(accel, match):
+    with pytest.raises(ValueError, match=match):
+        accel.check(4)
+
+
+def test_gate_in_a_schedule_file(tmp_path):
+    accel = Acceleration(gate=Gate(4), guidance=Guidance(window=(3.0, 15.0)))
+    path = tmp_path / "gate.json"
+    path.write_text(json.dumps(schedule_entry(accel, "dpmpp-2m", 10)))
+    preset = find_preset(str(path))
+    assert preset.gate == Gate(4) and preset.acceleration().plans(10, call_sigmas("dpmpp-2m", 10)) == \
+        accel.plans(10, call_sigmas("dpmpp-2m", 10))

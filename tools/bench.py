@@ -159,11 +159,13 @@ def macs_table(args, methods):
 
 
 def kind_name(plan):
-    """'full @ 0', 'depth 2 @ 0.4', 'full @ 0 cond', 'skipped': a call kind of bench.py's table."""
+    """'full @ 0', 'depth 2 @ 0.4', 'full @ 0 cond', 'full @ 0 cond gated', 'skipped': a call kind of
+    bench.py's table."""
     if plan.skip:
         return "skipped"
     name = f"{'full' if plan.depth == FULL else f'depth {plan.depth}'} @ {plan.ratio:g}"
-    return name if plan.guidance == "both" else f"{name} {plan.guidance}"
+    name = name if plan.guidance == "both" else f"{name} {plan.guidance}"
+    return f"{name} gated" if plan.cross == "cached" else name
 
 
 # token selection alone ------------------------------------------------------------------------

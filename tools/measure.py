@@ -6,40 +6,44 @@ import re
 
 import torch
 
-from accel import Acceleration, Guidance
+from accel import Acceleration, Gate, Guidance
 from cache import FULL, CacheSchedule
 from model.hardware import timed
 from model.unet import UNetModel
 
 
 def kind_settings(accel, plan):
-    """(pruning settings or None, cache depth, guided) of a call made as `plan` (a CallPlan), None for a
-    skipped call (nothing to time): equal settings are timed once."""
+    """(pruning settings or None, cache depth, guided, cross-attention cached) of a call made as `plan` (a
+    CallPlan), None for a skipped call (nothing to time): equal settings are timed once."""
     if plan.skip:
         return None
-    return (accel.prune.every_call(plan.ratio) if plan.ratio else None), plan.depth, plan.guidance == "both"
+    prune = accel.prune.every_call(plan.ratio) if plan.ratio else None
+    return prune, plan.depth, plan.guidance == "both", plan.cross == "cached"
 
 
 def kind_call(unet, settings, x, t, cond):
-    """A function making one UNet call with these settings, as it happens inside a run: the cache
-    filled by an earlier full call, two earlier outputs for DaTo's dynamics map; a one-branch call on
-    the conditional half of the guided batch x. cond: the UNet's keyword inputs (context, and y for SDXL)."""
-    prune, depth, guided = settings
+    """A function making one UNet call with these settings, as it happens inside a run: the second call
+    of a run whose first, full and guided, filled the cache and kept the cross-attention (T-GATE), with
+    two earlier outputs for DaTo's dynamics map; a one-branch call on the conditional half of the guided
+    batch x. cond: the UNet's keyword inputs (context, and y for SDXL)."""
+    prune, depth, guided, gated = settings
+    if prune is None and depth == FULL and not gated:
+        half = 0 if guided else x.shape[0] // 2
+        return lambda: unet(x[half:], t[half:], **{k: v[half:] for k, v in cond.items()})
+    cache = CacheSchedule("dato", depths=(FULL, depth)) if depth != FULL else None
+    modes = ("both", "both" if guided else "cond")
+    state = Acceleration(prune, cache, guidance=Guidance(modes=modes), gate=Gate(1) if gated else None).start(
+        2, 0, guided=True)
+    state.begin_call(0, x)
+    unet(x, t, **cond, state=state)
     if not guided:
         half = x.shape[0] // 2
         x, t, cond = x[half:], t[half:], {k: v[half:] for k, v in cond.items()}
-    if prune is None and depth == FULL:
-        return lambda: unet(x, t, **cond)
-    cache = CacheSchedule("dato", depths=(FULL, depth)) if depth != FULL else None
-    mode = "both" if guided else "cond"
-    state = Acceleration(prune, cache, guidance=Guidance(modes=(mode, mode))).start(2, 0, guided=True)
     for _ in range(2):
         state.end_call(torch.randn_like(x))
-    state.begin_call(0, x)
-    unet(x, t, **cond, state=state)
 
     def call():
-        state.begin_call(1 if depth != FULL else 0, x)
+        state.begin_call(1, x)
         return unet(x, t, **cond, state=state)
     return call
 
