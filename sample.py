@@ -113,6 +113,8 @@ def parser():
     g.add_argument("--guidance-outside", choices=GUIDANCE_OUTSIDE, help="calls outside the window: cond (the "
                    "conditional prediction alone, the default) or reuse (plus the last guided call's difference)")
     g.add_argument("--guidance-schedule", help=f"one mode per UNet call, comma-separated: {', '.join(GUIDANCE)}")
+    g.add_argument("--guidance-stop", type=float, metavar="COS", help="adaptive guidance: each image's guided calls "
+                   "run one branch once its two predictions agree, cosine > COS (e.g. 0.99)")
     g.add_argument("--skip", metavar="CALLS", help="UNet calls (indices >= 2, never two in a row) replaced by "
                    "extrapolating the last two estimates, e.g. 3,5,7")
     g.add_argument("--gate", type=int, metavar="CALL", help="T-GATE: from UNet call CALL on, every cross-attention "
@@ -229,19 +231,22 @@ def plan_settings(args, preset):
     if args.guidance_window and args.guidance_schedule:
         raise ValueError("give either --guidance-window or --guidance-schedule, not both")
     guidance = skip = timesteps = None
+    stop = {"stop": args.guidance_stop} if args.guidance_stop is not None else {}
     if args.guidance_window:
         window = parse_numbers(args.guidance_window, float, "--guidance-window")
         if len(window) != 2:
             raise ValueError(f"--guidance-window must be two noise levels LO,HI, got {args.guidance_window!r}")
-        guidance = Guidance(window=window, outside=args.guidance_outside or "cond")
+        guidance = Guidance(window=window, outside=args.guidance_outside or "cond", **stop)
     elif args.guidance_schedule:
-        guidance = Guidance(modes=tuple(m.strip() for m in args.guidance_schedule.split(",")))
+        guidance = Guidance(modes=tuple(m.strip() for m in args.guidance_schedule.split(",")), **stop)
+    elif stop:
+        guidance = Guidance(**stop)
     if args.skip:
         skip = Skip(parse_numbers(args.skip, int, "--skip"))
     if args.timesteps:
         timesteps = parse_numbers(args.timesteps, int, "--timesteps")
     gate = Gate(args.gate) if args.gate is not None else None
-    for what, flag, value, fixed in (("guidance", "--guidance-window/--guidance-schedule", guidance,
+    for what, flag, value, fixed in (("guidance", "--guidance-window/--guidance-schedule/--guidance-stop", guidance,
                                       preset and preset.guidance),
                                      ("skipped calls", "--skip", skip, preset and preset.skip),
                                      ("timesteps", "--timesteps", timesteps, preset and preset.timesteps),

@@ -9,6 +9,14 @@ at mid noise (Kynkäänniemi et al. 2024, "Applying guidance in a limited interv
 - "reuse": the conditional prediction plus the last guided call's Δ, eps = eps_c + (w - 1)·Δ
   (eps_u + w·Δ is the same sum), at half the batch.
 On a v-prediction model the combination is made on the raw outputs, as guidance is.
+
+Adaptive guidance (Castillo et al. 2023, "Adaptive Guidance: Training-free Acceleration of Conditional
+Diffusion Models") decides per image instead: once the two predictions of an image point the same way,
+cos(eps_c, eps_u) > `stop` over the whole image, guidance no longer changes much, and that image's later
+calls run its conditional branch alone (monotone: stopped stays stopped; its reused Δ is 0). The batch of
+a guided call is then [uncond of the images still guided; cond of all]. The decision reads the outputs,
+so it is made on the host between calls, and what a run costs is known only after it (the PNG metadata
+records the call each image stopped at).
 """
 import math
 import numbers
@@ -21,25 +29,34 @@ OUTSIDE = ("cond", "reuse")
 
 @dataclass(frozen=True)
 class Guidance:
-    """Which calls of a run are guided; give `modes` or `window`.
+    """Which calls of a run are guided; give `modes` or `window`, or `stop` alone (every call guided until
+    each image stops).
 
     modes: one mode of MODES per UNet call (what search.py writes).
     window: (σ_lo, σ_hi): guided where the call's noise level σ lies in (σ_lo, σ_hi], `outside` elsewhere
         (Kynkäänniemi et al. recommend (0.28, 5.42] for SD-XL, from a 0.002..80 σ range; SD1's trained
         range is 0.029..14.6). Needs the run's σ per call (sampler.call_sigmas).
     outside: what the calls outside the window do, "cond" (the paper) or "reuse".
+    stop: adaptive guidance: an image's guided calls run its conditional branch alone from the call after
+        cos(eps_c, eps_u) first exceeds `stop` (0: never).
     """
     modes: tuple = ()
     window: tuple | None = None
     outside: str = "cond"
+    stop: float = 0.0
 
     def __post_init__(self):
         if isinstance(self.modes, list):   # JSON's arrays: stored as the tuple they mean
             object.__setattr__(self, "modes", tuple(self.modes))
         if isinstance(self.window, list):
             object.__setattr__(self, "window", tuple(self.window))
-        if bool(self.modes) == (self.window is not None):
+        if self.modes and self.window is not None:
             raise ValueError("guidance: give either one mode per call (modes) or a noise-level window (window)")
+        if not (self.modes or self.window is not None or self.stop):
+            raise ValueError("guidance: give one mode per call (modes), a noise-level window (window) or an adaptive "
+                             "stop (stop)")
+        if isinstance(self.stop, bool) or not isinstance(self.stop, numbers.Real) or not 0 <= self.stop < 1:
+            raise ValueError(f"guidance stop is a cosine similarity in [0, 1) (0: never stop), got {self.stop!r}")
         if not isinstance(self.modes, tuple) or set(self.modes) - set(MODES):
             raise ValueError(f"guidance modes must be one of {', '.join(MODES)} per UNet call, got {self.modes!r}")
         if self.window is not None:
@@ -52,6 +69,8 @@ class Guidance:
 
     def modes_for(self, calls, sigmas=None):
         """The mode of each of a run's `calls` UNet calls; `sigmas`: their noise levels (a window needs them)."""
+        if self.window is None and not self.modes:
+            return ["both"] * calls
         if self.window is None:
             if len(self.modes) != calls:
                 raise ValueError(f"guidance has {len(self.modes)} modes, but this run makes {calls} UNet calls; "

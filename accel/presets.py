@@ -84,6 +84,8 @@ def schedule_entry(accel, sampler, steps, about="", **extra):
     if accel.guidance is not None:
         sigmas = call_sigmas(sampler, steps, accel.timesteps or None)
         entry["guidance"] = [plan.guidance for plan in accel.plans(calls, sigmas)]
+        if accel.guidance.stop:
+            entry["guidance_stop"] = accel.guidance.stop
     if accel.skip is not None:
         entry["skip"] = list(accel.skip.calls)
     if accel.timesteps:
@@ -141,7 +143,8 @@ def load_schedule(spec):
         order = entry.get("order", 0)
         cache = CacheSchedule("dato", depths=depths, order=order) if any(d != FULL for d in depths) else None
         prune = from_record(entry["prune"]) if entry.get("prune") is not None else None
-        guidance = Guidance(modes=entry["guidance"]) if entry.get("guidance") is not None else None
+        guidance = Guidance(modes=entry["guidance"], stop=entry.get("guidance_stop", 0.0)) \
+            if entry.get("guidance") is not None else None
         skip = Skip(entry["skip"]) if entry.get("skip") is not None else None
         timesteps = tuple(entry.get("timesteps") or ())
         gate = Gate(entry["gate"]) if entry.get("gate") is not None else None

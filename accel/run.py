@@ -12,7 +12,9 @@ contract model.unet.RunState; the sampler only through `check(calls)`, `start(..
 run's `plans`, `begin_call`, `end_call`, `extrapolated` and `delta`. Nothing leaks between runs.
 """
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+
+import torch
 
 from cache import FULL, CacheSchedule
 from model.macs import unet_macs
@@ -60,6 +62,9 @@ class Acceleration:
             object.__setattr__(self, "timesteps", tuple(self.timesteps))
         if self.timesteps:
             check_timesteps(self.timesteps, len(self.timesteps))
+        if self.guidance is not None and self.guidance.stop and (self.cache is not None or self.gate is not None):
+            raise ValueError("adaptive guidance (a guidance stop) changes each call's batch per image: it cannot be "
+                             "combined with a cache or a gate, whose kept features need the whole guided batch")
         if self.viz is not None and self.prune is None:
             raise ValueError("--viz-prune draws a token method's plans: give a token method (--prune) too")
         if self.viz is not None and self.prune.reduces != "tokens":
@@ -73,7 +78,10 @@ class Acceleration:
                   "viz": asdict(self.viz) if self.viz is not None else None}
         if record["cache"] is not None and not self.cache.order:
             del record["cache"]["order"]
-        extra = {"guidance": asdict(self.guidance) if self.guidance else None,
+        guidance = asdict(self.guidance) if self.guidance else None
+        if guidance is not None and not guidance["stop"]:
+            del guidance["stop"]
+        extra = {"guidance": guidance,
                  "skip": list(self.skip.calls) if self.skip else None, "timesteps": list(self.timesteps) or None,
                  "gate": self.gate.call if self.gate else None}
         return {**record, **{k: v for k, v in extra.items() if v is not None}}
@@ -189,14 +197,21 @@ def kind_macs(unet, accel, plan, hw, matmuls=False):
     return plan.share * sum(unet_macs(unet, hw, depth=depth, keep=keep, matmuls=matmuls).values())
 
 
-def run_plans(accel, calls, sigmas=None):
-    """The CallPlan of each UNet call of a run (the plain call for every call of the baseline, None)."""
-    return accel.plans(calls, sigmas) if accel is not None else [PLAIN] * calls
+def run_plans(accel, calls, sigmas=None, stopped_at=-1):
+    """The CallPlan of each UNet call of a run (the plain call for every call of the baseline, None), for an
+    image whose adaptive guidance stopped at call `stopped_at` (-1: never; its guided calls from there on
+    run one branch)."""
+    plans = accel.plans(calls, sigmas) if accel is not None else [PLAIN] * calls
+    if stopped_at < 0:
+        return plans
+    return [replace(p, guidance="cond") if i >= stopped_at and p.guidance == "both" else p
+            for i, p in enumerate(plans)]
 
 
-def run_macs(unet, accel, calls, hw, matmuls=False, sigmas=None):
-    """Analytic MACs per image of a whole run of `calls` UNet calls (None: the baseline)."""
-    return sum(kind_macs(unet, accel, plan, hw, matmuls) for plan in run_plans(accel, calls, sigmas))
+def run_macs(unet, accel, calls, hw, matmuls=False, sigmas=None, stopped_at=-1):
+    """Analytic MACs per image of a whole run of `calls` UNet calls (None: the baseline); with adaptive
+    guidance, of an image that stopped at call `stopped_at` (its PNG metadata's guidance_stopped_at)."""
+    return sum(kind_macs(unet, accel, plan, hw, matmuls) for plan in run_plans(accel, calls, sigmas, stopped_at))
 
 
 def fitted(t, rows):
@@ -231,6 +246,9 @@ class AcceleratedRun:
         self.estimates = (None, None)  # the two most recent estimates the sampler received, oldest first
         self.delta = None           # eps_c - eps_u of the last guided call (raw outputs)
         self.cross = {}             # T-GATE: each transformer block's kept cross-attention output
+        self.stop = settings.guidance.stop if settings.guidance is not None else 0
+        self.stopped_at = None      # adaptive guidance: per image, the first call it ran unguided from (-1: none)
+        self.rows = None            # adaptive guidance: the images the call in progress guides (None: all)
         prune = settings.prune
         self.tokens = prune.start(lambda name: stream_seed(seed, name)) if prune is not None else None
 
@@ -259,14 +277,29 @@ class AcceleratedRun:
         if len(points) > 1:
             self.features[entry] = value
 
+    def guided_rows(self):
+        """The images a guided call guides: None for all (always without adaptive guidance), else the indices
+        of the images not yet stopped (guidance.py)."""
+        self.rows = None
+        if self.stopped_at is not None and (self.stopped_at >= 0).any():
+            self.rows = (self.stopped_at < 0).nonzero().flatten()
+        return self.rows
+
     def end_call(self, output, estimate=None, delta=None):
         """UNet call done: its raw output (None: skipped), the estimate the sampler receives and the guidance
-        difference of a guided call."""
+        difference of a guided call (0 for the images it did not guide). With adaptive guidance the images
+        whose two predictions now agree, cos(eps_c, eps_u) > stop, stop from the next call on."""
         if output is not None:
             self.outputs = (self.outputs[1], output)
         self.estimates = (self.estimates[1], estimate)
         if delta is not None:
             self.delta = delta
+            if self.stop:
+                cond = output[-delta.shape[0]:].to(delta.dtype).flatten(1)
+                agree = torch.nn.functional.cosine_similarity(cond, cond - delta.flatten(1), dim=1) > self.stop
+                if self.stopped_at is None:
+                    self.stopped_at = torch.full_like(agree, -1, dtype=torch.long)
+                self.stopped_at[agree & (self.stopped_at < 0)] = self.call + 1
 
     def extrapolated(self):
         """The estimate of a skipped call: 2 e_(i-1) - e_(i-2) (skip.py)."""
@@ -304,7 +337,7 @@ class AcceleratedRun:
         prune, ratio = self.settings.prune, self.plans[self.call].ratio
         if not ratio or not prune.applies(hw, level):
             return NO_PLANS
-        guided = self.guided and self.plans[self.call].guidance == "both"
+        guided = self.guided and self.plans[self.call].guidance == "both" and self.rows is None   # [uncond; cond]
         plan = self.tokens.plan(x, hw, ratio, guided)
         if self.settings.viz is not None:
             self.settings.viz.record(f"seed{self.seed}_call{self.call:03d}", block, hw, plan)

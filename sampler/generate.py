@@ -21,7 +21,7 @@ from tqdm import tqdm
 from model.hardware import DTYPE_CHOICES, dtype_name, resolve_dtype, timed
 from model.unet import ATTENTION_BACKENDS
 
-from .loop import check_args, final_latent, run_steps
+from .loop import check_args, final_step, run_steps
 from .samplers import call_sigmas, unet_calls
 
 MAX_SEED = 2 ** 64 - 1   # torch.Generator.manual_seed takes seeds up to this
@@ -189,10 +189,13 @@ def generate_batches(sd, prompts, run, *, progress=False, timer=None):
             loop = run_steps(sd.unet, x_T.to(device), cond, uncond, run.steps, scale, run.sampler, run.eta,
                              config.prediction, run.accel, seeds[0])
             bar = tqdm(loop, total=run.steps, desc=f"images {k}-{k + len(batch) - 1}", disable=not progress)
-            latent = timer("unet", final_latent, bar)
+            last = timer("unet", final_step, bar)
+            latent = last.x
             images = to_pil(timer("decode", sd.vae.decode, latent.to(device)))
-            for prompt, seed, image in zip(batch, seeds, images, strict=True):
-                image.info["parameters"] = json.dumps(dict(prompt=prompt, seed=seed, **settings), allow_nan=False)
+            for i, (prompt, seed, image) in enumerate(zip(batch, seeds, images, strict=True)):
+                stop = {} if last.stops is None else {"guidance_stopped_at": last.stops[i]}   # what it cost
+                image.info["parameters"] = json.dumps(dict(prompt=prompt, seed=seed, **settings, **stop),
+                                                      allow_nan=False)
             yield images, latent
 
 

@@ -63,6 +63,7 @@ class Step:
     x: torch.Tensor         # latent after the step
     pred_x0: torch.Tensor   # the model's estimate of the clean latent at this step
     calls: int              # UNet calls so far
+    stops: list | None = None   # adaptive guidance: per image, the UNet call it runs unguided from (-1: none)
 
 
 def check_args(steps=50, scale=7.5, method="plms", eta=0.0, prediction="eps"):
@@ -126,7 +127,12 @@ def run_steps(unet, x_T, cond, uncond, steps, scale, method, eta, prediction, ac
             run.end_call(None, out)
             return out
         both = guided and plan.guidance == "both"
-        x_in, c_in = (torch.cat([x, x]), joined(uncond, cond)) if both else (x, cond)
+        rows = run.guided_rows() if both and run is not None else None   # None: every image guided
+        if both:
+            x_u, c_u = (x, uncond) if rows is None else (x[rows], picked(uncond, rows))
+            x_in, c_in = torch.cat([x_u, x]), joined(c_u, cond)
+        else:
+            x_in, c_in = x, cond
         t_in = torch.full((x_in.shape[0],), t, device=x.device)
         args, kwargs = ((c_in,), {}) if torch.is_tensor(c_in) else ((), c_in)
         if run is None:
@@ -137,9 +143,7 @@ def run_steps(unet, x_T, cond, uncond, steps, scale, method, eta, prediction, ac
         calls += 1
         out, delta = raw.to(x.dtype), None
         if both:
-            e_uncond, e_cond = out.chunk(2)
-            delta = e_cond - e_uncond
-            out = e_uncond + scale * delta
+            out, delta = guided_sum(out, rows, scale)
         elif guided and plan.guidance == "reuse":   # eps_c + (w - 1)·Δ: the guided sum with the last Δ
             out = out + (scale - 1) * run.delta
         if prediction == "v":
@@ -151,7 +155,28 @@ def run_steps(unet, x_T, cond, uncond, steps, scale, method, eta, prediction, ac
     x_T = x_T.to(torch.promote_types(x_T.dtype, torch.float32))   # latents stay in (at least) fp32
     generator = torch.Generator().manual_seed(stream_seed(seed, "ddim")) if sampler.takes_eta else None
     for i, t, x, pred_x0 in sampler.run(model, x_T, ts, levels, eta, generator):
-        yield Step(i, steps, t, x, pred_x0, calls)
+        stops = run.stopped_at.tolist() if run is not None and run.stopped_at is not None else None
+        yield Step(i, steps, t, x, pred_x0, calls, stops)
+
+
+def guided_sum(out, rows, scale):
+    """Classifier-free guidance on a batch [uncond of `rows`; cond of all] (rows None: of all images) ->
+    (eps_u + w·(eps_c - eps_u), Δ = eps_c - eps_u); an image outside `rows` takes eps_c, and Δ 0."""
+    if rows is None:
+        e_uncond, e_cond = out.chunk(2)
+        delta = e_cond - e_uncond
+        return e_uncond + scale * delta, delta
+    e_uncond, e_cond = out[:len(rows)], out[len(rows):]
+    delta = torch.zeros_like(e_cond)
+    delta[rows] = e_cond[rows] - e_uncond
+    guided = e_cond.clone()
+    guided[rows] = e_uncond + scale * delta[rows]
+    return guided, delta
+
+
+def picked(c, rows):
+    """The conditioning of the images `rows`: a context, or a dict of them (SDXL's context and y)."""
+    return c[rows] if torch.is_tensor(c) else {k: v[rows] for k, v in c.items()}
 
 
 def joined(uncond, cond):
@@ -161,9 +186,14 @@ def joined(uncond, cond):
     return {k: torch.cat([uncond[k], cond[k]]) for k in cond}
 
 
+def final_step(steps):
+    """Run a sample_steps loop (bare or wrapped, e.g. in a progress bar) to its end -> its last Step."""
+    return deque(steps, maxlen=1)[0]
+
+
 def final_latent(steps):
-    """Run a sample_steps loop (bare or wrapped, e.g. in a progress bar) to its end -> the last latent."""
-    return deque(steps, maxlen=1)[0].x
+    """Run a sample_steps loop to its end -> the last latent."""
+    return final_step(steps).x
 
 
 def sample(unet, x_T, cond, uncond=None, steps=50, scale=7.5, method="plms", eta=0.0,

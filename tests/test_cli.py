@@ -278,6 +278,9 @@ def test_caching(tmp_path, tokenizer_dir):
     assert (tmp_path / "00002.png").exists()
     sample.main(common + ["--steps", "4", "--sampler", "dpmpp-2m", "--gate", "2", "--outdir", str(tmp_path)])
     assert params(tmp_path / "00003.png")["acceleration"]["gate"] == 2
+    sample.main(common + ["--steps", "4", "--sampler", "dpmpp-2m", "--guidance-stop", "0.5", "--outdir", str(tmp_path)])
+    stopped = params(tmp_path / "00004.png")
+    assert stopped["acceleration"]["guidance"]["stop"] == 0.5 and stopped["guidance_stopped_at"] in (-1, 1, 2, 3)
 
 
 @pytest.mark.parametrize("args,match", [
@@ -314,6 +317,8 @@ def test_caching(tmp_path, tokenizer_dir):
     (["--skip", "11"], "skipped call 11 is not a UNet call of this run"),
     (["--timesteps", "999,500"], "2 timesteps for a run of 10 steps"),
     (["--gate", "0"], "an index >= 1"),
+    (["--guidance-stop", "1.5"], "cosine similarity in [0, 1)"),
+    (["--guidance-stop", "0.99", "--cache", "uniform"], "cannot be combined with a cache or a gate"),
     (["--gate", "11"], "gate call 11 is not a UNet call of this run"),
     (["--gate", "4", "--guidance-schedule", ",".join(["both"] * 11)], "its guidance must be cond"),
     (["--preset", "ays-10", "--timesteps", "999,500"], "fixes its timesteps; leave out --timesteps")])

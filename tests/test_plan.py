@@ -14,7 +14,7 @@ from conftest import tiny_unet
 from model.macs import unet_macs
 from model.unet import BasicTransformerBlock
 from prune import token_method
-from sampler import CallPlan, call_sigmas, run_schedule, sample
+from sampler import CallPlan, call_sigmas, run_schedule, sample, sample_steps
 from sampler.ddim import ddim_steps
 from sampler.dpmpp import dpmpp_2m_steps
 from sampler.schedule import alphas_cumprod, ddim_update
@@ -315,3 +315,68 @@ def test_gate_in_a_schedule_file(tmp_path):
     preset = find_preset(str(path))
     assert preset.gate == Gate(4) and preset.acceleration().plans(10, call_sigmas("dpmpp-2m", 10)) == \
         accel.plans(10, call_sigmas("dpmpp-2m", 10))
+
+
+def test_adaptive_guidance_stops_each_image_by_hand():
+    """Guidance stop 0.99 on DDIM, 6 steps, two images whose branches agree at different calls: each image is
+    its own hand-made run (batch 1) guided until, after a call, cos(e_c, e_u) over the image exceeds 0.99, then
+    conditional alone; the batched run equals both, its guided batches shrinking as the images stop."""
+    cond, uncond = contexts()
+    uncond[0], uncond[1] = cond[0] + 0.05, cond[1] + 3.0
+    x0, unet = latent(), Branches()
+    got = sample(unet, x0, cond, uncond, steps=6, scale=SCALE, method="ddim",
+                 accel=Acceleration(guidance=Guidance(stop=0.99)))
+    ts, levels = run_schedule("ddim", 6)
+    stops = []
+    for k in range(2):
+        x, stopped = x0[k:k + 1], None
+        for i, t in enumerate(ts):
+            e_c, e_u = branches(Branches(), x, t, cond[k:k + 1], uncond[k:k + 1])
+            eps = e_c if stopped is not None else e_u + SCALE * (e_c - e_u)
+            if stopped is None and torch.nn.functional.cosine_similarity(e_c.flatten(), e_u.flatten(), dim=0) > 0.99:
+                stopped = i + 1
+            x, _ = ddim_update(x, eps, levels[i], levels[i + 1])
+        stops.append(stopped)
+        assert torch.allclose(got[k:k + 1], x, rtol=1e-6, atol=1e-6)
+    assert stops == [1, 2]
+    assert [rows for rows, _ in unet.calls] == [4, 3, 2, 2, 2, 2]
+
+
+def test_adaptive_guidance_reuses_no_difference_after_a_stop_and_counts_what_ran():
+    """A stopped image's Δ is 0, so a reuse call gives it the conditional prediction; MACs per image count its
+    guided calls from its stop on as one branch; the PNG-bound Step records each image's stop."""
+    cond, uncond = contexts()
+    uncond[0], uncond[1] = cond[0] + 0.05, cond[1] + 3.0
+    accel = Acceleration(guidance=Guidance(modes=("both", "both", "reuse", "reuse"), stop=0.99))
+    steps = list(sample_steps(Branches(), latent(), cond, uncond, steps=4, scale=SCALE, method="ddim", accel=accel))
+    assert steps[-1].stops == [1, 2]
+    alone = sample(Branches(), latent()[:1], cond[:1], uncond[:1], steps=4, scale=SCALE, method="ddim",
+                   accel=Acceleration(guidance=Guidance(modes=("both", "cond", "cond", "cond"))))
+    assert torch.allclose(steps[-1].x[:1], alone, rtol=1e-6, atol=1e-6)
+    unet = tiny_unet()
+    full = run_macs(unet, None, 1, (16, 12))
+    assert run_macs(unet, accel, 4, (16, 12), stopped_at=1) == pytest.approx(full * 2.5)
+    assert run_macs(unet, accel, 4, (16, 12), stopped_at=-1) == pytest.approx(full * 3)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(guidance=Guidance(stop=0.99), cache=CacheSchedule("uniform", interval=2, depth=1)), "cannot be combined"),
+    (dict(guidance=Guidance(stop=0.99), gate=Gate(2)), "cannot be combined"),
+])
+def test_adaptive_guidance_refuses_what_needs_the_whole_batch(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Acceleration(**kwargs)
+
+
+@pytest.mark.parametrize("stop", [1.0, -0.1, True, "0.9"])
+def test_bad_guidance_stop(stop):
+    with pytest.raises(ValueError, match="cosine similarity in"):
+        Guidance(stop=stop)
+
+
+def test_guidance_stop_in_a_schedule_file(tmp_path):
+    accel = Acceleration(guidance=Guidance(window=(1.0, 15.0), stop=0.995))
+    path = tmp_path / "stop.json"
+    path.write_text(json.dumps(schedule_entry(accel, "dpmpp-2m", 10)))
+    guidance = find_preset(str(path)).guidance
+    assert guidance.stop == 0.995 and guidance.modes_for(10) == accel.guidance.modes_for(10, call_sigmas("dpmpp-2m", 10))

@@ -249,6 +249,20 @@ def reference_features(scorer, args, prompts, shard, stats, size):
     return None if parts is None else {name: [part[name] for part in parts] for name in scorer.features}
 
 
+def method_macs(unet, method, hw, paths):
+    """Analytic UNet MACs per image of a method's run (attention matmuls included); with adaptive guidance
+    the mean over its images, each as far as it was guided (the call its PNG records it stopped at)."""
+    stopped = [-1]
+    if method.accel is not None and method.accel.guidance is not None and method.accel.guidance.stop:
+        stopped = []
+        for path in paths:
+            with Image.open(path) as image:
+                stopped.append(json.loads(image.info["parameters"])["guidance_stopped_at"])
+    macs = {s: run_macs(unet, method.accel, method.calls, hw, matmuls=True, sigmas=method.sigmas, stopped_at=s)
+            for s in set(stopped)}
+    return sum(macs[s] for s in stopped) / len(stopped)
+
+
 def measure(sd, scorer, prompts, methods, args, shard, timing, stats):
     """results.json's "methods" entry for every method, on rank 0 (None on the others). Every process
     scores its batches, one method at a time (memory: one method's features, not all of them). The
@@ -276,7 +290,7 @@ def measure(sd, scorer, prompts, methods, args, shard, timing, stats):
             baseline_correct = [ok for part in parts for ok in part["correct"]] if scorer.lab else None
         m = methods[spec]
         entry = {"n": n, "sampler": m.sampler, "steps": m.steps,
-                 "mac_ratio": base_macs / run_macs(sd.unet, m.accel, m.calls, hw, matmuls=True, sigmas=m.sigmas)}
+                 "mac_ratio": base_macs / method_macs(sd.unet, m, hw, [image_path(out, spec, k) for k in range(n)])}
         others = (None, None) if spec == "baseline" else (baseline, baseline_correct)
         entry.update(scorer.summarize(parts, prompts, reference, *others))
         if (s := speedup(timing, spec)) is not None:
