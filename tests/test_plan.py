@@ -379,4 +379,5 @@ def test_guidance_stop_in_a_schedule_file(tmp_path):
     path = tmp_path / "stop.json"
     path.write_text(json.dumps(schedule_entry(accel, "dpmpp-2m", 10)))
     guidance = find_preset(str(path)).guidance
-    assert guidance.stop == 0.995 and guidance.modes_for(10) == accel.guidance.modes_for(10, call_sigmas("dpmpp-2m", 10))
+    sigmas = call_sigmas("dpmpp-2m", 10)
+    assert guidance.stop == 0.995 and guidance.modes_for(10) == accel.guidance.modes_for(10, sigmas)

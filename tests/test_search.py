@@ -17,23 +17,24 @@ PLAIN = (["both"] * 51, [False] * 51)
 
 @pytest.mark.parametrize("plan_genes", [False, True])
 def test_repair_keeps_constraints_on_random_offspring(plan_genes):
-    space = search.Space(51, "joint", min_full=4, max_reuse=2, guidance=plan_genes, skips=plan_genes)
+    space = search.Space(51, "joint", min_full=4, max_reuse=2, guidance=plan_genes, skips=plan_genes, orders=plan_genes)
     problem_repair = search.pymoo_repair(space)
     rng = np.random.default_rng(0)
     offspring = rng.uniform(0, np.array(space.bounds), size=(300, len(space.bounds)))   # as SBX/PM leave them
     for x in problem_repair._do(None, offspring):
         plan = space.decode(x)
-        depths, ratios, modes, skipped = plan
+        depths, ratios, modes, skipped, order = plan
         made = [i for i in range(51) if not skipped[i]]
+        assert order in (0, 1, 2) and (order == 0 or any(depths[i] != FULL for i in made))
         assert depths[0] == FULL and sum(depths[i] == FULL for i in made) >= 4
         zeros = "".join("0" if depths[i] == 0 else "x" for i in made)
         assert "000" not in zeros
         assert all(r == 0 for d, r in zip(depths, ratios, strict=True) if d == 0)
         assert not skipped[0] and not skipped[1]
         assert not any(a and b for a, b in zip(skipped, skipped[1:], strict=False))
-        space.acceleration(plan).check(51)   # a plan a run can follow: guidance before reuse, guided features
+        space.acceleration(plan).check(51, [1.0] * 51)   # a plan a run can follow: guidance before reuse, ...
         assert space.repair(plan) == plan   # repaired schedules stay as they are
-        assert plan_genes or (modes, skipped) == PLAIN
+        assert plan_genes or ((modes, skipped) == PLAIN and order == 0)
     assert space.repair(search.Plan([1] * 51, [0.5] * 51, *PLAIN)).depths.count(FULL) == 4   # only what it must
 
 
@@ -184,10 +185,11 @@ def test_min_mac_ratio_renders_only_schedules_that_save_enough(tmp_path, capsys)
 
 
 def test_a_search_of_guidance_and_skips_writes_plans_a_run_follows(tmp_path):
-    """--guidance --skips: the log holds each schedule's modes and skips, its MAC ratio counts one-branch calls as
-    half and skipped ones as nothing, and every Pareto point loads as a schedule file with that plan."""
+    """--guidance --skips --orders: the log holds each schedule's modes, skips and forecast order, its MAC ratio
+    counts one-branch calls as half and skipped ones as nothing, and every Pareto point loads as a schedule file
+    with that plan."""
     out = tmp_path / "s"
-    search.main([*TINY, "--generations", "2", "--guidance", "--skips", "--out", str(out)])
+    search.main([*TINY, "--generations", "2", "--guidance", "--skips", "--orders", "--out", str(out)])
     records = [json.loads(line) for line in (out / "evaluations.jsonl").read_text().splitlines()]
     assert any(r["mac_ratio"] > 1 and set(r["modes"]) - {"both"} for r in records)
     for r in records:   # 5 calls of PLMS-4; depths and ratios are off the analytic count's table here
@@ -201,6 +203,8 @@ def test_a_search_of_guidance_and_skips_writes_plans_a_run_follows(tmp_path):
         modes = point.get("guidance", ["both"] * 5)
         assert [p.guidance for p in accel.plans(5)] == modes
         assert [p.skip for p in accel.plans(5)] == [i in point.get("skip", []) for i in range(5)]
+        assert (accel.cache.order if accel.cache else 0) == point.get("order", 0)
+    assert all(r["order"] in (0, 1, 2) for r in records)
 
 
 @pytest.mark.slow

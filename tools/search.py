@@ -11,8 +11,9 @@ is a full call, 0 reuses everything) and a pruning ratio (--ratios, 0 = off) of 
 --search cache fixes the ratio (--fixed-ratio, DaTo's 0.4), --search prune fixes the depths
 (--fixed-depths, a preset or schedule file; DaTo's ratio search used dato-fixed's), --search joint
 searches both; --guidance adds a guidance gene per call (both branches, the conditional one plus the last
-guided difference, or the conditional one alone) and --skips a skip gene (the call's estimate extrapolated),
-the whole call plan of accel/. Every candidate is repaired after crossover and mutation (and at initialisation): call 0
+guided difference, or the conditional one alone), --skips a skip gene (the call's estimate extrapolated) and
+--orders one gene for the run's forecast order (cached calls reuse or extrapolate their features), the whole
+call plan of accel/. Every candidate is repaired after crossover and mutation (and at initialisation): call 0
 full, at least --min-full full calls, at most --max-reuse consecutive reuse-all calls, and no ratio on a
 reuse-all call (it runs no transformer block). DaTo's released search kept none of this after its first
 generation, rewarded slower runs, and its ratio genes had no effect (shared/reference/methods.md §5.4).
@@ -56,7 +57,7 @@ from model.hardware import check_device, resolve_dtype
 from prune import METHODS as PRUNE_METHODS
 from prune import CellMethod
 from prune.tokens import max_ratio
-from sampler import unet_calls
+from sampler import call_sigmas, unet_calls
 from sampler.generate import Timer, check_seeds, check_size, generate
 from tools.cli import (
     Parser,
@@ -163,13 +164,15 @@ class Evaluator:
     def mac_ratio(self, plan):
         """The baseline's UNet MACs over the schedule's (analytic: known before rendering)."""
         accel = self.space.acceleration(plan)
-        return self.base_macs / run_macs(self.sd.unet, accel, self.space.calls, self.hw, matmuls=True)
+        sigmas = call_sigmas(self.args.sampler, self.args.steps)   # a forecast's time coordinate
+        return self.base_macs / run_macs(self.sd.unet, accel, self.space.calls, self.hw, matmuls=True, sigmas=sigmas)
 
     def evaluate(self, plan):
         start = time.perf_counter()
         images, unet_seconds = self.render(self.space.acceleration(plan))
         record = {"key": json.dumps(self.space.key(plan)), "depths": plan.depths, "ratios": plan.ratios,
                   **({"modes": plan.modes, "skipped": plan.skipped} if self.space.guidance or self.space.skips else {}),
+                  **({"order": plan.order} if self.space.orders else {}),
                   "quality": self.score(images), "unet_seconds": unet_seconds, "mac_ratio": self.mac_ratio(plan)}
         if self.args.cost == "time":   # kept in the record: a resumed run replays the same objectives
             record["speedup"] = self.baseline_seconds / unet_seconds
@@ -216,14 +219,14 @@ def write_pareto(path, records, space, args):
                              **({"speedup": r["speedup"]} if "speedup" in r else {})) for r in records]
     settings = {k: getattr(args, k) for k in ("search", "quality", "cost", "n", "seed", "population", "generations",
                                               "method", "min_full", "max_reuse", "min_mac_ratio", "steps",
-                                              "sampler", "guidance", "skips")}
+                                              "sampler", "guidance", "skips", "orders")}
     write_json(path, {"points": points, "search": settings})
 
 
 def record_plan(record, calls):
-    """The Plan of an evaluation record (a search of depths and ratios only logs no modes or skips)."""
+    """The Plan of an evaluation record (a search of depths and ratios only logs no modes, skips or order)."""
     return Plan(record["depths"], record["ratios"], record.get("modes", ["both"] * calls),
-                record.get("skipped", [False] * calls))
+                record.get("skipped", [False] * calls), record.get("order", 0))
 
 
 def heldout_command(args, out, points):
@@ -266,7 +269,7 @@ def search_space(args):
                              "schedule file of this run (a search's pareto.json#k) or a preset that fits it") from None
     return Space(calls, args.search, depths=depths, ratios=ratios, fixed_depths=fixed, fixed_ratio=args.fixed_ratio,
                  min_full=args.min_full, max_reuse=args.max_reuse, method=args.method, guidance=args.guidance,
-                 skips=args.skips)
+                 skips=args.skips, orders=args.orders)
 
 
 def run(args):
@@ -351,6 +354,9 @@ def parser():
                    "conditional one plus the last guided difference (reuse), or the conditional one alone (cond)")
     p.add_argument("--skips", action="store_true", help="search which calls are skipped too (their estimate "
                    "extrapolated from the last two; never two in a row)")
+    p.add_argument("--orders", action="store_true", help="search the forecast order too, one gene for the run: "
+                   "cached calls reuse the newest features (0) or extrapolate them in log-SNR, linearly (1) or "
+                   "quadratically (2)")
     p.add_argument("--min-mac-ratio", type=float, default=1.0,
                    help="search only schedules with at least this MAC ratio; the others are not rendered (1: all)")
     p.add_argument("--report", metavar="HELDOUT_DIR", help="add evaluate.py's held-out results to pareto.json")

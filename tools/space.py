@@ -1,6 +1,6 @@
 """The genome of search.py's schedule search, its constraints and NSGA-II's problem (pymoo): per UNet call a
 cache depth gene and/or a pruning ratio gene, and optionally a guidance gene and a skip gene (the call plan,
-accel/run.py), repaired after every variation."""
+accel/run.py), and one forecast-order gene for the run, repaired after every variation."""
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -14,25 +14,32 @@ from tools.report import PRESETS_SHOWN
 GUIDANCE_CHOICES = ("both", "reuse", "cond")   # ordered: neighbouring genes are similar calls
 
 
+ORDERS = (0, 1, 2)   # a cached call's features: the newest (0), or a forecast, linear (1) or quadratic (2)
+
+
 class Plan(NamedTuple):
-    """A searched schedule: per UNet call its depth, ratio, guidance mode and whether it is skipped."""
+    """A searched schedule: per UNet call its depth, ratio, guidance mode and whether it is skipped; the run's
+    forecast order (cache/schedule.py)."""
     depths: list
     ratios: list
     modes: list
     skipped: list
+    order: int = 0
 
 
 @dataclass
 class Space:
     """The genome of a schedule and its constraints: one depth gene and/or one ratio gene per UNet call, each an
     index into its list of choices (ordered, so neighbouring indices are similar schedules), then with `guidance`
-    one mode gene per call (both, reuse, cond) and with `skips` one skip gene per call.
+    one mode gene per call (both, reuse, cond), with `skips` one skip gene per call and with `orders` one
+    forecast-order gene (ORDERS) for the run.
 
     calls: UNet calls of the run. search: "cache", "prune" or "joint" (what the depth/ratio genes hold).
     depths, ratios: the choices of a gene (FULL and 0 are always among them). fixed_depths: the depths
     of a "prune" search (default: every call full); fixed_ratio: the ratio of a "cache" search.
     min_full: full calls at least; max_reuse: cached calls in a row at most. method: the token method.
     guidance: search each call's guidance mode. skips: search which calls are skipped (extrapolated).
+    orders: search whether cached calls reuse or forecast their features.
     """
     calls: int
     search: str = "joint"
@@ -45,6 +52,7 @@ class Space:
     method: str = "dato"
     guidance: bool = False
     skips: bool = False
+    orders: bool = False
 
     def __post_init__(self):
         self.depths = tuple(sorted(set(self.depths) | {FULL}))
@@ -71,7 +79,8 @@ class Space:
         """Upper bound of each gene (the lower bounds are 0)."""
         return ([len(self.depths) - 1] * self.calls * self.searches_depths
                 + [len(self.ratios) - 1] * self.calls * self.searches_ratios
-                + [len(GUIDANCE_CHOICES) - 1] * self.calls * self.guidance + [1] * self.calls * self.skips)
+                + [len(GUIDANCE_CHOICES) - 1] * self.calls * self.guidance + [1] * self.calls * self.skips
+                + [len(ORDERS) - 1] * self.orders)
 
     def decode(self, genes):
         """The Plan of a genome."""
@@ -81,7 +90,8 @@ class Space:
         ratios = [self.ratios[g] for g in next(parts)] if self.searches_ratios else [self.fixed_ratio] * n
         modes = [GUIDANCE_CHOICES[g] for g in next(parts)] if self.guidance else ["both"] * n
         skipped = [bool(g) for g in next(parts)] if self.skips else [False] * n
-        return Plan(depths, ratios, modes, skipped)
+        order = ORDERS[next(parts)[0]] if self.orders else 0
+        return Plan(depths, ratios, modes, skipped, order)
 
     def encode(self, plan):
         """The genome of a Plan; each depth and ratio is taken to the nearest choice."""
@@ -89,15 +99,16 @@ class Space:
         return ([nearest(self.depths, d) for d in plan.depths] * self.searches_depths
                 + [nearest(self.ratios, r) for r in plan.ratios] * self.searches_ratios
                 + [GUIDANCE_CHOICES.index(m) for m in plan.modes] * self.guidance
-                + [int(s) for s in plan.skipped] * self.skips)
+                + [int(s) for s in plan.skipped] * self.skips + [ORDERS.index(plan.order)] * self.orders)
 
     def repair(self, plan):
         """The constraints, kept by the smallest deterministic changes: call 0 full, guided and made; no skipped
         call before call 2 or right after another; every run of reuse-all calls longer than max_reuse broken by a
         shallowest non-reuse call; a full call in the middle of the longest stretch without one until there are
         min_full; a guided cached call after a one-branch call since the last full one reuses the difference
-        instead; no ratio on reuse-all calls; a skipped call holds the plain genes (nothing of it is made)."""
-        depths, ratios, modes, skipped = (list(part) for part in plan)
+        instead; no ratio on reuse-all calls; a skipped call holds the plain genes (nothing of it is made); no
+        forecast order without a cached call."""
+        depths, ratios, modes, skipped = (list(part) for part in plan[:4])
         depths[0], modes[0] = FULL, "both"
         for i in range(self.calls):
             skipped[i] = skipped[i] and i >= 2 and not skipped[i - 1]
@@ -124,19 +135,20 @@ class Space:
             both = modes[i] == "both"
             features_guided = both if depths[i] == FULL else features_guided and both
         ratios = [0 if d == 0 else r for d, r in zip(depths, ratios, strict=True)]
-        return Plan(depths, ratios, modes, skipped)
+        cached = any(d != FULL and not s for d, s in zip(depths, skipped, strict=True))
+        return Plan(depths, ratios, modes, skipped, plan.order if cached else 0)
 
     def cheapest(self):
         """The schedule with the fewest MACs the constraints allow: every call reuse-all where it may be, the
         highest pruning ratio, one branch, and every other call skipped."""
         genes = ([0] * self.calls * self.searches_depths + [len(self.ratios) - 1] * self.calls * self.searches_ratios
                  + [GUIDANCE_CHOICES.index("cond")] * self.calls * self.guidance
-                 + [i % 2 for i in range(self.calls)] * self.skips)
+                 + [i % 2 for i in range(self.calls)] * self.skips + [0] * self.orders)
         return self.repair(self.decode(genes))
 
     def acceleration(self, plan):
-        depths, ratios, modes, skipped = plan
-        cache = CacheSchedule("dato", depths=tuple(depths)) if any(d != FULL for d in depths) else None
+        depths, ratios, modes, skipped, order = plan
+        cache = CacheSchedule("dato", depths=tuple(depths), order=order) if any(d != FULL for d in depths) else None
         prune = token_method(self.method, ratio=max(ratios), schedule=tuple(ratios)) if any(ratios) else None
         guidance = Guidance(modes=tuple(modes)) if any(m != "both" for m in modes) else None
         skip = Skip(tuple(i for i, s in enumerate(skipped) if s)) if any(skipped) else None
@@ -144,7 +156,8 @@ class Space:
 
     def key(self, plan):
         """The resume log's key of a repaired Plan (a search of depths and ratios only keeps its old keys)."""
-        return [plan.depths, plan.ratios] + ([plan.modes, plan.skipped] if self.guidance or self.skips else [])
+        return ([plan.depths, plan.ratios] + ([plan.modes, plan.skipped] if self.guidance or self.skips else [])
+                + ([plan.order] if self.orders else []))
 
 
 def pymoo_problem(space, evaluate, min_mac_ratio=1.0):
@@ -191,7 +204,7 @@ def random_plan(space, rng):
     ratios = [0 if r is None else r for r in cheaper([r for r in space.ratios if r])]
     modes = [m or "both" for m in cheaper(["reuse", "cond"])]
     skipped = [rng.random() < p / 3 for _ in range(n)]
-    return Plan(depths, ratios, modes, skipped)
+    return Plan(depths, ratios, modes, skipped, rng.choice(ORDERS) if space.orders else 0)
 
 
 def initial_population(space, size, rng, feasible=lambda plan: True, tries=100):
