@@ -21,7 +21,7 @@ from model.hardware import check_device, dtype_name, resolve_dtype
 from prune import METHODS as PRUNE_METHODS
 from prune import token_method
 from prune.viz import PruneViz
-from sampler.generate import Timer, check_outdir, check_seeds, generate_batches, save_pngs
+from sampler.generate import Timer, check_outdir, check_seeds, generate, generate_batches, save_pngs
 from tools.cli import (
     Parser,
     add_model_flags,
@@ -61,6 +61,7 @@ def run(args):
     load_time = time.perf_counter() - start
     timer, paths = Timer(device), []
     try:
+        warm = warm_up(sd, prompts, settings) if args.compile else ""
         for images, _ in generate_batches(sd, prompts, settings, progress=True, timer=timer):
             paths += save_pngs(images, args.outdir)
     except KeyboardInterrupt:
@@ -69,8 +70,16 @@ def run(args):
     t = timer.totals
     print(f"{len(paths)} image(s) in {args.outdir}/  |  {dtype_name(dtype)} on {device}  |  load {load_time:.1f}s, "
           f"text {t.get('text', 0):.2f}s, UNet {t['unet']:.1f}s ({t['unet'] / len(paths):.2f}s/image), "
-          f"decode {t['decode']:.1f}s, total {time.perf_counter() - start:.1f}s")
+          f"decode {t['decode']:.1f}s, total {time.perf_counter() - start:.1f}s" + warm)
     return paths
+
+
+def warm_up(sd, prompts, settings):
+    """--compile: one untimed batch with the run's settings, which compiles the UNet's layers for them (the
+    timed batches then run compiled) -> its part of the summary line."""
+    start = time.perf_counter()
+    generate(sd, prompts[:settings.batch_size], settings)
+    return f" (of which compile and warm-up {time.perf_counter() - start:.1f}s, an untimed batch)"
 
 
 def parser():

@@ -20,21 +20,23 @@ our baseline with the same attention backend, from the same process. MACs are an
 (the CFG batch doubles them), with and without the attention matmuls. Peak memory is the largest rise over the
 call's starting point (CUDA: allocated bytes; CPU: the resident set after returning freed heap to the system, which
 counts the large buffers reliably, small ones not)."""
+import copy
 import importlib.util
 import json
 import math
 import os
 import statistics
+import time
 
 import torch
 import torch.nn.functional as F
 
 from accel import kind_macs, method_syntax, parse_methods, parse_run_method, run_macs, run_plans
-from cache import FULL
 from lab.vocab import SHIPPED_TOKENIZER
 from model import PRESETS as MODELS
-from model import load_checkpoint, random_weights
+from model import compile_unet, load_checkpoint, random_weights
 from model.checkpoint import ARCHITECTURES, CONFIG_KEY, read_metadata
+from model.compile import compiled_graphs
 from model.config import config_from_json
 from model.hardware import DTYPE_CHOICES, check_device, cpu_description, dtype_name, resolve_dtype
 from model.text import byte_tokenizer
@@ -43,15 +45,17 @@ from prune import DaTo, SiTo, ToMe
 from sampler import SAMPLERS, unet_calls
 from sampler.generate import Sampling, Timer, check_size, generate
 from tools.cli import Parser, run_tool
-from tools.measure import compare, diffusers_unet, kb, kind_call, kind_settings, peak_memory, random_unet
+from tools.measure import compare, diffusers_unet, kb, kind_call, kind_name, kind_settings, peak_memory, random_unet
 from tools.plots import draw_speedups
 
 DEFAULT_METHODS = ("baseline,tome:0.3,tome:0.5,tome:0.7,sito:0.3,sito:0.5,sito:0.7,dato:0.5,todo:2,todo:3,"
                    "deepcache-n3,deepcache-n5,dato-fixed,dato-coco")
 
 
-def bench_methods(args, unet, config, methods, attention, device, dtype):
-    """Time every distinct call kind of every method; compose per-run numbers."""
+def bench_methods(args, unet, config, methods, attention, device, dtype, diffusers=False):
+    """Time every distinct call kind of every method; compose per-run numbers. -> (rows, warm-up): the
+    seconds and compiled graphs of each kind's first calls, and the graphs compiled after them (a compiled
+    UNet: 0 when nothing recompiles)."""
     unet.set_attention(attention)
     b, hw = 2 * args.batch, (args.H // config.vae.factor, args.W // config.vae.factor)
     x = torch.randn(b, config.unet.in_channels, *hw, device=device, dtype=dtype)
@@ -66,9 +70,14 @@ def bench_methods(args, unet, config, methods, attention, device, dtype):
     plan = {spec: run_plans(m.accel, m.calls, m.sigmas) for spec, m in methods.items()}
 
     keys = {spec: [kind_settings(methods[spec].accel, kind) for kind in kinds] for spec, kinds in plan.items()}
-    fns = {key: kind_call(unet, key, x, t, cond)
-           for key in dict.fromkeys(k for ks in keys.values() for k in ks if k is not None)}
-    if args.vs_diffusers:
+    graphs, start = compiled_graphs(), time.perf_counter()
+    with torch.inference_mode():   # each kind's first calls (its state, one run): where a compiled UNet compiles
+        fns = {key: kind_call(unet, key, x, t, cond)
+               for key in dict.fromkeys(k for ks in keys.values() for k in ks if k is not None)}
+        for fn in fns.values():
+            fn()
+    warm = {"seconds": time.perf_counter() - start, "graphs": compiled_graphs() - graphs}
+    if diffusers:
         theirs = diffusers_unet(unet, config, attention)
         extra = {"added_cond_kwargs": added} if "y" in cond else {}
         fns["diffusers"] = lambda: theirs(x.contiguous(), t, cond["context"], **extra).sample
@@ -80,6 +89,7 @@ def bench_methods(args, unet, config, methods, attention, device, dtype):
     with torch.inference_mode():
         times = compare(fns, args.runs, args.warmup, device)
         memory = {key: peak_memory(fn, device) for key, fn in fns.items()}
+    warm["graphs_after"] = compiled_graphs() - graphs - warm["graphs"]
 
     rows = {}
     for spec, kinds in plan.items():
@@ -93,7 +103,7 @@ def bench_methods(args, unet, config, methods, attention, device, dtype):
                           gmacs_run=macs[False] / 1e9, gmacs_run_mm=macs[True] / 1e9,
                           peak_mb=max((memory[k] or 0) for k in keys[spec] if k is not None) / 2 ** 20,
                           kinds={kind_name(k): kinds.count(k) for k in dict.fromkeys(kinds)})
-    if args.vs_diffusers:
+    if diffusers:
         ts = times["diffusers"]
         rows["diffusers"] = dict(calls=calls, run_s=statistics.median(ts) * calls, call_ms=statistics.median(ts) * 1e3,
                                  call_min_ms=min(ts) * 1e3, call_max_ms=max(ts) * 1e3,
@@ -102,7 +112,7 @@ def bench_methods(args, unet, config, methods, attention, device, dtype):
     for row in rows.values():
         row["speedup"] = base / row["run_s"] if base else None
         row["macs_ratio"] = rows["baseline"]["gmacs_run"] / row["gmacs_run"] if base and "gmacs_run" in row else None
-    return rows
+    return rows, warm
 
 
 def add_e2e(rows, sd, methods, args, attention, device):
@@ -121,18 +131,20 @@ def ratio_text(value, width):
 
 def print_rows(rows, args, attention, device, dtype):
     print(f"\n{args.ckpt or args.model}, {args.H}x{args.W}, CFG batch {2 * args.batch}, {dtype_name(dtype)}, "
-          f"{attention} attention, {device}; the baseline is {args.sampler.upper()}-{args.steps} = "
+          f"{attention}, {device}; the baseline is {args.sampler.upper()}-{args.steps} = "
           f"{unet_calls(args.steps, args.sampler)} UNet calls; median of {args.runs} runs")
     if device.type == "cpu":
         print(f"CPU: {cpu_description()}")
     print(f"{'method':24} {'ms/call':>8} {'min-max':>13} {'UNet s/run':>10} {'speed-up':>8} {'GMAC/call':>9} "
-          f"{'+attn mm':>8} {'GMAC/run':>9} {'MAC ratio':>9} {'peak MB':>8}" + (f" {'e2e s':>7}" if args.e2e else ""))
+          f"{'+attn mm':>8} {'GMAC/run':>9} {'MAC ratio':>9} {'peak MB':>8}" + (f" {'e2e s':>7}" if args.e2e else "")
+          + (f" {'vs eager':>8}" if any("vs_eager" in r for r in rows.values()) else ""))
     for name, r in rows.items():
         macs = (f"{r['gmacs_call']:9.1f} {r['gmacs_call_mm']:8.1f} {r['gmacs_run']:9.0f} "
                 f"{ratio_text(r['macs_ratio'], 9)}" if "gmacs_run" in r else f"{'':9} {'':8} {'':9} {'':9}")
         print(f"{name:24} {r['call_ms']:8.0f} {r['call_min_ms']:6.0f}-{r['call_max_ms']:<6.0f} {r['run_s']:10.1f} "
               f"{ratio_text(r['speedup'], 8)} {macs} {r['peak_mb']:8.0f}"
-              + (f" {r['e2e_s']:7.1f}" if "e2e_s" in r else ""))
+              + (f" {r['e2e_s']:7.1f}" if "e2e_s" in r else "")
+              + (f" {r['vs_eager']:7.2f}x" if "vs_eager" in r else ""))
 
 
 def macs_table(args, methods):
@@ -156,16 +168,6 @@ def macs_table(args, methods):
         print(f"{spec:28} {m.calls:5} {r['gmacs_call']:9.1f} {r['gmacs_call_mm']:8.1f} {r['gmacs_run']:9.0f} "
               f"{ratio_text(r['macs_ratio'], 9)} {ratio_text(r['macs_ratio_mm'], 8)}")
     return rows
-
-
-def kind_name(plan):
-    """'full @ 0', 'depth 2 @ 0.4', 'full @ 0 cond', 'full @ 0 cond gated', 'skipped': a call kind of
-    bench.py's table."""
-    if plan.skip:
-        return "skipped"
-    name = f"{'full' if plan.depth == FULL else f'depth {plan.depth}'} @ {plan.ratio:g}"
-    name = name if plan.guidance == "both" else f"{name} {plan.guidance}"
-    return f"{name} gated" if plan.cross == "cached" else name
 
 
 # token selection alone ------------------------------------------------------------------------
@@ -335,13 +337,23 @@ def run(args):
         args.H, args.W = check_size(config, (args.H, args.W))
         if args.e2e:   # its tokenizer now, not after the timing: a missing one ends the run before it starts
             sd.text.tokenize(["a red cube on a table"])
-        results["methods"] = {}
+        results["methods"], compiled = {}, None
         for attention in attentions:
-            rows = bench_methods(args, unet, config, methods, attention, device, dtype)
+            rows, _ = bench_methods(args, unet, config, methods, attention, device, dtype, args.vs_diffusers)
             if args.e2e:
                 add_e2e(rows, sd, methods, args, attention, device)
-            print_rows(rows, args, attention, device, dtype)
+            print_rows(rows, args, f"{attention} attention", device, dtype)
             results["methods"][attention] = rows
+            if args.compile:   # the same kinds on a compiled copy, against the compiled baseline
+                compiled = compiled or compile_unet(copy.deepcopy(unet))
+                rows, warm = bench_methods(args, compiled, config, methods, attention, device, dtype)
+                for spec, row in rows.items():
+                    row["vs_eager"] = results["methods"][attention][spec]["run_s"] / row["run_s"]
+                print_rows(rows, args, f"{attention} attention, compiled", device, dtype)
+                print(f"compiled (model/compile.py, inductor): first calls of every kind {warm['seconds']:.0f}s, "
+                      f"{warm['graphs']} graphs compiled, {warm['graphs_after']} after them")
+                results["methods"][f"{attention} compiled"] = rows
+                results.setdefault("compile", {})[attention] = warm
     if args.json:   # the files in order of what they keep: the plot, drawn last, keeps least
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
@@ -371,6 +383,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--vs-diffusers", action="store_true", help="also time diffusers' UNet2DConditionModel")
     p.add_argument("--e2e", action="store_true", help="also time one real sampling run per method")
+    p.add_argument("--compile", action="store_true", help="also time every method on the UNet with its layers "
+                   "compiled (model/compile.py), against the compiled baseline (a column per backend)")
     p.add_argument("--selection", action="store_true", help="time token selection alone (no UNet)")
     p.add_argument("--macs-only", action="store_true", help="only the analytic MACs of each method (no timing: "
                    "instant at any size)")

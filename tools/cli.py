@@ -20,7 +20,7 @@ from dataclasses import replace
 
 from lab.cli import Parser, set_threads, write_json  # noqa: F401  (shared with lab.*, re-exported)
 from lab.vocab import SHIPPED_TOKENIZER
-from model import PRESETS, load_checkpoint, random_weights
+from model import PRESETS, compile_unet, load_checkpoint, random_weights
 from model.config import PREDICTIONS
 from model.files import weights_id
 from model.hardware import DTYPE_CHOICES, dtype_name
@@ -47,6 +47,8 @@ def add_model_flags(p):
                    help="precision (default: auto = fp16 on GPUs, bf16 on CPUs with AVX512-BF16/AMX, else fp32)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice; on a shared or "
                                                "small machine fewer threads can be much faster)")
+    p.add_argument("--compile", action="store_true", help="compile the UNet's layers (model/compile.py): the first "
+                   "run with new settings compiles them (minutes on a CPU), every later run and method reuses them")
 
 
 def add_sampling_flags(p):
@@ -180,7 +182,15 @@ def resolve_checkpoint(ckpt):
 
 
 def load_model(args, device, dtype):
-    """The checkpoint (or random weights) the command line names, in `dtype` on `device`."""
+    """The checkpoint (or random weights) the command line names, in `dtype` on `device`; with --compile its
+    UNet's layers compiled."""
+    sd = read_model(args, device, dtype)
+    if args.compile:
+        compile_unet(sd.unet)
+    return sd
+
+
+def read_model(args, device, dtype):
     if args.random_weights is not None:
         if args.ckpt:
             raise ValueError("give either --ckpt or --random-weights, not both")

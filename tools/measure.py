@@ -21,6 +21,16 @@ def kind_settings(accel, plan):
     return prune, plan.depth, plan.guidance == "both", plan.cross == "cached"
 
 
+def kind_name(plan):
+    """'full @ 0', 'depth 2 @ 0.4', 'full @ 0 cond', 'full @ 0 cond gated', 'skipped': a call kind of
+    bench.py's table."""
+    if plan.skip:
+        return "skipped"
+    name = f"{'full' if plan.depth == FULL else f'depth {plan.depth}'} @ {plan.ratio:g}"
+    name = name if plan.guidance == "both" else f"{name} {plan.guidance}"
+    return f"{name} gated" if plan.cross == "cached" else name
+
+
 def kind_call(unet, settings, x, t, cond):
     """A function making one UNet call with these settings, as it happens inside a run: the second call
     of a run whose first, full and guided, filled the cache and kept the cross-attention (T-GATE), with

@@ -1,0 +1,53 @@
+"""Regional compilation: torch.compile on the UNet's repeated layers, so that every acceleration method runs
+compiled without recompiling.
+
+    from model.compile import compile_unet
+    compile_unet(sd.unet)              # in place; the first run with given settings compiles (warm-up)
+
+Compiling the whole UNet forward does not survive the methods: a cached call runs a different subset of
+blocks, a token method's selection reads the data, and each pruned block sees its own token count, so a
+whole-model graph breaks or recompiles on every new call kind (DeepCache, tomesd and SiTo users report it).
+Here only the layers that hold the arithmetic are compiled, each ResBlock, attention and feed-forward
+(nn.Module.compile, in place): what decides a call's plan (cache depth, token selection, guidance, the
+gate) stays in eager Python around them and reads or writes no compiled state. The token dimension of the
+attention and feed-forward inputs changes with pruning, the batch with one-branch calls, so every input
+dimension is compiled dynamic (dynamic=True): one graph per layer shape serves every ratio, batch and cache
+depth, and a second run with the same settings compiles nothing.
+
+The layers of one class share their Python code, and dynamo keeps at most `recompile_limit` graphs per code
+object (8 by default), fewer than SD's 12 ResBlock shapes; compile_unet raises that limit, process-wide, to
+what this UNet needs: per distinct layer shape, a graph for batches of one (dynamo specialises size 1) and
+one for more, and for self-attention one more with separate keys and values (ToDo).
+"""
+import torch
+import torch._dynamo.config
+import torch._dynamo.utils
+
+from .unet import CrossAttention, FeedForward, ResBlock
+
+COMPILED = (ResBlock, CrossAttention, FeedForward)
+GRAPHS_PER_SHAPE = 4   # batch 1 or more, times keys and values from the queries or given (ToDo)
+
+
+def layer_shapes(unet):
+    """The distinct (layer class, parameter shapes) of the layers compile_unet compiles."""
+    return {(type(m).__name__, tuple(tuple(p.shape) for p in m.parameters()))
+            for m in unet.modules() if isinstance(m, COMPILED)}
+
+
+def compile_unet(unet, backend="inductor", mode=None):
+    """Compile every ResBlock, CrossAttention and FeedForward of `unet` in place, with dynamic shapes.
+    backend: "inductor" (torch's compiler; the fast one) or a debugging backend ("eager", "aot_eager").
+    mode: inductor's mode (None; "max-autotune" searches kernels for longer). Returns `unet`."""
+    limit = GRAPHS_PER_SHAPE * len(layer_shapes(unet))
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+    for module in unet.modules():
+        if isinstance(module, COMPILED):
+            module.compile(backend=backend, mode=mode, dynamic=True)
+    return unet
+
+
+def compiled_graphs():
+    """Graphs torch.compile has compiled in this process so far (dynamo's count): a run that adds none
+    recompiled nothing."""
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
