@@ -58,7 +58,6 @@ def test_call_plans_are_timed_by_kind(tmp_path):
     rows = json.loads((tmp_path / "r.json").read_text())["methods"]["sdpa"]
     assert rows[str(plan)]["kinds"] == {"full @ 0": 3, "full @ 0 reuse": 1, "full @ 0 cond": 1, "skipped": 1}
     assert rows[str(plan)]["macs_ratio"] == pytest.approx(6 / 4)
-    assert rows[str(plan)]["run_s"] < rows["baseline"]["run_s"]
 
 
 def test_end_to_end_runs_through_generate(tmp_path):
