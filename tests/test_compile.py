@@ -93,3 +93,11 @@ def test_inductor_compiled_methods_equal_eager():
         for name in ("baseline", "sito", "deepcache depth 2", "t-gate"):
             want, got = run(eager, METHODS[name], x, cond, uncond), run(unet, METHODS[name], x, cond, uncond)
             assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-4, name
+
+
+@pytest.mark.slow
+def test_sample_compile_reports_its_warm_up_apart(tmp_path, capsys, tokenizer_dir):
+    import sample
+    sample.main(["--prompt", "a red cube", "--random-weights", "tiny", "--H", "32", "--W", "32", "--steps", "3",
+                 "--tokenizer", tokenizer_dir, "--compile", "--outdir", str(tmp_path)])
+    assert "compile and warm-up" in capsys.readouterr().out and (tmp_path / "00000.png").exists()

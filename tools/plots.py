@@ -90,7 +90,7 @@ def draw_pareto(pareto, results, shown, label, value, path):
     ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:g}x"))
     ax.set_xlabel("MAC ratio (the baseline's UNet MACs / the schedule's)")
     ax.set_ylabel(f"held-out {label}")
-    ax.yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:.0%}"))
+    ax.yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:.1%}"))   # the points lie a few % apart
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
