@@ -9,7 +9,8 @@ one sampling run (the plans, the cached features, the last outputs and estimates
 own state) lives in an AcceleratedRun, which the sampler makes fresh for every batch
 (Acceleration.start) and asks, call by call, for the plan. The UNet sees it only through the
 contract model.unet.RunState; the sampler only through `check(calls)`, `start(...)` and the
-run's `plans`, `begin_call`, `end_call`, `extrapolated` and `delta`. Nothing leaks between runs.
+run's `plans`, `guided_rows`, `begin_call`, `end_call`, `extrapolated` and `delta`. Nothing leaks
+between runs.
 """
 import math
 from dataclasses import asdict, dataclass, replace

@@ -36,8 +36,8 @@ class CallPlan:
     (the guided batch [uncond; cond]), "cond" (the conditional branch alone) or "reuse" (the conditional
     branch plus the last guided call's difference, accel/guidance.py); depth: its cache depth (FULL, 12:
     the whole UNet; model.unet.RunState); ratio: its token method's ratio (0: off); skip: no UNet call,
-    the estimate extrapolated (accel/skip.py); cross: its cross-attention "compute"d, computed and "keep"t,
-    or read from the kept ("cached", T-GATE: accel/gate.py)."""
+    the estimate extrapolated (accel/skip.py); cross: what it does with its cross-attention, "compute",
+    "keep" (compute and keep it: the gate call) or "cached" (read the kept one; T-GATE, accel/gate.py)."""
     guidance: str = "both"
     depth: int = 12
     ratio: float = 0.0
