@@ -29,7 +29,6 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
 from accel import kind_macs, method_syntax, parse_methods, parse_run_method, run_macs, run_plans
 from lab.vocab import SHIPPED_TOKENIZER
@@ -45,18 +44,29 @@ from prune import DaTo, SiTo, ToMe
 from sampler import SAMPLERS, unet_calls
 from sampler.generate import Sampling, Timer, check_size, generate
 from tools.cli import Parser, run_tool
-from tools.measure import compare, diffusers_unet, kb, kind_call, kind_name, kind_settings, peak_memory, random_unet
+from tools.measure import (
+    compare,
+    diffusers_unet,
+    kb,
+    kind_call,
+    kind_name,
+    kind_settings,
+    official_selection,
+    peak_memory,
+    random_unet,
+)
 from tools.plots import draw_speedups
 
 DEFAULT_METHODS = ("baseline,tome:0.3,tome:0.5,tome:0.7,sito:0.3,sito:0.5,sito:0.7,dato:0.5,todo:2,todo:3,"
                    "deepcache-n3,deepcache-n5,dato-fixed,dato-coco")
 
 
-def bench_methods(args, unet, config, methods, attention, device, dtype, diffusers=False):
-    """Time every distinct call kind of every method; compose per-run numbers. -> (rows, warm-up): the
-    seconds and compiled graphs of each kind's first calls, and the graphs compiled after them (a compiled
-    UNet: 0 when nothing recompiles)."""
-    unet.set_attention(attention)
+def bench_methods(args, unets, config, methods, attention, device, dtype, diffusers=False):
+    """Time every distinct call kind of every method on each UNet of `unets` ({"eager": unet}, and with
+    --compile "compiled": a compiled copy), all kinds of both alternating run by run; compose per-run numbers.
+    -> ({variant: rows}, {variant: warm-up}): the seconds and graphs compiled by each kind's first calls, and
+    the graphs compiled after them (0 when nothing recompiles)."""
+    unet = unets["eager"]
     b, hw = 2 * args.batch, (args.H // config.vae.factor, args.W // config.vae.factor)
     x = torch.randn(b, config.unet.in_channels, *hw, device=device, dtype=dtype)
     t = torch.full((b,), 500, device=device)
@@ -68,15 +78,16 @@ def bench_methods(args, unet, config, methods, attention, device, dtype, diffuse
         added = {"text_embeds": pooled, "time_ids": ids}
     calls = unet_calls(args.steps, args.sampler)   # the command's run: what "baseline" and diffusers make
     plan = {spec: run_plans(m.accel, m.calls, m.sigmas) for spec, m in methods.items()}
-
     keys = {spec: [kind_settings(methods[spec].accel, kind) for kind in kinds] for spec, kinds in plan.items()}
-    graphs, start = compiled_graphs(), time.perf_counter()
-    with torch.inference_mode():   # each kind's first calls (its state, one run): where a compiled UNet compiles
-        fns = {key: kind_call(unet, key, x, t, cond)
-               for key in dict.fromkeys(k for ks in keys.values() for k in ks if k is not None)}
-        for fn in fns.values():
-            fn()
-    warm = {"seconds": time.perf_counter() - start, "graphs": compiled_graphs() - graphs}
+    fns, warm = {}, {}
+    for variant, model in unets.items():
+        model.set_attention(attention)
+        graphs, start = compiled_graphs(), time.perf_counter()
+        with torch.inference_mode():   # each kind's first calls (its state, one run): where a compiled UNet compiles
+            for key in dict.fromkeys(k for ks in keys.values() for k in ks if k is not None):
+                fns[variant, key] = kind_call(model, key, x, t, cond)
+                fns[variant, key]()
+        warm[variant] = {"seconds": time.perf_counter() - start, "graphs": compiled_graphs() - graphs}
     if diffusers:
         theirs = diffusers_unet(unet, config, attention)
         extra = {"added_cond_kwargs": added} if "y" in cond else {}
@@ -86,33 +97,40 @@ def bench_methods(args, unet, config, methods, attention, device, dtype, diffuse
         difference = ((ours - reference).abs().max() / reference.abs().max()).item()
         print(f"diffusers' UNet on the same weights and inputs: max |ours - diffusers| / max |diffusers| = "
               f"{difference:.1e}")
+    graphs = compiled_graphs()
     with torch.inference_mode():
         times = compare(fns, args.runs, args.warmup, device)
         memory = {key: peak_memory(fn, device) for key, fn in fns.items()}
-    warm["graphs_after"] = compiled_graphs() - graphs - warm["graphs"]
+    for w in warm.values():
+        w["graphs_after"] = compiled_graphs() - graphs   # by any of them: the eager UNet compiles none
 
-    rows = {}
-    for spec, kinds in plan.items():
-        run = {f.__name__: sum(f(times[k]) for k in keys[spec] if k is not None) for f in (statistics.median, min, max)}
-        macs = {mm: sum(kind_macs(unet, methods[spec].accel, k, hw, mm) for k in kinds) for mm in (False, True)}
-        n = len(kinds)   # this method's UNet calls (its own run's)
-        rows[spec] = dict(calls=n, sampler=methods[spec].sampler, steps=methods[spec].steps, run_s=run["median"],
-                          run_min_s=run["min"], run_max_s=run["max"], call_ms=1e3 * run["median"] / n,
-                          call_min_ms=1e3 * run["min"] / n, call_max_ms=1e3 * run["max"] / n,
-                          gmacs_call=macs[False] / n / 1e9, gmacs_call_mm=macs[True] / n / 1e9,
-                          gmacs_run=macs[False] / 1e9, gmacs_run_mm=macs[True] / 1e9,
-                          peak_mb=max((memory[k] or 0) for k in keys[spec] if k is not None) / 2 ** 20,
-                          kinds={kind_name(k): kinds.count(k) for k in dict.fromkeys(kinds)})
-    if diffusers:
-        ts = times["diffusers"]
-        rows["diffusers"] = dict(calls=calls, run_s=statistics.median(ts) * calls, call_ms=statistics.median(ts) * 1e3,
-                                 call_min_ms=min(ts) * 1e3, call_max_ms=max(ts) * 1e3,
-                                 peak_mb=(memory["diffusers"] or 0) / 2 ** 20, relative_difference=difference)
-    base = rows.get("baseline", {}).get("run_s")
-    for row in rows.values():
-        row["speedup"] = base / row["run_s"] if base else None
-        row["macs_ratio"] = rows["baseline"]["gmacs_run"] / row["gmacs_run"] if base and "gmacs_run" in row else None
-    return rows, warm
+    tables = {}
+    for variant in unets:
+        rows = tables[variant] = {}
+        for spec, kinds in plan.items():
+            ks = [(variant, k) for k in keys[spec] if k is not None]
+            run = {f.__name__: sum(f(times[k]) for k in ks) for f in (statistics.median, min, max)}
+            macs = {mm: sum(kind_macs(unet, methods[spec].accel, k, hw, mm) for k in kinds) for mm in (False, True)}
+            n = len(kinds)   # this method's UNet calls (its own run's)
+            rows[spec] = dict(calls=n, sampler=methods[spec].sampler, steps=methods[spec].steps, run_s=run["median"],
+                              run_min_s=run["min"], run_max_s=run["max"], call_ms=1e3 * run["median"] / n,
+                              call_min_ms=1e3 * run["min"] / n, call_max_ms=1e3 * run["max"] / n,
+                              gmacs_call=macs[False] / n / 1e9, gmacs_call_mm=macs[True] / n / 1e9,
+                              gmacs_run=macs[False] / 1e9, gmacs_run_mm=macs[True] / 1e9,
+                              peak_mb=max((memory[k] or 0) for k in ks) / 2 ** 20,
+                              kinds={kind_name(k): kinds.count(k) for k in dict.fromkeys(kinds)})
+        if diffusers and variant == "eager":
+            ts = times["diffusers"]
+            rows["diffusers"] = dict(calls=calls, run_s=statistics.median(ts) * calls,
+                                     call_ms=statistics.median(ts) * 1e3, call_min_ms=min(ts) * 1e3,
+                                     call_max_ms=max(ts) * 1e3, peak_mb=(memory["diffusers"] or 0) / 2 ** 20,
+                                     relative_difference=difference)
+        base = rows.get("baseline", {}).get("run_s")
+        for row in rows.values():
+            row["speedup"] = base / row["run_s"] if base else None
+            has_macs = base and "gmacs_run" in row
+            row["macs_ratio"] = rows["baseline"]["gmacs_run"] / row["gmacs_run"] if has_macs else None
+    return tables, warm
 
 
 def add_e2e(rows, sd, methods, args, attention, device):
@@ -171,26 +189,6 @@ def macs_table(args, methods):
 
 
 # token selection alone ------------------------------------------------------------------------
-
-def official_selection(x, hw, ratio, noise_alpha=0.1, generator=None):
-    """What the official SiTo/DaTo code does per block (SiTo's prune_and_recover_tokens): the full N x N cosine
-    matrix, its row sums, and the candidate x base and kept x pruned similarities gathered out of it."""
-    b, n, _ = x.shape
-    (h, w), k = hw, int(n * ratio)
-    m = F.normalize(x, dim=-1)
-    gram = m @ m.transpose(1, 2)                                                   # [B, N, N]
-    score = gram.sum(-1) + noise_alpha * torch.randn(b, n, generator=generator).to(x)
-    choice = score.view(b, h // 2, 2, w // 2, 2).permute(0, 1, 3, 2, 4).reshape(b, h // 2, w // 2, 4).argmax(-1)
-    rows, cols = torch.arange(h // 2, device=x.device)[:, None], torch.arange(w // 2, device=x.device)[None]
-    base = (rows * 2 + choice // 2) * w + cols * 2 + choice % 2
-    order = torch.zeros(b, n, dtype=torch.long, device=x.device).scatter_(1, base.reshape(b, -1), -1).argsort(1)
-    b_idx, a_idx = order[:, :base[0].numel()], order[:, base[0].numel():]
-    ab = gram.gather(1, a_idx[..., None].expand(-1, -1, n)).gather(2, b_idx[:, None].expand(-1, a_idx.shape[1], -1))
-    edges = ab.max(-1).values.argsort(-1, descending=True)
-    pruned, kept = a_idx.gather(1, edges[:, :k]), torch.cat([a_idx.gather(1, edges[:, k:]), b_idx], 1)
-    kp = gram.gather(1, kept[..., None].expand(-1, -1, n)).gather(2, pruned[:, None].expand(-1, kept.shape[1], -1))
-    return kept, pruned, kp.argmax(1)
-
 
 def selection_bench(args, device, dtype):
     """Per-block selection cost at the top level of the UNet (N = latent tokens, C = 320); refused before
@@ -339,21 +337,24 @@ def run(args):
             sd.text.tokenize(["a red cube on a table"])
         results["methods"], compiled = {}, None
         for attention in attentions:
-            rows, _ = bench_methods(args, unet, config, methods, attention, device, dtype, args.vs_diffusers)
+            unets = {"eager": unet}
+            if args.compile:   # the same kinds on a compiled copy, timed in turn with the eager ones
+                compiled = unets["compiled"] = compiled or compile_unet(copy.deepcopy(unet))
+            tables, warm = bench_methods(args, unets, config, methods, attention, device, dtype, args.vs_diffusers)
+            rows = tables["eager"]
             if args.e2e:
                 add_e2e(rows, sd, methods, args, attention, device)
             print_rows(rows, args, f"{attention} attention", device, dtype)
             results["methods"][attention] = rows
-            if args.compile:   # the same kinds on a compiled copy, against the compiled baseline
-                compiled = compiled or compile_unet(copy.deepcopy(unet))
-                rows, warm = bench_methods(args, compiled, config, methods, attention, device, dtype)
-                for spec, row in rows.items():
-                    row["vs_eager"] = results["methods"][attention][spec]["run_s"] / row["run_s"]
-                print_rows(rows, args, f"{attention} attention, compiled", device, dtype)
-                print(f"compiled (model/compile.py, inductor): first calls of every kind {warm['seconds']:.0f}s, "
-                      f"{warm['graphs']} graphs compiled, {warm['graphs_after']} after them")
-                results["methods"][f"{attention} compiled"] = rows
-                results.setdefault("compile", {})[attention] = warm
+            if compiled is not None:   # its speed-ups against the compiled baseline
+                for spec, row in tables["compiled"].items():
+                    row["vs_eager"] = rows[spec]["run_s"] / row["run_s"]
+                print_rows(tables["compiled"], args, f"{attention} attention, compiled", device, dtype)
+                w = warm["compiled"]
+                print(f"compiled (model/compile.py, inductor): first calls of every kind {w['seconds']:.0f}s, "
+                      f"{w['graphs']} graphs compiled, {w['graphs_after']} after them")
+                results["methods"][f"{attention} compiled"] = tables["compiled"]
+                results.setdefault("compile", {})[attention] = w
     if args.json:   # the files in order of what they keep: the plot, drawn last, keeps least
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

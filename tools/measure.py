@@ -1,10 +1,12 @@
 """How bench.py measures one UNet call: the call as it happens inside an accelerated run, the calls timed
 interleaved, the memory a call needs, the UNet alone with random weights, and diffusers' UNet of the same
-architecture sharing its weights (for the side-by-side timing and an output check)."""
+architecture sharing its weights (for the side-by-side timing and an output check), and the official SiTo/DaTo
+token selection (bench.py --selection times ours against it)."""
 import ctypes
 import re
 
 import torch
+import torch.nn.functional as F
 
 from accel import Acceleration, Gate, Guidance
 from cache import FULL, CacheSchedule
@@ -137,3 +139,23 @@ def diffusers_unet(unet, config, attention):
     if attention == "math":
         theirs.set_attn_processor(AttnProcessor())
     return theirs.eval().requires_grad_(False)
+
+
+def official_selection(x, hw, ratio, noise_alpha=0.1, generator=None):
+    """What the official SiTo/DaTo code does per block (SiTo's prune_and_recover_tokens): the full N x N cosine
+    matrix, its row sums, and the candidate x base and kept x pruned similarities gathered out of it."""
+    b, n, _ = x.shape
+    (h, w), k = hw, int(n * ratio)
+    m = F.normalize(x, dim=-1)
+    gram = m @ m.transpose(1, 2)                                                   # [B, N, N]
+    score = gram.sum(-1) + noise_alpha * torch.randn(b, n, generator=generator).to(x)
+    choice = score.view(b, h // 2, 2, w // 2, 2).permute(0, 1, 3, 2, 4).reshape(b, h // 2, w // 2, 4).argmax(-1)
+    rows, cols = torch.arange(h // 2, device=x.device)[:, None], torch.arange(w // 2, device=x.device)[None]
+    base = (rows * 2 + choice // 2) * w + cols * 2 + choice % 2
+    order = torch.zeros(b, n, dtype=torch.long, device=x.device).scatter_(1, base.reshape(b, -1), -1).argsort(1)
+    b_idx, a_idx = order[:, :base[0].numel()], order[:, base[0].numel():]
+    ab = gram.gather(1, a_idx[..., None].expand(-1, -1, n)).gather(2, b_idx[:, None].expand(-1, a_idx.shape[1], -1))
+    edges = ab.max(-1).values.argsort(-1, descending=True)
+    pruned, kept = a_idx.gather(1, edges[:, :k]), torch.cat([a_idx.gather(1, edges[:, k:]), b_idx], 1)
+    kp = gram.gather(1, kept[..., None].expand(-1, -1, n)).gather(2, pruned[:, None].expand(-1, kept.shape[1], -1))
+    return kept, pruned, kp.argmax(1)
