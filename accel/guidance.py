@@ -38,7 +38,8 @@ class Guidance:
         range is 0.029..14.6). Needs the run's σ per call (sampler.call_sigmas).
     outside: what the calls outside the window do, "cond" (the paper) or "reuse".
     stop: adaptive guidance: an image's guided calls run its conditional branch alone from the call after
-        cos(eps_c, eps_u) first exceeds `stop` (0: never).
+        cos(eps_c, eps_u) first exceeds `stop` (0: never). ε-space cosines are close to 1: on the lab model
+        0.99993 holds DPM++(2M)-10's accuracy (1.22x), 0.9999 stops a third of the images at call 1 and loses.
     """
     modes: tuple = ()
     window: tuple | None = None
