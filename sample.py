@@ -102,7 +102,7 @@ def parser():
         g.add_argument(flag, dest=dest, type=meta["type"], choices=meta["choices"], help=meta["help"])
     g.add_argument("--prune-schedule", help="one ratio per UNet call, comma-separated (PLMS-50: 51 values)")
     g.add_argument("--viz-prune", metavar="DIR", help="save a picture of one block's base/kept/pruned tokens per call")
-    g.add_argument("--viz-block", default="input_blocks.1.1.transformer_blocks.0", help="the block --viz-prune shows")
+    g.add_argument("--viz-block", help=f"the block --viz-prune shows (default: {VIZ_BLOCK})")
 
     g = p.add_argument_group("feature caching (cache/)")
     g.add_argument("--cache", choices=("none", *CACHE_MODES), default="none",
@@ -157,6 +157,7 @@ def prune_flags():
 PRUNE_FLAGS = prune_flags()
 CACHE_FLAGS = {"cache_interval": "interval", "cache_depth": "depth", "cache_center": "center", "cache_power": "power",
                "cache_order": "order"}
+VIZ_BLOCK = "input_blocks.1.1.transformer_blocks.0"   # --viz-prune's block: SD's first 64x64 one at 512 px
 
 
 def flags_set(args, dests):
@@ -197,6 +198,12 @@ def acceleration(args):
     """The Acceleration the command line asks for, or None. Tuning flags default to None so that
     one given without its method (or beside a --preset, which fixes them) is an error, not ignored."""
     prune_flags = flags_set(args, PRUNE_FLAGS)
+    if args.preset is not None and not args.preset.strip():
+        raise ValueError("--preset is empty: name a preset or a schedule file FILE.json[#k], or leave the flag out")
+    if args.prune_schedule is not None and not args.prune_schedule.strip():
+        raise ValueError("--prune-schedule is empty: give one ratio per UNet call, or leave the flag out")
+    if args.viz_block and not args.viz_prune:
+        raise ValueError("--viz-block chooses the block --viz-prune draws: add --viz-prune DIR, or leave it out")
     preset = find_preset(args.preset) if args.preset else None
     if preset is not None and (preset.prune or preset.cache):   # a preset of timesteps or guidance adds to the flags
         cache_flags = flags_set(args, [*CACHE_FLAGS, "cache_schedule"])
@@ -223,7 +230,7 @@ def acceleration(args):
         if "schedule" not in {f.name for f in fields(prune)}:
             raise ValueError(f"--prune-schedule: {prune.name} takes no per-call ratios (use --prune-stop for ToDo)")
         prune = replace(prune, schedule=parse_numbers(args.prune_schedule, float, "--prune-schedule"))
-    viz = PruneViz(args.viz_prune, args.viz_block) if args.viz_prune else None
+    viz = PruneViz(args.viz_prune, args.viz_block or VIZ_BLOCK) if args.viz_prune else None
     if viz and not prune:
         raise ValueError("--viz-prune needs a pruning method (--prune tome|sito|dato)")
     guidance, skip, timesteps, gate = plan_settings(args, preset)

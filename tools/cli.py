@@ -62,7 +62,7 @@ def add_sampling_flags(p):
     p.add_argument("--sampler", choices=list(SAMPLERS), default="plms",
                    help="plms (LDM's, what the papers use), ddim, dpmpp-2m (DPM-Solver++(2M), what most users run, "
                         "at 20-25 steps) or dpmpp-2m-karras (default: plms; --plms is accepted as in LDM)")
-    p.add_argument("--plms", dest="sampler", action="store_const", const="plms", help=argparse.SUPPRESS)
+    p.add_argument("--plms", action="store_true", help=argparse.SUPPRESS)   # LDM's spelling of --sampler plms
     p.add_argument("--eta", "--ddim_eta", type=float, default=0.0,
                    help="DDIM noise (default: 0 = deterministic; the other samplers need 0)")
     p.add_argument("--attention", choices=ATTENTION_BACKENDS, default="sdpa",
@@ -81,6 +81,8 @@ def run_tool(p, run, argv=None, interrupted="interrupted"):
     schedule) ends in one line with the reason, Ctrl-C in the line `interrupted` (what to rerun). A
     process group that `run` joined (torchrun) is left at the end."""
     args = p.parse_args(argv)
+    if getattr(args, "plms", False) and args.sampler != "plms":
+        p.error(f"--plms and --sampler {args.sampler} contradict each other: give one of them")
     set_threads(p, args)
     try:
         return run(args)
