@@ -97,6 +97,10 @@ def schedule_entry(accel, sampler, steps, about="", **extra):
     return {**entry, "about": about, **extra}
 
 
+PLAN_FIELDS = ("sampler", "steps", "depths", "prune", "guidance", "guidance_stop", "skip", "timesteps", "order", "gate")
+RECORD_FIELDS = ("about", "mac_ratio", "search_quality", "speedup", "heldout")   # what was measured, read by no run
+
+
 def is_schedule_file(spec):
     return spec.partition("#")[0].endswith(".json")
 
@@ -123,6 +127,9 @@ def load_schedule(spec):
     entry = points[int(index or 0)]
     if not isinstance(entry, dict):
         raise ValueError(f"{spec!r} is not a schedule (a JSON object with sampler, steps, depths, prune)")
+    if unknown := sorted(set(entry) - set(PLAN_FIELDS) - set(RECORD_FIELDS)):   # a misspelt field would drop a part
+        raise ValueError(f"{spec!r}: unknown field{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+                         f"a schedule's fields are {', '.join(PLAN_FIELDS + RECORD_FIELDS)}; fix the file")
     if entry.get("sampler") not in SAMPLERS:
         raise ValueError(f"{spec!r}: its field \"sampler\" is {entry.get('sampler')!r}, not one of this project's "
                          f"samplers ({', '.join(SAMPLERS)}); fix the file")

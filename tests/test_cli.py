@@ -128,6 +128,8 @@ def test_bad_input_is_one_line_before_loading(tmp_path, capsys, args, match):
     ({"depths": [12, 1]}, "2 depths for PLMS-4, which makes 5 UNet calls"),
     ({"prune": [1, 2]}, 'its field "prune" must be a token method\'s settings (an object) or null'),
     ({"depths": [1, 1, 1, 12, 1]}, "the first call has nothing cached to reuse"),
+    ({"prun": {"method": "tome", "ratio": 0.5}}, "unknown field 'prun'; a schedule's fields are sampler, steps, "
+                                                 "depths, prune,"),
 ])
 def test_a_bad_schedule_file_is_named_with_its_field(tmp_path, capsys, entry, match):
     path = tmp_path / "schedule.json"
