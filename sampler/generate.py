@@ -11,6 +11,7 @@ Image k of a call starts from noise seeded with seed + k, drawn on the CPU in fp
 """
 import json
 import os
+import tempfile
 import warnings
 from dataclasses import dataclass
 
@@ -210,21 +211,25 @@ def generate(sd, prompts, run=Sampling(), *, latents=False, progress=False, time
 
 
 def check_outdir(outdir, flag="--outdir"):
-    """Raise ValueError (naming `flag`) unless files can be written to the folder `outdir`; creates nothing."""
+    """Raise ValueError (naming `flag`) unless files can be written to the folder `outdir`; leaves nothing
+    behind. The test is a real write (a temporary file in the folder, or in the nearest existing folder
+    above it): permission bits say yes where writing fails (/proc, a read-only mount, root's os.access)."""
     if not outdir:
         raise ValueError(f"{flag} is empty; name a folder")
-    if os.path.exists(outdir):
-        if not os.path.isdir(outdir):
-            raise ValueError(f"{flag} {outdir!r} is a file, not a folder; choose another {flag}")
-        if not os.access(outdir, os.W_OK | os.X_OK):
-            raise ValueError(f"{flag} {outdir!r} is not writable; choose another {flag}")
-        return
-    parent = os.path.dirname(os.path.abspath(outdir))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"{flag} {outdir!r} cannot be created ({parent!r} is not a writable folder); "
-                         f"choose another {flag}")
+    if os.path.exists(outdir) and not os.path.isdir(outdir):
+        raise ValueError(f"{flag} {outdir!r} is a file, not a folder; choose another {flag}")
+    folder = os.path.abspath(outdir)
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    try:
+        if not os.path.isdir(folder):
+            raise NotADirectoryError(folder)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError:
+        what = "is not writable" if folder == os.path.abspath(outdir) else \
+            f"cannot be created ({folder!r} is not a writable folder)"
+        raise ValueError(f"{flag} {outdir!r} {what}; choose another {flag}") from None
 
 
 def save_png(image, path):
@@ -248,6 +253,12 @@ def save_pngs(images, outdir):
     overwriting; the folder is created with the first image. Returns the paths."""
     if not isinstance(outdir, (str, os.PathLike)):
         raise ValueError(f"save_pngs writes into a folder path, got {outdir!r}")
+    if isinstance(images, Image.Image):
+        raise ValueError("save_pngs writes a list of PIL images (what generate() returns), got one image: put it "
+                         "in a list")
+    images = list(images)   # any iterable, read once
+    if wrong := [type(im).__name__ for im in images if not isinstance(im, Image.Image)]:
+        raise ValueError(f"save_pngs writes a list of PIL images (what generate() returns), got {wrong[0]}")
     check_outdir(os.fspath(outdir), "save_pngs' folder")
     paths = []
     for image in images:

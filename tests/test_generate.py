@@ -2,6 +2,7 @@
 load once, render many settings, images carry their settings, the writer never overwrites."""
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -136,7 +137,15 @@ def test_outdir_checks(tmp_path):
     with pytest.raises(ValueError, match="cannot be created"):
         check_outdir(str(tmp_path / "file" / "sub"))
     check_outdir(str(tmp_path / "a" / "b"))
-    assert not (tmp_path / "a").exists()   # checking creates nothing
+    check_outdir(str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]   # checking leaves nothing behind
+    for images, message in ((["not an image"], "got str"), (Image.new("RGB", (4, 4)), "got one image: put it")):
+        with pytest.raises(ValueError, match=message):   # refused before the folder is made
+            save_pngs(images, tmp_path / "pngs")
+    assert not (tmp_path / "pngs").exists()
+    if os.path.isdir("/proc/self"):   # writable by its permission bits (as root), yet nothing can be written there
+        with pytest.raises(ValueError, match="cannot be created"):
+            check_outdir("/proc/forbidden")
 
 
 def test_a_negative_prompt_without_guidance_is_said_to_be_unused():
