@@ -169,9 +169,7 @@ def guided_sum(out, rows, scale):
     e_uncond, e_cond = out[:len(rows)], out[len(rows):]
     delta = torch.zeros_like(e_cond)
     delta[rows] = e_cond[rows] - e_uncond
-    guided = e_cond.clone()
-    guided[rows] = e_uncond + scale * delta[rows]
-    return guided, delta
+    return e_cond + (scale - 1) * delta, delta   # the guided sum where Δ is not 0
 
 
 def picked(c, rows):

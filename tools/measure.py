@@ -39,24 +39,22 @@ def kind_call(unet, settings, x, t, cond):
     two earlier outputs for DaTo's dynamics map; a one-branch call on the conditional half of the guided
     batch x. cond: the UNet's keyword inputs (context, and y for SDXL)."""
     prune, depth, guided, gated = settings
+    half = 0 if guided else x.shape[0] // 2
+    x_call, t_call, cond_call = x[half:], t[half:], {k: v[half:] for k, v in cond.items()}
     if prune is None and depth == FULL and not gated:
-        half = 0 if guided else x.shape[0] // 2
-        return lambda: unet(x[half:], t[half:], **{k: v[half:] for k, v in cond.items()})
+        return lambda: unet(x_call, t_call, **cond_call)
     cache = CacheSchedule("dato", depths=(FULL, depth)) if depth != FULL else None
     modes = ("both", "both" if guided else "cond")
     state = Acceleration(prune, cache, guidance=Guidance(modes=modes), gate=Gate(1) if gated else None).start(
         2, 0, guided=True)
     state.begin_call(0, x)
     unet(x, t, **cond, state=state)
-    if not guided:
-        half = x.shape[0] // 2
-        x, t, cond = x[half:], t[half:], {k: v[half:] for k, v in cond.items()}
     for _ in range(2):
-        state.end_call(torch.randn_like(x))
+        state.end_call(torch.randn_like(x_call))
 
     def call():
-        state.begin_call(1, x)
-        return unet(x, t, **cond, state=state)
+        state.begin_call(1, x_call)
+        return unet(x_call, t_call, **cond_call, state=state)
     return call
 
 

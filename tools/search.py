@@ -99,6 +99,7 @@ class Evaluator:
             self.spent += record["share"]
         self.hw = tuple(side // sd.config.vae.factor for side in check_size(sd.config, sampling(args).size))
         self.base_macs = run_macs(sd.unet, None, space.calls, self.hw, matmuls=True)
+        self.sigmas = call_sigmas(args.sampler, args.steps)   # each call's noise level: a forecast's time coordinate
         self.baseline = self.baseline_features = self.baseline_seconds = None
 
     def render(self, accel):
@@ -164,8 +165,8 @@ class Evaluator:
     def mac_ratio(self, plan):
         """The baseline's UNet MACs over the schedule's (analytic: known before rendering)."""
         accel = self.space.acceleration(plan)
-        sigmas = call_sigmas(self.args.sampler, self.args.steps)   # a forecast's time coordinate
-        return self.base_macs / run_macs(self.sd.unet, accel, self.space.calls, self.hw, matmuls=True, sigmas=sigmas)
+        return self.base_macs / run_macs(self.sd.unet, accel, self.space.calls, self.hw, matmuls=True,
+                                         sigmas=self.sigmas)
 
     def evaluate(self, plan):
         start = time.perf_counter()

@@ -12,8 +12,6 @@ from prune import token_method
 from tools.report import PRESETS_SHOWN
 
 GUIDANCE_CHOICES = ("both", "reuse", "cond")   # ordered: neighbouring genes are similar calls
-
-
 ORDERS = (0, 1, 2)   # a cached call's features: the newest (0), or a forecast, linear (1) or quadratic (2)
 
 
