@@ -81,19 +81,24 @@ def dpmpp_2m_steps(model, x, ts, sigmas, eta=0.0, generator=None):
     Deterministic: eta and generator are not used.
     """
     last = len(ts) - 1
-    prev_x0 = prev_lambda = None
+    prev = None   # the previous step's (λ, x0)
     for i, t in enumerate(ts):
-        (a_s, s_s), (a_t, s_t) = alpha_sigma(sigmas[i]), alpha_sigma(sigmas[i + 1])
-        eps = model(x, t, a_s ** 2)
-        x0 = (x - s_s * eps) / a_s
-        lambda_s = math.log(a_s / s_s)
-        if i == last:   # to σ = 0: the update is x0 (diffusers' final_sigmas_type="zero")
-            x = x0
-        else:
-            h = math.log(a_t / s_t) - lambda_s
-            x = (s_t / s_s) * x - (a_t * math.expm1(-h)) * x0
-            if prev_x0 is not None:   # second order on the previous data estimate
-                r = (lambda_s - prev_lambda) / h
-                x = x - 0.5 * (a_t * math.expm1(-h)) * ((x0 - prev_x0) / r)
-        prev_x0, prev_lambda = x0, lambda_s
+        a_s, s_s = alpha_sigma(sigmas[i])
+        x0 = (x - s_s * model(x, t, a_s ** 2)) / a_s
+        x = x0 if i == last else update(x, x0, sigmas[i], sigmas[i + 1], prev)   # to σ = 0 the update is x0
+        prev = (log_snr(sigmas[i]), x0)
         yield i, t, x, x0
+
+
+def log_snr(sigma):
+    """λ = log(α_σ / s_σ) = -log σ."""
+    return -math.log(sigma)
+
+
+def update(x, x0, sigma_s, sigma_t, prev=None):
+    """One DPM-Solver++ step from σ_s to σ_t > 0 with data estimate x0: first order, or second order on
+    the previous step's prev = (λ, x0) (diffusers' final_sigmas_type="zero" makes the last step x0)."""
+    (a_s, s_s), (a_t, s_t) = alpha_sigma(sigma_s), alpha_sigma(sigma_t)
+    h = log_snr(sigma_t) - log_snr(sigma_s)
+    d = x0 if prev is None else x0 + 0.5 * (x0 - prev[1]) / ((log_snr(sigma_s) - prev[0]) / h)
+    return (s_t / s_s) * x - (a_t * math.expm1(-h)) * d

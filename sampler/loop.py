@@ -75,7 +75,7 @@ def check_args(steps=50, scale=7.5, method="plms", eta=0.0, prediction="eps"):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ValueError(f"{flag} must be a finite number, got {value!r}")
     if not sampler.takes_eta and eta != 0:
-        raise ValueError(f"--sampler {method} is deterministic: --eta must be 0 (got {eta}); "
+        raise ValueError(f"--sampler {method} takes no eta: --eta must be 0 (got {eta}); "
                          "use --sampler ddim for eta > 0")
     if eta < 0:
         raise ValueError(f"--eta must be >= 0, got {eta}")
@@ -153,7 +153,7 @@ def run_steps(unet, x_T, cond, uncond, steps, scale, method, eta, prediction, ac
         return out
 
     x_T = x_T.to(torch.promote_types(x_T.dtype, torch.float32))   # latents stay in (at least) fp32
-    generator = torch.Generator().manual_seed(stream_seed(seed, "ddim")) if sampler.takes_eta else None
+    generator = torch.Generator().manual_seed(stream_seed(seed, sampler.stream)) if sampler.stream else None
     for i, t, x, pred_x0 in sampler.run(model, x_T, ts, levels, eta, generator):
         stops = run.stopped_at.tolist() if run is not None and run.stopped_at is not None else None
         yield Step(i, steps, t, x, pred_x0, calls, stops)

@@ -13,7 +13,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import ddim, dpmpp, plms
+from . import ddim, dpmpp, euler, plms, unipc
 from .schedule import alpha_levels, alphas_cumprod, check_steps, check_timesteps, ldm_timesteps
 
 
@@ -22,14 +22,16 @@ class Sampler:
     """One sampler. run: its step function. schedule(steps, alphas) -> (its timesteps in sampling order,
     their levels); levels_of(ts, alphas) -> the levels of given timesteps; sigma(level) -> σ =
     √((1-ᾱ)/ᾱ) of one of its levels. extra_calls: UNet calls beyond one per step (PLMS's first step
-    evaluates the next timestep too: 1). takes_eta: it draws noise scaled by η (DDIM); the others are
-    deterministic and need η = 0."""
+    evaluates the next timestep too: 1). takes_eta: it draws noise scaled by η (DDIM); the others need
+    η = 0. stream: the name of the random stream its noise is drawn from (DDIM, Euler a), "" if it draws
+    none."""
     run: Callable
     schedule: Callable
     levels_of: Callable
     sigma: Callable
     extra_calls: int = 0
     takes_eta: bool = False
+    stream: str = ""
     about: str = ""
 
     def calls(self, steps):
@@ -60,12 +62,18 @@ def karras_schedule(steps, alphas):
 SAMPLERS = {
     "plms": Sampler(plms.plms_steps, ldm_schedule, alpha_levels, sigma_of_alpha, extra_calls=1,
                     about="LDM's PLMS, what SD's and the papers' results use (50 steps: 51 UNet calls)"),
-    "ddim": Sampler(ddim.ddim_steps, ldm_schedule, alpha_levels, sigma_of_alpha, takes_eta=True,
+    "ddim": Sampler(ddim.ddim_steps, ldm_schedule, alpha_levels, sigma_of_alpha, takes_eta=True, stream="ddim",
                     about="LDM's DDIM; eta > 0 adds noise"),
     "dpmpp-2m": Sampler(dpmpp.dpmpp_2m_steps, dpmpp.schedule, dpmpp.sigma_levels, float,
                         about="DPM-Solver++(2M), diffusers' DPMSolverMultistepScheduler for SD 1.5 (20-25 steps)"),
     "dpmpp-2m-karras": Sampler(dpmpp.dpmpp_2m_steps, karras_schedule, dpmpp.sigma_levels, float,
                                about="DPM-Solver++(2M) on Karras sigmas (use_karras_sigmas=True; 20-25 steps)"),
+    "unipc": Sampler(unipc.unipc_steps, dpmpp.schedule, dpmpp.sigma_levels, float,
+                     about="UniPC (bh2, order 2), diffusers' UniPCMultistepScheduler for SD 1.5 (10-20 steps)"),
+    "euler": Sampler(euler.euler_steps, euler.schedule, dpmpp.sigma_levels, float,
+                     about="Euler, diffusers' EulerDiscreteScheduler and A1111's Euler (20-30 steps)"),
+    "euler-a": Sampler(euler.euler_ancestral_steps, euler.schedule, dpmpp.sigma_levels, float, stream="euler-a",
+                       about="Euler ancestral, diffusers' EulerAncestralDiscreteScheduler, A1111's default (20-30 steps)"),
 }
 
 

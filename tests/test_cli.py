@@ -123,7 +123,7 @@ def test_bad_input_is_one_line_before_loading(tmp_path, capsys, args, match):
 
 @pytest.mark.parametrize("entry, match", [
     ({"depths": [12, 1.5, 1, 12, 1]}, "cache depths must be a whole number"),
-    ({"sampler": "euler"}, 'its field "sampler" is \'euler\', not one of this project\'s samplers'),
+    ({"sampler": "heun"}, 'its field "sampler" is \'heun\', not one of this project\'s samplers'),
     ({"steps": 0}, 'its field "steps" is 0, not a step count'),
     ({"depths": [12, 1]}, "2 depths for PLMS-4, which makes 5 UNet calls"),
     ({"prune": [1, 2]}, 'its field "prune" must be a token method\'s settings (an object) or null'),

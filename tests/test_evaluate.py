@@ -323,7 +323,7 @@ def test_methods_on_their_own_runs_share_images_and_reference(tmp_path):
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("baseline@euler:20", "after '@' give SAMPLER:STEPS"), ("baseline@plms", "after '@' give SAMPLER:STEPS"),
+    ("baseline@heun:20", "after '@' give SAMPLER:STEPS"), ("baseline@plms", "after '@' give SAMPLER:STEPS"),
     ("baseline@ddim:0", "--steps must be"), ("dato-coco@dpmpp-2m:20", "is for PLMS-50")])
 def test_bad_method_runs_are_refused_before_loading(tmp_path, capsys, spec, message):
     with pytest.raises(SystemExit):

@@ -83,8 +83,8 @@ def test_dtype_and_attention_are_applied(tokenizer_dir):
 
 @pytest.mark.parametrize("kw,match", [
     (dict(steps=0), "--steps"), (dict(steps=2.5), "--steps"), (dict(scale=math.nan), "--scale must be a finite"),
-    (dict(scale=math.inf), "--scale must be a finite"), (dict(sampler="euler"), "unknown sampler"),
-    (dict(sampler="ddim", eta=math.nan), "--eta must be a finite"), (dict(eta=0.3), "plms is deterministic"),
+    (dict(scale=math.inf), "--scale must be a finite"), (dict(sampler="heun"), "unknown sampler"),
+    (dict(sampler="ddim", eta=math.nan), "--eta must be a finite"), (dict(eta=0.3), "plms takes no eta"),
     (dict(seed=1.5), "must be a whole number between 0 and 2"), (dict(dtype="int8"), "--dtype"),
     (dict(attention="flash"), "--attention"), (dict(batch_size=0), "batch size"),
     (dict(size=(64,)), "size must be"), (dict(size=(-64, 64)), "--H -64 must be a positive"),

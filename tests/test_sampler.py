@@ -182,9 +182,10 @@ def test_run_state_sees_every_call():
 
 
 @pytest.mark.parametrize("kw,match", [
-    (dict(steps=0), "steps"), (dict(steps=1000), "steps"), (dict(method="euler"), "unknown sampler"),
-    (dict(eta=0.5), "plms is deterministic"),
-    (dict(method="dpmpp-2m", eta=0.5), "dpmpp-2m is deterministic"), (dict(method="ddim", eta=-1), "eta"),
+    (dict(steps=0), "steps"), (dict(steps=1000), "steps"), (dict(method="heun"), "unknown sampler"),
+    (dict(method="euler-a", eta=1.0), "euler-a takes no eta"),
+    (dict(eta=0.5), "plms takes no eta"),
+    (dict(method="dpmpp-2m", eta=0.5), "dpmpp-2m takes no eta"), (dict(method="ddim", eta=-1), "eta"),
     (dict(prediction="x0"), "prediction"), (dict(scale=-2), "scale")])
 def test_bad_arguments(kw, match):
     with pytest.raises(ValueError, match=match):

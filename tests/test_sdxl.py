@@ -26,6 +26,7 @@ from model.convert import diffusers_unet_to_ldm, openclip_to_hf
 from model.macs import unet_macs
 from model.unet import BasicTransformerBlock, added_conditioning
 from prune import token_method
+from sampler import SAMPLERS
 from sampler.generate import Sampling, generate
 from tools.measure import diffusers_config
 
@@ -258,7 +259,7 @@ def test_every_method_runs_on_sdxl_and_acts(sd, spec):
     assert json.loads(image.info["parameters"])["model"] == "sdxl"
 
 
-@pytest.mark.parametrize("sampler", ["plms", "ddim", "dpmpp-2m", "dpmpp-2m-karras"])
+@pytest.mark.parametrize("sampler", SAMPLERS)
 def test_every_sampler_runs_on_sdxl(sd, sampler):
     images = generate(sd, ["a cat", "a dog"], Sampling(steps=3, sampler=sampler, size=(64, 96), batch_size=2))
     assert [im.size for im in images] == [(96, 64)] * 2
