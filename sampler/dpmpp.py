@@ -98,7 +98,7 @@ def log_snr(sigma):
 def update(x, x0, sigma_s, sigma_t, prev=None):
     """One DPM-Solver++ step from σ_s to σ_t > 0 with data estimate x0: first order, or second order on
     the previous step's prev = (λ, x0) (diffusers' final_sigmas_type="zero" makes the last step x0)."""
-    (a_s, s_s), (a_t, s_t) = alpha_sigma(sigma_s), alpha_sigma(sigma_t)
+    s_s, (a_t, s_t) = alpha_sigma(sigma_s)[1], alpha_sigma(sigma_t)
     h = log_snr(sigma_t) - log_snr(sigma_s)
     d = x0 if prev is None else x0 + 0.5 * (x0 - prev[1]) / ((log_snr(sigma_s) - prev[0]) / h)
     return (s_t / s_s) * x - (a_t * math.expm1(-h)) * d

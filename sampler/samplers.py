@@ -73,7 +73,7 @@ SAMPLERS = {
     "euler": Sampler(euler.euler_steps, euler.schedule, dpmpp.sigma_levels, float,
                      about="Euler, diffusers' EulerDiscreteScheduler and A1111's Euler (20-30 steps)"),
     "euler-a": Sampler(euler.euler_ancestral_steps, euler.schedule, dpmpp.sigma_levels, float, stream="euler-a",
-                       about="Euler ancestral, diffusers' EulerAncestralDiscreteScheduler, A1111's default (20-30 steps)"),
+                       about="Euler ancestral, diffusers' EulerAncestralDiscreteScheduler, A1111's default (20-30)"),
 }
 
 

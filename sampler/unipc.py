@@ -42,7 +42,7 @@ def unipc_steps(model, x, ts, sigmas, eta=0.0, generator=None):
 def corrected(x, sigma_s, sigma_t, history, x0_t):
     """UniC: x at σ_t recomputed from x at σ_s, the estimates the predictor used (history: [(λ, x0)],
     one for a first-order step, two for a second-order one) and the new estimate x0_t."""
-    (a_s, s_s), (a_t, s_t) = alpha_sigma(sigma_s), alpha_sigma(sigma_t)
+    s_s, (a_t, s_t) = alpha_sigma(sigma_s)[1], alpha_sigma(sigma_t)
     lambda_s, m = history[-1]
     h = log_snr(sigma_t) - lambda_s
     b_h = math.expm1(-h)
