@@ -29,6 +29,7 @@ from tools.cli import (
     load_model,
     parse_numbers,
     read_prompts,
+    resolve_run,
     run_tool,
     sampling,
 )
@@ -46,6 +47,7 @@ def run(args):
         raise ValueError(f"--n-iter (how many times the batches repeat) must be >= 1, got {args.n_iter}")
     prompts = image_prompts(read_prompts(args.prompt, args.from_file), args.n_samples, args.n_iter)
     accel = acceleration(args)
+    taken = resolve_run(args, find_preset(args.preset).run if args.preset else None)
     if args.preset:
         check_preset_fits(args.preset, args.sampler, args.steps)
     settings = sampling(args, seed=args.seed, accel=accel, batch_size=args.n_samples)
@@ -67,10 +69,10 @@ def run(args):
     except KeyboardInterrupt:
         raise SystemExit(f"interrupted after {len(paths)} image(s)" + (f" (in {args.outdir}/)" if paths else "")) \
             from None
-    t = timer.totals
+    t, taken = timer.totals, f"  |  {taken}" if taken else ""
     print(f"{len(paths)} image(s) in {args.outdir}/  |  {dtype_name(dtype)} on {device}  |  load {load_time:.1f}s, "
           f"text {t.get('text', 0):.2f}s, UNet {t['unet']:.1f}s ({t['unet'] / len(paths):.2f}s/image), "
-          f"decode {t['decode']:.1f}s, total {time.perf_counter() - start:.1f}s" + warm)
+          f"decode {t['decode']:.1f}s, total {time.perf_counter() - start:.1f}s" + warm + taken)
     return paths
 
 

@@ -60,8 +60,8 @@ def test_help_shows_defaults_and_limits(capsys):
     with pytest.raises(SystemExit):
         sample.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for expected in ("images per batch (default: 1)", "(default: 50", "1 to 999", "(default: 42)",
-                     "(default: outputs)", "(default: plms", "--n-samples N_SAMPLES, --n_samples N_SAMPLES"):
+    for expected in ("images per batch (default: 1)", "else 50, the papers' PLMS-50", "1 to 999", "(default: 42)",
+                     "(default: outputs)", "else plms", "--n-samples N_SAMPLES, --n_samples N_SAMPLES"):
         assert expected in text
 
 
@@ -139,6 +139,29 @@ def test_a_bad_schedule_file_is_named_with_its_field(tmp_path, capsys, entry, ma
                      "--outdir", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert match in err and str(path) in err and "--steps must" not in err and len(err.splitlines()) == 1, err
+
+
+def test_a_schedule_file_carries_its_run(tmp_path, tokenizer_dir, capsys):
+    """--preset FILE#k alone takes the file's sampler and step count (and says so); flags that agree are taken,
+    flags that differ are refused as before."""
+    path = tmp_path / "schedule.json"
+    point = {"sampler": "dpmpp-2m", "steps": 4, "depths": [12, 1, 12, 1], "prune": None}
+    path.write_text(json.dumps({"points": [point, {**point, "sampler": "unipc"}]}))
+    common = ["--prompt", "x", "--random-weights", "tiny", "--H", "32", "--W", "32", "--tokenizer", tokenizer_dir,
+              "--outdir", str(tmp_path / "out")]
+    sample.main(common + ["--preset", f"{path}#1"])
+    assert (params(tmp_path / "out" / "00000.png")["sampler"], params(tmp_path / "out" / "00000.png")["steps"]) == \
+        ("unipc", 4)
+    assert "--sampler and --steps from the preset (unipc 4)" in capsys.readouterr().out
+    sample.main(common + ["--preset", f"{path}#0", "--steps", "4"])
+    assert params(tmp_path / "out" / "00001.png")["sampler"] == "dpmpp-2m"
+    assert "--sampler from the preset (dpmpp-2m 4)" in capsys.readouterr().out
+    for flags in (["--steps", "5"], ["--sampler", "plms"], ["--plms"]):
+        with pytest.raises(SystemExit):
+            sample.main(common + ["--preset", f"{path}#0", *flags])
+        assert "is for DPMPP-2M-4" in capsys.readouterr().err
+    sample.main(common + ["--steps", "2"])   # no preset: PLMS, as before
+    assert params(tmp_path / "out" / "00002.png")["sampler"] == "plms"
 
 
 def test_a_prompt_file_that_is_not_utf8_is_named(tmp_path, capsys):

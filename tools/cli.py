@@ -33,6 +33,7 @@ from sampler.schedule import MAX_STEPS
 from .shard import leave_group
 
 SD15 = ("stable-diffusion-v1-5/stable-diffusion-v1-5", "v1-5-pruned-emaonly.safetensors")
+DEFAULT_RUN = ("plms", 50)   # --sampler and --steps when neither they nor a schedule file say: the papers' PLMS-50
 
 
 def add_model_flags(p):
@@ -53,20 +54,35 @@ def add_model_flags(p):
 
 def add_sampling_flags(p):
     p.add_argument("--negative-prompt", default="", help="what to steer away from (default: the empty prompt)")
-    p.add_argument("--steps", "--ddim_steps", type=int, default=50,
-                   help=f"sampling steps, 1 to {MAX_STEPS} (default: 50, the papers' PLMS-50, 51 UNet calls; "
-                        "20-25 for dpmpp-2m)")
+    p.add_argument("--steps", "--ddim_steps", type=int,
+                   help=f"sampling steps, 1 to {MAX_STEPS} (default: a schedule file's, else {DEFAULT_RUN[1]}, the "
+                        "papers' PLMS-50, 51 UNet calls; 10-25 for dpmpp-2m and unipc, 20-30 for euler)")
     p.add_argument("--scale", type=float, help="guidance scale (default: the model's; 7.5 for SD1, 9.0 for SD2)")
     p.add_argument("--H", type=int, help="height in pixels, a multiple of the VAE factor, 8 for SD (default: native)")
     p.add_argument("--W", type=int, help="width in pixels (default: the model's native size)")
-    p.add_argument("--sampler", choices=list(SAMPLERS), default="plms",
-                   help="plms (LDM's, what the papers use), ddim, dpmpp-2m (DPM-Solver++(2M), what most users run, "
-                        "at 20-25 steps) or dpmpp-2m-karras (default: plms; --plms is accepted as in LDM)")
+    p.add_argument("--sampler", choices=list(SAMPLERS), metavar="{" + ",".join(SAMPLERS) + "}",
+                   help="; ".join(f"{name}: {s.about}" for name, s in SAMPLERS.items())
+                   + f" (default: a schedule file's, else {DEFAULT_RUN[0]}; --plms is accepted as in LDM)")
     p.add_argument("--plms", action="store_true", help=argparse.SUPPRESS)   # LDM's spelling of --sampler plms
     p.add_argument("--eta", "--ddim_eta", type=float, default=0.0,
                    help="DDIM noise (default: 0 = deterministic; the other samplers need 0)")
     p.add_argument("--attention", choices=ATTENTION_BACKENDS, default="sdpa",
                    help="sdpa, or math: materialise the score matrix as the original LDM code did (default: sdpa)")
+
+
+def resolve_run(args, made_for=None):
+    """Fill in --sampler and --steps where they were not given: from `made_for`, the (sampler, steps) a schedule
+    file or preset was made for, else PLMS-50 (--plms: PLMS). -> a note of what was taken from `made_for`, for
+    the run's summary ("" if nothing); flags that contradict it are refused later (check_preset_fits)."""
+    if args.plms:
+        if args.sampler not in (None, "plms"):
+            raise ValueError(f"--plms and --sampler {args.sampler} contradict each other: give one of them")
+        args.sampler = "plms"
+    taken = [flag for flag, dest in (("--sampler", "sampler"), ("--steps", "steps")) if getattr(args, dest) is None]
+    sampler, steps = made_for or DEFAULT_RUN
+    args.sampler = sampler if args.sampler is None else args.sampler
+    args.steps = steps if args.steps is None else args.steps
+    return f"{' and '.join(taken)} from the preset ({sampler} {steps})" if taken and made_for else ""
 
 
 def sampling(args, **fields):
@@ -81,8 +97,6 @@ def run_tool(p, run, argv=None, interrupted="interrupted"):
     schedule) ends in one line with the reason, Ctrl-C in the line `interrupted` (what to rerun). A
     process group that `run` joined (torchrun) is left at the end."""
     args = p.parse_args(argv)
-    if getattr(args, "plms", False) and args.sampler != "plms":
-        p.error(f"--plms and --sampler {args.sampler} contradict each other: give one of them")
     set_threads(p, args)
     try:
         return run(args)

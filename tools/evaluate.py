@@ -69,6 +69,7 @@ from tools.cli import (
     claim_folder,
     load_model,
     read_prompts,
+    resolve_run,
     run_tool,
     sampling,
     settings_record,
@@ -308,6 +309,7 @@ def measure(sd, scorer, prompts, methods, args, shard, timing, stats):
 
 def run(args):
     """Check everything, load the model once, render what is missing, measure, write the results."""
+    resolve_run(args)
     methods = parse_methods(args.methods, args.sampler, args.steps)
     if args.n is not None and args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")

@@ -68,6 +68,7 @@ from tools.cli import (
     load_model,
     parse_numbers,
     repeat_flags,
+    resolve_run,
     run_tool,
     sampling,
     settings_record,
@@ -274,6 +275,7 @@ def search_space(args):
 
 
 def run(args):
+    resolve_run(args)
     if args.report:
         return report(args.out, args.report, args.ship)
     if args.ship:
