@@ -140,7 +140,7 @@ def parser():
 
 
 def main(argv=None):
-    return run_tool(parser(), run, argv)
+    return run_tool(parser(), run, argv, flags={"batch_size": "--n-samples"})
 
 
 def prune_flags():

@@ -167,6 +167,10 @@ def find_preset(spec):
     """A preset by name, or a schedule file."""
     if not isinstance(spec, str):
         raise ValueError(f"a preset is a name or a schedule file path, got {spec!r}")
+    if "@" in spec:
+        base, _, run = spec.partition("@")
+        raise ValueError(f"preset {spec!r}: '@{run}' is the run of a --methods entry; here give the preset alone "
+                         f"({base}) and the run as --sampler and --steps (a schedule file carries its own)")
     if spec in PRESETS:
         return PRESETS[spec]
     if is_schedule_file(spec):

@@ -7,6 +7,7 @@ from dataclasses import dataclass, fields
 
 from prune import METHODS, max_ratio, token_method
 from sampler import SAMPLERS, call_sigmas, unet_calls
+from sampler.schedule import SettingError
 
 from .presets import PRESETS, check_preset_fits, find_preset, is_schedule_file
 from .run import Acceleration
@@ -69,7 +70,10 @@ def parse_run(spec, text):
     if sampler not in SAMPLERS or not colon or not steps.isdigit():
         raise ValueError(f"method {spec!r}: after '@' give SAMPLER:STEPS, e.g. {spec.partition('@')[0]}@dpmpp-2m:20 "
                          f"(samplers: {', '.join(SAMPLERS)})")
-    unet_calls(int(steps), sampler)   # validates the step count
+    try:
+        unet_calls(int(steps), sampler)
+    except SettingError as e:
+        raise ValueError(f"method {spec!r}: the step count after '{sampler}:' {e.problem}") from None
     return sampler, int(steps)
 
 

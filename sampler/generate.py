@@ -24,6 +24,7 @@ from model.unet import ATTENTION_BACKENDS
 
 from .loop import check_args, final_step, run_steps
 from .samplers import call_sigmas, unet_calls
+from .schedule import SettingError
 
 MAX_SEED = 2 ** 64 - 1   # torch.Generator.manual_seed takes seeds up to this
 
@@ -60,27 +61,27 @@ class Sampling:
     def __post_init__(self):
         check_args(self.steps, 1.0 if self.scale is None else self.scale, self.sampler, self.eta)
         if not is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
-            raise ValueError(f"--seed {self.seed!r}: must be a whole number between 0 and 2**64 - 1")
+            raise SettingError("seed", f"{self.seed!r}: must be a whole number between 0 and 2**64 - 1")
         if self.size is not None and (not isinstance(self.size, (tuple, list)) or len(self.size) != 2):
-            raise ValueError(f"size must be (H, W) in pixels (None: the model's native side), got {self.size!r}")
-        for flag, side in zip(("--H", "--W"), self.size or (None, None), strict=True):
+            raise SettingError("size", f"must be (H, W) in pixels (None: the model's native side), got {self.size!r}")
+        for name, side in zip(("H", "W"), self.size or (None, None), strict=True):
             if not (side is None or is_int(side) and side > 0):
-                raise ValueError(f"{flag} {side!r} must be a positive multiple of the VAE factor (8 for SD; "
-                                 "size is (H, W) in pixels; None: the model's native side)")
+                raise SettingError(name, f"{side!r} must be a positive multiple of the VAE factor (8 for SD; "
+                                   "size is (H, W) in pixels; None: the model's native side)")
         if self.dtype is not None and self.dtype not in DTYPE_CHOICES:
-            raise ValueError(f"--dtype {self.dtype!r} is not a precision; choose one of {', '.join(DTYPE_CHOICES)}")
+            raise SettingError("dtype", f"{self.dtype!r} is not a precision; choose one of {', '.join(DTYPE_CHOICES)}")
         if self.attention not in ATTENTION_BACKENDS:
-            raise ValueError(f"--attention {self.attention!r}: choose one of {', '.join(ATTENTION_BACKENDS)}")
+            raise SettingError("attention", f"{self.attention!r}: choose one of {', '.join(ATTENTION_BACKENDS)}")
         methods = ("check", "check_unet", "start", "record")
         if self.accel is not None and not all(hasattr(self.accel, m) for m in methods):
             raise ValueError(f"accel must be an accel.Acceleration or None, got {type(self.accel).__name__}")
         if not isinstance(self.negative_prompt, str):
-            raise ValueError(f"--negative-prompt must be text, got {type(self.negative_prompt).__name__}")
+            raise SettingError("negative_prompt", f"must be text, got {type(self.negative_prompt).__name__}")
         if self.negative_prompt and self.scale == 1:
-            warnings.warn("--negative-prompt is unused at --scale 1 (no guidance: only the prompt is sampled)",
-                          stacklevel=3)
+            warnings.warn("the negative prompt is unused at guidance scale 1 (no guidance: only the prompt is "
+                          "sampled)", stacklevel=3)
         if not is_int(self.batch_size) or self.batch_size < 1:
-            raise ValueError(f"--n-samples (batch size) must be >= 1, got {self.batch_size!r}")
+            raise SettingError("batch_size", f"(images per batch) must be >= 1, got {self.batch_size!r}")
         if self.accel is not None:   # schedules must fit this sampler and step count (and its noise levels)
             timesteps = getattr(self.accel, "timesteps", None) or None
             self.accel.check(unet_calls(self.steps, self.sampler), call_sigmas(self.sampler, self.steps, timesteps))
@@ -102,20 +103,20 @@ def check_prompts(prompts):
 def check_seeds(seed, count):
     """Image k uses seed + k: the whole range must be a valid generator seed, checked up front."""
     if not 0 <= seed <= MAX_SEED - (count - 1):
-        raise ValueError(f"--seed {seed}: image k uses seed + k, so with {count} image(s) the seed must be "
-                         f"between 0 and 2**64 - {count}")
+        raise SettingError("seed", f"{seed}: image k uses seed + k, so with {count} image(s) the seed must be "
+                           f"between 0 and 2**64 - {count}")
 
 
 def check_size(config, size):
     """(H, W) or None -> (H, W) that a model of this SDConfig can decode; warns far beyond its training size."""
     factor, native = config.vae.factor, config.image_size
     H, W = (native if side is None else side for side in size or (None, None))
-    for flag, side in (("--H", H), ("--W", W)):
+    for name, side in (("H", H), ("W", W)):
         if side <= 0 or side % factor:
-            raise ValueError(f"{flag} {side} must be a positive multiple of {factor} (the VAE works on "
-                             f"{factor}x{factor} pixel cells)")
+            raise SettingError(name, f"{side} must be a positive multiple of {factor} (the VAE works on "
+                               f"{factor}x{factor} pixel cells)")
         if side > 4 * native:
-            warnings.warn(f"{flag} {side}: far beyond this model's {native} px training size (images repeat "
+            warnings.warn(f"{name} {side}: far beyond this model's {native} px training size (images repeat "
                           "and memory grows with the square of the side)", stacklevel=3)
     return H, W
 

@@ -17,7 +17,7 @@ import torch
 from model.config import PREDICTIONS
 
 from .samplers import call_sigmas, find_sampler, run_schedule
-from .schedule import check_steps
+from .schedule import SettingError, check_steps
 
 
 def stream_seed(seed, stream):
@@ -67,23 +67,21 @@ class Step:
 
 
 def check_args(steps=50, scale=7.5, method="plms", eta=0.0, prediction="eps"):
-    """Raise ValueError for settings the samplers cannot run (before any heavy work). The messages
-    name the command-line flags (sample.py, evaluate.py); the API arguments have the same names."""
+    """Raise SettingError, naming the argument, for settings the samplers cannot run (before any heavy work)."""
     sampler = find_sampler(method)
     check_steps(steps)
-    for flag, value in (("--scale", scale), ("--eta", eta)):
+    for name, value in (("scale", scale), ("eta", eta)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"{flag} must be a finite number, got {value!r}")
+            raise SettingError(name, f"must be a finite number, got {value!r}")
     if not sampler.takes_eta and eta != 0:
-        raise ValueError(f"--sampler {method} takes no eta: --eta must be 0 (got {eta}); "
-                         "use --sampler ddim for eta > 0")
+        raise SettingError("eta", f"must be 0 (got {eta}): sampler {method} takes no eta; only ddim does")
     if eta < 0:
-        raise ValueError(f"--eta must be >= 0, got {eta}")
+        raise SettingError("eta", f"must be >= 0, got {eta}")
     if prediction not in PREDICTIONS:
-        raise ValueError(f"--prediction must be 'eps' or 'v', got {prediction!r}")
+        raise SettingError("prediction", f"must be 'eps' or 'v', got {prediction!r}")
     if not 0 <= scale <= MAX_SCALE:
-        raise ValueError(f"--scale (guidance) must be between 0 and {MAX_SCALE}, got {scale} (typical: 5 to 10; "
-                         "far beyond, the guided prediction burns the image out and overflows)")
+        raise SettingError("scale", f"(guidance) must be between 0 and {MAX_SCALE}, got {scale} (typical: 5 to 10; "
+                           "far beyond, the guided prediction burns the image out and overflows)")
 
 
 def sample_steps(unet, x_T, cond, uncond=None, steps=50, scale=7.5, method="plms", eta=0.0,

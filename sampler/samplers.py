@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import ddim, dpmpp, euler, plms, unipc
-from .schedule import alpha_levels, alphas_cumprod, check_steps, check_timesteps, ldm_timesteps
+from .schedule import SettingError, alpha_levels, alphas_cumprod, check_steps, check_timesteps, ldm_timesteps
 
 
 @dataclass(frozen=True)
@@ -78,9 +78,9 @@ SAMPLERS = {
 
 
 def find_sampler(name):
-    """The Sampler named `name`; ValueError naming --sampler and the choices otherwise."""
+    """The Sampler named `name`; SettingError naming the choices otherwise."""
     if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r} (--sampler); choose one of {', '.join(SAMPLERS)}")
+        raise SettingError("sampler", f"{name!r} is an unknown sampler; choose one of {', '.join(SAMPLERS)}")
     return SAMPLERS[name]
 
 

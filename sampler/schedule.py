@@ -13,10 +13,19 @@ def alphas_cumprod(start=0.00085, end=0.012, n=TRAIN_STEPS, dtype=torch.float64)
     return torch.cumprod(1 - betas, dim=0)
 
 
+class SettingError(ValueError):
+    """A bad sampling setting, named by its API argument (`name`: steps, scale, seed, ...); the command-line
+    tools name the flag that set it instead (tools/cli.py, run_tool)."""
+
+    def __init__(self, name, problem):
+        super().__init__(f"{name} {problem}")
+        self.name, self.problem = name, problem
+
+
 def check_steps(steps):
-    """Raise ValueError unless `steps` is a step count every sampler can run (1 to 999)."""
+    """Raise SettingError unless `steps` is a step count every sampler can run (1 to 999)."""
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
-        raise ValueError(f"--steps must be a whole number from 1 to {MAX_STEPS}, got {steps!r}")
+        raise SettingError("steps", f"must be a whole number from 1 to {MAX_STEPS}, got {steps!r}")
 
 
 def ldm_timesteps(steps):

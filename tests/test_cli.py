@@ -351,7 +351,11 @@ def test_caching(tmp_path, tokenizer_dir):
     (["--guidance-stop", "0.99", "--cache", "uniform"], "cannot be combined with a cache or a gate"),
     (["--gate", "11"], "gate call 11 is not a UNet call of this run"),
     (["--gate", "4", "--guidance-schedule", ",".join(["both"] * 11)], "its guidance must be cond"),
-    (["--preset", "ays-10", "--timesteps", "999,500"], "fixes its timesteps; leave out --timesteps")])
+    (["--preset", "ays-10", "--timesteps", "999,500"], "fixes its timesteps; leave out --timesteps"),
+    (["--preset", "lab/schedules/dpmpp-2m-10.json#1@dpmpp-2m:10"], "'@dpmpp-2m:10' is the run of a --methods entry"),
+    (["--n-samples", "0"], "--n-samples (images per batch) must be >= 1, got 0"),
+    (["--scale", "1000"], "--scale (guidance) must be between 0 and 100"),
+    (["--sampler", "ddim", "--eta", "-1"], "--eta must be >= 0")])
 def test_cache_errors(tmp_path, capsys, args, match):
     with pytest.raises(SystemExit):
         sample.main(["--prompt", "x", "--steps", "10", "--ckpt", str(tmp_path / "missing.safetensors")] + args)

@@ -324,7 +324,8 @@ def test_methods_on_their_own_runs_share_images_and_reference(tmp_path):
 
 @pytest.mark.parametrize("spec, message", [
     ("baseline@heun:20", "after '@' give SAMPLER:STEPS"), ("baseline@plms", "after '@' give SAMPLER:STEPS"),
-    ("baseline@ddim:0", "--steps must be"), ("dato-coco@dpmpp-2m:20", "is for PLMS-50")])
+    ("baseline@ddim:0", "method 'baseline@ddim:0': the step count after 'ddim:' must be a whole number"),
+    ("dato-coco@dpmpp-2m:20", "is for PLMS-50")])
 def test_bad_method_runs_are_refused_before_loading(tmp_path, capsys, spec, message):
     with pytest.raises(SystemExit):
         run(tmp_path, "--methods", f"baseline,{spec}")

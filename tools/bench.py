@@ -392,7 +392,7 @@ def main(argv=None):
     p.add_argument("--json", help="write the results here")
     p.add_argument("--plot", help="draw the speed-ups into this PNG")
     p.add_argument("--markdown", help="write the results table (the format of docs/benchmarks.md) to this file")
-    run_tool(p, run, argv, "interrupted: no results written")   # parse, --threads (>= 1), run; bad input: 1 line
+    run_tool(p, run, argv, "interrupted: no results written", flags={"batch_size": "--batch"})   # bad input: 1 line
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from model.text import TokenizerError, byte_tokenizer
 from model.unet import ATTENTION_BACKENDS
 from sampler import SAMPLERS
 from sampler.generate import Sampling, check_outdir
-from sampler.schedule import MAX_STEPS
+from sampler.schedule import MAX_STEPS, SettingError
 
 from .shard import leave_group
 
@@ -92,14 +92,19 @@ def sampling(args, **fields):
                     attention=args.attention, negative_prompt=args.negative_prompt, **fields)
 
 
-def run_tool(p, run, argv=None, interrupted="interrupted"):
+def run_tool(p, run, argv=None, interrupted="interrupted", flags=None):
     """A tool's main: parse `argv`, set the threads, `run(args)`; bad input (arguments, checkpoint,
-    schedule) ends in one line with the reason, Ctrl-C in the line `interrupted` (what to rerun). A
-    process group that `run` joined (torchrun) is left at the end."""
+    schedule) ends in one line with the reason, Ctrl-C in the line `interrupted` (what to rerun). A bad
+    setting of the generation API (SettingError) is named by its flag: `flags` {argument: flag} where
+    the flag is not --ARGUMENT (sample.py's batch_size is --n-samples). A process group that `run`
+    joined (torchrun) is left at the end."""
     args = p.parse_args(argv)
     set_threads(p, args)
     try:
         return run(args)
+    except SettingError as e:
+        flag = {"size": "--H/--W", **(flags or {})}.get(e.name, "--" + e.name.replace("_", "-"))
+        p.error(f"{flag} {e.problem}")
     except ValueError as e:
         p.error(str(e))
     except TokenizerError as e:
