@@ -108,13 +108,22 @@ def check_seeds(seed, count):
 
 
 def check_size(config, size):
-    """(H, W) or None -> (H, W) that a model of this SDConfig can decode; warns far beyond its training size."""
+    """(H, W) or None -> (H, W) that a model of this SDConfig can decode; warns far beyond its training size
+    and below the size its UNet's downsamplings need (SD: 64 px, a latent of 8 halved 3 times), refuses half that."""
     factor, native = config.vae.factor, config.image_size
+    halvings = len(config.unet.channel_mult) - 1
+    least = factor * 2 ** halvings   # the deepest level keeps a whole cell
     H, W = (native if side is None else side for side in size or (None, None))
     for name, side in (("H", H), ("W", W)):
         if side <= 0 or side % factor:
             raise SettingError(name, f"{side} must be a positive multiple of {factor} (the VAE works on "
                                f"{factor}x{factor} pixel cells)")
+        if side < least:
+            problem = (f"{side} px is below this model's smallest size, {least} px: its latent ({side // factor}) is "
+                       f"halved {halvings} times by the UNet")
+            if 2 * side < least:
+                raise SettingError(name, problem + ", leaving nothing to draw with")
+            warnings.warn(f"{name} {problem}; the image will be mostly noise", stacklevel=3)
         if side > 4 * native:
             warnings.warn(f"{name} {side}: far beyond this model's {native} px training size (images repeat "
                           "and memory grows with the square of the side)", stacklevel=3)

@@ -3,6 +3,7 @@ load once, render many settings, images carry their settings, the writer never o
 import json
 import math
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -11,9 +12,10 @@ from PIL import Image
 
 from accel import PRESETS, Acceleration
 from model import TINY, random_weights
+from model.config import LAB, SD1
 from prune import token_method
 from prune.viz import PruneViz
-from sampler.generate import Sampling, check_outdir, generate, save_png, save_pngs
+from sampler.generate import Sampling, check_outdir, check_size, generate, save_png, save_pngs
 
 RUN = Sampling(steps=4, size=(64, 48))
 
@@ -117,6 +119,17 @@ def test_size_must_fit_the_vae(sd):
     with pytest.warns(UserWarning, match="far beyond"):
         with pytest.raises(ValueError, match="^W 31"):   # the warning comes first, the bad W still fails
             generate(sd, "x", Sampling(steps=2, size=(512, 31)))
+
+
+def test_a_size_below_what_the_unet_downsamples_is_refused_or_warned():
+    """The lab model (VAE factor 4, 3 UNet halvings) needs 32 px; below 16 the latent has nothing left."""
+    with pytest.raises(ValueError, match="^H 12 px is below this model's smallest size, 32 px: its latent \\(3\\)"):
+        check_size(LAB, (12, 12))
+    with pytest.warns(UserWarning, match="^W 16 px is below .* mostly noise"):
+        assert check_size(LAB, (32, 16)) == (32, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert check_size(SD1, (64, 64)) == (64, 64) and check_size(LAB, None) == (128, 128)
 
 
 def test_writer_numbers_files_and_never_overwrites(sd, tmp_path):
