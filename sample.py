@@ -99,7 +99,7 @@ def parser():
                         "(default: outputs)")
 
     g = p.add_argument_group("token methods (prune/)")
-    g.add_argument("--prune", choices=("none", *PRUNE_METHODS), default="none", help="token method (default: none)")
+    g.add_argument("--prune", choices=("none", *PRUNE_METHODS), help="token method (default: none)")
     for dest, (flag, meta, _) in PRUNE_FLAGS.items():   # every method's settings, from the registry
         g.add_argument(flag, dest=dest, type=meta["type"], choices=meta["choices"], help=meta["help"])
     g.add_argument("--prune-schedule", help="one ratio per UNet call, comma-separated (PLMS-50: 51 values)")
@@ -107,8 +107,9 @@ def parser():
     g.add_argument("--viz-block", help=f"the block --viz-prune shows (default: {VIZ_BLOCK})")
 
     g = p.add_argument_group("feature caching (cache/)")
-    g.add_argument("--cache", choices=("none", *CACHE_MODES), default="none",
-                   help="uniform / nonuniform (DeepCache) or dato (an explicit per-call --cache-schedule)")
+    g.add_argument("--cache", choices=("none", *CACHE_MODES),
+                   help="uniform / nonuniform (DeepCache) or dato (an explicit per-call --cache-schedule; default: "
+                        "none)")
     g.add_argument("--cache-interval", type=int, help="a full UNet call every N calls (5)")
     g.add_argument("--cache-depth", type=int, help=f"blocks recomputed on each side by cached calls: 0 (reuse all) "
                                                    f".. {FULL - 1} (2: DeepCache SD)")
@@ -183,13 +184,15 @@ def method_settings(args):
 
 
 def preset_settings(args, preset, prune_flags, cache_flags):
-    """(prune, cache) of --preset (`preset`, found); the flags it fixes are refused, naming what to do instead."""
-    if args.prune != "none" or args.cache != "none":
-        if preset.prune is None and preset.cache is not None and preset.cache.mode != "dato":
+    """(prune, cache) of --preset (`preset`, found); the flags it fixes are refused (--cache none too), naming what
+    to do instead."""
+    if args.prune is not None or args.cache is not None:
+        if preset.prune is None and preset.cache.mode != "dato" and args.prune not in (None, "none"):   # add pruning
             raise ValueError(f"--preset {args.preset} fixes caching and prunes nothing; to add pruning, spell the "
                              f"caching out (--cache {preset.cache.mode} --cache-interval {preset.cache.interval} "
                              f"--cache-depth {preset.cache.depth}) and add --prune")
-        raise ValueError(f"--preset {args.preset} fixes caching and pruning; leave out --prune and --cache")
+        given = [f"--{flag} {getattr(args, flag)}" for flag in ("prune", "cache") if getattr(args, flag) is not None]
+        raise ValueError(f"--preset {args.preset} fixes caching and pruning; leave out {' and '.join(given)}")
     if fixed := prune_flags + cache_flags:
         raise ValueError(f"--preset {args.preset} fixes its settings; leave out {', '.join(fixed)} "
                          "(or spell the method out with --prune/--cache)")
@@ -211,6 +214,7 @@ def acceleration(args):
         cache_flags = flags_set(args, [*CACHE_FLAGS, "cache_schedule"])
         prune, cache = preset_settings(args, preset, prune_flags, cache_flags)
     else:
+        args.prune, args.cache = args.prune or "none", args.cache or "none"
         if prune_flags and args.prune == "none":
             raise ValueError(f"{', '.join(prune_flags)} given without a token method: add --prune "
                              f"{'|'.join(PRUNE_METHODS)}")

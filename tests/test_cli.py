@@ -104,7 +104,7 @@ def test_download_failure_says_what_to_pass(monkeypatch):
     (["--prompt", "x", "--n-samples", "0"], "--n-samples"),
     (["--prompt", "x", "--preset", "deepcache-n3", "--prune", "sito"], "fixes caching and prunes nothing"),
     (["--prompt", "x", "--preset", "dato-coco", "--steps", "3"], "preset dato-coco is for PLMS-50"),
-    (["--prompt", "x", "--preset", "dato-fixed", "--prune", "sito"], "leave out --prune and --cache"),
+    (["--prompt", "x", "--preset", "dato-fixed", "--prune", "sito"], "leave out --prune sito"),
     (["--prompt", "x", "--threads", "0"], "--threads must be from 1 to"),
     (["--prompt", "x", "--n-iter", "0"], "--n-iter (how many times the batches repeat) must be >= 1"),
     (["--prompt", "x", "--threads", "100000"], "--threads must be from 1 to this machine's"),
@@ -354,6 +354,9 @@ def test_caching(tmp_path, tokenizer_dir):
     (["--preset", "ays-10", "--timesteps", "999,500"], "fixes its timesteps; leave out --timesteps"),
     (["--preset", "lab/schedules/dpmpp-2m-10.json#1@dpmpp-2m:10"], "'@dpmpp-2m:10' is the run of a --methods entry"),
     (["--n-samples", "0"], "--n-samples (images per batch) must be >= 1, got 0"),
+    (["--preset", "deepcache-n3", "--cache", "none"], "--preset deepcache-n3 fixes caching and pruning; leave out "
+                                                      "--cache none"),
+    (["--preset", "dato-coco", "--prune", "none"], "leave out --prune none"),
     (["--scale", "1000"], "--scale (guidance) must be between 0 and 100"),
     (["--sampler", "ddim", "--eta", "-1"], "--eta must be >= 0")])
 def test_cache_errors(tmp_path, capsys, args, match):
