@@ -259,6 +259,9 @@ def _load(module, state, what, where, config):
                               + (f"\n  missing: {_few(missing)}" if missing else "")
                               + (f"\n  unexpected: {_few(unexpected)}" if unexpected else "")
                               + (f"\n  wrong shape: {_few(shapes)}" if shapes else ""))
+    if broken := [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]:
+        raise CheckpointError(f"{where}: the {what} weights hold NaN or inf in {len(broken)} tensor(s) "
+                              f"({_few(broken, 3)}); the file is damaged: download or export it again")
     module.load_state_dict(state, strict=True, assign=True)
 
 

@@ -201,13 +201,22 @@ def generate_batches(sd, prompts, run, *, progress=False, timer=None):
                              config.prediction, run.accel, seeds[0])
             bar = tqdm(loop, total=run.steps, desc=f"images {k}-{k + len(batch) - 1}", disable=not progress)
             last = timer("unet", final_step, bar)
-            latent = last.x
+            latent = check_finite(last.x, f"images {k}-{k + len(batch) - 1}", sd.dtype)
             images = to_pil(timer("decode", sd.vae.decode, latent.to(device)))
             for i, (prompt, seed, image) in enumerate(zip(batch, seeds, images, strict=True)):
                 stop = {} if last.stops is None else {"guidance_stopped_at": last.stops[i]}   # what it cost
                 image.info["parameters"] = json.dumps(dict(prompt=prompt, seed=seed, **settings, **stop),
                                                       allow_nan=False)
             yield images, latent
+
+
+def check_finite(latent, which, dtype):
+    """The sampled latent, unless it holds NaN or inf (which decode to black): one line saying why instead."""
+    if not torch.isfinite(latent).all():
+        hint = "fp16 overflows in some models: load in bf16 or fp32" if dtype == torch.float16 else \
+            "the weights or the guidance scale overflow"
+        raise ValueError(f"{which}: the sampled latent holds NaN or inf ({hint}); no image written")
+    return latent
 
 
 def generate(sd, prompts, run=Sampling(), *, latents=False, progress=False, timer=None):

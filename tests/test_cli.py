@@ -65,6 +65,19 @@ def test_help_shows_defaults_and_limits(capsys):
         assert expected in text
 
 
+def test_non_finite_weights_are_one_line(tmp_path, tokenizer_dir, capsys):
+    state = random_state(layout_shapes(TINY))
+    key = next(k for k in state if k.startswith("model.diffusion_model.") and k.endswith("weight"))
+    state[key][0] = float("nan")
+    save_file(state, str(tmp_path / "broken.safetensors"))
+    with pytest.raises(SystemExit):
+        sample.main(["--prompt", "x", "--ckpt", str(tmp_path / "broken.safetensors"), "--tokenizer", tokenizer_dir,
+                     "--outdir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert f"hold NaN or inf in 1 tensor(s) ({key.removeprefix('model.diffusion_model.')}" in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
 def test_checkpoint_from_environment(tmp_path, tokenizer_dir, monkeypatch):
     save_file(random_state(layout_shapes(TINY)), str(tmp_path / "tiny.safetensors"))
     monkeypatch.setenv("SD_CKPT", str(tmp_path / "tiny.safetensors"))

@@ -132,6 +132,17 @@ def test_a_size_below_what_the_unet_downsamples_is_refused_or_warned():
         assert check_size(SD1, (64, 64)) == (64, 64) and check_size(LAB, None) == (128, 128)
 
 
+def test_a_non_finite_latent_is_refused_not_decoded_to_black(sd):
+    weight = sd.unet.out[2].weight
+    kept = weight.clone()
+    try:
+        weight.data[0] = float("inf")
+        with pytest.raises(ValueError, match="^images 0-1: the sampled latent holds NaN or inf"):
+            generate(sd, ["a", "b"], Sampling(steps=2, size=(32, 32), batch_size=2))
+    finally:
+        weight.data.copy_(kept)
+
+
 def test_writer_numbers_files_and_never_overwrites(sd, tmp_path):
     images = generate(sd, ["the cat", "a cat"], RUN)
     out = tmp_path / "new" / "folder"
