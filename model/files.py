@@ -9,6 +9,7 @@ import hashlib
 import os
 import pickle
 import pickletools
+import warnings
 
 import torch
 from safetensors import SafetensorError
@@ -59,7 +60,9 @@ def _torch_load(path):
     head = _head(path)
     zipped = head.startswith(ZIP_MAGIC)
     try:   # only the zip format can be memory-mapped
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
+        with warnings.catch_warnings():   # torch's note on a newer pickle protocol would come before our line
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
     except pickle.UnpicklingError as e:
         if zipped:   # non-tensor objects in the pickle, e.g. pytorch-lightning callbacks
             return _load_skipping_objects(path)
