@@ -1,4 +1,4 @@
-"""Text-to-image with Stable Diffusion 1.x / 2.x, in the spirit of LDM's scripts/txt2img.py.
+"""Text-to-image with Stable Diffusion 1.x, 2.x and XL, in the spirit of LDM's scripts/txt2img.py.
 
     python sample.py --prompt "a photograph of an astronaut riding a horse" --ckpt v1-5-pruned-emaonly.safetensors
     python sample.py --prompt "a red cube" --random-weights tiny --steps 10   # offline: noise from random weights
@@ -6,8 +6,15 @@
 Without --ckpt the checkpoint is $SD_CKPT, else the official SD 1.5 file downloaded from the
 Hugging Face hub (online only). Images are written as PNGs (never overwriting) with the
 generation settings in a `parameters` text chunk (JSON). LDM's spellings (--n_samples,
---ddim_steps, --plms, --ddim_eta, --from_file, --n_iter) are accepted too.
+--ddim_steps, --plms, --ddim_eta, --from_file, --n_iter) are accepted too, and diffusers' and A1111's
+(--width, --height, --num-inference-steps, --guidance-scale, --cfg-scale).
 """
+import signal
+import sys
+
+if __name__ == "__main__":   # Ctrl-C while torch loads: one line, not a traceback (run_tool restores Python's handler)
+    signal.signal(signal.SIGINT, lambda *_: sys.exit("interrupted while starting up"))
+
 import time
 from dataclasses import fields, replace
 

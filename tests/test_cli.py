@@ -1,6 +1,11 @@
 """sample.py end to end on the TINY presets with a synthesized tokenizer: files, metadata, flags,
 and bad input refused in one line before any heavy work, leaving nothing behind."""
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -8,6 +13,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import sample
+import tools.cli
 from conftest import layout_shapes, random_state
 from model import TINY
 from model.hardware import native_bf16_cpu
@@ -56,6 +62,14 @@ def test_ldm_spellings_are_accepted(tmp_path, tokenizer_dir):
     assert len(paths) == 2 and params(paths[0])["steps"] == 3 and params(paths[0])["sampler"] == "plms"
 
 
+def test_diffusers_and_a1111_spellings_are_accepted(tmp_path, tokenizer_dir):
+    paths = cli(tmp_path, tokenizer_dir, "--prompt", "x", "--num-inference-steps", "3", "--guidance-scale", "5",
+                "--height", "32", "--width", "64")
+    got = params(paths[0])
+    assert (got["steps"], got["scale"], got["H"], got["W"]) == (3, 5.0, 32, 64)
+    assert params(cli(tmp_path, tokenizer_dir, "--prompt", "x", "--steps", "2", "--cfg-scale", "3")[0])["scale"] == 3.0
+
+
 def test_help_shows_defaults_and_limits(capsys):
     with pytest.raises(SystemExit):
         sample.main(["--help"])
@@ -96,9 +110,27 @@ def test_missing_sd_ckpt_names_the_variable(tmp_path, monkeypatch, capsys):
 def test_download_failure_says_what_to_pass(monkeypatch):
     import huggingface_hub
     monkeypatch.delenv("SD_CKPT", raising=False)
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)
+    monkeypatch.setattr(tools.cli, "hub_reachable", lambda: True)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
-    with pytest.raises(SystemExit, match="--ckpt PATH"):
+    with pytest.raises(ValueError, match="could not download the SD 1.5 checkpoint \\(OSError: offline\\): pass"):
         resolve_checkpoint(None)
+
+
+@pytest.mark.parametrize("ckpt, match", [([], "the Hugging Face hub cannot be reached (offline?): pass --ckpt PATH"),
+                                         (["--ckpt", ""], "--ckpt is empty")])
+def test_no_checkpoint_offline_is_one_line_at_once(tmp_path, monkeypatch, capsys, ckpt, match):
+    """Offline with nothing cached, the fix is shown at once, not after the hub client's half minute of retries."""
+    import huggingface_hub
+    monkeypatch.delenv("SD_CKPT", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: pytest.fail("the hub was asked"))
+    start = time.perf_counter()
+    with pytest.raises(SystemExit):
+        sample.main(["--prompt", "x", "--outdir", str(tmp_path / "out"), *ckpt])
+    err = capsys.readouterr().err
+    assert match in err and len(err.strip().splitlines()) == 1 and time.perf_counter() - start < 5
 
 
 @pytest.mark.parametrize("args,match", [
@@ -376,3 +408,13 @@ def test_cache_errors(tmp_path, capsys, args, match):
     with pytest.raises(SystemExit):
         sample.main(["--prompt", "x", "--steps", "10", "--ckpt", str(tmp_path / "missing.safetensors")] + args)
     assert match in capsys.readouterr().err
+
+
+def test_ctrl_c_while_starting_up_is_one_line():
+    """SIGINT while sample.py still imports torch ends in one line, not a traceback through the imports."""
+    proc = subprocess.Popen([sys.executable, "sample.py", "--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    time.sleep(0.5)   # the handler is set at once; torch takes seconds to import
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and err.strip() == "interrupted while starting up" and out == "", (out, err)

@@ -16,6 +16,8 @@ import copy
 import hashlib
 import json
 import os
+import signal
+import socket
 from dataclasses import replace
 
 from lab.cli import Parser, set_threads, write_json  # noqa: F401  (shared with lab.*, re-exported)
@@ -54,12 +56,16 @@ def add_model_flags(p):
 
 def add_sampling_flags(p):
     p.add_argument("--negative-prompt", default="", help="what to steer away from (default: the empty prompt)")
-    p.add_argument("--steps", "--ddim_steps", type=int,
+    # LDM's spellings (--ddim_steps, --ddim_eta) and diffusers' and A1111's (--num-inference-steps, --guidance-scale,
+    # --cfg-scale, --height, --width) are accepted too
+    p.add_argument("--steps", "--ddim_steps", "--num-inference-steps", type=int,
                    help=f"sampling steps, 1 to {MAX_STEPS} (default: a schedule file's, else {DEFAULT_RUN[1]}, the "
                         "papers' PLMS-50, 51 UNet calls; 10-25 for dpmpp-2m and unipc, 20-30 for euler)")
-    p.add_argument("--scale", type=float, help="guidance scale (default: the model's; 7.5 for SD1, 9.0 for SD2)")
-    p.add_argument("--H", type=int, help="height in pixels, a multiple of the VAE factor, 8 for SD (default: native)")
-    p.add_argument("--W", type=int, help="width in pixels (default: the model's native size)")
+    p.add_argument("--scale", "--guidance-scale", "--cfg-scale", type=float,
+                   help="guidance scale (default: the model's; 7.5 for SD1, 9.0 for SD2)")
+    p.add_argument("--H", "--height", type=int, dest="H",
+                   help="height in pixels, a multiple of the VAE factor, 8 for SD (default: native)")
+    p.add_argument("--W", "--width", type=int, dest="W", help="width in pixels (default: the model's native size)")
     p.add_argument("--sampler", choices=list(SAMPLERS), metavar="{" + ",".join(SAMPLERS) + "}",
                    help="; ".join(f"{name}: {s.about}" for name, s in SAMPLERS.items())
                    + f" (default: a schedule file's, else {DEFAULT_RUN[0]}; --plms is accepted as in LDM)")
@@ -98,6 +104,7 @@ def run_tool(p, run, argv=None, interrupted="interrupted", flags=None):
     setting of the generation API (SettingError) is named by its flag: `flags` {argument: flag} where
     the flag is not --ARGUMENT (sample.py's batch_size is --n-samples). A process group that `run`
     joined (torchrun) is left at the end."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)   # sample.py's start-up handler ends here
     args = p.parse_args(argv)
     set_threads(p, args)
     try:
@@ -184,22 +191,45 @@ def read_json(path, key, fix):
 
 
 def resolve_checkpoint(ckpt):
-    """--ckpt, else $SD_CKPT, else the official SD 1.5 single file from the hub (cached after the first download)."""
-    if ckpt:
+    """--ckpt, else $SD_CKPT, else the official SD 1.5 single file from the hub (cached after the first download).
+    Offline, with nothing cached, that is one line at once: the hub's client would retry for half a minute."""
+    if ckpt is not None:
+        if not ckpt.strip():
+            raise ValueError("--ckpt is empty: give a checkpoint path, or leave the flag out ($SD_CKPT, else SD 1.5)")
         return ckpt
     if env := os.environ.get("SD_CKPT"):
         if not os.path.exists(env):
             raise ValueError(f"SD_CKPT={env!r} does not exist (the checkpoint path came from the SD_CKPT environment "
                              "variable); fix SD_CKPT or pass --ckpt PATH")
         return env
+    fix = ("pass --ckpt PATH (a .safetensors/.ckpt file or a diffusers folder; lab/lab-sd.safetensors works offline), "
+           "or set SD_CKPT")
     try:
-        from huggingface_hub import hf_hub_download
-        print(f"no --ckpt given and SD_CKPT unset: fetching {SD15[1]} from {SD15[0]} (about 4 GB, once)")
+        from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    except ImportError:
+        raise ValueError(f"no checkpoint given and huggingface_hub is not installed to fetch SD 1.5: {fix}") from None
+    if isinstance(cached := try_to_load_from_cache(*SD15), str):
+        return cached
+    if not hub_reachable():
+        raise ValueError(f"no checkpoint given, SD 1.5 is not cached, and the Hugging Face hub cannot be reached "
+                         f"(offline?): {fix}")
+    print(f"no --ckpt given and SD_CKPT unset: fetching {SD15[1]} from {SD15[0]} (about 4 GB, once)")
+    try:
         return hf_hub_download(*SD15)
     except Exception as e:
-        raise SystemExit(f"could not download the SD 1.5 checkpoint ({type(e).__name__}: {e}).\n"
-                         "Pass --ckpt PATH (a .safetensors/.ckpt file or a diffusers folder), or set SD_CKPT, "
-                         "or run offline with --random-weights tiny (the output is noise).") from None
+        raise ValueError(f"could not download the SD 1.5 checkpoint ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200]}): {fix}") from None
+
+
+def hub_reachable(timeout=3.0):
+    """Whether the Hugging Face hub answers a connection within `timeout` seconds (HF_HUB_OFFLINE=1: no)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def load_model(args, device, dtype):
