@@ -100,5 +100,9 @@ def parse_methods(text, sampler, steps):
     specs = [spec.strip() for spec in text.split(",")]
     if not all(specs) or len(set(specs)) != len(specs):
         raise ValueError(f"--methods {text!r}: give a comma-separated list of distinct methods")
-    return {spec: parse_run_method(spec, sampler, steps) for spec in specs}
+    methods = {spec: parse_run_method(spec, sampler, steps) for spec in specs}
+    for i, spec in enumerate(specs):   # two spellings of one run (sito:0.5, sito:0.50) would be timed twice
+        if same := [other for other in specs[:i] if methods[other] == methods[spec]]:
+            raise ValueError(f"--methods: {same[0]!r} and {spec!r} are the same run; give it once")
+    return methods
 

@@ -158,6 +158,11 @@ def test_schedule_file_with_a_fractional_depth(tmp_path, capsys, monkeypatch):
 @pytest.mark.parametrize("args,match", [
     (["--methods", "foo"], "unknown method 'foo': use 'baseline', 'tome:R'"),
     (["--methods", ""], "comma-separated list"), (["--methods", "baseline,baseline"], "distinct"),
+    (["--methods", "sito:0.5,sito:0.50"], "'sito:0.5' and 'sito:0.50' are the same run; give it once"),
+    (["--methods", "baseline,baseline@plms:50"], "'baseline' and 'baseline@plms:50' are the same run"),
+    (["--attention", "sdpa,sdpa"], "--attention sdpa,sdpa: give distinct backends"),
+    (["--selection", "--methods", "sito:0.5"], "--selection times token selection alone, no method: leave out "
+                                               "--methods"),
     (["--methods", "deepcache-n9"], "a preset (deepcache-n3"), (["--methods", "sito:abc"], "is not a number"),
     (["--methods", "tome:0.9"], "prune ratio 0.9 out of range"),
     (["--methods", "baseline,dato-coco", "--steps", "20"], "is for PLMS-50 (51 UNet calls); this run is PLMS-20"),

@@ -8,9 +8,8 @@
 Methods (--methods): `baseline`, the token methods (`sito:0.5`, `todo:2`), the presets of accel/ and schedule files,
 each on the command's --sampler/--steps or on its own run, SPEC@SAMPLER:STEPS (`deepcache-n3@dpmpp-2m:25`): its time
 is that run's, its speed-up is against `baseline`, the command's run (--plot adds it). Weights are random (speed
-does not depend on their values) unless --ckpt is given.
-Precision: --dtype auto (the default) is bf16 on CPUs with native bf16 units (AVX512-BF16, AMX), fp32 on other CPUs,
-fp16 on GPUs; the CPU model and its bf16 support are printed with the results.
+does not depend on their values) unless --ckpt is given. --dtype auto: bf16 on CPUs with native bf16 units
+(AVX512-BF16, AMX), fp32 on other CPUs, fp16 on GPUs; the CPU and its bf16 support are printed with the results.
 
 How it measures. A run of S steps makes a fixed sequence of UNet calls (PLMS-50: 51), each of a kind: full or cached
 at some depth, pruned at some ratio. Each distinct kind is timed on its own (median of --runs after --warmup; all
@@ -299,12 +298,14 @@ def check_args(args):
                 f"the VAE factor of {args.ckpt or args.model}") + f"), e.g. {flag} {max(side // step, 1) * step}")
     dtype = resolve_dtype(args.dtype, device := check_device(args.device))
     if args.selection:
+        if ignored := [flag for flag, v in (("--methods", args.methods), ("--attention", args.attention)) if v is not None]:
+            raise ValueError(f"--selection times token selection alone, no method: leave out {', '.join(ignored)}")
         return device, dtype, {}, []
-    attentions = [a.strip() for a in args.attention.split(",")]
-    if bad := [a for a in attentions if a not in ATTENTION_BACKENDS]:
-        raise ValueError(f"--attention {', '.join(bad)}: choose from {', '.join(ATTENTION_BACKENDS)}")
+    attentions = [a.strip() for a in (args.attention or "sdpa").split(",")]
+    if bad := [a for a in attentions if a not in ATTENTION_BACKENDS] or len(set(attentions)) < len(attentions):
+        raise ValueError(f"--attention {args.attention}: give distinct backends from {', '.join(ATTENTION_BACKENDS)}")
     unet_calls(args.steps, args.sampler)   # the baseline's run, whatever --methods lists: --steps in range
-    methods = parse_methods(args.methods, args.sampler, args.steps)
+    methods = parse_methods(DEFAULT_METHODS if args.methods is None else args.methods, args.sampler, args.steps)
     if args.plot and "baseline" not in methods:   # the plot shows speed-ups: time what they are against
         print("--plot: timing baseline too (the speed-ups are against it)")
         methods = {"baseline": parse_run_method("baseline", args.sampler, args.steps), **methods}
@@ -371,8 +372,8 @@ def main(argv=None):
     p.add_argument("--ckpt", help="time a real checkpoint instead of random weights")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="precision (auto: see above)")
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: the best available)")
-    p.add_argument("--attention", default="sdpa", help=f"comma-separated backends from {', '.join(ATTENTION_BACKENDS)}")
-    p.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated: {method_syntax()}")
+    p.add_argument("--attention", help=f"comma-separated backends from {', '.join(ATTENTION_BACKENDS)} (sdpa)")
+    p.add_argument("--methods", help=f"comma-separated: {method_syntax()} (default: {DEFAULT_METHODS})")
     p.add_argument("--H", type=int, help="pixels, a multiple of the VAE factor (default: the model's size; 512 "
                                          "for --selection, a multiple of 16)")
     p.add_argument("--W", type=int, help="pixels (as --H)")
