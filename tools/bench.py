@@ -298,11 +298,11 @@ def check_args(args):
                 f"the VAE factor of {args.ckpt or args.model}") + f"), e.g. {flag} {max(side // step, 1) * step}")
     dtype = resolve_dtype(args.dtype, device := check_device(args.device))
     if args.selection:
-        if ignored := [flag for flag, v in (("--methods", args.methods), ("--attention", args.attention)) if v is not None]:
+        if ignored := [f for f, v in (("--methods", args.methods), ("--attention", args.attention)) if v is not None]:
             raise ValueError(f"--selection times token selection alone, no method: leave out {', '.join(ignored)}")
         return device, dtype, {}, []
     attentions = [a.strip() for a in (args.attention or "sdpa").split(",")]
-    if bad := [a for a in attentions if a not in ATTENTION_BACKENDS] or len(set(attentions)) < len(attentions):
+    if any(a not in ATTENTION_BACKENDS for a in attentions) or len(set(attentions)) < len(attentions):
         raise ValueError(f"--attention {args.attention}: give distinct backends from {', '.join(ATTENTION_BACKENDS)}")
     unet_calls(args.steps, args.sampler)   # the baseline's run, whatever --methods lists: --steps in range
     methods = parse_methods(DEFAULT_METHODS if args.methods is None else args.methods, args.sampler, args.steps)
