@@ -9,6 +9,7 @@ generation settings in a `parameters` text chunk (JSON). LDM's spellings (--n_sa
 --ddim_steps, --plms, --ddim_eta, --from_file, --n_iter) are accepted too, and diffusers' and A1111's
 (--width, --height, --num-inference-steps, --guidance-scale, --cfg-scale).
 """
+import os
 import signal
 import sys
 
@@ -77,7 +78,8 @@ def run(args):
         raise SystemExit(f"interrupted after {len(paths)} image(s)" + (f" (in {args.outdir}/)" if paths else "")) \
             from None
     t, taken = timer.totals, f"  |  {taken}" if taken else ""
-    print(f"{len(paths)} image(s) in {args.outdir}/  |  {dtype_name(dtype)} on {device}  |  load {load_time:.1f}s, "
+    files = paths[0] if len(paths) == 1 else f"{paths[0]} .. {os.path.basename(paths[-1])}"
+    print(f"{len(paths)} image(s): {files}  |  {dtype_name(dtype)} on {device}  |  load {load_time:.1f}s, "
           f"text {t.get('text', 0):.2f}s, UNet {t['unet']:.1f}s ({t['unet'] / len(paths):.2f}s/image), "
           f"decode {t['decode']:.1f}s, total {time.perf_counter() - start:.1f}s" + warm + taken)
     return paths

@@ -263,8 +263,9 @@ class TextEncoder(nn.Module):
         rows = []
         for prompt, ids in zip(prompts, self.tokenizer(list(prompts)).input_ids, strict=True):
             if len(ids) > n:
-                warnings.warn(f"prompt {prompt[:40]!r}... is {len(ids) - 2} tokens long; "
-                              f"truncated to the first {n - 2}", stacklevel=_caller_stacklevel())
+                warnings.warn(f"prompt {prompt[:40]!r}... is {len(ids) - 2} tokens long; this model reads "
+                              f"{n - 2} tokens at most ({n} with its start and end tokens): truncated to the "
+                              f"first {n - 2} tokens", stacklevel=_caller_stacklevel())
                 ids = ids[:n - 1] + ids[-1:]
             rows.append(ids + [self.config.pad_id] * (n - len(ids)))
         return torch.tensor(rows, device=self.transformer.device)

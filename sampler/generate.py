@@ -33,9 +33,9 @@ MAX_SEED = 2 ** 64 - 1   # torch.Generator.manual_seed takes seeds up to this
 class Sampling:
     """How to sample; every field has the recommended default.
 
-    steps: sampler steps (50 for PLMS, the papers' setting: 51 UNet calls; 20-25 for DPM++).
+    steps: sampler steps (50 for PLMS, the papers' setting: 51 UNet calls; 10-25 for DPM++ and UniPC).
     scale: guidance (None: the model's, 7.5 for SD1, 9.0 for SD2; 1 turns guidance off).
-    sampler: a name of sampler.SAMPLERS: "plms", "ddim", "dpmpp-2m", "dpmpp-2m-karras".
+    sampler: a name of sampler.SAMPLERS: "plms", "ddim", "dpmpp-2m", "dpmpp-2m-karras", "unipc", "euler", "euler-a".
     eta: DDIM noise (0).
     seed: image k of a generate() call starts from seed + k (0 <= seed + k < 2**64).
     size: (H, W) in pixels, multiples of the VAE factor (None, or a None side: the model's native size).

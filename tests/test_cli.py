@@ -1,5 +1,6 @@
 """sample.py end to end on the TINY presets with a synthesized tokenizer: files, metadata, flags,
 and bad input refused in one line before any heavy work, leaving nothing behind."""
+import argparse
 import json
 import os
 import signal
@@ -30,8 +31,9 @@ def cli(tmp_path, tokenizer_dir, *args):
     return sample.main([*TINY_RUN, "--tokenizer", tokenizer_dir, "--outdir", str(tmp_path), *args])
 
 
-def test_writes_numbered_pngs_with_metadata(tmp_path, tokenizer_dir):
+def test_writes_numbered_pngs_with_metadata(tmp_path, tokenizer_dir, capsys):
     paths = cli(tmp_path, tokenizer_dir, "--prompt", "the cat", "--n-samples", "2", "--n-iter", "2", "--seed", "7")
+    assert f"4 image(s): {tmp_path}/00000.png .. 00003.png  |" in capsys.readouterr().out   # the files, by name
     assert [p.rsplit("/", 1)[1] for p in paths] == ["00000.png", "00001.png", "00002.png", "00003.png"]
     p = params(paths[3])
     assert p["prompt"] == "the cat" and p["seed"] == 10 and p["steps"] == 2
@@ -418,3 +420,14 @@ def test_ctrl_c_while_starting_up_is_one_line():
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 1 and err.strip() == "interrupted while starting up" and out == "", (out, err)
+
+
+def test_docs_name_every_flag_and_choice_of_the_help():
+    """docs/sample.md names every flag sample.py --help shows, and each sampler and random architecture."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    doc = open(os.path.join(root, "docs", "sample.md"), encoding="utf-8").read()
+    actions = [a for a in sample.parser()._actions if a.help != argparse.SUPPRESS and a.dest != "help"]
+    missing = [o for a in actions for o in a.option_strings if o.startswith("--") and f"`{o}" not in doc
+               and f", {o}" not in doc]
+    choices = [f"`{c}`" for a in actions if a.dest in ("sampler", "random_weights") for c in a.choices]
+    assert missing == [] and [c for c in choices if c not in doc] == []

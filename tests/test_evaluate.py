@@ -341,3 +341,16 @@ def test_method_folders_written_before_the_registry_resume():
     assert evaluate.upgrade_record({"acceleration": old}) == {"acceleration": today}
     changed = {**today, "prune": {**today["prune"], "sim_beta": 1.0, "use_rand": True, "ratio": 0.5}}
     assert evaluate.upgrade_record({"acceleration": changed})["acceleration"] != today
+
+
+def test_the_grid_wraps_a_long_method_label_inside_its_column():
+    """Every glyph of a schedule file's spec is drawn in the label column (it used to run under the images)."""
+    from PIL import ImageDraw
+
+    from tools.plots import draw_grid
+    spec, white = "lab/schedules/plan-search-dpmpp-2m-20.json#0@dpmpp-2m:20", Image.new("RGB", (64, 64), "white")
+    column = draw_grid({spec: [white]}, ["a red circle"], label=110).crop((0, 0, 110, 24 + 128)).convert("L")
+    wide = Image.new("L", (1000, 20), 255)
+    ImageDraw.Draw(wide).text((0, 0), spec, fill=0)
+    ink = lambda im: sum(1 for v in im.getdata() if v < 128)   # noqa: E731
+    assert ink(column) == ink(wide) > 0

@@ -186,7 +186,7 @@ def read_json(path, key, fix):
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise ValueError(f"{path} cannot be read as JSON ({str(e).splitlines()[0][:120]}); {fix}") from None
     if not isinstance(data, dict) or key is not None and key not in data:
-        raise ValueError(f"{path} has no {key!r}: it is not what --report reads; {fix}")
+        raise ValueError(f"{path} has no {key!r}, so it is not the file expected here; {fix}")
     return data
 
 

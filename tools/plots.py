@@ -18,7 +18,9 @@ def draw_grid(load, prompts, columns=GRID_COLUMNS, side=128, band=24, label=110)
         draw.text((label + j * side + 2, 0), " ".join(words[:5]), fill="black")
         draw.text((label + j * side + 2, 11), " ".join(words[5:10]), fill="black")
     for i, (spec, images) in enumerate(load.items()):
-        draw.text((4, band + i * side + side // 2 - 6), spec, fill="black")
+        lines = [spec[k:k + label // 6 - 1] for k in range(0, len(spec), label // 6 - 1)]   # 6 px a character
+        for k, line in enumerate(lines):   # a long spec (a schedule file's path) wraps inside the label column
+            draw.text((4, band + i * side + side // 2 - 6 * len(lines) + 12 * k), line, fill="black")
         for j, image in enumerate(images[:columns]):
             sheet.paste(image.resize((side, side)), (label + j * side, band + i * side))
     return sheet
@@ -95,7 +97,7 @@ def draw_pareto(pareto, results, shown, label, value, path):
     ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
     label_points(ax, sorted(searched + known + plain))
-    fig.savefig(path, dpi=130)
+    fig.savefig(path, dpi=130, bbox_inches="tight")   # labels past the axes stay in
     plt.close(fig)
 
 
@@ -135,7 +137,7 @@ def draw_tradeoff(results, methods, path):
     fig.tight_layout()
     for (key, _), ax in zip(axes, panels[0], strict=False):
         label_points(ax, sorted(squares_of[key]), fontsize=6)
-    fig.savefig(path, dpi=130)
+    fig.savefig(path, dpi=130, bbox_inches="tight")   # labels past the axes stay in
     plt.close(fig)
 
 
@@ -155,5 +157,5 @@ def draw_speedups(results, path):
         ax.set_xlabel("speed-up against the baseline (UNet time, median)")
         ax.tick_params(axis="y", labelsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    fig.savefig(path, dpi=130, bbox_inches="tight")   # labels past the axes stay in
     plt.close(fig)

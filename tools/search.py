@@ -16,7 +16,8 @@ guided difference, or the conditional one alone), --skips a skip gene (the call'
 call plan of accel/. Every candidate is repaired after crossover and mutation (and at initialisation): call 0
 full, at least --min-full full calls, at most --max-reuse consecutive reuse-all calls, and no ratio on a
 reuse-all call (it runs no transformer block). DaTo's released search kept none of this after its first
-generation, rewarded slower runs, and its ratio genes had no effect (shared/reference/methods.md §5.4).
+generation, rewarded slower runs, and its ratio genes had no effect (docs/methods.md, "Differences from the
+official code").
 --min-mac-ratio R spends the search on the fast end: a schedule that saves fewer MACs breaks a constraint
 and is never rendered (MACs are analytic), and the initial population is drawn among those that do.
 
