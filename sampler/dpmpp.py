@@ -91,8 +91,9 @@ def dpmpp_2m_steps(model, x, ts, sigmas, eta=0.0, generator=None):
 
 
 def log_snr(sigma):
-    """λ = log(α_σ / s_σ) = -log σ."""
-    return -math.log(sigma)
+    """λ = log(α_σ / s_σ) (= -log σ)."""
+    alpha, s = alpha_sigma(sigma)
+    return math.log(alpha / s)
 
 
 def update(x, x0, sigma_s, sigma_t, prev=None):
@@ -100,5 +101,8 @@ def update(x, x0, sigma_s, sigma_t, prev=None):
     the previous step's prev = (λ, x0) (diffusers' final_sigmas_type="zero" makes the last step x0)."""
     s_s, (a_t, s_t) = alpha_sigma(sigma_s)[1], alpha_sigma(sigma_t)
     h = log_snr(sigma_t) - log_snr(sigma_s)
-    d = x0 if prev is None else x0 + 0.5 * (x0 - prev[1]) / ((log_snr(sigma_s) - prev[0]) / h)
-    return (s_t / s_s) * x - (a_t * math.expm1(-h)) * d
+    x = (s_t / s_s) * x - (a_t * math.expm1(-h)) * x0
+    if prev is not None:   # the second-order correction, in this order of operations since the first release
+        r = (log_snr(sigma_s) - prev[0]) / h
+        x = x - 0.5 * (a_t * math.expm1(-h)) * ((x0 - prev[1]) / r)
+    return x
