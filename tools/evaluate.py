@@ -12,9 +12,9 @@ command's run ("baseline") is the reference of every vs-baseline metric, of mac_
 Prompts: --prompts FILE (one per line), or else --n captions of the lab's scene sampler (lab/scenes.py),
 drawn with --seed. A file that mixes lab captions with other lines is refused, naming the first other one
 (as lab.check refuses such a captions.txt): accuracy and lab FD need every prompt to be a lab caption.
-Image k has prompt k and noise seed --seed + k, rendered in the fixed batch k // --batch-size, so it is
-the same image in every method folder, in every run and with any number of processes (DDIM noise and
-token choices follow the batch's first seed). Sampling flags and defaults are sample.py's.
+Image k has prompt k and noise seed --seed + k, rendered in the fixed batch k // --batch-size: the same image
+in every method folder, run and number of processes (a batch's noise and token choices follow its first
+seed). Sampling flags and defaults are sample.py's.
 
 Output, in --out:
     settings.json              what the images depend on; a later run with other settings is refused
