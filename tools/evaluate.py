@@ -39,9 +39,8 @@ Sharding: with --workers K (or under torchrun) every process renders and scores 
 b % processes == its rank and rank 0 combines them in batch order, so the files and metrics equal a
 one-process run's; each process gets cores / processes torch threads unless --threads says otherwise.
 
-Resume: rerunning the same command renders only the missing images (a batch with a missing image is rendered
-again, only its missing files written, atomically: an interrupted run leaves no partial file) and
-recomputes the metrics.
+Resume: the same command again renders only the missing images (a batch with one is rendered again, only its
+missing files written, atomically: no partial file is left) and recomputes the metrics.
 """
 import importlib.util
 import json
