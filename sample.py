@@ -29,8 +29,7 @@ from model.hardware import check_device, dtype_name, resolve_dtype
 from prune import METHODS as PRUNE_METHODS
 from prune import token_method
 from prune.viz import PruneViz
-from sampler.generate import Timer, check_outdir, check_seeds, generate, generate_batches, save_pngs
-from tools.cli import (
+from sampler.cli import (
     Parser,
     add_model_flags,
     add_sampling_flags,
@@ -41,6 +40,7 @@ from tools.cli import (
     run_tool,
     sampling,
 )
+from sampler.generate import Timer, check_outdir, check_seeds, generate, generate_batches, save_pngs
 
 
 def image_prompts(prompts, n_samples, n_iter):

@@ -29,8 +29,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 from PIL import Image
 
-from lab.cli import FolderError, Parser, check_new_file, list_pngs, path_flag, read_listing, save_new
+from lab.cli import FolderError, check_new_file, list_pngs, path_flag, read_listing, save_new
 from lab.scenes import AXES, COLORS, RELATIONS, parse, scene_caption
+from sampler.cli import Parser
 
 # each colour's accepted hues (degrees): the generator's windows widened by ~20 degrees; hues in the
 # gaps (orange-ish 84-86, cyan, purple / magenta) are "other", an object nobody asked for

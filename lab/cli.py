@@ -1,6 +1,5 @@
-"""What the command lines of the lab tools share, and through tools/cli.py every other command: errors
-in one line (Parser), --threads within the machine's cores (set_threads), no empty file or folder flag
-(path_flag), JSON files replaced whole or not at all (write_json), and the folders: lab.scenes
+"""What the command lines of the lab tools share besides sampler/cli.py's Parser and set_threads: no empty file
+or folder flag (path_flag), JSON files replaced whole or not at all (write_json), and the folders: lab.scenes
 writes a data set into a new or empty one, lab.check reads one (PNGs in numeric order, captions.txt
 beside them), and neither writes over a file. Every problem with a folder is a FolderError: one line
 that says what to do."""
@@ -11,34 +10,12 @@ import re
 import tempfile
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse, with git's and pip's manners: an error is one line naming the flag (and where the help
-    is), not the usage block first. Help and usage stay argparse's, formatted as written."""
-
-    def __init__(self, **kw):
-        super().__init__(formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
-
-
 def path_flag(text):
     """The argparse type of every file and folder flag: an empty one (an unset shell variable, say) names
     nothing, and each command would read it as something else (the current folder, no report at all)."""
     if not text:
         raise argparse.ArgumentTypeError("is empty; give a file or folder name")
     return text
-
-
-def set_threads(p, args):
-    """torch's CPU threads from --threads (None: torch's choice), refused in one line unless 1 to the cores."""
-    if args.threads is not None:
-        cores = os.cpu_count() or 1
-        if not 1 <= args.threads <= cores:   # far above, torch's thread pool fails to start (a segfault)
-            p.error(f"--threads must be from 1 to this machine's {cores} CPU cores, got {args.threads}")
-        # imported here, not above: lab.scenes (and its render workers) use this module without torch
-        import torch
-        torch.set_num_threads(args.threads)
 
 
 class FolderError(ValueError):

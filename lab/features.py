@@ -26,8 +26,9 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from lab.cli import FolderError, Parser, path_flag, save_new, set_threads
+from lab.cli import FolderError, path_flag, save_new
 from lab.scenes import COLORS, SHAPES, SceneConfig, draw, image_seed, layout, sample_description
+from sampler.cli import Parser, set_threads
 from sampler.generate import from_pil
 
 COMBOS = tuple((color, shape) for color in COLORS for shape in SHAPES)

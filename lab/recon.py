@@ -12,12 +12,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from lab.cli import FolderError, Parser, check_new_file, path_flag, set_threads
+from lab.cli import FolderError, check_new_file, path_flag
 from lab.scenes import image_seed, render, sample_captions
 from model.checkpoint import CONFIG_KEY, VAE, read_metadata
 from model.config import config_from_json
 from model.files import read_state_dict
 from model.vae import AutoencoderKL
+from sampler.cli import Parser, set_threads
 from sampler.generate import from_pil, to_pil
 
 PATCH = 8

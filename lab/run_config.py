@@ -14,13 +14,14 @@ from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 
-from lab.cli import FolderError, Parser, path_flag, write_json
+from lab.cli import FolderError, path_flag, write_json
 from model import LAB, load_checkpoint
 from model.checkpoint import CONFIG_KEY, TOKENIZER_KEY, read_metadata
 from model.config import config_from_json
 from model.files import read_state_dict
 from model.hardware import check_device, native_bf16_cpu
 from model.text import TokenizerError
+from sampler.cli import Parser
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from functools import partial
 
 from PIL import Image, ImageChops, ImageDraw
 
-from lab.cli import FolderError, Parser, path_flag, prepare_out, save_new
+from lab.cli import FolderError, path_flag, prepare_out, save_new
 
 COLORS = ("red", "green", "blue", "yellow")
 SHAPES = ("circle", "square", "triangle")
@@ -315,6 +315,7 @@ def scene_caption(text, where):
 
 
 def main(argv=None):
+    from sampler.cli import Parser  # here, not above: the render workers import this module without torch
     p = Parser(prog="python -m lab.scenes", description=__doc__)
     p.add_argument("--n", type=int, required=True, help="number of images")
     p.add_argument("--seed", type=int, default=0, help="same seed, same files (0 or more)")

@@ -31,8 +31,7 @@ Stages, each resumable from its checkpoint in --out:
    with it, one continued with --init keeps its model's decoder, --stage decoder --init FILE runs it alone.
 6. export: the EMA weights as one fp16 .safetensors in the official SD1 layout with the config in its metadata,
    the tokenizer beside it; a --stage decoder run's is FILE with only the decoder replaced.
-Batches, noise and timesteps are drawn from CPU generators seeded by (seed, step), so a resumed run
-equals an uninterrupted one, and a GPU run (--device cuda) draws the same batches as a CPU run.
+Batches, noise and timesteps come from CPU generators seeded by (seed, step): a resumed run equals an unbroken one.
 """
 import copy
 import filecmp
@@ -52,7 +51,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from lab.check import check, summary
-from lab.cli import FolderError, set_threads
+from lab.cli import FolderError
 from lab.decoder import decoder_export, read_decoder, train_decoder
 from lab.pictures import draw_curve, grid
 from lab.run_config import TrainConfig, autocast, check_export, parser, prepare, save, stage_file
@@ -65,6 +64,7 @@ from model.files import read_state_dict
 from model.text import TextEncoder
 from model.unet import UNetModel
 from model.vae import AutoencoderKL
+from sampler.cli import set_threads
 from sampler.generate import Sampling, from_pil, generate
 from sampler.schedule import alphas_cumprod
 

@@ -14,10 +14,10 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import sample
-import tools.cli
+import sampler.cli
 from conftest import layout_shapes, random_state
 from model import TINY
-from tools.cli import resolve_checkpoint
+from sampler.cli import resolve_checkpoint
 
 TINY_RUN = ["--random-weights", "tiny", "--steps", "2", "--H", "32", "--W", "32"]
 
@@ -70,7 +70,7 @@ def test_download_failure_says_what_to_pass(monkeypatch):
     import huggingface_hub
     monkeypatch.delenv("SD_CKPT", raising=False)
     monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)
-    monkeypatch.setattr(tools.cli, "hub_reachable", lambda: True)
+    monkeypatch.setattr(sampler.cli, "hub_reachable", lambda: True)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
     with pytest.raises(ValueError, match="could not download the SD 1.5 checkpoint \\(OSError: offline\\): pass"):
         resolve_checkpoint(None)

@@ -1,8 +1,10 @@
 """The dependency direction of shared/DESIGN.md, read from the source: prune/ and cache/ are
 leaves, model/ knows no sampler or method, sampler/ knows no method (accel/ is where they meet),
-and the research tools are clients of the packages and of their shared kit (metrics, plots, cli, measure,
-shard), never of each other. The top level is the design card plus tools/, accel/, lab/ and docs/."""
+the core (those and sample.py) imports neither tools/ nor lab/, and the research tools are clients of
+the packages and of their shared kit (metrics, plots, cli, measure, shard), never of each other. The top
+level is the design card plus tools/, accel/, lab/ and docs/."""
 import ast
+import os
 from pathlib import Path
 
 import pytest
@@ -35,7 +37,7 @@ ALLOWED = {"prune": {"prune"}, "cache": {"cache"}, "model": {"model"},
            "sampler": {"sampler", "model"}, "accel": {"accel", "sampler", "model", "prune", "cache"},
            "lab": {"lab", "model", "sampler"},
            "tools": {"tools", "accel", "sampler", "model", "prune", "cache", "lab"},
-           "sample": {"accel", "cache", "model", "prune", "sampler", "tools"}}
+           "sample": {"accel", "cache", "model", "prune", "sampler"}}   # the core stands alone: no tools/, no lab/
 
 
 @pytest.mark.parametrize("package", list(ALLOWED))
@@ -63,3 +65,26 @@ def test_no_file_over_400_lines():
     long = [str(p.relative_to(ROOT)) for p in ROOT.rglob("*.py")
             if "runs" not in p.parts and len(p.read_text().splitlines()) > 400]
     assert not long, f"over 400 lines: {long}"
+
+
+def test_sample_py_runs_with_tools_and_lab_deleted(tmp_path, tokenizer_dir):
+    """A copy of the tree without tools/ and lab/: sample.py still draws, on random weights and from a
+    checkpoint file."""
+    import shutil
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_file
+
+    from conftest import layout_shapes, random_state
+    from model import TINY
+    for name in ("model", "sampler", "prune", "cache", "accel"):
+        shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "sample.py", tmp_path)
+    save_file(random_state(layout_shapes(TINY)), str(tmp_path / "tiny.safetensors"))
+    for source in (["--random-weights", "tiny"], ["--ckpt", "tiny.safetensors", "--tokenizer", tokenizer_dir]):
+        done = subprocess.run([sys.executable, "sample.py", *source, "--prompt", "a red cube", "--steps", "2",
+                               "--H", "64", "--W", "64", "--outdir", "out"], cwd=tmp_path, capture_output=True,
+                              text=True, env={"PATH": os.environ.get("PATH", ""), "HF_HUB_OFFLINE": "1"})
+        assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["00000.png", "00001.png"]
