@@ -1,6 +1,6 @@
 """Where token methods (prune/), feature caching (cache/), guidance per call (guidance.py), skipped calls
 (skip.py) and cached cross-attention (gate.py) meet: the state of one accelerated run and its plan per UNet
-call (run.py), the published presets and schedule files (presets.py), and the tools' method specs (specs.py).
+call (run.py), and the published presets and schedule files (presets.py).
 
     from accel import PRESETS, Acceleration
     from prune import token_method
@@ -9,11 +9,9 @@ call (run.py), the published presets and schedule files (presets.py), and the to
 """
 from .gate import Gate
 from .guidance import Guidance
-from .presets import PRESETS, Preset, check_preset_fits, find_preset, is_schedule_file, load_schedule, schedule_entry
-from .run import AcceleratedRun, Acceleration, kind_macs, run_macs, run_plans
+from .presets import PRESETS, Preset, check_preset_fits, find_preset, is_schedule_file, load_schedule
+from .run import AcceleratedRun, Acceleration
 from .skip import Skip
-from .specs import Method, method_syntax, parse_method, parse_methods, parse_run, parse_run_method
 
-__all__ = ["Acceleration", "AcceleratedRun", "PRESETS", "Preset", "find_preset", "load_schedule", "schedule_entry",
-           "is_schedule_file", "check_preset_fits", "run_plans", "kind_macs", "run_macs", "Gate", "Guidance", "Skip",
-           "Method", "method_syntax", "parse_method", "parse_methods", "parse_run", "parse_run_method"]
+__all__ = ["Acceleration", "AcceleratedRun", "PRESETS", "Preset", "find_preset", "load_schedule", "is_schedule_file",
+           "check_preset_fits", "Gate", "Guidance", "Skip"]

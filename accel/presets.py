@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 
 from cache import DATO_COCO, DATO_FIXED, FULL, CacheSchedule, from_dato
-from prune import DaTo, TokenMethod, as_record, from_record
+from prune import DaTo, TokenMethod, from_record
 from sampler import SAMPLERS, call_sigmas, unet_calls
 from sampler.schedule import MAX_STEPS
 
@@ -68,33 +68,6 @@ PRESETS = {
                      "Table, diffusers' AysSchedules), with DPM-Solver++(2M) as the paper", run=("dpmpp-2m", 10),
                      timesteps=AYS_SD15_10),
 }
-
-
-def schedule_entry(accel, sampler, steps, about="", **extra):
-    """One schedule of a schedule file: the per-call plan of `accel` for a run of `sampler` with `steps`
-    steps, spelled out call by call (cache depths, pruning; guidance modes, skipped calls, timesteps, the
-    forecast order and the gate when set); `extra` (e.g. measured quality) is kept."""
-    calls = unet_calls(steps, sampler)
-    prune = None
-    if accel.prune is not None:
-        prune = as_record(accel.prune)
-        if "schedule" in prune:
-            prune["schedule"] = [accel.prune.ratio_at(i, calls) for i in range(calls)]
-    entry = {"sampler": sampler, "steps": steps, "depths": list(accel.depths(calls)), "prune": prune}
-    if accel.guidance is not None:
-        sigmas = call_sigmas(sampler, steps, accel.timesteps or None)
-        entry["guidance"] = [plan.guidance for plan in accel.plans(calls, sigmas)]
-        if accel.guidance.stop:
-            entry["guidance_stop"] = accel.guidance.stop
-    if accel.skip is not None:
-        entry["skip"] = list(accel.skip.calls)
-    if accel.timesteps:
-        entry["timesteps"] = list(accel.timesteps)
-    if accel.cache is not None and accel.cache.order:
-        entry["order"] = accel.cache.order
-    if accel.gate is not None:
-        entry["gate"] = accel.gate.call
-    return {**entry, "about": about, **extra}
 
 
 PLAN_FIELDS = ("sampler", "steps", "depths", "prune", "guidance", "guidance_stop", "skip", "timesteps", "order", "gate")
@@ -176,7 +149,6 @@ def find_preset(spec):
     if is_schedule_file(spec):
         return load_schedule(spec)
     raise ValueError(f"unknown preset {spec!r}: use one of {', '.join(PRESETS)} or a schedule file FILE.json[#k]")
-
 
 
 def check_preset_fits(spec, sampler, steps):

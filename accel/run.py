@@ -13,7 +13,7 @@ run's `plans`, `guided_rows`, `begin_call`, `end_call`, `extrapolated` and `delt
 between runs.
 """
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -22,7 +22,7 @@ from model.macs import unet_macs
 from model.unet import BasicTransformerBlock
 from prune import LAYERS, TokenMethod, as_record
 from prune.viz import PruneViz
-from sampler import PLAIN, CallPlan, stream_seed
+from sampler import CallPlan, stream_seed
 from sampler.schedule import check_timesteps
 
 from .gate import Gate
@@ -30,8 +30,6 @@ from .guidance import Guidance
 from .skip import Skip
 
 NO_PLANS = (None, None, None)
-
-
 
 
 @dataclass(frozen=True)
@@ -179,40 +177,6 @@ def check_plans(plans):
         both = plan.guidance == "both"
         guided_before |= both
         features_guided = both if plan.depth == FULL else features_guided and both
-
-
-def kind_macs(unet, accel, plan, hw, matmuls=False):
-    """Analytic MACs per image of one UNet call made as `plan` (a CallPlan) on an hw latent (model/macs.py),
-    counted as a share of a guided call: a one-branch call costs half, a skipped one nothing."""
-    if plan.skip:
-        return 0
-    prune = accel.prune if accel else None
-
-    def keep(st, grid, sub):
-        if sub == "attn2" and plan.cross == "cached":
-            return 0
-        if plan.ratio and prune.applies(grid, st.level):
-            return prune.tokens_into(sub, grid, plan.ratio)
-        return grid[0] * grid[1]
-    depth = None if plan.depth == FULL else plan.depth
-    return plan.share * sum(unet_macs(unet, hw, depth=depth, keep=keep, matmuls=matmuls).values())
-
-
-def run_plans(accel, calls, sigmas=None, stopped_at=-1):
-    """The CallPlan of each UNet call of a run (the plain call for every call of the baseline, None), for an
-    image whose adaptive guidance stopped at call `stopped_at` (-1: never; its guided calls from there on
-    run one branch)."""
-    plans = accel.plans(calls, sigmas) if accel is not None else [PLAIN] * calls
-    if stopped_at < 0:
-        return plans
-    return [replace(p, guidance="cond") if i >= stopped_at and p.guidance == "both" else p
-            for i, p in enumerate(plans)]
-
-
-def run_macs(unet, accel, calls, hw, matmuls=False, sigmas=None, stopped_at=-1):
-    """Analytic MACs per image of a whole run of `calls` UNet calls (None: the baseline); with adaptive
-    guidance, of an image that stopped at call `stopped_at` (its PNG metadata's guidance_stopped_at)."""
-    return sum(kind_macs(unet, accel, plan, hw, matmuls) for plan in run_plans(accel, calls, sigmas, stopped_at))
 
 
 def fitted(t, rows):

@@ -5,7 +5,6 @@ damaged, empty, of another kind or not a state dict at all.
     from model.files import read_state_dict
     state = read_state_dict("v1-5-pruned-emaonly.safetensors")   # {key: tensor}
 """
-import hashlib
 import os
 import pickle
 import pickletools
@@ -18,25 +17,6 @@ from safetensors.torch import load_file
 
 class CheckpointError(ValueError):
     """The file is missing, unreadable, or not an SD 1.x / 2.x checkpoint."""
-
-
-def weights_id(path):
-    """What the weights at `path` (a file, or a diffusers folder: every file in it) are, by content:
-    "sha256:" and the SHA-256 of the bytes (with each file's place in a folder). A file replaced at the
-    same path gets another id, the same file under another spelling the same one. Reads everything
-    once (seconds for a 4 GB checkpoint), as loading does."""
-    if not os.path.isdir(path):
-        files = [(os.path.basename(path), path)]
-    else:
-        files = sorted((os.path.relpath(os.path.join(root, name), path), os.path.join(root, name))
-                       for root, _, names in os.walk(path) for name in names)
-    digest = hashlib.sha256()
-    for name, file in files:
-        digest.update(f"{name if len(files) > 1 else ''}\0".encode())
-        with open(file, "rb") as f:
-            while block := f.read(1 << 24):
-                digest.update(block)
-    return f"sha256:{digest.hexdigest()}"
 
 
 class _Ignored:

@@ -5,8 +5,6 @@ Precision by default ("auto"): fp16 on CUDA and MPS; on a CPU, bf16 where it has
 matrix units (AVX512-BF16 or AMX: bf16 matrix work about 4x faster than fp32 there), else fp32
 (on AVX2-only CPUs bf16 is emulated and far slower than fp32).
 """
-import os
-import platform
 import time
 import warnings
 
@@ -52,25 +50,6 @@ def native_bf16_cpu():
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
-
-
-def cpu_description():
-    """'<model name>, N cores, <bf16 units>' for reports (Linux /proc/cpuinfo; else what platform knows)."""
-    name, flags = platform.processor() or platform.machine(), set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name":
-                    name = value.strip()
-                elif key.strip() == "flags":
-                    flags = set(value.split())
-    except OSError:
-        pass
-    units = [label for flag, label in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16"), ("avx512f", "AVX512"),
-                                       ("avx2", "AVX2")) if flag in flags]
-    bf16 = "native bf16" if native_bf16_cpu() else "no native bf16"
-    return f"{name}, {os.cpu_count()} cores, {'+'.join(units) or 'unknown SIMD'} ({bf16})"
 
 
 def resolve_dtype(dtype, device):

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from accel import Acceleration, Guidance, Skip, schedule_entry
+from accel import Acceleration, Guidance, Skip
 from model.checkpoint import ARCHITECTURES
 from tools import bench
+from tools.specs import schedule_entry
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -7,7 +7,7 @@ import diffusers.schedulers.scheduling_utils as diffusers_schedules
 import pytest
 import torch
 
-from accel import PRESETS, Acceleration, Gate, Guidance, Skip, find_preset, kind_macs, run_macs, schedule_entry
+from accel import PRESETS, Acceleration, Gate, Guidance, Skip, find_preset
 from accel.presets import AYS_SD15_10
 from cache import FULL, CacheSchedule
 from conftest import tiny_unet
@@ -18,6 +18,8 @@ from sampler import CallPlan, call_sigmas, run_schedule, sample, sample_steps
 from sampler.ddim import ddim_steps
 from sampler.dpmpp import dpmpp_2m_steps
 from sampler.schedule import alphas_cumprod, ddim_update
+from tools.measure import kind_macs, run_macs
+from tools.specs import schedule_entry
 
 SCALE = 7.5
 

@@ -8,13 +8,15 @@ import pytest
 from PIL import Image
 
 import sample
-from accel import PRESETS, Acceleration, find_preset, parse_methods, run_macs, run_plans, schedule_entry
+from accel import PRESETS, Acceleration, find_preset
 from cache import FULL, CacheSchedule
 from model import load_checkpoint
 from prune import token_method
 from sampler import call_sigmas, unet_calls
 from sampler.generate import from_pil
 from tools import evaluate
+from tools.measure import run_macs, run_plans
+from tools.specs import parse_methods, schedule_entry
 
 SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lab", "lab-sd.safetensors")
 

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from accel import PRESETS as ACCEL_PRESETS
-from accel import Acceleration, parse_methods
+from accel import Acceleration
 from cache import CacheSchedule
 from conftest import UNET, VAE, XL_CLIP, XL_OPENCLIP, layout_shapes, official_shapes, openclip_shapes, random_state
 from model import SDXL, TINY_SDXL, CheckpointError, StableDiffusion, load_checkpoint
@@ -29,6 +29,7 @@ from prune import token_method
 from sampler import SAMPLERS
 from sampler.generate import Sampling, generate
 from tools.measure import diffusers_config
+from tools.specs import parse_methods
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -5,20 +5,17 @@
     python -m tools.bench --selection                                       # token-selection cost per block
     python -m tools.bench --model tiny --H 64 --W 64 --runs 2 --json out.json   # a quick check
 
-Methods (--methods): `baseline`, the token methods (`sito:0.5`, `todo:2`), the presets of accel/ and schedule files,
-each on the command's --sampler/--steps or on its own run, SPEC@SAMPLER:STEPS (`deepcache-n3@dpmpp-2m:25`): its time
-is that run's, its speed-up is against `baseline`, the command's run (--plot adds it). Weights are random (speed
-does not depend on their values) unless --ckpt is given. --dtype auto: bf16 on CPUs with native bf16 units
-(AVX512-BF16, AMX), fp32 on other CPUs, fp16 on GPUs; the CPU and its bf16 support are printed with the results.
+Methods (--methods, tools/specs.py): `baseline`, token methods (`sito:0.5`), presets and schedule files, each on the
+command's run or its own (`deepcache-n3@dpmpp-2m:25`), sped up against `baseline`, the command's run. Weights are
+random unless --ckpt is given. --dtype auto: bf16 on CPUs with native bf16 units, fp32 on others, fp16 on GPUs.
 
-How it measures. A run of S steps makes a fixed sequence of UNet calls (PLMS-50: 51), each of a kind: full or cached
-at some depth, pruned at some ratio. Each distinct kind is timed on its own (median of --runs after --warmup; all
-kinds of all methods alternate run by run, so they see the same machine load), and a method's run time is the sum
-over its calls of its kinds' medians. `--e2e` also times real sampling runs to check that sum. Speed-ups are against
-our baseline with the same attention backend, from the same process. MACs are analytic (model/macs.py), per image
-(the CFG batch doubles them), with and without the attention matmuls. Peak memory is the largest rise over the
-call's starting point (CUDA: allocated bytes; CPU: the resident set after returning freed heap to the system, which
-counts the large buffers reliably, small ones not)."""
+How it measures. A run's UNet calls (PLMS-50: 51) are each of a kind: full or cached at some depth, pruned at some
+ratio, guided or not. Each distinct kind is timed on its own (median of --runs after --warmup; all kinds of all
+methods alternate run by run, seeing the same machine load); a method's run time is the sum over its calls of their
+kinds' medians (`--e2e` also times real runs to check it). Speed-ups are against our baseline with the same attention
+backend, in the same process. MACs are analytic (model/macs.py), per image, with and without the attention matmuls.
+Peak memory is the largest rise over a call's start (CUDA: allocated bytes; CPU: the resident set, freed heap
+returned first: the large buffers reliably, small ones not)."""
 import copy
 import importlib.util
 import json
@@ -29,14 +26,13 @@ import time
 
 import torch
 
-from accel import kind_macs, method_syntax, parse_methods, parse_run_method, run_macs, run_plans
 from lab.vocab import SHIPPED_TOKENIZER
 from model import PRESETS as MODELS
 from model import compile_unet, load_checkpoint, random_weights
 from model.checkpoint import ARCHITECTURES, CONFIG_KEY, read_metadata
 from model.compile import compiled_graphs
 from model.config import config_from_json
-from model.hardware import DTYPE_CHOICES, check_device, cpu_description, dtype_name, resolve_dtype
+from model.hardware import DTYPE_CHOICES, check_device, dtype_name, resolve_dtype
 from model.text import byte_tokenizer
 from model.unet import ATTENTION_BACKENDS, UNetModel, added_conditioning
 from prune import DaTo, SiTo, ToMe
@@ -45,16 +41,21 @@ from sampler.generate import Sampling, Timer, check_size, generate
 from tools.cli import Parser, run_tool
 from tools.measure import (
     compare,
+    cpu_description,
     diffusers_unet,
     kb,
     kind_call,
+    kind_macs,
     kind_name,
     kind_settings,
     official_selection,
     peak_memory,
     random_unet,
+    run_macs,
+    run_plans,
 )
 from tools.plots import draw_speedups
+from tools.specs import method_syntax, parse_methods, parse_run_method
 
 DEFAULT_METHODS = ("baseline,tome:0.3,tome:0.5,tome:0.7,sito:0.3,sito:0.5,sito:0.7,dato:0.5,todo:2,todo:3,"
                    "deepcache-n3,deepcache-n5,dato-fixed,dato-coco")

@@ -8,7 +8,6 @@ import json
 import os
 
 from lab.cli import write_json  # noqa: F401  (shared with lab.*, re-exported)
-from model.files import weights_id
 from model.hardware import dtype_name
 from sampler import cli as kit
 from sampler.cli import (  # noqa: F401  (the generation API's command line, re-exported for the tools)
@@ -120,3 +119,20 @@ def repeat_flags(args):
     return flags
 
 
+def weights_id(path):
+    """What the weights at `path` (a file, or a diffusers folder: every file in it) are, by content:
+    "sha256:" and the SHA-256 of the bytes (with each file's place in a folder). A file replaced at the
+    same path gets another id, the same file under another spelling the same one. Reads everything
+    once (seconds for a 4 GB checkpoint), as loading does."""
+    if not os.path.isdir(path):
+        files = [(os.path.basename(path), path)]
+    else:
+        files = sorted((os.path.relpath(os.path.join(root, name), path), os.path.join(root, name))
+                       for root, _, names in os.walk(path) for name in names)
+    digest = hashlib.sha256()
+    for name, file in files:
+        digest.update(f"{name if len(files) > 1 else ''}\0".encode())
+        with open(file, "rb") as f:
+            while block := f.read(1 << 24):
+                digest.update(block)
+    return f"sha256:{digest.hexdigest()}"

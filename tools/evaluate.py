@@ -32,8 +32,7 @@ Metrics (metrics.py says what each is and where its weights come from): `accurac
 against the baseline image of the same prompt and seed (these need baseline among the methods);
 `mac_ratio` = baseline UNet MACs / the method's over a run (analytic, attention matmuls included, the
 code bench.py uses); `speedup` = baseline UNet seconds per image / the method's (medians over batches),
-when both were measured by the same run. A metric that does not apply is absent; one whose weights are
-missing stops the run before anything is generated.
+when both were measured by the same run. A metric that does not apply is absent; missing weights stop the run first.
 
 Sharding: with --workers K (or under torchrun) every process renders and scores the batches b with
 b % processes == its rank and rank 0 combines them in batch order, so the files and metrics equal a
@@ -53,10 +52,9 @@ from dataclasses import replace
 import torch
 from PIL import Image, ImageOps
 
-from accel import parse_methods, run_macs
 from lab.features import SHIPPED as LAB_FEATURES_FILE
 from lab.scenes import image_seed, render, sample_captions
-from model.hardware import check_device, cpu_description, dtype_name, resolve_dtype
+from model.hardware import check_device, dtype_name, resolve_dtype
 from prune import as_record, from_record
 from sampler import SAMPLERS, unet_calls
 from sampler.generate import Timer, check_seeds, check_size, generate, save_png
@@ -74,10 +72,12 @@ from tools.cli import (
     settings_record,
     write_json,
 )
+from tools.measure import cpu_description, run_macs
 from tools.metrics import LPIPS_WEIGHTS, Scorer, check_captions, load_stats, markdown
 from tools.plots import GRID_COLUMNS, draw_grid, draw_tradeoff
 from tools.results import check_images, check_outputs, folder_name, image_path, read_timing
 from tools.shard import Shard, add_worker_flag, run_workers, wants_workers
+from tools.specs import parse_methods
 
 IMAGE_TYPES = (".png", ".jpg", ".jpeg", ".webp")
 

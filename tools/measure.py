@@ -1,17 +1,23 @@
 """How bench.py measures one UNet call: the call as it happens inside an accelerated run, the calls timed
 interleaved, the memory a call needs, the UNet alone with random weights, and diffusers' UNet of the same
 architecture sharing its weights (for the side-by-side timing and an output check), and the official SiTo/DaTo
-token selection (bench.py --selection times ours against it)."""
+token selection (bench.py --selection times ours against it); the analytic MACs of a call and a run
+(evaluate.py and search.py count them too) and the CPU they ran on."""
 import ctypes
+import os
+import platform
 import re
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 
 from accel import Acceleration, Gate, Guidance
 from cache import FULL, CacheSchedule
-from model.hardware import timed
+from model.hardware import native_bf16_cpu, timed
+from model.macs import unet_macs
 from model.unet import UNetModel
+from sampler import PLAIN
 
 
 def kind_settings(accel, plan):
@@ -157,3 +163,56 @@ def official_selection(x, hw, ratio, noise_alpha=0.1, generator=None):
     pruned, kept = a_idx.gather(1, edges[:, :k]), torch.cat([a_idx.gather(1, edges[:, k:]), b_idx], 1)
     kp = gram.gather(1, kept[..., None].expand(-1, -1, n)).gather(2, pruned[:, None].expand(-1, kept.shape[1], -1))
     return kept, pruned, kp.argmax(1)
+
+
+def kind_macs(unet, accel, plan, hw, matmuls=False):
+    """Analytic MACs per image of one UNet call made as `plan` (a CallPlan) on an hw latent (model/macs.py),
+    counted as a share of a guided call: a one-branch call costs half, a skipped one nothing."""
+    if plan.skip:
+        return 0
+    prune = accel.prune if accel else None
+
+    def keep(st, grid, sub):
+        if sub == "attn2" and plan.cross == "cached":
+            return 0
+        if plan.ratio and prune.applies(grid, st.level):
+            return prune.tokens_into(sub, grid, plan.ratio)
+        return grid[0] * grid[1]
+    depth = None if plan.depth == FULL else plan.depth
+    return plan.share * sum(unet_macs(unet, hw, depth=depth, keep=keep, matmuls=matmuls).values())
+
+
+def run_plans(accel, calls, sigmas=None, stopped_at=-1):
+    """The CallPlan of each UNet call of a run (the plain call for every call of the baseline, None), for an
+    image whose adaptive guidance stopped at call `stopped_at` (-1: never; its guided calls from there on
+    run one branch)."""
+    plans = accel.plans(calls, sigmas) if accel is not None else [PLAIN] * calls
+    if stopped_at < 0:
+        return plans
+    return [replace(p, guidance="cond") if i >= stopped_at and p.guidance == "both" else p
+            for i, p in enumerate(plans)]
+
+
+def run_macs(unet, accel, calls, hw, matmuls=False, sigmas=None, stopped_at=-1):
+    """Analytic MACs per image of a whole run of `calls` UNet calls (None: the baseline); with adaptive
+    guidance, of an image that stopped at call `stopped_at` (its PNG metadata's guidance_stopped_at)."""
+    return sum(kind_macs(unet, accel, plan, hw, matmuls) for plan in run_plans(accel, calls, sigmas, stopped_at))
+
+
+def cpu_description():
+    """'<model name>, N cores, <bf16 units>' for reports (Linux /proc/cpuinfo; else what platform knows)."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    name = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+    except OSError:
+        pass
+    units = [label for flag, label in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16"), ("avx512f", "AVX512"),
+                                       ("avx2", "AVX2")) if flag in flags]
+    bf16 = "native bf16" if native_bf16_cpu() else "no native bf16"
+    return f"{name}, {os.cpu_count()} cores, {'+'.join(units) or 'unknown SIMD'} ({bf16})"

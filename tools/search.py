@@ -50,7 +50,7 @@ import time
 
 import numpy as np
 
-from accel import check_preset_fits, find_preset, run_macs, schedule_entry
+from accel import check_preset_fits, find_preset
 from cache import FULL
 from lab.features import SHIPPED as LAB_FEATURES_FILE
 from lab.scenes import sample_captions
@@ -75,11 +75,13 @@ from tools.cli import (
     settings_record,
     write_json,
 )
+from tools.measure import run_macs
 from tools.metrics import Scorer
 from tools.report import PRESETS_SHOWN, non_dominated, report
 from tools.results import read_log
 from tools.shard import Shard, add_worker_flag, run_workers, wants_workers
 from tools.space import Plan, Space, initial_population, pymoo_problem, pymoo_repair
+from tools.specs import schedule_entry
 
 QUALITIES = {"accuracy": 1, "psnr": 1, "fd_lab_vs_baseline": -1}   # +1: higher is better
 COSTS = {"macs": "mac_ratio", "time": "speedup"}   # --cost -> the record's field; the objective is its inverse

@@ -1,16 +1,15 @@
-"""The method specs of the command-line tools (bench.py, evaluate.py, search.py --methods):
+"""The method specs of the command-line tools (bench.py, evaluate.py, search.py --methods), and the schedule
+files they write (schedule_entry; accel/presets.py reads them):
 
     baseline | NAME:VALUE (a token method of prune.METHODS, e.g. sito:0.5, todo:2) | a preset |
     a schedule file (FILE.json, FILE.json#k), each optionally on its own run: SPEC@SAMPLER:STEPS.
 """
 from dataclasses import dataclass, fields
 
-from prune import METHODS, max_ratio, token_method
+from accel import PRESETS, Acceleration, check_preset_fits, find_preset, is_schedule_file
+from prune import METHODS, as_record, max_ratio, token_method
 from sampler import SAMPLERS, call_sigmas, unet_calls
 from sampler.schedule import SettingError
-
-from .presets import PRESETS, check_preset_fits, find_preset, is_schedule_file
-from .run import Acceleration
 
 
 def method_syntax():
@@ -106,3 +105,29 @@ def parse_methods(text, sampler, steps):
             raise ValueError(f"--methods: {same[0]!r} and {spec!r} are the same run; give it once")
     return methods
 
+
+def schedule_entry(accel, sampler, steps, about="", **extra):
+    """One schedule of a schedule file: the per-call plan of `accel` for a run of `sampler` with `steps`
+    steps, spelled out call by call (cache depths, pruning; guidance modes, skipped calls, timesteps, the
+    forecast order and the gate when set); `extra` (e.g. measured quality) is kept."""
+    calls = unet_calls(steps, sampler)
+    prune = None
+    if accel.prune is not None:
+        prune = as_record(accel.prune)
+        if "schedule" in prune:
+            prune["schedule"] = [accel.prune.ratio_at(i, calls) for i in range(calls)]
+    entry = {"sampler": sampler, "steps": steps, "depths": list(accel.depths(calls)), "prune": prune}
+    if accel.guidance is not None:
+        sigmas = call_sigmas(sampler, steps, accel.timesteps or None)
+        entry["guidance"] = [plan.guidance for plan in accel.plans(calls, sigmas)]
+        if accel.guidance.stop:
+            entry["guidance_stop"] = accel.guidance.stop
+    if accel.skip is not None:
+        entry["skip"] = list(accel.skip.calls)
+    if accel.timesteps:
+        entry["timesteps"] = list(accel.timesteps)
+    if accel.cache is not None and accel.cache.order:
+        entry["order"] = accel.cache.order
+    if accel.gate is not None:
+        entry["gate"] = accel.gate.call
+    return {**entry, "about": about, **extra}
