@@ -3,7 +3,6 @@
     python -m tools.bench --dtype bf16 --vs-diffusers                      # the default method list, SDPA
     python -m tools.bench --methods baseline,sito:0.5,deepcache-n5,dato-coco --attention sdpa,math --plot speed.png
     python -m tools.bench --selection                                       # token-selection cost per block
-    python -m tools.bench --model tiny --H 64 --W 64 --runs 2 --json out.json   # a quick check
 
 Methods (--methods, tools/specs.py): `baseline`, token methods (`sito:0.5`), presets and schedule files, each on the
 command's run or its own (`deepcache-n3@dpmpp-2m:25`), sped up against `baseline`, the command's run. Weights are
