@@ -55,7 +55,7 @@ def run(args):
         raise ValueError(f"--n-iter (how many times the batches repeat) must be >= 1, got {args.n_iter}")
     prompts = image_prompts(read_prompts(args.prompt, args.from_file), args.n_samples, args.n_iter)
     accel = acceleration(args)
-    taken = resolve_run(args, find_preset(args.preset).run if args.preset else None)
+    taken = resolve_run(args, find_preset(args.preset).made_for if args.preset else None)
     if args.preset:
         check_preset_fits(args.preset, args.sampler, args.steps)
     settings = sampling(args, seed=args.seed, accel=accel, batch_size=args.n_samples)

@@ -30,7 +30,7 @@ class Preset:
     cache: CacheSchedule | None
     prune: TokenMethod | None
     about: str
-    run: tuple | None = None   # (sampler, steps) the per-call schedule was made for (None: any run)
+    made_for: tuple | None = None   # (sampler, steps) the per-call schedule was made for (None: any run)
     guidance: Guidance | None = None
     skip: Skip | None = None
     timesteps: tuple = ()
@@ -54,18 +54,18 @@ PRESETS = {
                          DaTo(ratio=0.4, gamma=0.1),
                          "DaTo: the cache vector its ratio searches use (6 full, 38 shallow, 7 reuse) + DaTo pruning "
                          "at 0.4 as in those searches (txt2img_gen): dynamics base tokens, gamma=0.1, noise_alpha=0.1; "
-                         "for PLMS-50", run=("plms", 50)),
+                         "for PLMS-50", made_for=("plms", 50)),
     "dato-coco": Preset(CacheSchedule("dato", depths=from_dato(DATO_COCO)), DaTo(ratio=0.4),
                         "DaTo: the vector it evaluates with pruning on COCO-30k (5 full, 21 shallow, 25 reuse) + DaTo "
                         "pruning at 0.4 as the official run_command9: dynamics base tokens, gamma=1, noise_alpha=0.1; "
-                        "for PLMS-50", run=("plms", 50)),
+                        "for PLMS-50", made_for=("plms", 50)),
     "dato-coco-random": Preset(CacheSchedule("dato", depths=from_dato(DATO_COCO)),
                                DaTo(ratio=0.4, base_tokens="local_random"),
                                "DaTo: the dato-coco cache vector + DaTo pruning at 0.4 as the official run_command8: "
                                "local_random base tokens (one random pattern per UNet call); for PLMS-50",
-                               run=("plms", 50)),
+                               made_for=("plms", 50)),
     "ays-10": Preset(None, None, "Align Your Steps' SD1.5 timesteps for 10 steps (999, 850, ..., 24; the paper's "
-                     "Table, diffusers' AysSchedules), with DPM-Solver++(2M) as the paper", run=("dpmpp-2m", 10),
+                     "Table, diffusers' AysSchedules), with DPM-Solver++(2M) as the paper", made_for=("dpmpp-2m", 10),
                      timesteps=AYS_SD15_10),
 }
 
@@ -115,10 +115,10 @@ def load_schedule(spec):
     if not isinstance(entry.get("prune"), (dict, type(None))):
         raise ValueError(f"{spec!r}: its field \"prune\" must be a token method's settings (an object) or null; "
                          "fix the file")
-    run, depths = (entry["sampler"], steps), tuple(entry["depths"])
-    if len(depths) != unet_calls(steps, run[0]):
-        raise ValueError(f"{spec!r}: {len(depths)} depths for {run[0].upper()}-{steps}, which makes "
-                         f"{unet_calls(steps, run[0])} UNet calls")
+    made_for, depths = (entry["sampler"], steps), tuple(entry["depths"])
+    if len(depths) != unet_calls(steps, made_for[0]):
+        raise ValueError(f"{spec!r}: {len(depths)} depths for {made_for[0].upper()}-{steps}, which makes "
+                         f"{unet_calls(steps, made_for[0])} UNet calls")
     try:
         order = entry.get("order", 0)
         cache = CacheSchedule("dato", depths=depths, order=order) if any(d != FULL for d in depths) else None
@@ -128,9 +128,9 @@ def load_schedule(spec):
         skip = Skip(entry["skip"]) if entry.get("skip") is not None else None
         timesteps = tuple(entry.get("timesteps") or ())
         gate = Gate(entry["gate"]) if entry.get("gate") is not None else None
-        preset = Preset(cache, prune, entry.get("about", ""), run, guidance, skip, timesteps, gate)
+        preset = Preset(cache, prune, entry.get("about", ""), made_for, guidance, skip, timesteps, gate)
         accel = preset.acceleration()   # the first call full, a ratio and a mode per call, the timesteps' run
-        accel.check(len(depths), call_sigmas(run[0], run[1], timesteps or None))
+        accel.check(len(depths), call_sigmas(made_for[0], made_for[1], timesteps or None))
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{spec!r} is not a valid schedule ({type(e).__name__}: {e}); fix the file") from None
     return preset
@@ -154,8 +154,8 @@ def find_preset(spec):
 def check_preset_fits(spec, sampler, steps):
     """A preset or schedule file made for one run (DaTo's PLMS-50 vectors) is refused for another, by name."""
     preset = find_preset(spec)
-    if preset.run is not None and preset.run != (sampler, steps):
-        made, calls = preset.run, unet_calls(preset.run[1], preset.run[0])
+    if preset.made_for is not None and preset.made_for != (sampler, steps):
+        made, calls = preset.made_for, unet_calls(preset.made_for[1], preset.made_for[0])
         raise ValueError(f"preset {spec} is for {made[0].upper()}-{made[1]} ({calls} UNet calls); this run is "
                          f"{sampler.upper()}-{steps} ({unet_calls(steps, sampler)} calls): use --sampler {made[0]} "
                          f"--steps {made[1]} (or {spec}@{made[0]}:{made[1]} in --methods)")

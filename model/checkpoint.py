@@ -27,8 +27,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import (
+    MODELS,
     PREDICTIONS,
-    PRESETS,
     SD1,
     SD2,
     SD2_V,
@@ -120,12 +120,12 @@ class StableDiffusion:
 def random_weights(config, *, device="cpu", dtype=torch.float32, tokenizer=None, seed=0, name=None):
     """A StableDiffusion with random weights (the same for the same seed): for timing and for
     running the pipeline offline. The global random state is left as it was. `name` (default: the
-    preset's name in PRESETS) is recorded in its source."""
+    architecture's name in MODELS) is recorded in its source."""
     device = check_device(device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = StableDiffusion.build(config, tokenizer).to(device, resolve_dtype(dtype, device))
-    name = name or next((key for key, preset in PRESETS.items() if preset == config), "custom")
+    name = name or next((key for key, preset in MODELS.items() if preset == config), "custom")
     model.source = f"random weights: {name}"
     return model
 

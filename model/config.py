@@ -167,7 +167,7 @@ TINY_SDXL = SDConfig(
     force_zeros_for_empty_prompt=True,
 )
 
-PRESETS = {"sd1": SD1, "sd2": SD2, "sd2-v": SD2_V, "sdxl": SDXL, "tiny": TINY, "tiny-sd2": TINY_SD2,
+MODELS = {"sd1": SD1, "sd2": SD2, "sd2-v": SD2_V, "sdxl": SDXL, "tiny": TINY, "tiny-sd2": TINY_SD2,
            "tiny-sdxl": TINY_SDXL, "lab": LAB}
 
 

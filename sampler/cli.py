@@ -20,7 +20,7 @@ from dataclasses import replace
 
 import torch
 
-from model import PRESETS, compile_unet, load_checkpoint, random_weights
+from model import MODELS, compile_unet, load_checkpoint, random_weights
 from model.config import PREDICTIONS
 from model.hardware import DTYPE_CHOICES
 from model.text import TokenizerError, byte_tokenizer
@@ -59,7 +59,7 @@ def set_threads(p, args):
 def add_model_flags(p):
     p.add_argument("--ckpt", help=".safetensors / .ckpt file or diffusers folder "
                                   "(default: $SD_CKPT, else download SD 1.5)")
-    p.add_argument("--random-weights", choices=list(PRESETS),
+    p.add_argument("--random-weights", choices=list(MODELS),
                    help="random weights of this architecture (offline test runs)")
     p.add_argument("--tokenizer", help="folder with vocab.json + merges.txt, or a hub id")
     p.add_argument("--prediction", choices=PREDICTIONS, help="override the detected prediction type")
@@ -193,7 +193,7 @@ def read_model(args, device, dtype):
         if args.ckpt:
             raise ValueError("give either --ckpt or --random-weights, not both")
         print(f"random weights ({args.random_weights}): the images are noise, useful only to exercise the pipeline")
-        config = PRESETS[args.random_weights]
+        config = MODELS[args.random_weights]
         config = replace(config, prediction=args.prediction or config.prediction)
         default = LAB_TOKENIZER if args.random_weights == "lab" else byte_tokenizer()   # lab: its own 564 ids
         return random_weights(config, device=device, dtype=dtype,

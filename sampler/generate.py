@@ -2,8 +2,8 @@
 and search.py share. Load once, then render any number of settings from the same weights:
 
     sd = load_checkpoint("v1-5-pruned-emaonly.safetensors")
-    run = Sampling(steps=50, seed=42, accel=PRESETS["dato-coco"].acceleration())   # PRESETS: accel/
-    images = generate(sd, ["a red fox in the snow"], run)   # PIL images, settings in image.info["parameters"]
+    settings = Sampling(steps=50, seed=42, accel=PRESETS["dato-coco"].acceleration())   # PRESETS: accel/
+    images = generate(sd, ["a red fox in the snow"], settings)   # PIL images, settings in image.info["parameters"]
     save_pngs(images, "outputs")                            # numbered PNGs with that metadata, never overwriting
 
 Image k of a call starts from noise seeded with seed + k, drawn on the CPU in fp32, so the same
@@ -155,57 +155,57 @@ def from_pil(images):
     return data.permute(0, 3, 1, 2)
 
 
-def prepare(sd, run):
+def prepare(sd, settings):
     """Put the model in the run's precision and attention; check what needs the model (size, what the
     acceleration acts on; the run itself was checked when the Sampling was made). -> (H, W)."""
-    if run.dtype is not None:
-        dtype = resolve_dtype(run.dtype, sd.device)
+    if settings.dtype is not None:
+        dtype = resolve_dtype(settings.dtype, sd.device)
         if dtype != sd.dtype:
             sd.to(dtype=dtype)
-    sd.unet.set_attention(run.attention)
-    H, W = check_size(sd.config, run.size)
-    if run.accel is not None:   # what the acceleration needs of this UNet at this size
-        rows = run.batch_size * (1 if run.scale == 1 else 2)   # guided batches are [uncond; cond]
-        run.accel.check_unet(sd.unet, (H // sd.config.vae.factor, W // sd.config.vae.factor),
-                             unet_calls(run.steps, run.sampler), rows)
+    sd.unet.set_attention(settings.attention)
+    H, W = check_size(sd.config, settings.size)
+    if settings.accel is not None:   # what the acceleration needs of this UNet at this size
+        rows = settings.batch_size * (1 if settings.scale == 1 else 2)   # guided batches are [uncond; cond]
+        settings.accel.check_unet(sd.unet, (H // sd.config.vae.factor, W // sd.config.vae.factor),
+                                  unet_calls(settings.steps, settings.sampler), rows)
     return H, W
 
 
-def generate_batches(sd, prompts, run, *, progress=False, timer=None):
-    """Yield (images, latents) per batch of run.batch_size prompts, in order; each PIL image
+def generate_batches(sd, prompts, settings, *, progress=False, timer=None):
+    """Yield (images, latents) per batch of settings.batch_size prompts, in order; each PIL image
     carries its settings as JSON in image.info["parameters"] (what save_pngs writes)."""
     if not hasattr(sd, "condition") or not hasattr(sd, "unet"):
         raise ValueError(f"generate() takes a loaded model (model.load_checkpoint(path)), got {type(sd).__name__}")
-    if not isinstance(run, Sampling):
-        raise ValueError(f"generate()'s settings must be a Sampling, got {type(run).__name__}")
+    if not isinstance(settings, Sampling):
+        raise ValueError(f"generate()'s settings must be a Sampling, got {type(settings).__name__}")
     prompts = check_prompts(prompts)
-    check_seeds(run.seed, len(prompts))
-    H, W = prepare(sd, run)
+    check_seeds(settings.seed, len(prompts))
+    H, W = prepare(sd, settings)
     device, config = sd.device, sd.config
     timer = timer or Timer(device)
-    scale = config.guidance if run.scale is None else run.scale
+    scale = config.guidance if settings.scale is None else settings.scale
     shape = (config.vae.z_channels, H // config.vae.factor, W // config.vae.factor)
-    settings = dict(negative_prompt=run.negative_prompt, steps=run.steps, scale=scale, sampler=run.sampler,
-                    eta=run.eta, H=H, W=W, checkpoint=sd.source, model=config.version,
+    metadata = dict(negative_prompt=settings.negative_prompt, steps=settings.steps, scale=scale,
+                    sampler=settings.sampler, eta=settings.eta, H=H, W=W, checkpoint=sd.source, model=config.version,
                     prediction=config.prediction, dtype=dtype_name(sd.dtype),
-                    attention=run.attention, acceleration=run.accel.record() if run.accel else None)
+                    attention=settings.attention, acceleration=settings.accel.record() if settings.accel else None)
     with torch.inference_mode():
-        for k in range(0, len(prompts), run.batch_size):
-            batch = prompts[k:k + run.batch_size]
-            seeds = [run.seed + k + i for i in range(len(batch))]
+        for k in range(0, len(prompts), settings.batch_size):
+            batch = prompts[k:k + settings.batch_size]
+            seeds = [settings.seed + k + i for i in range(len(batch))]
             cond = timer("text", sd.condition, batch, (H, W))
-            negatives = [run.negative_prompt] * len(batch)
+            negatives = [settings.negative_prompt] * len(batch)
             uncond = timer("text", sd.condition, negatives, (H, W), True) if scale != 1 else None
             x_T = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
-            loop = run_steps(sd.unet, x_T.to(device), cond, uncond, run.steps, scale, run.sampler, run.eta,
-                             config.prediction, run.accel, seeds[0])
-            bar = tqdm(loop, total=run.steps, desc=f"images {k}-{k + len(batch) - 1}", disable=not progress)
+            loop = run_steps(sd.unet, x_T.to(device), cond, uncond, settings.steps, scale, settings.sampler,
+                             settings.eta, config.prediction, settings.accel, seeds[0])
+            bar = tqdm(loop, total=settings.steps, desc=f"images {k}-{k + len(batch) - 1}", disable=not progress)
             last = timer("unet", final_step, bar)
             latent = check_finite(last.x, f"images {k}-{k + len(batch) - 1}", sd.dtype)
             images = to_pil(timer("decode", sd.vae.decode, latent.to(device)))
             for i, (prompt, seed, image) in enumerate(zip(batch, seeds, images, strict=True)):
                 stop = {} if last.stops is None else {"guidance_stopped_at": last.stops[i]}   # what it cost
-                image.info["parameters"] = json.dumps(dict(prompt=prompt, seed=seed, **settings, **stop),
+                image.info["parameters"] = json.dumps(dict(prompt=prompt, seed=seed, **metadata, **stop),
                                                       allow_nan=False)
             yield images, latent
 
@@ -219,11 +219,11 @@ def check_finite(latent, which, dtype):
     return latent
 
 
-def generate(sd, prompts, run=Sampling(), *, latents=False, progress=False, timer=None):
-    """Images for `prompts` (a str or a list) with settings `run` on the loaded model `sd`.
+def generate(sd, prompts, settings=Sampling(), *, latents=False, progress=False, timer=None):
+    """Images for `prompts` (a str or a list) with `settings` on the loaded model `sd`.
     Returns PIL images, or (images, final latents [N, c, h, w]) with latents=True. Writes no files."""
     images, finals = [], []
-    for batch, latent in generate_batches(sd, prompts, run, progress=progress, timer=timer):
+    for batch, latent in generate_batches(sd, prompts, settings, progress=progress, timer=timer):
         images += batch
         finals.append(latent)
     return (images, torch.cat(finals)) if latents else images

@@ -113,19 +113,19 @@ def run_steps(unet, x_T, cond, uncond, steps, scale, method, eta, prediction, ac
     sampler = find_sampler(method)
     ts, levels = run_schedule(method, steps, accel.timesteps or None if accel is not None else None)
     guided = uncond is not None and scale != 1
-    run = accel.start(sampler.calls(steps), seed, guided, sampler.call_sigmas(levels)) if accel is not None else None
+    state = accel.start(sampler.calls(steps), seed, guided, sampler.call_sigmas(levels)) if accel is not None else None
     indices, calls = itertools.count(), 0
 
     def model(x, t, a):
         nonlocal calls
         index = next(indices)   # of this evaluation among the run's UNet calls, made or skipped
-        plan = run.plans[index] if run is not None else PLAIN
+        plan = state.plans[index] if state is not None else PLAIN
         if plan.skip:
-            out = run.extrapolated()
-            run.end_call(None, out)
+            out = state.extrapolated()
+            state.end_call(None, out)
             return out
         both = guided and plan.guidance == "both"
-        rows = run.guided_rows() if both and run is not None else None   # None: every image guided
+        rows = state.guided_rows() if both and state is not None else None   # None: every image guided
         if both:
             x_u, c_u = (x, uncond) if rows is None else (x[rows], picked(uncond, rows))
             x_in, c_in = torch.cat([x_u, x]), joined(c_u, cond)
@@ -133,27 +133,27 @@ def run_steps(unet, x_T, cond, uncond, steps, scale, method, eta, prediction, ac
             x_in, c_in = x, cond
         t_in = torch.full((x_in.shape[0],), t, device=x.device)
         args, kwargs = ((c_in,), {}) if torch.is_tensor(c_in) else ((), c_in)
-        if run is None:
+        if state is None:
             raw = unet(x_in, t_in, *args, **kwargs)
         else:
-            run.begin_call(index, x_in)
-            raw = unet(x_in, t_in, *args, **kwargs, state=run)
+            state.begin_call(index, x_in)
+            raw = unet(x_in, t_in, *args, **kwargs, state=state)
         calls += 1
         out, delta = raw.to(x.dtype), None
         if both:
             out, delta = guided_sum(out, rows, scale)
         elif guided and plan.guidance == "reuse":   # eps_c + (w - 1)·Δ: the guided sum with the last Δ
-            out = out + (scale - 1) * run.delta
+            out = out + (scale - 1) * state.delta
         if prediction == "v":
             out = a ** 0.5 * out + (1 - a) ** 0.5 * x
-        if run is not None:
-            run.end_call(raw, out, delta)
+        if state is not None:
+            state.end_call(raw, out, delta)
         return out
 
     x_T = x_T.to(torch.promote_types(x_T.dtype, torch.float32))   # latents stay in (at least) fp32
     generator = torch.Generator().manual_seed(stream_seed(seed, sampler.stream)) if sampler.stream else None
     for i, t, x, pred_x0 in sampler.run(model, x_T, ts, levels, eta, generator):
-        stops = run.stopped_at.tolist() if run is not None and run.stopped_at is not None else None
+        stops = state.stopped_at.tolist() if state is not None and state.stopped_at is not None else None
         yield Step(i, steps, t, x, pred_x0, calls, stops)
 
 

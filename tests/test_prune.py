@@ -239,7 +239,7 @@ def test_dato_presets_follow_the_official_recipes():
     assert fixed.prune == token_method("dato", ratio=0.4, gamma=0.1, noise_alpha=0.1, base_tokens="dynamics")
     assert coco.prune == token_method("dato", ratio=0.4, gamma=1.0, noise_alpha=0.1, align_cfg=True)
     assert rand.prune == token_method("dato", ratio=0.4, base_tokens="local_random")
-    assert rand.cache == coco.cache and rand.run == coco.run == ("plms", 50)
+    assert rand.cache == coco.cache and rand.made_for == coco.made_for == ("plms", 50)
     assert "run_command9" in coco.about and "run_command8" in rand.about
 
 

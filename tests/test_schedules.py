@@ -30,11 +30,11 @@ def write(path, *entries):
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_every_preset_round_trips_call_by_call(tmp_path, name):
     preset = PRESETS[name]
-    sampler, steps = preset.run or ("ddim", 20)
+    sampler, steps = preset.made_for or ("ddim", 20)
     path = write(tmp_path / "s.json", schedule_entry(preset.acceleration(), sampler, steps, about=preset.about))
     loaded = find_preset(path)
     calls = len(loaded.acceleration().depths(51 if sampler == "plms" else steps))
-    assert loaded.run == (sampler, steps) and loaded.about == preset.about
+    assert loaded.made_for == (sampler, steps) and loaded.about == preset.about
     assert run_plans(loaded.acceleration(), calls) == run_plans(preset.acceleration(), calls)
     if preset.prune is not None:   # every other pruning setting carried over
         keep = {k: v for k, v in vars(preset.prune).items() if k not in ("ratio", "schedule")}
@@ -121,7 +121,7 @@ def test_shipped_lab_schedules_load_and_their_recorded_figures_are_theirs():
             sigmas = call_sigmas(point["sampler"], point["steps"], accel.timesteps or None)
             if limits is not None:
                 depths = accel.depths(calls)
-                assert preset.run == (limits["sampler"], limits["steps"])
+                assert preset.made_for == (limits["sampler"], limits["steps"])
                 assert depths[0] == FULL and depths.count(FULL) >= limits["min_full"]
                 reuses = "".join("0" if d == 0 else "x" for d in depths)
                 assert "0" * (limits["max_reuse"] + 1) not in reuses

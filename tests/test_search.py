@@ -75,7 +75,7 @@ def test_tiny_search_is_non_dominated_and_a_rerun_continues(tmp_path, capsys):
     for a in scores:   # no point is at least as good in both objectives and better in one than another
         assert not any(b != a and b[0] >= a[0] and b[1] >= a[1] for b in scores)
     for k in range(len(points)):   # every point is a schedule file for the run it was searched on
-        assert find_preset(f"{tmp_path}/s/pareto.json#{k}").run == ("plms", 4)
+        assert find_preset(f"{tmp_path}/s/pareto.json#{k}").made_for == ("plms", 4)
     heldout = str(tmp_path / "heldout")
     specs = ",".join(f"{out}/pareto.json#{k}" for k in range(len(points)))
     evaluate.main([*TINY[:10], "--dtype", "fp32", "--scale", "5", "--negative-prompt", "a blue cube",
@@ -92,7 +92,7 @@ def test_tiny_search_is_non_dominated_and_a_rerun_continues(tmp_path, capsys):
     ships = {key(p) for p in shipped}
     assert ships and all(not any(beats(b, held[s]) for b in held.values()) for s in ships)
     assert all(any(beats(held[s], a) for s in ships) for k, a in held.items() if k not in ships)
-    assert find_preset(f"{ship}#{len(shipped) - 1}").run == ("plms", 4)
+    assert find_preset(f"{ship}#{len(shipped) - 1}").made_for == ("plms", 4)
     with pytest.raises(SystemExit):   # an existing file is not overwritten
         search.main(["--out", out, "--report", heldout, "--ship", ship])
     check_report_refuses_what_is_not_this_search(tmp_path, out, heldout, capsys)

@@ -26,8 +26,7 @@ import time
 import torch
 
 from lab.vocab import SHIPPED_TOKENIZER
-from model import PRESETS as MODELS
-from model import compile_unet, load_checkpoint, random_weights
+from model import MODELS, compile_unet, load_checkpoint, random_weights
 from model.checkpoint import ARCHITECTURES, CONFIG_KEY, read_metadata
 from model.compile import compiled_graphs
 from model.config import config_from_json

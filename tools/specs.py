@@ -83,7 +83,7 @@ def parse_run_method(spec, sampler, steps):
     if at:
         sampler, steps = parse_run(spec, run)
     elif is_schedule_file(base):
-        sampler, steps = find_preset(base).run
+        sampler, steps = find_preset(base).made_for
     accel = parse_method(base)
     if base in PRESETS or is_schedule_file(base):
         check_preset_fits(base, sampler, steps)
