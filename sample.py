@@ -54,10 +54,13 @@ def run(args):
     if args.n_iter < 1:
         raise ValueError(f"--n-iter (how many times the batches repeat) must be >= 1, got {args.n_iter}")
     prompts = image_prompts(read_prompts(args.prompt, args.from_file), args.n_samples, args.n_iter)
-    accel = acceleration(args)
-    taken = resolve_run(args, find_preset(args.preset).made_for if args.preset else None)
-    if args.preset:
-        check_preset_fits(args.preset, args.sampler, args.steps)
+    if args.preset is not None and not args.preset.strip():
+        raise ValueError("--preset is empty: name a preset or a schedule file FILE.json[#k], or leave the flag out")
+    preset = find_preset(args.preset) if args.preset else None   # a schedule file is read once
+    accel = acceleration(args, preset)
+    taken = resolve_run(args, preset.made_for if preset else None)
+    if preset:
+        check_preset_fits(args.preset, args.sampler, args.steps, preset)
     settings = sampling(args, seed=args.seed, accel=accel, batch_size=args.n_samples)
     check_seeds(args.seed, len(prompts))
     check_outdir(args.outdir)
@@ -208,17 +211,14 @@ def preset_settings(args, preset, prune_flags, cache_flags):
     return preset.prune, preset.cache
 
 
-def acceleration(args):
-    """The Acceleration the command line asks for, or None. Tuning flags default to None so that
-    one given without its method (or beside a --preset, which fixes them) is an error, not ignored."""
+def acceleration(args, preset=None):
+    """The Acceleration the command line asks for (`preset`: --preset's, found), or None. Tuning flags default
+    to None so that one given without its method (or beside a --preset, which fixes them) is an error."""
     prune_flags = flags_set(args, PRUNE_FLAGS)
-    if args.preset is not None and not args.preset.strip():
-        raise ValueError("--preset is empty: name a preset or a schedule file FILE.json[#k], or leave the flag out")
     if args.prune_schedule is not None and not args.prune_schedule.strip():
         raise ValueError("--prune-schedule is empty: give one ratio per UNet call, or leave the flag out")
     if args.viz_block and not args.viz_prune:
         raise ValueError("--viz-block chooses the block --viz-prune draws: add --viz-prune DIR, or leave it out")
-    preset = find_preset(args.preset) if args.preset else None
     if preset is not None and (preset.prune or preset.cache):   # a preset of timesteps or guidance adds to the flags
         cache_flags = flags_set(args, [*CACHE_FLAGS, "cache_schedule"])
         prune, cache = preset_settings(args, preset, prune_flags, cache_flags)

@@ -151,9 +151,10 @@ def find_preset(spec):
     raise ValueError(f"unknown preset {spec!r}: use one of {', '.join(PRESETS)} or a schedule file FILE.json[#k]")
 
 
-def check_preset_fits(spec, sampler, steps):
-    """A preset or schedule file made for one run (DaTo's PLMS-50 vectors) is refused for another, by name."""
-    preset = find_preset(spec)
+def check_preset_fits(spec, sampler, steps, preset=None):
+    """A preset or schedule file made for one run (DaTo's PLMS-50 vectors) is refused for another, by name.
+    preset: `spec` already found (a file is read once), else it is found here."""
+    preset = preset or find_preset(spec)
     if preset.made_for is not None and preset.made_for != (sampler, steps):
         made, calls = preset.made_for, unet_calls(preset.made_for[1], preset.made_for[0])
         raise ValueError(f"preset {spec} is for {made[0].upper()}-{made[1]} ({calls} UNet calls); this run is "

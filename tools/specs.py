@@ -80,13 +80,14 @@ def parse_run_method(spec, sampler, steps):
     """One method spec 'SPEC' or 'SPEC@SAMPLER:STEPS' -> Method. Without '@' the method runs on the
     command's run (`sampler`, `steps`), except a schedule file, which keeps the run it records."""
     base, at, run = spec.partition("@")
+    preset = find_preset(base) if base in PRESETS or is_schedule_file(base) else None
     if at:
         sampler, steps = parse_run(spec, run)
     elif is_schedule_file(base):
-        sampler, steps = find_preset(base).made_for
-    accel = parse_method(base)
-    if base in PRESETS or is_schedule_file(base):
-        check_preset_fits(base, sampler, steps)
+        sampler, steps = preset.made_for
+    accel = preset.acceleration() if preset is not None else parse_method(base)
+    if preset is not None:
+        check_preset_fits(base, sampler, steps, preset)
     method = Method(accel, sampler, steps)
     if accel is not None:
         accel.check(method.calls, method.sigmas)
