@@ -83,6 +83,10 @@ class CacheSchedule:
     depths: tuple = ()
     order: int = 0
 
+    def depths_for(self, calls):
+        """The per-call depths of a run of `calls` UNet calls."""
+        return MODES[self.mode].depths(self, calls)
+
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"unknown cache mode {self.mode!r}; choose one of {', '.join(MODES)}")
@@ -113,10 +117,6 @@ class CacheSchedule:
             raise ValueError(f"non-uniform power must be in (1, {MAX_POWER}] (DeepCache: 1.4), got {self.power}")
         if self.center < 0:
             raise ValueError(f"non-uniform center (--cache-center) must be a UNet call index >= 0, got {self.center}")
-
-    def depths_for(self, calls):
-        """The per-call depths of a run of `calls` UNet calls."""
-        return MODES[self.mode].depths(self, calls)
 
 
 def uniform_depths(s, calls):

@@ -44,11 +44,6 @@ class DaTo(RecoveringMethod):
     base_tokens: str = setting("dynamics", "base", "DaTo base tokens: dynamics (the paper, default) or "
                                "local_random (the official code's default)", choices=BASE_TOKENS)
 
-    def __post_init__(self):
-        super().__post_init__()
-        if self.gamma < 0:   # a weight: a negative one would prefer the tokens that change least
-            raise ValueError(f"DaTo's gamma (the dynamics' weight) must be >= 0, got {self.gamma}")
-
     def start(self, stream):
         return DaToRun(self, stream)
 
@@ -82,6 +77,11 @@ class DaTo(RecoveringMethod):
             score = score + self.gamma * pooled(dynamics, hw).reshape(b, n).float()
         base = per_cell_argmax(score, h, w, self.sx, self.sy)
         return base[:b // 2].repeat(2, 1) if align else base
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.gamma < 0:   # a weight: a negative one would prefer the tokens that change least
+            raise ValueError(f"DaTo's gamma (the dynamics' weight) must be >= 0, got {self.gamma}")
 
 
 class DaToRun(TokenRun):

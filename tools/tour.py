@@ -1,6 +1,7 @@
 """The pictures of docs/tour.md: one prompt followed through the code on the lab model, a picture per stop.
 
     python -m tools.tour --ckpt lab/lab-sd.safetensors --out docs/tour   # about a minute on 2 CPU cores
+    python -m tools.tour --links   # after editing the code: docs/tour.md's links follow the functions they name
 
 Writes, for the prompt "a red circle to the left of a blue square", seed 45, PLMS-50 (sample.py's default run):
 tokens.png (the tokens and the context they become), noise.png (x_T, one tile per latent channel), x0.png (the
@@ -8,7 +9,9 @@ predicted clean image every 5 steps), tokens-sito-dato-tome.png (which tokens ea
 prunes, at the same block and UNet call), dynamics.png (DaTo's dynamics map at that call), cache.png (two cache
 schedules, call by depth) and image.png (the final image).
 """
+import ast
 import os
+import re
 import tempfile
 
 import torch
@@ -115,7 +118,43 @@ def cache_chart(out, presets=("deepcache-n3", "dato-coco"), bar=3, height=40):
     sheet.save(os.path.join(out, "cache.png"))
 
 
+LINK = re.compile(r"\[`(?:[\w/.]+`: `)?([\w.]+)`\]\(\.\./([\w/.]+)#L(\d+)-L(\d+)\)")   # [`file`: `name`](../file#La-Lb)
+
+
+def function(path, name):
+    """The ast node of the def `name` (dotted: Class.method, outer.inner) in the file `path`."""
+    with open(path) as f:
+        nodes = ast.parse(f.read()).body
+    for part in name.split("."):
+        node = next(n for n in nodes if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name == part)
+        nodes = node.body
+    return node
+
+
+def link_lines(path, name):
+    """(first, last) line a tour link to `name` shows: the whole def, or past its docstring if over 40 lines."""
+    node = function(path, name)
+    first = node.lineno
+    if node.end_lineno - first >= 40 and isinstance(node.body[0], ast.Expr):
+        first = node.body[1].lineno
+    return first, node.end_lineno
+
+
+def refresh_links(tour, root):
+    """Rewrite the code links of the tour file `tour` to the current lines of the functions they name."""
+    with open(tour) as f:
+        text = f.read()
+
+    def current(m):
+        first, last = link_lines(os.path.join(root, m.group(2)), m.group(1))
+        return m.group(0).replace(f"#L{m.group(3)}-L{m.group(4)})", f"#L{first}-L{last})")
+    with open(tour, "w") as f:
+        f.write(LINK.sub(current, text))
+
+
 def run(args):
+    if args.links:
+        return refresh_links(os.path.join(os.path.dirname(args.out), "tour.md"), ".")
     os.makedirs(args.out, exist_ok=True)
     sd = load_checkpoint(args.ckpt)   # fp32 on the CPU: the same pictures on every machine
     with torch.inference_mode():
@@ -132,6 +171,8 @@ def main(argv=None):
     p.add_argument("--ckpt", default="lab/lab-sd.safetensors", help="the model (lab/lab-sd.safetensors)")
     p.add_argument("--out", default="docs/tour", help="folder for the pictures, written over (docs/tour)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--links", action="store_true", help="only rewrite the code links of tour.md (beside --out) to "
+                   "the current lines of the functions they name, after the code moved")
     run_tool(p, run, argv)
 
 
