@@ -27,10 +27,9 @@ Stages, each resumable from its checkpoint in --out:
    captions (for guidance), AdamW with warm-up, an EMA of the weights, bf16 autocast on GPUs and on CPUs with
    native bf16. Every --eval-minutes the EMA model samples fixed captions through the real pipeline and the
    checker scores them: the learning curve (accuracy against training time) goes to log.jsonl and curve.png.
-5. decoder (lab/decoder.py): the decoder fine-tuned on whole scenes, encoder frozen. A run from nothing ends
-   with it, one continued with --init keeps its model's decoder, --stage decoder --init FILE runs it alone.
-6. export: the EMA weights as one fp16 .safetensors in the official SD1 layout with the config in its metadata,
-   the tokenizer beside it; a --stage decoder run's is FILE with only the decoder replaced.
+5. decoder (lab/decoder.py): fine-tuned on whole scenes, encoder frozen; a run from nothing ends with it, --init
+   keeps its model's decoder, --stage decoder --init FILE runs it alone.
+6. export (lab/export.py): the EMA weights, fp16, SD1 layout, config in the metadata, tokenizer beside it.
 Batches, noise and timesteps come from CPU generators seeded by (seed, step): a resumed run equals an unbroken one.
 """
 import copy
@@ -53,12 +52,13 @@ from tqdm import tqdm
 from lab.check import check, summary
 from lab.cli import FolderError
 from lab.decoder import decoder_export, read_decoder, train_decoder
+from lab.export import checkpoint_state
 from lab.pictures import draw_curve, grid
 from lab.run_config import TrainConfig, autocast, check_export, parser, prepare, save, stage_file
 from lab.scenes import image_seed, render, sample_captions
 from lab.vocab import write_lab_tokenizer
 from model import LAB, StableDiffusion
-from model.checkpoint import CLIP, CONFIG_KEY, TOKENIZER_KEY, UNET, VAE, checkpoint_state, read_metadata
+from model.checkpoint import CLIP, CONFIG_KEY, TOKENIZER_KEY, UNET, VAE, read_metadata
 from model.config import config_from_json
 from model.files import read_state_dict
 from model.text import TextEncoder

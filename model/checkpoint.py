@@ -24,7 +24,6 @@ from dataclasses import dataclass, replace
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .config import (
     MODELS,
@@ -38,7 +37,6 @@ from .config import (
     TINY_SDXL,
     SDConfig,
     config_from_json,
-    config_to_json,
 )
 from .convert import diffusers_unet_to_ldm, diffusers_vae_to_ldm, openclip_to_hf
 from .files import CheckpointError, read_state_dict
@@ -65,7 +63,7 @@ IGNORED = re.compile(
 
 # told apart by UNet width, context size and added-conditioning width
 ARCHITECTURES = (SD1, SD2, SDXL, TINY, TINY_SD2, TINY_SDXL)
-CONFIG_KEY, TOKENIZER_KEY = "sd_config", "tokenizer"   # .safetensors metadata written by save_checkpoint
+CONFIG_KEY, TOKENIZER_KEY = "sd_config", "tokenizer"   # .safetensors metadata (lab/export.py writes it)
 
 
 @dataclass
@@ -280,35 +278,6 @@ def _stated_config(metadata, path):
         return config_from_json(metadata[CONFIG_KEY])
     except ValueError as e:
         raise CheckpointError(f"{path}: the {CONFIG_KEY!r} metadata is {e}") from None
-
-
-def save_checkpoint(sd, path, *, dtype=torch.float16, tokenizer=None):
-    """Write `sd` as one .safetensors file in the official SD 1.x single-file layout
-    (model.diffusion_model.*, first_stage_model.* with the encoder if built, cond_stage_model.*),
-    its SDConfig in the metadata so load_checkpoint needs no detection; `tokenizer`: a folder name
-    relative to the file, recorded for loading. Floating tensors are stored in `dtype`
-    (fp16: half the size). Never overwrites: an existing `path` is an error."""
-    if os.path.exists(path):
-        raise FileExistsError(f"{path} exists; choose another name (checkpoints are never overwritten)")
-    state, metadata = checkpoint_state(sd, dtype=dtype, tokenizer=tokenizer)
-    save_file(state, path, metadata=metadata)
-    return path
-
-
-def checkpoint_state(sd, *, dtype=torch.float16, tokenizer=None):
-    """(state dict, metadata) that save_checkpoint writes."""
-    if sd.config.version != "sd1":
-        raise ValueError("save_checkpoint writes the SD 1.x layout (a CLIP text encoder); this model is "
-                         f"{sd.config.version}")
-    state = {UNET + k: v for k, v in sd.unet.state_dict().items()}
-    state.update({VAE + k: v for k, v in sd.vae.state_dict().items()})
-    state.update({CLIP + (k if k.startswith("text_model.") else "text_model." + k): v
-                  for k, v in sd.text.transformer.state_dict().items() if not k.endswith("position_ids")})
-    state = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
-    metadata = {CONFIG_KEY: config_to_json(sd.config)}
-    if tokenizer is not None:
-        metadata[TOKENIZER_KEY] = tokenizer
-    return state, metadata
 
 
 def load_checkpoint(path, *, device="cpu", dtype=torch.float32, prediction=None, tokenizer=None):

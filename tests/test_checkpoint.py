@@ -20,7 +20,8 @@ from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from conftest import CLIP, OPENCLIP, UNET, VAE, layout_shapes, random_state
-from model import TINY, TINY_SD2, CheckpointError, load_checkpoint, random_weights, save_checkpoint
+from lab.export import save_checkpoint
+from model import TINY, TINY_SD2, CheckpointError, load_checkpoint, random_weights
 from model.hardware import resolve_dtype
 
 
