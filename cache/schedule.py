@@ -71,9 +71,8 @@ class CacheSchedule:
         quadratic; TaylorSeer's idea with the noise level as the time). Fewer full calls so far: lower.
 
     Everything is keyed by UNet-call index: uniform full calls are range(0, calls, interval)
-    (interval 1: every call full), non-uniform ones DeepCache's formula with `calls` points.
-    (DeepCache's pipeline spaces them over the 50 steps and indexes its 51 PLMS calls with them,
-    so for N=5 it makes 10 full calls where this makes 11.)
+    (interval 1: every call full), non-uniform ones DeepCache's formula with `calls` points
+    (DeepCache's own pipeline differs slightly: docs/caching.md).
     """
     mode: str = "uniform"
     interval: int = 5

@@ -9,10 +9,7 @@ for the conditional half too. base_tokens="local_random" is the official code's 
 a random position per cell, one pattern for the whole batch and every block of a UNet call
 (DaToRun).
 
-Not reproduced from the official code (docs/methods.md, "Differences from the
-official code"): its random
-sign flip of D on half the block calls, the unused SimScore it computes, and its constant ratio 0.4
-(the schedule here works).
+Where this departs from the official code, and why: docs/methods.md, "Differences from the official code".
 """
 from dataclasses import dataclass
 

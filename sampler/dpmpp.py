@@ -47,11 +47,8 @@ def timestep_of(sigma, log_sigmas):
 
 
 def schedule(steps, alphas, karras=False):
-    """(timesteps in sampling order, their S + 1 values of σ, the last 0).
-
-    Karras sigmas are derived from diffusers' float32 table of ᾱ, as diffusers derives them: from
-    LDM's float64 table, the rounded timestep of one level in ten or so differs by one at some step
-    counts (18, 35, 43, ...), so the UNet would be called at other timesteps than a diffusers user's."""
+    """(timesteps in sampling order, their S + 1 values of σ, the last 0). Karras sigmas come from diffusers'
+    float32 table of ᾱ, as diffusers derives them (so the UNet is called at a diffusers user's timesteps)."""
     if karras:
         sigmas = sigmas_of(alphas_cumprod(dtype=torch.float32))
         lo, hi = sigmas[0].item() ** (1 / KARRAS_RHO), sigmas[-1].item() ** (1 / KARRAS_RHO)

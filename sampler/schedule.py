@@ -31,11 +31,9 @@ def check_steps(steps):
 def ldm_timesteps(steps):
     """LDM's uniform spacing with its +1 shift, ascending: t_i = 1 + i * (1000 // steps).
 
-    50 steps -> [1, 21, ..., 981], exactly LDM's range(0, 1000, 1000 // steps) + 1 (the shift,
-    per LDM's comment, puts the final step's alphas right). For step counts that do not divide
-    1000, LDM's range appends extra steps (30 -> 31 steps, 400 -> 500) and for some counts
-    (3, 9, 27, ...) runs past the schedule and crashes; here `steps` steps are exactly `steps`,
-    the prefix of LDM's list, which is what diffusers' DDIM/PNDM ("leading", offset 1) take too."""
+    50 steps -> [1, 21, ..., 981], LDM's range(0, 1000, 1000 // steps) + 1. For step counts that do not
+    divide 1000 this is `steps` steps, the prefix of LDM's list, as diffusers' DDIM/PNDM take (LDM adds a
+    few, and crashes for some counts: docs/samplers.md)."""
     check_steps(steps)
     return [1 + i * (TRAIN_STEPS // steps) for i in range(steps)]
 
