@@ -119,7 +119,12 @@ def test_ctrl_c_while_starting_up_is_one_line():
     """SIGINT while sample.py still imports torch ends in one line, not a traceback through the imports."""
     proc = subprocess.Popen([sys.executable, "sample.py", "--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    time.sleep(0.5)   # the handler is set at once; torch takes seconds to import
+    maps, start = f"/proc/{proc.pid}/maps", time.perf_counter()
+    while time.perf_counter() - start < 30:   # torch's library is mapped: the handler (set first) is in place,
+        with open(maps) as f:                 # and the rest of torch's import still takes about a second
+            if "libtorch" in f.read():
+                break
+        time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 1 and err.strip() == "interrupted while starting up" and out == "", (out, err)
