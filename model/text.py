@@ -93,7 +93,7 @@ def load_tokenizer(source=None):
     cached = _cached(source)
     if cached is not None:
         return cached
-    reason = _hub_unavailable()
+    reason = hub_unavailable()
     if reason:   # transformers would retry for minutes, then return a tokenizer without a vocabulary
         raise TokenizerError(f"the CLIP tokenizer {source!r} is not in the Hugging Face cache and {reason}; "
                              f"{TOKENIZER_FIX}")
@@ -146,7 +146,7 @@ def _cached(hub_id):
     return None if _tokenizer_problem(tokenizer) else tokenizer
 
 
-def _hub_unavailable():
+def hub_unavailable():
     """Why the Hugging Face hub cannot be used right now, or None: offline mode is on, or the hub (or the
     proxy in front of it) accepts no connection within HUB_TIMEOUT_S."""
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):   # read now: huggingface_hub reads them at import

@@ -15,7 +15,6 @@ default, and what they turn into, the loaded model and a Sampling.
 import argparse
 import os
 import signal
-import socket
 from dataclasses import replace
 
 import torch
@@ -23,7 +22,7 @@ import torch
 from model import MODELS, compile_unet, load_checkpoint, random_weights
 from model.config import PREDICTIONS
 from model.hardware import DTYPE_CHOICES
-from model.text import TokenizerError, byte_tokenizer
+from model.text import TokenizerError, byte_tokenizer, hub_unavailable
 from model.unet import ATTENTION_BACKENDS
 
 from .generate import Sampling
@@ -157,7 +156,7 @@ def resolve_checkpoint(ckpt):
         raise ValueError(f"no checkpoint given and huggingface_hub is not installed to fetch SD 1.5: {fix}") from None
     if isinstance(cached := try_to_load_from_cache(*SD15), str):
         return cached
-    if not hub_reachable():
+    if hub_unavailable():   # the tokenizer's check: offline mode, or no connection within a few seconds
         raise ValueError(f"no checkpoint given, SD 1.5 is not cached, and the Hugging Face hub cannot be reached "
                          f"(offline?): {fix}")
     print(f"no --ckpt given and SD_CKPT unset: fetching {SD15[1]} from {SD15[0]} (about 4 GB, once)")
@@ -166,17 +165,6 @@ def resolve_checkpoint(ckpt):
     except Exception as e:
         raise ValueError(f"could not download the SD 1.5 checkpoint ({type(e).__name__}: "
                          f"{str(e).splitlines()[0][:200]}): {fix}") from None
-
-
-def hub_reachable(timeout=3.0):
-    """Whether the Hugging Face hub answers a connection within `timeout` seconds (HF_HUB_OFFLINE=1: no)."""
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
-        return False
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
 
 
 def load_model(args, device, dtype):

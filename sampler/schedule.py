@@ -15,7 +15,7 @@ def alphas_cumprod(start=0.00085, end=0.012, n=TRAIN_STEPS, dtype=torch.float64)
 
 class SettingError(ValueError):
     """A bad sampling setting, named by its API argument (`name`: steps, scale, seed, ...); the command-line
-    tools name the flag that set it instead (tools/cli.py, run_tool)."""
+    tools name the flag that set it instead (sampler/cli.py, run_tool)."""
 
     def __init__(self, name, problem):
         super().__init__(f"{name} {problem}")

@@ -70,7 +70,7 @@ def test_download_failure_says_what_to_pass(monkeypatch):
     import huggingface_hub
     monkeypatch.delenv("SD_CKPT", raising=False)
     monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)
-    monkeypatch.setattr(sampler.cli, "hub_reachable", lambda: True)
+    monkeypatch.setattr(sampler.cli, "hub_unavailable", lambda: None)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
     with pytest.raises(ValueError, match="could not download the SD 1.5 checkpoint \\(OSError: offline\\): pass"):
         resolve_checkpoint(None)
