@@ -199,9 +199,9 @@ def generate_batches(sd, prompts, settings, *, progress=False, timer=None):
             x_T = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
             loop = run_steps(sd.unet, x_T.to(device), cond, uncond, settings.steps, scale, settings.sampler,
                              settings.eta, config.prediction, settings.accel, seeds[0])
-            bar = tqdm(loop, total=settings.steps, desc=f"images {k}-{k + len(batch) - 1}", disable=not progress)
-            last = timer("unet", final_step, bar)
-            latent = check_finite(last.x, f"images {k}-{k + len(batch) - 1}", sd.dtype)
+            which = f"images {k}-{k + len(batch) - 1}"
+            last = timer("unet", final_step, tqdm(loop, total=settings.steps, desc=which, disable=not progress))
+            latent = check_finite(last.x, which, sd.dtype)
             images = to_pil(timer("decode", sd.vae.decode, latent.to(device)))
             for i, (prompt, seed, image) in enumerate(zip(batch, seeds, images, strict=True)):
                 stop = {} if last.stops is None else {"guidance_stopped_at": last.stops[i]}   # what it cost

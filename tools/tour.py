@@ -60,7 +60,7 @@ def tokens_picture(sd):
     """The prompt's tokens (their ids and text) above the context [positions, width] they become."""
     ids = sd.text.tokenize([PROMPT])[0].tolist()
     words = sd.text.tokenizer.convert_ids_to_tokens(ids)
-    context = sd.condition([PROMPT], (128, 128))[0].float()
+    context = sd.condition([PROMPT], (sd.config.image_size,) * 2)[0].float()
     heat = tiles([context], scale=3)   # a row per position
     sheet = Image.new("RGB", (max(heat.width, 560), heat.height + 16 * len(ids) // 4 + 20), "white")
     draw = ImageDraw.Draw(sheet)
@@ -71,9 +71,10 @@ def tokens_picture(sd):
 
 
 def run_pictures(sd, out):
-    """x_T, the predicted x0 strip and the final image of the plain run, and DaTo's dynamics map at CALL."""
-    torch.manual_seed(0)
-    shape = (sd.config.vae.z_channels, 128 // sd.config.vae.factor, 128 // sd.config.vae.factor)
+    """x_T, the predicted x0 strip of the plain run (as generate() draws x_T and samples), and DaTo's dynamics
+    map at CALL from its raw UNet outputs."""
+    side = sd.config.image_size // sd.config.vae.factor
+    shape = (sd.config.vae.z_channels, side, side)
     x_T = torch.randn(shape, generator=torch.Generator().manual_seed(SEED))[None]
     tiles(list(x_T[0])).save(os.path.join(out, "noise.png"))
     raw = []
@@ -81,7 +82,8 @@ def run_pictures(sd, out):
     def unet(x, t, context):
         raw.append(sd.unet(x, t, context))
         return raw[-1]
-    cond, uncond = sd.condition([PROMPT], (128, 128)), sd.condition([""], (128, 128), True)
+    size = (sd.config.image_size,) * 2
+    cond, uncond = sd.condition([PROMPT], size), sd.condition([""], size, True)
     strip = []
     for step in sample_steps(unet, x_T, cond, uncond, steps=50, scale=sd.config.guidance, method="plms"):
         if step.index % 5 == 4:
