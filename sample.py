@@ -40,7 +40,7 @@ from sampler.cli import (
     run_tool,
     sampling,
 )
-from sampler.generate import Timer, check_outdir, check_seeds, generate, generate_batches, save_pngs
+from sampler.generate import Timer, check_outdir, generate, generate_batches, save_pngs
 
 
 def image_prompts(prompts, n_samples, n_iter):
@@ -62,7 +62,6 @@ def run(args):
     if preset:
         check_preset_fits(args.preset, args.sampler, args.steps, preset)
     settings = sampling(args, seed=args.seed, accel=accel, batch_size=args.n_samples)
-    check_seeds(args.seed, len(prompts))
     check_outdir(args.outdir)
     if args.viz_prune:
         check_outdir(args.viz_prune, "--viz-prune")

@@ -37,7 +37,7 @@ class Sampling:
     scale: guidance (None: the model's, 7.5 for SD1, 9.0 for SD2; 1 turns guidance off).
     sampler: a name of sampler.SAMPLERS: "plms", "ddim", "dpmpp-2m", "dpmpp-2m-karras", "unipc", "euler", "euler-a".
     eta: DDIM noise (0).
-    seed: image k of a generate() call starts from seed + k (0 <= seed + k < 2**64).
+    seed: image k of a generate() call starts from seed + k (mod 2**64, torch's seed range).
     size: (H, W) in pixels, multiples of the VAE factor (None, or a None side: the model's native size).
     dtype: None keeps the model's precision; "auto" | "fp32" | "bf16" | "fp16" casts the model
         first (load it in the precision you want: casting back up does not restore bits).
@@ -98,13 +98,6 @@ def check_prompts(prompts):
     if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise ValueError("prompts must be a prompt (str) or a non-empty list of prompts")
     return list(prompts)
-
-
-def check_seeds(seed, count):
-    """Image k uses seed + k: the whole range must be a valid generator seed, checked up front."""
-    if not 0 <= seed <= MAX_SEED - (count - 1):
-        raise SettingError("seed", f"{seed}: image k uses seed + k, so with {count} image(s) the seed must be "
-                           f"between 0 and 2**64 - {count}")
 
 
 def check_size(config, size):
@@ -179,7 +172,6 @@ def generate_batches(sd, prompts, settings, *, progress=False, timer=None):
     if not isinstance(settings, Sampling):
         raise ValueError(f"generate()'s settings must be a Sampling, got {type(settings).__name__}")
     prompts = check_prompts(prompts)
-    check_seeds(settings.seed, len(prompts))
     H, W = prepare(sd, settings)
     device, config = sd.device, sd.config
     timer = timer or Timer(device)
@@ -192,7 +184,7 @@ def generate_batches(sd, prompts, settings, *, progress=False, timer=None):
     with torch.inference_mode():
         for k in range(0, len(prompts), settings.batch_size):
             batch = prompts[k:k + settings.batch_size]
-            seeds = [settings.seed + k + i for i in range(len(batch))]
+            seeds = [(settings.seed + k + i) % (MAX_SEED + 1) for i in range(len(batch))]
             cond = timer("text", sd.condition, batch, (H, W))
             negatives = [settings.negative_prompt] * len(batch)
             uncond = timer("text", sd.condition, negatives, (H, W), True) if scale != 1 else None

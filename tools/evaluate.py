@@ -57,7 +57,7 @@ from lab.scenes import image_seed, render, sample_captions
 from model.hardware import check_device, dtype_name, resolve_dtype
 from prune import as_record, from_record
 from sampler import SAMPLERS, unet_calls
-from sampler.generate import Timer, check_seeds, check_size, generate, save_png
+from sampler.generate import Timer, check_size, generate, save_png
 from tools.cli import (
     Parser,
     add_model_flags,
@@ -169,7 +169,7 @@ def render_missing(sd, prompts, methods, args, out, device, shard):
             if not todo:
                 continue
             timer = Timer(device)
-            images = generate(sd, prompts[start:stop], method_sampling(args, method, seed=args.seed + start,
+            images = generate(sd, prompts[start:stop], method_sampling(args, method, seed=(args.seed + start) % 2 ** 64,
                                                                        batch_size=size), timer=timer)
             seconds[spec][start] = timer.totals["unet"] / len(images)
             for k in todo:
@@ -317,7 +317,7 @@ def run(args):
     if importlib.util.find_spec("matplotlib") is None:
         raise ValueError("evaluate.py plots with matplotlib: pip install -r requirements-eval.txt")
     prompts = draw_prompts(args)
-    check_seeds(args.seed, len(prompts))
+    sampling(args, seed=args.seed)   # the seed and the sampling flags, before any heavy work
     check_results_folder(args.out)
     check_outputs(args.out, methods, len(prompts))
     shard = Shard.start(args)

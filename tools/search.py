@@ -59,7 +59,7 @@ from prune import METHODS as PRUNE_METHODS
 from prune import CellMethod
 from prune.tokens import max_ratio
 from sampler import call_sigmas, unet_calls
-from sampler.generate import Timer, check_seeds, check_size, generate
+from sampler.generate import Timer, check_size, generate
 from tools.cli import (
     Parser,
     add_model_flags,
@@ -301,7 +301,7 @@ def run(args):
     check_results_folder(args.out)
     space = search_space(args)
     prompts = sample_captions(args.n, seed=f"search/{args.seed}")
-    check_seeds(args.seed, len(prompts))
+    sampling(args, seed=args.seed)   # the seed and the sampling flags, before any heavy work
     shard = Shard.start(args)
     device = shard.device(check_device(args.device))
     scorer = Scorer.open(prompts, baseline=args.quality != "accuracy", lab_features=LAB_FEATURES_FILE, device=device)
