@@ -88,3 +88,54 @@ def test_sample_py_runs_with_tools_and_lab_deleted(tmp_path, tokenizer_dir):
                               text=True, env={"PATH": os.environ.get("PATH", ""), "HF_HUB_OFFLINE": "1"})
         assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["00000.png", "00001.png"]
+
+
+# What a student reads to follow one idea, as (file, function) pairs, and its budget in lines and files.
+# A renamed or moved function fails the test, so the lists stay the true reading paths.
+READING = {
+    "SiTo's selection and recovery": (150, 3, [
+        ("prune/sito.py", "SiTo.plan"), ("prune/tokens.py", "normalized"), ("prune/tokens.py", "noise"),
+        ("prune/tokens.py", "per_cell_argmax"), ("prune/tokens.py", "cell_indices"),
+        ("prune/tokens.py", "complement"), ("prune/tokens.py", "gather_rows"),
+        ("prune/tokens.py", "split_by_similarity"), ("prune/tokens.py", "TokenPlan.__init__"),
+        ("prune/tokens.py", "TokenPlan.prune"), ("prune/tokens.py", "TokenPlan.recover"),
+        ("prune/tokens.py", "TokenPlan.__iter__"), ("model/unet.py", "run_with_plan"),
+        ("model/unet.py", "BasicTransformerBlock.forward")]),
+    # the sampler's own code, the guided model call a black box as in k-diffusion's 24-line sampler
+    "one DPM++(2M) step": (60, 2, [
+        ("sampler/dpmpp.py", "dpmpp_2m_steps"), ("sampler/dpmpp.py", "update"), ("sampler/dpmpp.py", "log_snr"),
+        ("sampler/dpmpp.py", "alpha_sigma"), ("sampler/loop.py", "guided_sum")]),
+    # every function that reads or passes the ratio's value, from --prune-ratio to the k tokens removed
+    "the pruning ratio, flag to tokens": (None, 6, [
+        ("sample.py", "method_settings"), ("prune/__init__.py", "token_method"),
+        ("prune/method.py", "CellMethod.ratio_at"), ("accel/run.py", "Acceleration.plans"),
+        ("accel/run.py", "AcceleratedRun.token_plans"), ("prune/method.py", "TokenRun.plan"),
+        ("prune/sito.py", "SiTo.plan"), ("prune/tokens.py", "split_by_similarity")]),
+}
+
+
+def spans(path):
+    """{qualified name: (first line, last line)} of the functions and classes of a file."""
+    found = {}
+
+    def walk(node, prefix):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.ClassDef)):
+                first = min([d.lineno for d in child.decorator_list] + [child.lineno])
+                found[prefix + child.name] = (first, child.end_lineno)
+                walk(child, f"{prefix}{child.name}.")
+    walk(ast.parse((ROOT / path).read_text()), "")
+    return found
+
+
+@pytest.mark.parametrize("idea", list(READING))
+def test_reading_paths_stay_short(idea):
+    most_lines, most_files, path = READING[idea]
+    lines = 0
+    for file, name in path:
+        assert name in spans(file), f"{idea}: {file} has no {name}; update READING"
+        first, last = spans(file)[name]
+        lines += last - first + 1
+    files = {file for file, _ in path}
+    assert len(files) <= most_files, f"{idea}: {len(files)} files {sorted(files)}"
+    assert most_lines is None or lines <= most_lines, f"{idea}: {lines} lines"
