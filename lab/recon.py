@@ -13,11 +13,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from lab.cli import FolderError, check_new_file, path_flag
+from lab.encoder import TrainableVAE
 from lab.scenes import image_seed, render, sample_captions
 from model.checkpoint import CONFIG_KEY, VAE, read_metadata
 from model.config import config_from_json
 from model.files import read_state_dict
-from model.vae import AutoencoderKL
 from sampler.cli import Parser, set_threads
 from sampler.generate import from_pil, to_pil
 
@@ -38,7 +38,7 @@ def load_vae(path):
         raise ValueError(f"{path} has no {CONFIG_KEY!r} metadata; give a lab model written by lab.train --export")
     if not any(k.startswith("encoder.") for k in state):
         raise ValueError(f"{path} holds no VAE encoder (first_stage_model.encoder.*), so nothing can be encoded")
-    vae = AutoencoderKL(config_from_json(metadata[CONFIG_KEY]).vae, scale_factor=1.0, encoder=True)
+    vae = TrainableVAE(config_from_json(metadata[CONFIG_KEY]).vae)
     vae.load_state_dict(state)
     return vae.eval().requires_grad_(False)
 

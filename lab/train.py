@@ -52,6 +52,7 @@ from tqdm import tqdm
 from lab.check import check, summary
 from lab.cli import FolderError
 from lab.decoder import decoder_export, read_decoder, train_decoder
+from lab.encoder import TrainableVAE
 from lab.export import checkpoint_state
 from lab.pictures import draw_curve, grid
 from lab.run_config import TrainConfig, autocast, check_export, parser, prepare, save, stage_file
@@ -63,7 +64,6 @@ from model.config import config_from_json
 from model.files import read_state_dict
 from model.text import TextEncoder
 from model.unet import UNetModel
-from model.vae import AutoencoderKL
 from sampler.cli import set_threads
 from sampler.generate import Sampling, from_pil, generate
 from sampler.schedule import alphas_cumprod
@@ -89,7 +89,7 @@ def to_tensor(images):
 def train_vae(cfg, out, resume, device="cpu"):
     path = os.path.join(out, "vae.pt")
     torch.manual_seed(cfg.seed)
-    vae = AutoencoderKL(LAB.vae, scale_factor=1.0, encoder=True).to(device)
+    vae = TrainableVAE(LAB.vae).to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     step = 0
     if resume and os.path.exists(path):
