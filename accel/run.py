@@ -104,8 +104,8 @@ class Acceleration:
         blocks, a picture's block must be one the method acts on and its row one of the batch's."""
         if self.prune is not None:
             grids = set()
-            unet_macs(unet, hw, keep=lambda st, grid, sub: grids.add((grid, st.level)) or 0)
-            if not any(self.prune.applies(grid, level) for grid, level in grids):
+            unet_macs(unet, hw, keep=lambda st, grid, sub: grids.add((grid, st.downsamples)) or 0)
+            if not any(self.prune.applies(grid, down) for grid, down in grids):
                 largest = "x".join(map(str, max((g for g, _ in grids), key=lambda g: g[0] * g[1])))
                 raise ValueError(f"--prune {self.prune.name} acts on no transformer block at a {hw[0]}x{hw[1]} latent "
                                  f"(max_downsample {self.prune.max_downsample}; the largest block grid is {largest}): "
@@ -113,7 +113,7 @@ class Acceleration:
                                  "factor")
         if self.viz is not None:
             blocks = {name: m for name, m in unet.named_modules() if isinstance(m, BasicTransformerBlock)}
-            acted = [name for name, m in blocks.items() if 2 ** m.level <= self.prune.max_downsample]
+            acted = [name for name, m in blocks.items() if 2 ** m.downsamples <= self.prune.max_downsample]
             if self.viz.block not in acted:
                 what = ("is not acted on by the token method" if self.viz.block in blocks else
                         "is not a transformer block")
@@ -295,12 +295,12 @@ class AcceleratedRun:
         if self.plans[self.call].cross == "keep":
             self.cross[block] = sum(out.chunk(2)) / 2 if self.guided else out
 
-    def token_plans(self, x, hw, block, level):
+    def token_plans(self, x, hw, block, downsamples):
         """A plan (prune/method.py) or None for self-attention, cross-attention and feed-forward of
-        the transformer block named `block`, whose input is x [B, h*w, C], `level` x2 downsamplings
+        the transformer block named `block`, whose input is x [B, h*w, C], `downsamples` x2 downsamplings
         below the UNet's top transformer level."""
         prune, ratio = self.settings.prune, self.plans[self.call].ratio
-        if not ratio or not prune.applies(hw, level):
+        if not ratio or not prune.applies(hw, downsamples):
             return NO_PLANS
         guided = self.guided and self.plans[self.call].guidance == "both" and self.rows is None   # [uncond; cond]
         plan = self.tokens.plan(x, hw, ratio, guided)

@@ -31,8 +31,8 @@ class UNetConfig:
     linear_proj: bool = False            # SD2 uses Linear proj_in/proj_out, SD1 1x1 convs
     upcast_attention: bool = False       # SD2's attention logits overflow fp16: compute it in fp32
 
-    def depth(self, level):
-        """Transformer blocks per SpatialTransformer at `level` (0: none)."""
+    def transformer_depth_at(self, level):
+        """Transformer blocks per SpatialTransformer at resolution `level` (0: none)."""
         if level not in self.attention_levels:
             return 0
         return self.transformer_depth if isinstance(self.transformer_depth, int) else self.transformer_depth[level]

@@ -43,9 +43,9 @@ class RunState(Protocol):
     `features[n-1-d]`, the newest remembered result of output_blocks[n-1-d]; the middle block and
     everything deeper is skipped. Depth 0 re-runs only the final `out` layer. forward() hands every
     output-block result it computed to remember() (all n on a full call, the last d on a cached
-    one). Each transformer block asks token_plans(x, hw, block, level) for a plan (prune/method.py)
-    or None for each of its self-attention, cross-attention and feed-forward (see prune/); `level`
-    counts the x2 downsamplings below the UNet's top transformer level (SpatialTransformer).
+    one). Each transformer block asks token_plans(x, hw, block, downsamples) for a plan (prune/method.py)
+    or None for each of its self-attention, cross-attention and feed-forward (see prune/);
+    `downsamples` counts the x2 downsamplings below the UNet's top transformer level (SpatialTransformer).
     Each transformer block reads its cross-attention output from cross_attention(block) when that
     is not None (T-GATE, accel/gate.py), else computes it and hands it to remember_cross(block, out).
     """
@@ -54,7 +54,7 @@ class RunState(Protocol):
 
     def remember(self, outputs: list) -> None: ...
 
-    def token_plans(self, x: torch.Tensor, hw: tuple, block: str, level: int) -> tuple: ...
+    def token_plans(self, x: torch.Tensor, hw: tuple, block: str, downsamples: int) -> tuple: ...
 
     def cross_attention(self, block: str) -> torch.Tensor | None: ...
 
@@ -171,7 +171,7 @@ class BasicTransformerBlock(nn.Module):
         self.attn2 = CrossAttention(dim, heads, head_dim, context_dim, upcast=upcast)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.name = ""   # its module path, set by UNetModel (token plans and pictures refer to blocks by it)
-        self.level = 0   # x2 downsamplings below the UNet's top transformer level, set by SpatialTransformer
+        self.downsamples = 0   # x2 downsamplings below the UNet's top transformer level, set by SpatialTransformer
 
     def forward(self, x, context, hw, state=None):
         """x: [B, h*w, C] tokens in row-major grid order; hw = (h, w).
@@ -179,7 +179,7 @@ class BasicTransformerBlock(nn.Module):
         With a run state, the block asks it for token plans (run_with_plan): a plan or None for
         each of self-attention, cross-attention and feed-forward.
         """
-        plans = state.token_plans(x, hw, self.name, self.level) if state is not None else (None, None, None)
+        plans = state.token_plans(x, hw, self.name, self.downsamples) if state is not None else (None, None, None)
         attn1, attn2, ff = plans
         x = x + run_with_plan(self.attn1, self.norm1(x), attn1)
         cross = state.cross_attention(self.name) if state is not None else None
@@ -192,23 +192,23 @@ class BasicTransformerBlock(nn.Module):
 
 
 class SpatialTransformer(nn.Module):
-    """GroupNorm, project to tokens, `depth` transformer blocks, project back, residual.
+    """GroupNorm, project to tokens, `transformer_depth` transformer blocks, project back, residual.
 
-    level: x2 downsamplings below the UNet's top transformer level (0 for SD1's 64x64 blocks at 512 px and
+    downsamples: x2 downsamplings below the UNet's top transformer level (0 for SD1's 64x64 blocks at 512 px and
     for SDXL's 64x64 blocks at 1024 px): where token methods act (prune/method.py, max_downsample)."""
 
-    def __init__(self, channels, cfg: UNetConfig, depth=1, level=0):
+    def __init__(self, channels, cfg: UNetConfig, transformer_depth=1, downsamples=0):
         super().__init__()
         heads, head_dim = cfg.heads(channels)
-        self.linear, self.level = cfg.linear_proj, level
+        self.linear, self.downsamples = cfg.linear_proj, downsamples
         self.norm = nn.GroupNorm(32, channels, eps=1e-6)
         proj = (lambda: nn.Linear(channels, channels)) if self.linear else (lambda: nn.Conv2d(channels, channels, 1))
         self.proj_in = proj()
         self.transformer_blocks = nn.ModuleList(
             [BasicTransformerBlock(channels, heads, head_dim, cfg.context_dim, cfg.upcast_attention)
-             for _ in range(depth)])
+             for _ in range(transformer_depth)])
         for block in self.transformer_blocks:
-            block.level = level
+            block.downsamples = downsamples
         self.proj_out = proj()
 
     def forward(self, x, context, state=None):
@@ -279,8 +279,8 @@ class UNetModel(nn.Module):
 
         def level_block(cin, cout, level, *extra):
             layers = [ResBlock(cin, cout, emb_dim)]
-            if cfg.depth(level):
-                layers.append(SpatialTransformer(cout, cfg, cfg.depth(level), level - top))
+            if cfg.transformer_depth_at(level):
+                layers.append(SpatialTransformer(cout, cfg, cfg.transformer_depth_at(level), level - top))
             return TimestepEmbedSequential(*layers, *extra)
 
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])

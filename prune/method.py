@@ -93,11 +93,11 @@ class TokenMethod:
         """These settings acting at `ratio` on every call (bench.py times one call of each kind)."""
         raise NotImplementedError
 
-    def applies(self, hw, level):
-        """Whether a block with an h x w grid, `level` x2 downsamplings below the UNet's top transformer
-        level, is acted on: 2**level <= max_downsample (tomesd's rule, counted from the top transformer
+    def applies(self, hw, downsamples):
+        """Whether a block with an h x w grid, `downsamples` x2 downsamplings below the UNet's top transformer
+        level, is acted on: 2**downsamples <= max_downsample (tomesd's rule, counted from the top transformer
         level so that 1 means SD's 64x64 blocks at 512 px and SDXL's at 1024 px), and big enough for the method."""
-        return 2 ** level <= self.max_downsample and self.fits(hw)
+        return 2 ** downsamples <= self.max_downsample and self.fits(hw)
 
     def fits(self, hw):
         return True

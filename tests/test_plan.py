@@ -288,7 +288,7 @@ def test_gated_call_costs_half_a_call_without_its_cross_attention():
     cross = 0
     for st in unet.modules():
         if hasattr(st, "transformer_blocks"):
-            n = math.ceil(hw[0] / 2 ** st.level) * math.ceil(hw[1] / 2 ** st.level)
+            n = math.ceil(hw[0] / 2 ** st.downsamples) * math.ceil(hw[1] / 2 ** st.downsamples)
             for block in st.transformer_blocks:
                 a = block.attn2
                 cross += n * (a.to_q.in_features + a.to_out[0].out_features) * a.to_q.out_features

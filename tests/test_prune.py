@@ -256,7 +256,7 @@ def test_pruning_feed_forward_of_duplicates_changes_nothing(method, recover_from
     context = torch.randn(2, 5, 24, dtype=torch.float64)
 
     class FeedForwardOnly:
-        def token_plans(self, x, hw, name, level):
+        def token_plans(self, x, hw, name, downsamples):
             kw = {} if method == "tome" else {"recover_from": recover_from}
             return None, None, plan_of(method, x, hw, 0.75, **kw)
 

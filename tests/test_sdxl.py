@@ -222,11 +222,11 @@ def test_token_methods_act_on_the_top_transformer_level():
     level 1): 2 transformer blocks in each of input_blocks 4, 5 and output_blocks 3, 4, 5."""
     with torch.device("meta"):
         unet = StableDiffusion.build(SDXL).unet
-    top = {b.name for b in unet.modules() if isinstance(b, BasicTransformerBlock) and b.level == 0}
+    top = {b.name for b in unet.modules() if isinstance(b, BasicTransformerBlock) and b.downsamples == 0}
     assert top == {f"{blk}.1.transformer_blocks.{i}" for blk in ("input_blocks.4", "input_blocks.5", "output_blocks.3",
                                                                  "output_blocks.4", "output_blocks.5") for i in (0, 1)}
     grids = {}
-    unet_macs(unet, (128, 128), keep=lambda st, grid, sub: grids.setdefault(st.level, grid) and 0)
+    unet_macs(unet, (128, 128), keep=lambda st, grid, sub: grids.setdefault(st.downsamples, grid) and 0)
     assert grids == {0: (64, 64), 1: (32, 32)}   # 4096 tokens, as SD 1.5's top level at 512 px
 
 

@@ -116,10 +116,11 @@ def diffusers_config(config):
     heads = [u.model_channels * m // u.head_channels if u.head_channels else u.num_heads for m in u.channel_mult]
     settings = dict(in_channels=u.in_channels, out_channels=u.out_channels, layers_per_block=u.num_res_blocks,
                     block_out_channels=[u.model_channels * m for m in u.channel_mult],
-                    down_block_types=["CrossAttnDownBlock2D" if u.depth(i) else "DownBlock2D" for i in range(levels)],
-                    up_block_types=["CrossAttnUpBlock2D" if u.depth(i) else "UpBlock2D"
+                    down_block_types=["CrossAttnDownBlock2D" if u.transformer_depth_at(i) else "DownBlock2D"
+                                      for i in range(levels)],
+                    up_block_types=["CrossAttnUpBlock2D" if u.transformer_depth_at(i) else "UpBlock2D"
                                     for i in reversed(range(levels))],
-                    transformer_layers_per_block=[max(u.depth(i), 1) for i in range(levels)],
+                    transformer_layers_per_block=[max(u.transformer_depth_at(i), 1) for i in range(levels)],
                     attention_head_dim=heads, cross_attention_dim=u.context_dim, use_linear_projection=u.linear_proj,
                     upcast_attention=u.upcast_attention)
     if u.adm_in_channels:   # SDXL: diffusers embeds the size/crop ids itself and adds the pooled embedding
@@ -175,7 +176,7 @@ def kind_macs(unet, accel, plan, hw, matmuls=False):
     def keep(st, grid, sub):
         if sub == "attn2" and plan.cross == "cached":
             return 0
-        if plan.ratio and prune.applies(grid, st.level):
+        if plan.ratio and prune.applies(grid, st.downsamples):
             return prune.tokens_into(sub, grid, plan.ratio)
         return grid[0] * grid[1]
     depth = None if plan.depth == FULL else plan.depth
