@@ -4,6 +4,15 @@ The cached forward itself is in model/unet.py (UNetModel.forward), driven by the
 (accel/); this package decides, call by call, how deep each call recomputes.
 A leaf, like prune/: it imports no other package of this project.
 """
-from .schedule import DATO_COCO, DATO_FIXED, FULL, MODES, CacheSchedule, deepcache_nonuniform, from_dato
+from .schedule import (
+    DATO_COCO,
+    DATO_FIXED,
+    FULL,
+    MODES,
+    CacheSchedule,
+    deepcache_nonuniform,
+    from_dato,
+)
 
-__all__ = ["CacheSchedule", "FULL", "MODES", "DATO_FIXED", "DATO_COCO", "from_dato", "deepcache_nonuniform"]
+__all__ = ["CacheSchedule", "FULL", "MODES", "DATO_FIXED", "DATO_COCO", "from_dato",
+           "deepcache_nonuniform"]

@@ -22,8 +22,8 @@ from .tome import ToMe
 
 METHODS = {cls.name: cls for cls in (ToMe, SiTo, DaTo, ToDo)}
 
-# Schedule files written before the registry carried every method's fields, the other methods' at
-# their defaults: each field's default, as its method declares it.
+# Each field's default, as its method declares it: old schedule files carried every method's fields,
+# the other methods' at these values (from_record drops them).
 DEFAULTS = {f.name: f.default for cls in METHODS.values() for f in fields(cls)}
 
 
@@ -37,13 +37,14 @@ def token_method(name, **settings):
     for key in settings:
         if key not in own:
             owners = [n for n, c in METHODS.items() if key in {f.name for f in fields(c)}]
-            raise ValueError(f"{key} is not a setting of {name}" + (f" but of {', '.join(owners)}" if owners else "")
+            raise ValueError(f"{key} is not a setting of {name}"
+                             + (f" but of {', '.join(owners)}" if owners else "")
                              + f"; {name}'s settings: {', '.join(sorted(own))}")
     return cls(**settings)
 
 
 def as_record(settings):
-    """A method's settings as a JSON-ready dict, its name under "method" (schedule files, metadata)."""
+    """Settings as a JSON-ready dict, the method name under "method" (schedule files, metadata)."""
     record = {"method": settings.name}
     for f in fields(settings):
         value = getattr(settings, f.name)
@@ -52,17 +53,18 @@ def as_record(settings):
 
 
 def from_record(record):
-    """The settings a dict of as_record describes. Fields other methods had in schedule files written
-    before the registry are dropped when they hold the value every file had."""
+    """The settings a dict of as_record describes. Fields of other methods (old schedule files held
+    every method's) are dropped when they hold the value every file had."""
     record = dict(record)
     name = record.pop("method", None)
     own = {f.name for f in fields(METHODS[name])} if name in METHODS else set()
     for key, value in list(record.items()):
         if key not in own and key in DEFAULTS and value == DEFAULTS[key]:
             del record[key]
-    return token_method(name, **{k: tuple(v) if isinstance(v, list) else v for k, v in record.items()})
+    return token_method(name, **{k: tuple(v) if isinstance(v, list) else v
+                                 for k, v in record.items()})
 
 
-__all__ = ["METHODS", "TokenMethod", "CellMethod", "ToMe", "SiTo", "DaTo", "ToDo", "token_method", "as_record",
-           "from_record", "LAYERS", "RECOVER", "MAX_DOWNSAMPLES", "BASE_TOKENS", "max_ratio",
-           "tome", "sito", "dato", "todo"]
+__all__ = ["METHODS", "TokenMethod", "CellMethod", "ToMe", "SiTo", "DaTo", "ToDo", "token_method",
+           "as_record", "from_record", "LAYERS", "RECOVER", "MAX_DOWNSAMPLES", "BASE_TOKENS",
+           "max_ratio", "tome", "sito", "dato", "todo"]
