@@ -1,23 +1,21 @@
-"""Regional compilation: torch.compile on the UNet's repeated layers, so that every acceleration method runs
-compiled without recompiling.
+"""Regional compilation: torch.compile on the UNet's repeated layers, so that every acceleration
+method runs compiled without recompiling.
 
     from model.compile import compile_unet
-    compile_unet(sd.unet)              # in place; the first run with given settings compiles (warm-up)
+    compile_unet(sd.unet)   # in place; the first run with given settings compiles (warm-up)
 
-Compiling the whole UNet forward does not survive the methods: a cached call runs a different subset of
-blocks, a token method's selection reads the data, and each pruned block sees its own token count, so a
-whole-model graph breaks or recompiles on every new call kind (DeepCache, tomesd and SiTo users report it).
-Here only the layers that hold the arithmetic are compiled, each ResBlock, attention and feed-forward
-(nn.Module.compile, in place): what decides a call's plan (cache depth, token selection, guidance, the
-gate) stays in eager Python around them and reads or writes no compiled state. The token dimension of the
-attention and feed-forward inputs changes with pruning, the batch with one-branch calls, so every input
-dimension is compiled dynamic (dynamic=True): one graph per layer shape serves every ratio, batch and cache
-depth, and a second run with the same settings compiles nothing.
+A whole-UNet graph breaks or recompiles on every new call kind (cached calls skip blocks, token
+selection reads the data, each pruned block sees its own token count: docs/loading.md), so only the
+ResBlocks, attentions and feed-forwards are compiled (nn.Module.compile, in place, every input
+dimension dynamic), and what decides a call's plan (cache depth, token selection, guidance, the
+gate) stays in eager Python around them, touching no compiled state. One graph per layer shape
+then serves every ratio, batch and cache depth; a second run with the same settings compiles
+nothing (docs/benchmarks.md).
 
-The layers of one class share their Python code, and dynamo keeps at most `recompile_limit` graphs per code
-object (8 by default), fewer than SD's 12 ResBlock shapes; compile_unet raises that limit, process-wide, to
-what this UNet needs: per distinct layer shape, a graph for batches of one (dynamo specialises size 1) and
-one for more, and for self-attention one more with separate keys and values (ToDo).
+dynamo keeps at most `recompile_limit` graphs per code object (8 by default; the layers of one
+class share theirs), fewer than SD's 12 ResBlock shapes: compile_unet raises it, process-wide, to
+what this UNet needs, GRAPHS_PER_SHAPE per distinct layer shape: batch 1 (dynamo specialises size
+1) or more, and for self-attention separate keys and values (ToDo).
 """
 import torch
 import torch._dynamo.config
@@ -36,8 +34,8 @@ def layer_shapes(unet):
 
 
 def compile_unet(unet, backend="inductor", mode=None):
-    """Compile every ResBlock, CrossAttention and FeedForward of `unet` in place, with dynamic shapes.
-    backend: "inductor" (torch's compiler; the fast one) or a debugging backend ("eager", "aot_eager").
+    """Compile every ResBlock, CrossAttention and FeedForward of `unet` in place, dynamic shapes.
+    backend: "inductor" (torch's compiler; the fast one) or a debugging one ("eager", "aot_eager").
     mode: inductor's mode (None; "max-autotune" searches kernels for longer). Returns `unet`."""
     limit = GRAPHS_PER_SHAPE * len(layer_shapes(unet))
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
@@ -48,6 +46,6 @@ def compile_unet(unet, backend="inductor", mode=None):
 
 
 def compiled_graphs():
-    """Graphs torch.compile has compiled in this process so far (dynamo's count): a run that adds none
-    recompiled nothing."""
+    """Graphs torch.compile has compiled in this process so far (dynamo's count): a run that adds
+    none recompiled nothing."""
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]

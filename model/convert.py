@@ -3,8 +3,8 @@
 - OpenCLIP (SD2's text encoder in the official single files) -> transformers' CLIPTextModel.
 - diffusers-format folders (unet/, vae/, text_encoder/) -> the LDM names our modules use.
 
-Each is a list of rename rules applied to every key, so a reader can check them against the
-tables in diffusers' scripts/convert_diffusers_to_original_stable_diffusion.py.
+Each is a list of rename rules applied to every key, to check against diffusers' own tables
+(see docs/loading.md).
 """
 import re
 
@@ -19,11 +19,11 @@ def rename_key(key, rules):
 
 
 def openclip_to_hf(state, layers, projection=0):
-    """OpenCLIP text-tower keys (`cond_stage_model.model.` or SDXL's `conditioner.embedders.1.model.`
-    stripped) -> CLIPTextModel keys (`text_model.` prefix). Blocks from index `layers` on are dropped
-    (SD2 runs 23 of 24); `logit_scale` is unused and dropped; `text_projection` ([width, projection],
-    applied as x @ P) becomes CLIPTextModelWithProjection's Linear weight P^T when `projection`
-    (SDXL's pooled embedding), else it is dropped (SD2 does not use it)."""
+    """OpenCLIP text-tower keys (`cond_stage_model.model.` or SDXL's
+    `conditioner.embedders.1.model.` stripped) -> CLIPTextModel keys (`text_model.` prefix).
+    Blocks from index `layers` on are dropped (SD2 runs 23 of 24), and the unused `logit_scale`;
+    `text_projection` ([width, projection], applied as x @ P) becomes CLIPTextModelWithProjection's
+    Linear weight P^T when `projection` (SDXL's pooled embedding), else it is dropped (SD2)."""
     split = {}
     for key, value in state.items():
         m = re.match(r"transformer\.resblocks\.(\d+)\.", key)
@@ -35,7 +35,8 @@ def openclip_to_hf(state, layers, projection=0):
         if m and key.endswith(("attn.in_proj_weight", "attn.in_proj_bias")):
             # fused rows [q; k; v] -> three projections
             kind = key.rsplit("_", 1)[1]
-            for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0), strict=True):
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0),
+                                  strict=True):
                 split[f"{m[0]}attn.{name}.{kind}"] = part
         else:
             split[key] = value
@@ -66,11 +67,12 @@ def diffusers_unet_to_ldm(state):
     LDM numbers the blocks consecutively, num_res_blocks + 1 per level. Both numbers that the
     renaming needs come from the keys themselves: num_res_blocks from down_blocks.0's resnets, and
     which up levels have transformers (their upsampler comes after it)."""
-    per_level = 2 + max((int(m[1]) for k in state if (m := re.match(r"down_blocks\.0\.resnets\.(\d+)\.", k))),
-                        default=0)
-    with_attention = {int(m[1]) for k in state if (m := re.match(r"up_blocks\.(\d+)\.attentions\.", k))}
+    per_level = 2 + max((int(m[1]) for k in state
+                         if (m := re.match(r"down_blocks\.0\.resnets\.(\d+)\.", k))), default=0)
+    with_attention = {int(m[1]) for k in state
+                      if (m := re.match(r"up_blocks\.(\d+)\.attentions\.", k))}
 
-    def up_sampler(i):  # the upsampler follows the ResBlock, and the transformer if the level has one
+    def up_sampler(i):  # after the ResBlock, and after the transformer if the level has one
         return 2 if i in with_attention else 1
 
     rules = [
@@ -85,13 +87,16 @@ def diffusers_unet_to_ldm(state):
          lambda m: f"input_blocks.{per_level * int(m[1]) + int(m[2]) + 1}.1."),
         (r"^down_blocks\.(\d+)\.downsamplers\.0\.conv\.",
          lambda m: f"input_blocks.{per_level * (int(m[1]) + 1)}.0.op."),
-        (r"^mid_block\.resnets\.(\d+)\.(\w+)\.", lambda m: f"middle_block.{2 * int(m[1])}.{UNET_RESNET[m[2]]}."),
+        (r"^mid_block\.resnets\.(\d+)\.(\w+)\.",
+         lambda m: f"middle_block.{2 * int(m[1])}.{UNET_RESNET[m[2]]}."),
         (r"^mid_block\.attentions\.0\.", "middle_block.1."),
         (r"^up_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)\.",
          lambda m: f"output_blocks.{per_level * int(m[1]) + int(m[2])}.0.{UNET_RESNET[m[3]]}."),
-        (r"^up_blocks\.(\d+)\.attentions\.(\d+)\.", lambda m: f"output_blocks.{per_level * int(m[1]) + int(m[2])}.1."),
+        (r"^up_blocks\.(\d+)\.attentions\.(\d+)\.",
+         lambda m: f"output_blocks.{per_level * int(m[1]) + int(m[2])}.1."),
         (r"^up_blocks\.(\d+)\.upsamplers\.0\.",
-         lambda m: f"output_blocks.{per_level * int(m[1]) + per_level - 1}.{up_sampler(int(m[1]))}."),
+         lambda m: f"output_blocks.{per_level * int(m[1]) + per_level - 1}."
+                   f"{up_sampler(int(m[1]))}."),
         (r"^conv_norm_out\.", "out.0."),
         (r"^conv_out\.", "out.2."),
     ]
@@ -110,12 +115,14 @@ def diffusers_vae_to_ldm(state, cfg):
     last = len(cfg.ch_mult) - 1
     shortcut = lambda name: "nin_shortcut" if name == "conv_shortcut" else name  # noqa: E731
     rules = [
-        (r"^decoder\.mid_block\.resnets\.(\d+)\.(\w+)\.", lambda m: f"decoder.mid.block_{int(m[1]) + 1}.{m[2]}."),
+        (r"^decoder\.mid_block\.resnets\.(\d+)\.(\w+)\.",
+         lambda m: f"decoder.mid.block_{int(m[1]) + 1}.{m[2]}."),
         (r"^decoder\.mid_block\.attentions\.0\.(\w+?(?:\.0)?)\.",
          lambda m: f"decoder.mid.attn_1.{VAE_ATTENTION[m[1]]}."),
         (r"^decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)\.",
          lambda m: f"decoder.up.{last - int(m[1])}.block.{m[2]}.{shortcut(m[3])}."),
-        (r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"decoder.up.{last - int(m[1])}.upsample."),
+        (r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.",
+         lambda m: f"decoder.up.{last - int(m[1])}.upsample."),
         (r"^decoder\.conv_norm_out\.", "decoder.norm_out."),
     ]
     out = {}

@@ -1,6 +1,6 @@
-"""Reading a weight file safely: safetensors memory-mapped, .ckpt/.pt through torch.load(weights_only=True)
-(a file that holds Python objects is refused, never unpickled), and one clear line for a file that is
-damaged, empty, of another kind or not a state dict at all.
+"""Reading a weight file safely: safetensors memory-mapped, .ckpt/.pt through
+torch.load(weights_only=True) (a file that holds Python objects is refused, never unpickled), and
+one clear line for a file that is damaged, empty, of another kind or not a state dict at all.
 
     from model.files import read_state_dict
     state = read_state_dict("v1-5-pruned-emaonly.safetensors")   # {key: tensor}
@@ -30,32 +30,34 @@ class _Ignored:
         pass
 
 
-ZIP_MAGIC = b"PK\x03\x04"   # torch.save's format since torch 1.6; before it, a bare pickle (protocol 2: 0x80 0x02)
-NON_TENSOR = ("the file holds non-tensor Python objects{} and was refused for safety, since loading them could "
-              "run arbitrary code; use the .safetensors version of this checkpoint instead")
+ZIP_MAGIC = b"PK\x03\x04"   # torch.save's format; the legacy one is a bare pickle (0x80 0x02)
+NON_TENSOR = ("the file holds non-tensor Python objects{} and was refused for safety, since "
+              "loading them could run arbitrary code; use the .safetensors version of this "
+              "checkpoint instead")
 
 
 def _torch_load(path):
-    """A .ckpt / .pt file -> the object it holds, read with weights_only=True so that no code from the file runs."""
+    """A .ckpt / .pt file -> the object it holds, read with weights_only=True: none of it runs."""
     head = _head(path)
     zipped = head.startswith(ZIP_MAGIC)
     try:   # only the zip format can be memory-mapped
-        with warnings.catch_warnings():   # torch's note on a newer pickle protocol would come before our line
+        with warnings.catch_warnings():   # else torch's pickle-protocol note precedes our line
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
     except pickle.UnpicklingError as e:
         if zipped:   # non-tensor objects in the pickle, e.g. pytorch-lightning callbacks
             return _load_skipping_objects(path)
         error = e
-    except Exception as e:   # on garbage torch's unpicklers raise anything, IndexError and KeyError included
+    except Exception as e:   # on garbage torch's unpicklers raise anything, IndexError, KeyError...
         error = e
-    raise CheckpointError(f"{path}: {_why_not_torch(path, head, os.path.getsize(path), error)}") from error
+    raise CheckpointError(
+        f"{path}: {_why_not_torch(path, head, os.path.getsize(path), error)}") from error
 
 
 def _load_skipping_objects(path):
-    """A zip .ckpt whose pickle holds non-tensor objects: loaded with each of their classes replaced by an
-    inert stub (_Ignored), so none of their code runs. Objects a stub cannot stand in for (a dict subclass,
-    say) make the file refused."""
+    """A zip .ckpt whose pickle holds non-tensor objects: loaded with each of their classes replaced
+    by an inert stub (_Ignored), so none of their code runs. Objects a stub cannot stand in for (a
+    dict subclass, say) make the file refused."""
     try:
         names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except (ValueError, RuntimeError) as e:   # the pickle itself is damaged
@@ -65,34 +67,35 @@ def _load_skipping_objects(path):
         with torch.serialization.safe_globals(stubs):
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
-        problem = NON_TENSOR.format(f" ({', '.join(names)})") if names else _damaged(os.path.getsize(path), e)
+        problem = (NON_TENSOR.format(f" ({', '.join(names)})") if names
+                   else _damaged(os.path.getsize(path), e))
         raise CheckpointError(f"{path}: {problem}") from e
     print(f"{path}: ignoring pickled non-tensor objects ({', '.join(names)})")
     return state
 
 
 def _why_not_torch(path, head, size, error):
-    """What is wrong with a file torch.load could not read, judged from its first bytes and the error."""
+    """What is wrong with a file torch.load could not read, judged by its first bytes and error."""
     found = _not_weights(head, size)
     if found:
         return f"not a PyTorch checkpoint: it is {found}"
     if not head.startswith((ZIP_MAGIC, b"\x80")):
         return f"not a PyTorch zip or pickle checkpoint (first bytes: {head[:16]!r})"
-    # A bare pickle that refers to code (torch's legacy format opens with a pickle of a magic number):
-    # named from its opcodes, since torch's safe reader fails on such a file before it sees any global.
+    # A bare pickle that refers to code (torch's legacy format opens with a pickled magic number):
+    # named from its opcodes, as torch's safe reader fails on such a file before it sees a global.
     if foreign := [name for name in _pickled_globals(path) if not name.startswith(TORCH_GLOBALS)]:
         return NON_TENSOR.format(f" ({', '.join(foreign)})")
-    if isinstance(error, pickle.UnpicklingError) and "Unsupported global" in str(error):   # legacy format
+    if isinstance(error, pickle.UnpicklingError) and "Unsupported global" in str(error):   # legacy
         return NON_TENSOR.format("")
     return _damaged(size, error)
 
 
-TORCH_GLOBALS = ("torch.", "collections.OrderedDict", "_codecs.encode")   # what plain weight pickles refer to
+TORCH_GLOBALS = ("torch.", "collections.OrderedDict", "_codecs.encode")   # in plain weight pickles
 
 
 def _pickled_globals(path):
-    """module.name of every class or function the (first) pickle in `path` refers to, read opcode by opcode
-    with pickletools: nothing is imported or run. [] for a pickle that does not parse."""
+    """module.name of every class or function the (first) pickle in `path` refers to, read opcode
+    by opcode with pickletools: nothing is imported or run. [] for a pickle that does not parse."""
     strings, found = [], []
     try:
         with open(path, "rb") as f:
@@ -109,20 +112,20 @@ def _pickled_globals(path):
 
 
 def _damaged(size, error):
-    return (f"cannot read this PyTorch checkpoint ({size} bytes): the file is incomplete or damaged "
-            f"({_first_sentence(error)}); download it again")
+    return (f"cannot read this PyTorch checkpoint ({size} bytes): the file is incomplete or "
+            f"damaged ({_first_sentence(error)}); download it again")
 
 
 def _not_weights(head, size):
-    """What a file that cannot hold weights is (empty, a Git LFS pointer, an HTML page, other text), or None."""
+    """What a file that cannot hold weights is (empty, Git LFS pointer, HTML, text), or None."""
     if size == 0:
         return "an empty file (0 bytes)"
     text = _as_text(head)
     if text is None:
         return None
     if text.startswith("version https://git-lfs"):
-        return ("a Git LFS pointer, not the weights (fetch the real file with `git lfs pull` in the repository "
-                "it came from, or download it again)")
+        return ("a Git LFS pointer, not the weights (fetch the real file with `git lfs pull` in "
+                "the repository it came from, or download it again)")
     if text.lstrip().lower().startswith(("<!doctype html", "<html")):
         return "an HTML page (a failed download: an error or login page saved in place of the file)"
     lines = text.strip().splitlines() or [""]
@@ -130,7 +133,7 @@ def _not_weights(head, size):
 
 
 def _as_text(head):
-    """`head` decoded as UTF-8 if it reads as text (printable characters and whitespace), else None."""
+    """`head` decoded as UTF-8 if it reads as text (printable characters, whitespace), else None."""
     try:
         text = head.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -146,12 +149,12 @@ def _head(path, n=512):
 
 
 def _first_sentence(error):
-    """The first sentence of an exception's message: the rest is usually advice for another situation."""
+    """The first sentence of an exception's message: the rest is usually advice for other cases."""
     return (str(error).strip() or type(error).__name__).splitlines()[0].split(". ")[0].rstrip(".")
 
 
 def read_state_dict(path):
-    """A single checkpoint file -> flat {key: tensor} (the `state_dict` wrapper of .ckpt removed)."""
+    """A single checkpoint file -> flat {key: tensor} (a .ckpt's `state_dict` wrapper removed)."""
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint {path!r} does not exist")
     ext = os.path.splitext(path)[1].lower()
@@ -160,15 +163,15 @@ def read_state_dict(path):
             state = load_file(path)
         except (SafetensorError, OSError) as e:
             found = _not_weights(_head(path), os.path.getsize(path))
-            raise CheckpointError(f"{path}: not a valid .safetensors file: it is {found}" if found else
-                                  f"{path}: not a valid .safetensors file ({e}); "
-                                  "is the download complete, and is it really a safetensors file?") from e
+            raise CheckpointError(f"{path}: not a valid .safetensors file: it is {found}" if found
+                                  else f"{path}: not a valid .safetensors file ({e}); is the "
+                                  "download complete, and is it really a safetensors file?") from e
     elif ext in (".ckpt", ".pt", ".pth", ".bin"):
         state = _torch_load(path)
         state = state.get("state_dict", state) if isinstance(state, dict) else state
     else:
-        raise CheckpointError(f"{path}: unsupported file type {ext!r}; expected .safetensors, .ckpt "
-                              "or a diffusers folder")
+        raise CheckpointError(f"{path}: unsupported file type {ext!r}; expected .safetensors, "
+                              ".ckpt or a diffusers folder")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: does not hold a flat dict of tensors (a state dict)")
     return state

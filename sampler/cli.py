@@ -1,6 +1,6 @@
-"""The command line of the generation API, what sample.py is made of and the research tools (tools/, lab/)
-build on: errors in one line (Parser, run_tool), the model and sampling flags, each defined once with its
-default, and what they turn into, the loaded model and a Sampling.
+"""The command line of the generation API, what sample.py is made of and the research tools
+(tools/, lab/) build on: errors in one line (Parser, run_tool), the model and sampling flags, each
+defined once with its default, and what they turn into, the loaded model and a Sampling.
 
     p = Parser(prog="my_tool.py")
     add_model_flags(p)
@@ -30,14 +30,16 @@ from .samplers import SAMPLERS
 from .schedule import MAX_STEPS, SettingError
 
 SD15 = ("stable-diffusion-v1-5/stable-diffusion-v1-5", "v1-5-pruned-emaonly.safetensors")
-DEFAULT_RUN = ("plms", 50)   # --sampler and --steps when neither they nor a schedule file say: the papers' PLMS-50
-# the lab model's tokenizer, for --random-weights lab: found by path, so the command line needs no lab/ code
-LAB_TOKENIZER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lab", "tokenizer")
+# --sampler and --steps when neither they nor a schedule file say: the papers' PLMS-50
+DEFAULT_RUN = ("plms", 50)
+# the lab model's tokenizer, for --random-weights lab: found by path, so the CLI needs no lab/ code
+LAB_TOKENIZER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lab",
+                             "tokenizer")
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, with git's and pip's manners: an error is one line naming the flag (and where the help
-    is), not the usage block first. Help and usage stay argparse's, formatted as written."""
+    """argparse whose error is one line naming the flag (and where the help is), not the usage
+    block first, as in git and pip. Help and usage stay argparse's, formatted as written."""
 
     def __init__(self, **kw):
         super().__init__(formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
@@ -47,11 +49,12 @@ class Parser(argparse.ArgumentParser):
 
 
 def set_threads(p, args):
-    """torch's CPU threads from --threads (None: torch's choice), refused in one line unless 1 to the cores."""
+    """torch's CPU threads from --threads (None: torch's choice); refused unless 1 to the cores."""
     if args.threads is not None:
         cores = os.cpu_count() or 1
-        if not 1 <= args.threads <= cores:   # far above, torch's thread pool fails to start (a segfault)
-            p.error(f"--threads must be from 1 to this machine's {cores} CPU cores, got {args.threads}")
+        if not 1 <= args.threads <= cores:   # far above, torch's thread pool segfaults at start
+            p.error(f"--threads must be from 1 to this machine's {cores} CPU cores, "
+                    f"got {args.threads}")
         torch.set_num_threads(args.threads)
 
 
@@ -61,66 +64,81 @@ def add_model_flags(p):
     p.add_argument("--random-weights", choices=list(MODELS),
                    help="random weights of this architecture (offline test runs)")
     p.add_argument("--tokenizer", help="folder with vocab.json + merges.txt, or a hub id")
-    p.add_argument("--prediction", choices=PREDICTIONS, help="override the detected prediction type")
+    p.add_argument("--prediction", choices=PREDICTIONS,
+                   help="override the detected prediction type")
     p.add_argument("--device", help="cpu, cuda, cuda:N, mps (default: the best available)")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
-                   help="precision (default: auto = fp16 on GPUs, bf16 on CPUs with AVX512-BF16/AMX, else fp32)")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice; on a shared or "
-                                               "small machine fewer threads can be much faster)")
-    p.add_argument("--compile", action="store_true", help="compile the UNet's layers (model/compile.py): the first "
-                   "run with new settings compiles them (minutes on a CPU), every later run and method reuses them")
+                   help="precision (default: auto = fp16 on GPUs, bf16 on CPUs with "
+                        "AVX512-BF16/AMX, else fp32)")
+    p.add_argument("--threads", type=int,
+                   help="CPU threads for torch (default: torch's choice; on a shared or small "
+                        "machine fewer threads can be much faster)")
+    p.add_argument("--compile", action="store_true", help="compile the UNet's layers "
+                   "(model/compile.py): the first run with new settings compiles them (minutes on "
+                   "a CPU), every later run and method reuses them")
 
 
 def add_sampling_flags(p):
-    p.add_argument("--negative-prompt", default="", help="what to steer away from (default: the empty prompt)")
-    # LDM's spellings (--ddim_steps, --ddim_eta) and diffusers' and A1111's (--num-inference-steps, --guidance-scale,
-    # --cfg-scale, --height, --width) are accepted too
+    p.add_argument("--negative-prompt", default="",
+                   help="what to steer away from (default: the empty prompt)")
+    # LDM's spellings (--ddim_steps, --ddim_eta) and diffusers' and A1111's (--num-inference-steps,
+    # --guidance-scale, --cfg-scale, --height, --width) are accepted too
     p.add_argument("--steps", "--ddim_steps", "--num-inference-steps", type=int,
-                   help=f"sampling steps, 1 to {MAX_STEPS} (default: a schedule file's, else {DEFAULT_RUN[1]}, the "
-                        "papers' PLMS-50, 51 UNet calls; 10-25 for dpmpp-2m and unipc, 20-30 for euler)")
+                   help=f"sampling steps, 1 to {MAX_STEPS} (default: a schedule file's, else "
+                        f"{DEFAULT_RUN[1]}, the papers' PLMS-50, 51 UNet calls; 10-25 for dpmpp-2m "
+                        "and unipc, 20-30 for euler)")
     p.add_argument("--scale", "--guidance-scale", "--cfg-scale", type=float,
                    help="guidance scale (default: the model's; 7.5 for SD1, 9.0 for SD2)")
     p.add_argument("--H", "--height", type=int, dest="H",
-                   help="height in pixels, a multiple of the VAE factor, 8 for SD (default: native)")
-    p.add_argument("--W", "--width", type=int, dest="W", help="width in pixels (default: the model's native size)")
+                   help="height in pixels, a multiple of the VAE factor, 8 for SD "
+                        "(default: native)")
+    p.add_argument("--W", "--width", type=int, dest="W",
+                   help="width in pixels (default: the model's native size)")
     p.add_argument("--sampler", choices=list(SAMPLERS), metavar="{" + ",".join(SAMPLERS) + "}",
                    help="; ".join(f"{name}: {s.about}" for name, s in SAMPLERS.items())
-                   + f" (default: a schedule file's, else {DEFAULT_RUN[0]}; --plms is accepted as in LDM)")
-    p.add_argument("--plms", action="store_true", help=argparse.SUPPRESS)   # LDM's spelling of --sampler plms
+                   + f" (default: a schedule file's, else {DEFAULT_RUN[0]}; "
+                     "--plms is accepted as in LDM)")
+    p.add_argument("--plms", action="store_true", help=argparse.SUPPRESS)   # LDM's --sampler plms
     p.add_argument("--eta", "--ddim_eta", type=float, default=0.0,
                    help="DDIM noise (default: 0 = deterministic; the other samplers need 0)")
     p.add_argument("--attention", choices=ATTENTION_BACKENDS, default="sdpa",
-                   help="sdpa, or math: materialise the score matrix as the original LDM code did (default: sdpa)")
+                   help="sdpa, or math: materialise the score matrix as the original LDM code did "
+                        "(default: sdpa)")
 
 
 def resolve_run(args, made_for=None):
-    """Fill in --sampler and --steps where they were not given: from `made_for`, the (sampler, steps) a schedule
-    file or preset was made for, else PLMS-50 (--plms: PLMS). -> a note of what was taken from `made_for`, for
-    the run's summary ("" if nothing); flags that contradict it are refused later (check_preset_fits)."""
+    """Fill in --sampler and --steps where they were not given: from `made_for`, the (sampler,
+    steps) a schedule file or preset was made for, else PLMS-50 (--plms: PLMS). -> a note of what
+    was taken from `made_for`, for the run's summary ("" if nothing); flags that contradict it are
+    refused later (check_preset_fits)."""
     if args.plms:
         if args.sampler not in (None, "plms"):
-            raise ValueError(f"--plms and --sampler {args.sampler} contradict each other: give one of them")
+            raise ValueError(f"--plms and --sampler {args.sampler} contradict each other: "
+                             "give one of them")
         args.sampler = "plms"
-    taken = [flag for flag, dest in (("--sampler", "sampler"), ("--steps", "steps")) if getattr(args, dest) is None]
+    taken = [flag for flag, dest in (("--sampler", "sampler"), ("--steps", "steps"))
+             if getattr(args, dest) is None]
     sampler, steps = made_for or DEFAULT_RUN
     args.sampler = sampler if args.sampler is None else args.sampler
     args.steps = steps if args.steps is None else args.steps
-    return f"{' and '.join(taken)} from the preset ({sampler} {steps})" if taken and made_for else ""
+    return (f"{' and '.join(taken)} from the preset ({sampler} {steps})" if taken and made_for
+            else "")
 
 
 def sampling(args, **fields):
     """The Sampling of the sampling flags; `fields` fill the rest (seed, accel, batch_size)."""
     size = None if args.H is None and args.W is None else (args.H, args.W)
-    return Sampling(steps=args.steps, scale=args.scale, sampler=args.sampler, eta=args.eta, size=size,
-                    attention=args.attention, negative_prompt=args.negative_prompt, **fields)
+    return Sampling(steps=args.steps, scale=args.scale, sampler=args.sampler, eta=args.eta,
+                    size=size, attention=args.attention, negative_prompt=args.negative_prompt,
+                    **fields)
 
 
 def run_tool(p, run, argv=None, interrupted="interrupted", flags=None):
-    """A tool's main: parse `argv`, set the threads, `run(args)`; bad input (arguments, checkpoint,
-    schedule) ends in one line with the reason, Ctrl-C in the line `interrupted` (what to rerun). A bad
-    setting of the generation API (SettingError) is named by its flag: `flags` {argument: flag} where
-    the flag is not --ARGUMENT (sample.py's batch_size is --n-samples)."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)   # sample.py's start-up handler ends here
+    """A tool's main: parse `argv`, set the threads, `run(args)`; bad input (arguments,
+    checkpoint, schedule) ends in one line with the reason, Ctrl-C in the line `interrupted` (what
+    to rerun). A bad setting of the generation API (SettingError) is named by its flag: `flags`
+    {argument: flag} where the flag is not --ARGUMENT (sample.py's batch_size is --n-samples)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)   # ends sample.py's start-up handler
     args = p.parse_args(argv)
     set_threads(p, args)
     try:
@@ -137,29 +155,33 @@ def run_tool(p, run, argv=None, interrupted="interrupted", flags=None):
 
 
 def resolve_checkpoint(ckpt):
-    """--ckpt, else $SD_CKPT, else the official SD 1.5 single file from the hub (cached after the first download).
-    Offline, with nothing cached, that is one line at once: the hub's client would retry for half a minute."""
+    """--ckpt, else $SD_CKPT, else the official SD 1.5 single file from the hub (cached after the
+    first download). Offline with nothing cached, one line at once: the hub's client would retry
+    for half a minute."""
     if ckpt is not None:
         if not ckpt.strip():
-            raise ValueError("--ckpt is empty: give a checkpoint path, or leave the flag out ($SD_CKPT, else SD 1.5)")
+            raise ValueError("--ckpt is empty: give a checkpoint path, or leave the flag out "
+                             "($SD_CKPT, else SD 1.5)")
         return ckpt
     if env := os.environ.get("SD_CKPT"):
         if not os.path.exists(env):
-            raise ValueError(f"SD_CKPT={env!r} does not exist (the checkpoint path came from the SD_CKPT environment "
-                             "variable); fix SD_CKPT or pass --ckpt PATH")
+            raise ValueError(f"SD_CKPT={env!r} does not exist (the checkpoint path came from the "
+                             "SD_CKPT environment variable); fix SD_CKPT or pass --ckpt PATH")
         return env
-    fix = ("pass --ckpt PATH (a .safetensors/.ckpt file or a diffusers folder; lab/lab-sd.safetensors works offline), "
-           "or set SD_CKPT")
+    fix = ("pass --ckpt PATH (a .safetensors/.ckpt file or a diffusers folder; "
+           "lab/lab-sd.safetensors works offline), or set SD_CKPT")
     try:
         from huggingface_hub import hf_hub_download, try_to_load_from_cache
     except ImportError:
-        raise ValueError(f"no checkpoint given and huggingface_hub is not installed to fetch SD 1.5: {fix}") from None
+        raise ValueError("no checkpoint given and huggingface_hub is not installed to fetch "
+                         f"SD 1.5: {fix}") from None
     if isinstance(cached := try_to_load_from_cache(*SD15), str):
         return cached
-    if hub_unavailable():   # the tokenizer's check: offline mode, or no connection within a few seconds
-        raise ValueError(f"no checkpoint given, SD 1.5 is not cached, and the Hugging Face hub cannot be reached "
-                         f"(offline?): {fix}")
-    print(f"no --ckpt given and SD_CKPT unset: fetching {SD15[1]} from {SD15[0]} (about 4 GB, once)")
+    if hub_unavailable():   # the tokenizer's check: offline mode, or no connection within seconds
+        raise ValueError("no checkpoint given, SD 1.5 is not cached, and the Hugging Face hub "
+                         f"cannot be reached (offline?): {fix}")
+    print(f"no --ckpt given and SD_CKPT unset: fetching {SD15[1]} from {SD15[0]} "
+          "(about 4 GB, once)")
     try:
         return hf_hub_download(*SD15)
     except Exception as e:
@@ -168,8 +190,8 @@ def resolve_checkpoint(ckpt):
 
 
 def load_model(args, device, dtype):
-    """The checkpoint (or random weights) the command line names, in `dtype` on `device`; with --compile its
-    UNet's layers compiled."""
+    """The checkpoint (or random weights) the command line names, in `dtype` on `device`; with
+    --compile its UNet's layers compiled."""
     sd = read_model(args, device, dtype)
     if args.compile:
         compile_unet(sd.unet)
@@ -180,15 +202,17 @@ def read_model(args, device, dtype):
     if args.random_weights is not None:
         if args.ckpt:
             raise ValueError("give either --ckpt or --random-weights, not both")
-        print(f"random weights ({args.random_weights}): the images are noise, useful only to exercise the pipeline")
+        print(f"random weights ({args.random_weights}): the images are noise, "
+              "useful only to exercise the pipeline")
         config = MODELS[args.random_weights]
         config = replace(config, prediction=args.prediction or config.prediction)
-        default = LAB_TOKENIZER if args.random_weights == "lab" else byte_tokenizer()   # lab: its own 564 ids
+        # the lab model has its own tokenizer (564 ids)
+        default = LAB_TOKENIZER if args.random_weights == "lab" else byte_tokenizer()
         return random_weights(config, device=device, dtype=dtype,
                               tokenizer=default if args.tokenizer is None else args.tokenizer,
                               name=args.random_weights)
-    return load_checkpoint(resolve_checkpoint(args.ckpt), device=device, dtype=dtype, prediction=args.prediction,
-                           tokenizer=args.tokenizer)
+    return load_checkpoint(resolve_checkpoint(args.ckpt), device=device, dtype=dtype,
+                           prediction=args.prediction, tokenizer=args.tokenizer)
 
 
 def parse_numbers(text, kind, flag):
@@ -205,17 +229,20 @@ def read_prompts(prompt=None, from_file=None, flag="--from-file"):
         raise ValueError(f"give either --prompt or {flag}, not both")
     if from_file:
         if os.path.isdir(from_file):
-            raise ValueError(f"prompt file {from_file!r} ({flag}) is a folder; give a text file, one prompt per line")
+            raise ValueError(f"prompt file {from_file!r} ({flag}) is a folder; "
+                             "give a text file, one prompt per line")
         if not os.path.isfile(from_file):
             raise ValueError(f"prompt file {from_file!r} ({flag}) does not exist")
         try:
-            with open(from_file, encoding="utf-8-sig") as f:   # -sig: a byte-order mark is not prompt text
+            with open(from_file, encoding="utf-8-sig") as f:   # -sig: drops a byte-order mark
                 prompts = [line.strip() for line in f if line.strip()]
         except UnicodeDecodeError as e:
-            raise ValueError(f"prompt file {from_file!r} ({flag}) is not UTF-8 text (byte {e.object[e.start]:#04x} at "
-                             f"offset {e.start}); save it as UTF-8") from None
+            raise ValueError(f"prompt file {from_file!r} ({flag}) is not UTF-8 text "
+                             f"(byte {e.object[e.start]:#04x} at offset {e.start}); "
+                             "save it as UTF-8") from None
         if not prompts:
-            raise ValueError(f"prompt file {from_file!r} ({flag}) holds no prompts (one per line expected)")
+            raise ValueError(f"prompt file {from_file!r} ({flag}) holds no prompts "
+                             "(one per line expected)")
         return prompts
     if prompt is None:
         raise ValueError(f"give a prompt (--prompt) or a prompt file ({flag})")

@@ -1,15 +1,16 @@
-"""Euler and Euler ancestral (Karras et al. 2022; k-diffusion's sample_euler and sample_euler_ancestral)
-as diffusers' EulerDiscreteScheduler and EulerAncestralDiscreteScheduler run them for SD 1.5: A1111's
-"Euler" and "Euler a". One model call per step.
+"""Euler and Euler ancestral as diffusers' Euler(Ancestral)DiscreteScheduler run them for SD 1.5:
+A1111's "Euler" and "Euler a" (sources: docs/samplers.md). One model call per step.
 
-Both work on x = x0 + σ·eps (the variance-exploding latent, √(σ²+1) times the one the UNet reads):
-    d = (x - x0) / σ,    x' = x + (σ' - σ)·d                                           Euler
-Euler a steps down to σ_down below σ' and adds fresh noise z of size σ_up (σ_down² + σ_up² = σ'²):
-    σ_up = σ'·√(1 - σ'²/σ²),   σ_down = √(σ'² - σ_up²),   x' = x + (σ_down - σ)·d + σ_up·z
+Both work on x = x0 + σ·eps (the variance-exploding latent, √(σ²+1) times the UNet's input):
+    d = (x - x0) / σ,    x' = x + (σ' - σ)·d                                       Euler
+Euler a steps to σ_down < σ' and adds fresh noise z of size σ_up (σ_down² + σ_up² = σ'²):
+    σ_up = σ'·√(1 - σ'²/σ²),   σ_down = √(σ'² - σ_up²)
+    x' = x + (σ_down - σ)·d + σ_up·z                                       Euler a
 
-Timesteps: S fractional ones, linspace(0, 999, S) descending (20 steps: 999, 946.4, ..., 0), each σ interpolated
-linearly between the training timesteps', then σ = 0. Like diffusers for this spacing, a run starts at
-x = σ_max·x_T (not √(σ_max²+1)·x_T), so a seed gives a diffusers user's image.
+Timesteps: S fractional ones, linspace(0, 999, S) descending (20 steps: 999, 946.4, ..., 0),
+each σ interpolated linearly between the training timesteps', then σ = 0. As diffusers does for
+this spacing, a run starts at x = σ_max·x_T (not √(σ_max²+1)·x_T): a seed gives a diffusers
+user's image.
 """
 import torch
 
@@ -25,22 +26,23 @@ def schedule(steps, alphas):
 
 
 def interpolated(table, t):
-    """σ at fractional timestep t, linear between the two training timesteps around it (numpy's interp)."""
+    """σ at fractional timestep t, linear between the two training timesteps around it
+    (numpy's interp)."""
     low = min(int(t), len(table) - 2)
     return table[low] + (t - low) * (table[low + 1] - table[low])
 
 
 def euler_steps(model, x, ts, sigmas, eta=0.0, generator=None):
-    """Yield (i, t, x_next, pred_x0) for each step of timesteps `ts` (sampling order), x_next as the UNet
-    reads it (x / √(σ'²+1)). model(x, t, ᾱ) -> guided noise estimate; sigmas: the σ of each step, then 0.
-    Deterministic: eta and generator are not used."""
+    """Yield (i, t, x_next, pred_x0) for each step of timesteps `ts` (sampling order), x_next
+    as the UNet reads it (x / √(σ'²+1)). model(x, t, ᾱ) -> guided noise estimate;
+    sigmas: the σ of each step, then 0. Deterministic: eta and generator are not used."""
     return ve_steps(model, x, ts, sigmas, None)
 
 
 def euler_ancestral_steps(model, x, ts, sigmas, eta=0.0, generator=None):
-    """As euler_steps, with fresh noise at each step drawn on the CPU from `generator` (the same draws as
-    diffusers' step(..., generator=generator)), so a seed gives the same image on every device. eta: not
-    used (Euler a is always fully ancestral, as in diffusers and A1111)."""
+    """As euler_steps, with fresh noise at each step drawn on the CPU from `generator` (the same
+    draws as diffusers' step(..., generator=generator)), so a seed gives the same image on every
+    device. eta: not used (Euler a is always fully ancestral, as in diffusers and A1111)."""
     return ve_steps(model, x, ts, sigmas, generator if generator is not None else torch.Generator())
 
 

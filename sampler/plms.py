@@ -1,4 +1,4 @@
-"""PLMS exactly as LDM's plms.py runs it (the sampler SD 1.x/2.x results and all the papers use).
+"""PLMS exactly as LDM's plms.py runs it (the papers' sampler: docs/samplers.md).
 
 A linear multistep method on the DDIM update: each step replaces eps by an extrapolation
 eps' from the current and up to three previous noise estimates.

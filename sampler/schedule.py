@@ -1,5 +1,5 @@
-"""The noise schedule and timestep spacing of LDM (what SD was trained with and the papers sampled with),
-and the DDIM update PLMS and DDIM share."""
+"""The noise schedule and timestep spacing of LDM (what SD was trained with and the papers sampled
+with), and the DDIM update PLMS and DDIM share."""
 import torch
 
 TRAIN_STEPS = 1000
@@ -14,8 +14,8 @@ def alphas_cumprod(start=0.00085, end=0.012, n=TRAIN_STEPS, dtype=torch.float64)
 
 
 class SettingError(ValueError):
-    """A bad sampling setting, named by its API argument (`name`: steps, scale, seed, ...); the command-line
-    tools name the flag that set it instead (sampler/cli.py, run_tool)."""
+    """A bad sampling setting, named by its API argument (`name`: steps, scale, seed, ...); the
+    command-line tools name the flag that set it instead (sampler/cli.py, run_tool)."""
 
     def __init__(self, name, problem):
         super().__init__(f"{name} {problem}")
@@ -31,31 +31,33 @@ def check_steps(steps):
 def ldm_timesteps(steps):
     """LDM's uniform spacing with its +1 shift, ascending: t_i = 1 + i * (1000 // steps).
 
-    50 steps -> [1, 21, ..., 981], LDM's range(0, 1000, 1000 // steps) + 1. For step counts that do not
-    divide 1000 this is `steps` steps, the prefix of LDM's list, as diffusers' DDIM/PNDM take (LDM adds a
-    few, and crashes for some counts: docs/samplers.md)."""
+    50 steps -> [1, 21, ..., 981], LDM's range(0, 1000, 1000 // steps) + 1. For step counts that
+    do not divide 1000 this is exactly `steps` steps, the prefix of LDM's list (LDM adds a few, and
+    crashes for some counts: docs/samplers.md)."""
     check_steps(steps)
     return [1 + i * (TRAIN_STEPS // steps) for i in range(steps)]
 
 
 def alpha_levels(ts, alphas):
-    """The noise levels ᾱ of PLMS and DDIM for timesteps `ts` in sampling order (descending): ᾱ_t
-    of each, then the level the last step goes to, ᾱ[0] (not 1, as in LDM)."""
+    """The noise levels ᾱ of PLMS and DDIM for timesteps `ts` in sampling order (descending):
+    ᾱ_t of each, then the level the last step goes to, ᾱ[0] (not 1, as in LDM)."""
     return [alphas[t].item() for t in ts] + [alphas[0].item()]
 
 
 def check_timesteps(timesteps, steps):
-    """Raise ValueError unless `timesteps` are `steps` whole training timesteps, strictly descending (the
-    order a run visits them), e.g. Align Your Steps' SD1.5 ten: 999, 850, ..., 24."""
+    """Raise ValueError unless `timesteps` are `steps` whole training timesteps, strictly descending
+    (the order a run visits them), e.g. Align Your Steps' SD1.5 ten: 999, 850, ..., 24."""
     if not isinstance(timesteps, (tuple, list)) or any(isinstance(t, bool) or not isinstance(t, int)
                                                        for t in timesteps):
-        raise ValueError(f"timesteps must be a list of whole training timesteps, got {timesteps!r}")
+        raise ValueError("timesteps must be a list of whole training timesteps, "
+                         f"got {timesteps!r}")
     if len(timesteps) != steps:
-        raise ValueError(f"{len(timesteps)} timesteps for a run of {steps} steps: give one per step")
+        raise ValueError(f"{len(timesteps)} timesteps for a run of {steps} steps: "
+                         "give one per step")
     descending = all(a > b for a, b in zip(timesteps, timesteps[1:], strict=False))
     if not all(0 <= t <= MAX_STEPS for t in timesteps) or not descending:
-        raise ValueError(f"timesteps must run strictly down within 0 .. {MAX_STEPS} (sampling order), got "
-                         f"{list(timesteps)}")
+        raise ValueError(f"timesteps must run strictly down within 0 .. {MAX_STEPS} "
+                         f"(sampling order), got {list(timesteps)}")
 
 
 def ddim_update(x, eps, a_t, a_prev, sigma=0.0, noise=None):

@@ -1,14 +1,17 @@
-"""UniPC (Zhao et al. 2023), B(h) = e^{-h} - 1 ("bh2"), order 2, on data estimates, as diffusers'
-UniPCMultistepScheduler runs it for SD 1.5 (its defaults; 10-20 steps). One model call per step.
+"""UniPC, B(h) = e^{-h} - 1 ("bh2"), order 2, on data estimates, as diffusers'
+UniPCMultistepScheduler runs it for SD 1.5 (its defaults; 10-20 steps; sources: docs/samplers.md).
+One model call per step.
 
 Each step is a predictor and, from the second step on, a corrector that needs no extra model call:
-  UniP: from σ_i to σ_{i+1}, the DPM-Solver++(2M) step (sampler/dpmpp.py): first order at the first
-        step; the last goes to σ = 0 and is x0 itself.
-  UniC: once the model has been evaluated at x_{i+1}, x_{i+1} is recomputed from x_i with that new data
-        estimate m_{i+1} added to the ones the predictor used (h = λ_{i+1} - λ_i, λ = -log σ):
+  UniP: from σ_i to σ_{i+1}, the DPM-Solver++(2M) step (sampler/dpmpp.py): first order at the
+        first step; the last goes to σ = 0 and is x0 itself.
+  UniC: once the model has been evaluated at x_{i+1}, x_{i+1} is recomputed from x_i with that
+        new data estimate m_{i+1} added to the ones the predictor used (h = λ_{i+1} - λ_i,
+        λ = -log σ):
             x_{i+1} = (s_{i+1} / s_i)·x_i - α_{i+1}·(e^{-h} - 1)·(m_i + Σ_k ρ_k·D_k)
-        after a first-order step D = m_{i+1} - m_i with ρ = 1/2 (the trapezoid rule); after a second-order
-        step also D_1 = (m_{i-1} - m_i) / r, r = (λ_{i-1} - λ_i) / h, with ρ solving UniC's 2x2 system.
+        after a first-order step D = m_{i+1} - m_i with ρ = 1/2 (the trapezoid rule); after a
+        second-order step also D_1 = (m_{i-1} - m_i) / r, r = (λ_{i-1} - λ_i) / h, with ρ
+        solving UniC's 2x2 system.
 The next step starts from the corrected x_{i+1} but reuses m_{i+1}, evaluated before the correction.
 Timesteps as DPM++(2M)'s: round(linspace(0, 999, S + 1)) descending without the 0.
 """
@@ -35,13 +38,14 @@ def unipc_steps(model, x, ts, sigmas, eta=0.0, generator=None):
         if x_prev is not None:
             x = corrected(x_prev, sigmas[i - 1], sigmas[i], history, x0)
         history = (history + [(log_snr(sigmas[i]), x0)])[-2:]
-        x_prev, x = x, update(x, x0, sigmas[i], sigmas[i + 1], history[0] if len(history) == 2 else None)
+        x_prev, x = x, update(x, x0, sigmas[i], sigmas[i + 1],
+                              history[0] if len(history) == 2 else None)
         yield i, t, x, x0
 
 
 def corrected(x, sigma_s, sigma_t, history, x0_t):
-    """UniC: x at σ_t recomputed from x at σ_s, the estimates the predictor used (history: [(λ, x0)],
-    one for a first-order step, two for a second-order one) and the new estimate x0_t."""
+    """UniC: x at σ_t recomputed from x at σ_s, the estimates the predictor used (history:
+    [(λ, x0)], one for a first-order step, two for a second-order one) and the new one x0_t."""
     s_s, (a_t, s_t) = alpha_sigma(sigma_s)[1], alpha_sigma(sigma_t)
     lambda_s, m = history[-1]
     h = log_snr(sigma_t) - lambda_s
