@@ -15,14 +15,26 @@ from dataclasses import asdict, dataclass, fields, replace
 import torch
 
 from lab.cli import FolderError, path_flag, write_json
-from model import LAB, load_checkpoint
+from model import load_checkpoint
 from model.checkpoint import CONFIG_KEY, TOKENIZER_KEY, read_metadata
-from model.config import config_from_json
+from model.config import SDConfig, TextConfig, UNetConfig, VAEConfig, config_from_json
 from model.files import read_state_dict
 from model.hardware import check_device, native_bf16_cpu
 from model.text import TokenizerError
 from sampler.cli import Parser
 
+# The lab model's architecture: SD1's structure at 128 px with small widths and a factor-4 VAE, so a
+# 128x128 image is a 4x32x32 latent and the top transformer blocks see 1024 tokens, as pruning
+# expects; a compact tokenizer (lab/tokenizer) with 564 ids. The exported file carries this config
+# in its metadata, which is how sample.py --random-weights lab finds it without lab/ code.
+LAB = SDConfig(
+    "sd1", "eps",
+    UNetConfig(model_channels=32, head_channels=32, context_dim=128),
+    VAEConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1),
+    TextConfig(width=128, layers=3, heads=4, mlp=512, vocab_size=564, max_length=16, bos_id=562,
+               eos_id=563, pad_id=563),
+    scale_factor=0.84134, image_size=128, guidance=4.0,   # 1 / std of the shipped VAE's latents
+)
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -243,7 +255,7 @@ def check_init(p, path):
         if CONFIG_KEY not in metadata:
             raise ValueError(f"{path} has no {CONFIG_KEY!r} metadata, so it is no model that --export wrote")
         if replace(config_from_json(metadata[CONFIG_KEY]), scale_factor=LAB.scale_factor) != LAB:
-            raise ValueError(f"{path} is not of the lab architecture (model.config.LAB)")
+            raise ValueError(f"{path} is not of the lab architecture (lab.run_config.LAB)")
         tokenizer = os.path.join(os.path.dirname(os.path.abspath(path)), metadata.get(TOKENIZER_KEY, "tokenizer"))
         if not all(os.path.isfile(os.path.join(tokenizer, name)) for name in ("vocab.json", "merges.txt")):
             raise ValueError(f"{path} has no tokenizer beside it ({tokenizer}/ with vocab.json and merges.txt), "

@@ -1,4 +1,4 @@
-"""Train the lab model from nothing on a CPU: a small Stable Diffusion (model.config.LAB) on
+"""Train the lab model from nothing on a CPU: a small Stable Diffusion (lab.run_config.LAB) on
 generated scenes (lab/scenes.py), judged by the exact caption checker (lab/check.py).
 
     python -m lab.train --out runs/lab                    # every stage; checkpoints as it goes
@@ -55,10 +55,10 @@ from lab.decoder import decoder_export, read_decoder, train_decoder
 from lab.encoder import TrainableVAE
 from lab.export import checkpoint_state
 from lab.pictures import draw_curve, grid
-from lab.run_config import TrainConfig, autocast, check_export, parser, prepare, save, stage_file
+from lab.run_config import LAB, TrainConfig, autocast, check_export, parser, prepare, save, stage_file
 from lab.scenes import image_seed, render, sample_captions
 from lab.vocab import write_lab_tokenizer
-from model import LAB, StableDiffusion
+from model import StableDiffusion
 from model.checkpoint import CLIP, CONFIG_KEY, TOKENIZER_KEY, UNET, VAE, read_metadata
 from model.config import config_from_json
 from model.files import read_state_dict

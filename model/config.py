@@ -11,7 +11,8 @@ two text encoders, the added conditioning).
 import json
 from dataclasses import asdict, dataclass, replace
 
-PREDICTIONS = ("eps", "v")   # what the UNet outputs: the noise (SD1, SD2-512) or v = √ᾱ·eps − √(1−ᾱ)·x0 (SD2-768)
+# what the UNet outputs: the noise (SD1, SD2-512) or v = √ᾱ·eps − √(1−ᾱ)·x0 (SD2-768)
+PREDICTIONS = ("eps", "v")
 
 
 @dataclass(frozen=True)
@@ -21,10 +22,10 @@ class UNetConfig:
     model_channels: int = 320
     channel_mult: tuple = (1, 2, 4, 4)
     num_res_blocks: int = 2
-    attention_levels: tuple = (0, 1, 2)  # levels with a SpatialTransformer (LDM: attention_resolutions 4,2,1)
-    transformer_depth: int | tuple = 1   # transformer blocks per SpatialTransformer: one number, or one per level
+    attention_levels: tuple = (0, 1, 2)  # levels with a SpatialTransformer (LDM: 4,2,1)
+    transformer_depth: int | tuple = 1   # blocks per SpatialTransformer: one, or one per level
     transformer_depth_middle: int = 1    # ... in the middle block's
-    adm_in_channels: int = 0             # width of the added conditioning y that label_emb reads (SDXL); 0: none
+    adm_in_channels: int = 0             # width of the added conditioning y (SDXL); 0: none
     num_heads: int = 8                   # SD1: fixed head count ...
     head_channels: int = 0               # ... SD2: fixed head width (64); 0 = use num_heads
     context_dim: int = 768
@@ -35,7 +36,8 @@ class UNetConfig:
         """Transformer blocks per SpatialTransformer at resolution `level` (0: none)."""
         if level not in self.attention_levels:
             return 0
-        return self.transformer_depth if isinstance(self.transformer_depth, int) else self.transformer_depth[level]
+        depth = self.transformer_depth
+        return depth if isinstance(depth, int) else depth[level]
 
     def heads(self, channels):
         """(number of heads, head width) of a transformer with `channels` channels."""
@@ -52,7 +54,7 @@ class VAEConfig:
     z_channels: int = 4
     out_ch: int = 3
     in_ch: int = 3
-    force_upcast: bool = False   # decode in fp32 when the model runs in fp16 (SDXL's VAE overflows in fp16)
+    force_upcast: bool = False   # decode in fp32 when the model runs in fp16 (SDXL's VAE overflows)
 
     @property
     def factor(self):
@@ -63,17 +65,17 @@ class VAEConfig:
 @dataclass(frozen=True)
 class TextConfig:
     width: int = 768
-    layers: int = 12             # transformer layers that are run (SD2 stops one before OpenCLIP's last)
+    layers: int = 12             # layers that are run (SD2 stops one before OpenCLIP's last)
     heads: int = 12
     mlp: int = 3072
-    act: str = "quick_gelu"      # OpenAI CLIP (SD1) uses quick_gelu, OpenCLIP ViT-H (SD2) plain gelu
+    act: str = "quick_gelu"      # OpenAI CLIP (SD1): quick_gelu; OpenCLIP ViT-H (SD2): gelu
     pad_id: int = 49407          # SD1 pads with <|endoftext|>, SD2 (open_clip.tokenize) with 0
     vocab_size: int = 49408
     max_length: int = 77         # tokens per prompt, <|startoftext|> and <|endoftext|> included
     bos_id: int = 49406          # <|startoftext|> and <|endoftext|> in the tokenizer's vocabulary
     eos_id: int = 49407
-    layer: str = "last"          # the context: "last" layer after the final norm, or "penultimate" (SDXL: no norm)
-    projection: int = 0          # width of the pooled output through text_projection (SDXL's bigG: 1280); 0: none
+    layer: str = "last"          # the context: "last" (after the final norm) or "penultimate"
+    projection: int = 0          # pooled output's width through text_projection (bigG: 1280)
 
 
 TEXT_LAYERS = ("last", "penultimate")
@@ -89,13 +91,13 @@ class SDConfig:
     scale_factor: float = 0.18215
     image_size: int = 512        # native resolution in pixels
     guidance: float = 7.5        # recommended classifier-free guidance scale
-    text2: TextConfig | None = None   # SDXL's second text encoder (OpenCLIP bigG): contexts concatenated
-    force_zeros_for_empty_prompt: bool = False   # SDXL: an empty negative prompt is the zero embedding
+    text2: TextConfig | None = None   # SDXL's second text encoder (bigG): contexts concatenated
+    force_zeros_for_empty_prompt: bool = False   # SDXL: an empty negative prompt embeds to 0
 
     @property
     def size_embed_dim(self):
-        """Width of the Fourier embedding of each of the six size and crop ids in SDXL's y (256), which
-        follows the pooled text embedding: adm_in_channels = projection + 6 * this."""
+        """Width of the Fourier embedding of each of the six size and crop ids in SDXL's y (256),
+        after the pooled text embedding: adm_in_channels = projection + 6 * this."""
         return (self.unet.adm_in_channels - self.text2.projection) // 6 if self.text2 else 0
 
 
@@ -121,28 +123,16 @@ TINY = SDConfig(
 
 TINY_SD2 = SDConfig(
     "sd2", "eps",
-    UNetConfig(model_channels=32, head_channels=16, context_dim=64, linear_proj=True, upcast_attention=True),
+    UNetConfig(model_channels=32, head_channels=16, context_dim=64, linear_proj=True,
+               upcast_attention=True),
     TINY.vae,
     TextConfig(width=64, layers=2, heads=2, mlp=128, act="gelu", pad_id=0),
     image_size=64, guidance=9.0,
 )
 
-# The lab model (lab/): SD1's structure at 128 px with small widths and a factor-4 VAE, so a
-# 128x128 image is a 4x32x32 latent and the top transformer blocks see 1024 tokens, as pruning
-# expects; a compact tokenizer (vocab.json + merges.txt shipped beside the weights) with 564 ids.
-# lab/train.py trains it; the shipped file carries this config in its metadata.
-LAB = SDConfig(
-    "sd1", "eps",
-    UNetConfig(model_channels=32, head_channels=32, context_dim=128),
-    VAEConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1),
-    TextConfig(width=128, layers=3, heads=4, mlp=512, vocab_size=564, max_length=16, bos_id=562, eos_id=563,
-               pad_id=563),
-    scale_factor=0.84134, image_size=128, guidance=4.0,   # 1 / std of the shipped VAE's latents
-)
-
-# SDXL base 1.0 (generative-models' sd_xl_base.yaml): three levels, no transformer at the top one, 2 and 10
-# transformer blocks deeper; CLIP ViT-L and OpenCLIP ViT-bigG, each at its penultimate layer, give a 768 + 1280
-# = 2048-wide context; y = bigG's pooled 1280 + 6 size/crop ids x 256 = 2816.
+# SDXL base 1.0 (generative-models' sd_xl_base.yaml): three levels, no transformer at the top one,
+# 2 and 10 transformer blocks deeper; CLIP ViT-L and OpenCLIP ViT-bigG, each at its penultimate
+# layer, give a 768 + 1280 = 2048-wide context; y = bigG's pooled 1280 + 6 size/crop ids x 256.
 SDXL = SDConfig(
     "sdxl", "eps",
     UNetConfig(channel_mult=(1, 2, 4), attention_levels=(1, 2), transformer_depth=(0, 2, 10),
@@ -151,24 +141,26 @@ SDXL = SDConfig(
     VAEConfig(force_upcast=True),
     TextConfig(layer="penultimate"),
     scale_factor=0.13025, image_size=1024, guidance=5.0,
-    text2=TextConfig(width=1280, layers=32, heads=20, mlp=5120, act="gelu", pad_id=0, layer="penultimate",
-                     projection=1280),
+    text2=TextConfig(width=1280, layers=32, heads=20, mlp=5120, act="gelu", pad_id=0,
+                     layer="penultimate", projection=1280),
     force_zeros_for_empty_prompt=True,
 )
 
 TINY_SDXL = SDConfig(
     "sdxl", "eps",
-    UNetConfig(model_channels=32, channel_mult=(1, 2, 2), attention_levels=(1, 2), transformer_depth=(0, 1, 2),
-               transformer_depth_middle=2, head_channels=16, context_dim=80, linear_proj=True, adm_in_channels=144),
+    UNetConfig(model_channels=32, channel_mult=(1, 2, 2), attention_levels=(1, 2),
+               transformer_depth=(0, 1, 2), transformer_depth_middle=2, head_channels=16,
+               context_dim=80, linear_proj=True, adm_in_channels=144),
     replace(TINY.vae, force_upcast=True),
     TextConfig(width=32, layers=2, heads=2, mlp=64, layer="penultimate"),
     scale_factor=0.13025, image_size=64, guidance=5.0,
-    text2=TextConfig(width=48, layers=3, heads=2, mlp=96, act="gelu", pad_id=0, layer="penultimate", projection=48),
+    text2=TextConfig(width=48, layers=3, heads=2, mlp=96, act="gelu", pad_id=0,
+                     layer="penultimate", projection=48),
     force_zeros_for_empty_prompt=True,
 )
 
 MODELS = {"sd1": SD1, "sd2": SD2, "sd2-v": SD2_V, "sdxl": SDXL, "tiny": TINY, "tiny-sd2": TINY_SD2,
-           "tiny-sdxl": TINY_SDXL, "lab": LAB}
+           "tiny-sdxl": TINY_SDXL}
 
 
 def config_to_json(config):
@@ -186,8 +178,10 @@ def config_from_json(text):
     data = json.loads(text)
     try:
         text2 = data.pop("text2", None)
-        parts = {"unet": UNetConfig(**_tuples(data.pop("unet"))), "vae": VAEConfig(**_tuples(data.pop("vae"))),
-                 "text": TextConfig(**data.pop("text")), "text2": TextConfig(**text2) if text2 else None}
+        parts = {"unet": UNetConfig(**_tuples(data.pop("unet"))),
+                 "vae": VAEConfig(**_tuples(data.pop("vae"))),
+                 "text": TextConfig(**data.pop("text")),
+                 "text2": TextConfig(**text2) if text2 else None}
         return SDConfig(**data, **parts)
     except (KeyError, TypeError) as e:
         raise ValueError(f"not an SDConfig: {e}") from None

@@ -20,7 +20,8 @@ from dataclasses import replace
 import torch
 
 from model import MODELS, compile_unet, load_checkpoint, random_weights
-from model.config import PREDICTIONS
+from model.checkpoint import CONFIG_KEY, read_metadata
+from model.config import PREDICTIONS, config_from_json
 from model.hardware import DTYPE_CHOICES
 from model.text import TokenizerError, byte_tokenizer, hub_unavailable
 from model.unet import ATTENTION_BACKENDS
@@ -32,9 +33,9 @@ from .schedule import MAX_STEPS, SettingError
 SD15 = ("stable-diffusion-v1-5/stable-diffusion-v1-5", "v1-5-pruned-emaonly.safetensors")
 # --sampler and --steps when neither they nor a schedule file say: the papers' PLMS-50
 DEFAULT_RUN = ("plms", 50)
-# the lab model's tokenizer, for --random-weights lab: found by path, so the CLI needs no lab/ code
-LAB_TOKENIZER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lab",
-                             "tokenizer")
+# the lab model's files, for --random-weights lab: found by path, so the CLI needs no lab/ code
+LAB_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lab")
+RANDOM_ARCHITECTURES = (*MODELS, "lab")   # what --random-weights builds
 
 
 class Parser(argparse.ArgumentParser):
@@ -61,7 +62,7 @@ def set_threads(p, args):
 def add_model_flags(p):
     p.add_argument("--ckpt", help=".safetensors / .ckpt file or diffusers folder "
                                   "(default: $SD_CKPT, else download SD 1.5)")
-    p.add_argument("--random-weights", choices=list(MODELS),
+    p.add_argument("--random-weights", choices=RANDOM_ARCHITECTURES,
                    help="random weights of this architecture (offline test runs)")
     p.add_argument("--tokenizer", help="folder with vocab.json + merges.txt, or a hub id")
     p.add_argument("--prediction", choices=PREDICTIONS,
@@ -198,16 +199,27 @@ def load_model(args, device, dtype):
     return sd
 
 
+def architecture(name):
+    """(SDConfig, tokenizer) of --random-weights `name`: a model.MODELS preset with the byte-level
+    tokenizer, or "lab", the lab model's, read from its file's metadata, with its own tokenizer."""
+    if name == "lab":
+        path = os.path.join(LAB_DIR, "lab-sd.safetensors")
+        if not os.path.isfile(path):
+            raise ValueError(f"--random-weights lab takes the lab model's architecture from {path}, "
+                             "which is missing; restore lab/ or choose another architecture")
+        metadata = read_metadata(path)
+        return config_from_json(metadata[CONFIG_KEY]), os.path.join(LAB_DIR, "tokenizer")
+    return MODELS[name], byte_tokenizer()
+
+
 def read_model(args, device, dtype):
     if args.random_weights is not None:
         if args.ckpt:
             raise ValueError("give either --ckpt or --random-weights, not both")
         print(f"random weights ({args.random_weights}): the images are noise, "
               "useful only to exercise the pipeline")
-        config = MODELS[args.random_weights]
+        config, default = architecture(args.random_weights)
         config = replace(config, prediction=args.prediction or config.prediction)
-        # the lab model has its own tokenizer (564 ids)
-        default = LAB_TOKENIZER if args.random_weights == "lab" else byte_tokenizer()
         return random_weights(config, device=device, dtype=dtype,
                               tokenizer=default if args.tokenizer is None else args.tokenizer,
                               name=args.random_weights)

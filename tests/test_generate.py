@@ -11,8 +11,9 @@ import torch
 from PIL import Image
 
 from accel import PRESETS, Acceleration
+from lab.run_config import LAB
 from model import TINY, random_weights
-from model.config import LAB, SD1
+from model.config import SD1
 from prune import token_method
 from prune.viz import PruneViz
 from sampler.generate import Sampling, check_outdir, check_size, generate, save_png, save_pngs

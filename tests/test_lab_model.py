@@ -3,8 +3,9 @@ with nothing but its path, and draws what one-object captions say."""
 import os
 
 from lab.check import check
+from lab.run_config import LAB
 from lab.scenes import sample_captions
-from model import LAB, load_checkpoint
+from model import load_checkpoint
 from sampler.generate import Sampling, generate
 
 SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lab", "lab-sd.safetensors")

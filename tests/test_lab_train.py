@@ -18,9 +18,10 @@ from transformers import CLIPTokenizer
 from lab import recon
 from lab.cli import FolderError
 from lab.pictures import draw_curve
+from lab.run_config import LAB
 from lab.train import TrainConfig, batch_indices, export, min_snr_weights, run
 from lab.vocab import WORDS, lab_merges, write_lab_tokenizer
-from model import LAB, TINY, load_checkpoint
+from model import TINY, load_checkpoint
 from model.checkpoint import CONFIG_KEY, UNET, read_metadata, read_state_dict
 from model.config import config_to_json
 from model.text import write_tokenizer

@@ -12,9 +12,9 @@ from safetensors.torch import save_file
 from test_lab_train import SHIPPED, TINY_RUN
 
 import lab.train
-from lab.run_config import STAGE_FILES, write_record
+from lab.run_config import LAB, STAGE_FILES, write_record
 from lab.train import TrainConfig, main, run, train_vae
-from model import LAB, TINY, load_checkpoint
+from model import TINY, load_checkpoint
 from model.checkpoint import CONFIG_KEY
 from model.config import config_to_json
 

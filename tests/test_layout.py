@@ -88,6 +88,9 @@ def test_sample_py_runs_with_tools_and_lab_deleted(tmp_path, tokenizer_dir):
                               text=True, env={"PATH": os.environ.get("PATH", ""), "HF_HUB_OFFLINE": "1"})
         assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["00000.png", "00001.png"]
+    done = subprocess.run([sys.executable, "sample.py", "--random-weights", "lab", "--prompt", "a"],
+                          cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode != 0 and done.stderr.count("\n") == 1 and "lab-sd.safetensors" in done.stderr
 
 
 # What a student reads to follow one idea, as (file, function) pairs, and its budget in lines and files.

@@ -25,18 +25,16 @@ import time
 
 import torch
 
-from lab.vocab import SHIPPED_TOKENIZER
-from model import MODELS, compile_unet, load_checkpoint, random_weights
+from model import compile_unet, load_checkpoint, random_weights
 from model.checkpoint import ARCHITECTURES, CONFIG_KEY, read_metadata
 from model.compile import compiled_graphs
 from model.config import config_from_json
 from model.hardware import DTYPE_CHOICES, check_device, dtype_name, resolve_dtype
-from model.text import byte_tokenizer
 from model.unet import ATTENTION_BACKENDS, UNetModel, added_conditioning
 from prune import DaTo, SiTo, ToMe
 from sampler import SAMPLERS, unet_calls
 from sampler.generate import Sampling, Timer, check_size, generate
-from tools.cli import Parser, run_tool
+from tools.cli import RANDOM_ARCHITECTURES, Parser, architecture, run_tool
 from tools.measure import (
     compare,
     cpu_description,
@@ -166,7 +164,7 @@ def print_rows(rows, args, attention, device, dtype):
 def macs_table(args, methods):
     """--macs-only: every method's analytic MACs per image at --H x --W, printed (the UNet on the meta
     device: instant at any size, e.g. SDXL at 1024 px); MAC ratios against the command's run."""
-    config = MODELS[args.model]
+    config = architecture(args.model)[0]
     args.H, args.W = check_size(config, (args.H, args.W))
     with torch.device("meta"):
         unet = UNetModel(config.unet)
@@ -257,7 +255,7 @@ def vae_factor(args):
     except Exception:   # not a readable checkpoint: loading it says why
         metadata = {}
     stated = config_from_json(metadata[CONFIG_KEY]) if CONFIG_KEY in metadata else None
-    return (stated or (ARCHITECTURES[0] if args.ckpt else MODELS[args.model])).vae.factor
+    return (stated or (ARCHITECTURES[0] if args.ckpt else architecture(args.model)[0])).vae.factor
 
 
 def check_args(args):
@@ -326,11 +324,11 @@ def run(args):
             sd = load_checkpoint(args.ckpt, device=device, dtype=dtype)
             config, unet = sd.config, sd.unet
         elif args.e2e:   # a tokenizer whose ids fit the model's vocabulary (the lab model's is 564 ids)
-            tokenizer = SHIPPED_TOKENIZER if args.model == "lab" else byte_tokenizer()
-            sd = random_weights(MODELS[args.model], device=device, dtype=dtype, tokenizer=tokenizer)
+            config, tokenizer = architecture(args.model)
+            sd = random_weights(config, device=device, dtype=dtype, tokenizer=tokenizer, name=args.model)
             config, unet = sd.config, sd.unet
         else:   # timing the UNet needs the UNet only
-            config = MODELS[args.model]
+            config = architecture(args.model)[0]
             unet = random_unet(config, device, dtype)
         args.H, args.W = check_size(config, (args.H, args.W))
         if args.e2e:   # its tokenizer now, not after the timing: a missing one ends the run before it starts
@@ -367,7 +365,8 @@ def run(args):
 
 def main(argv=None):
     p = Parser(prog="python -m tools.bench", description=__doc__)
-    p.add_argument("--model", choices=list(MODELS), default="sd1", help="architecture with random weights (sd1)")
+    p.add_argument("--model", choices=RANDOM_ARCHITECTURES, default="sd1",
+                   help="architecture with random weights (sd1)")
     p.add_argument("--ckpt", help="time a real checkpoint instead of random weights")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="precision (auto: see above)")
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: the best available)")

@@ -11,9 +11,11 @@ from lab.cli import write_json  # noqa: F401  (shared with lab.*, re-exported)
 from model.hardware import dtype_name
 from sampler import cli as kit
 from sampler.cli import (  # noqa: F401  (the generation API's command line, re-exported for the tools)
+    RANDOM_ARCHITECTURES,
     Parser,
     add_model_flags,
     add_sampling_flags,
+    architecture,
     load_model,
     parse_numbers,
     read_prompts,
