@@ -4,14 +4,14 @@ Accepted: single files (`.safetensors`, memory-mapped; `.ckpt`/`.pt`, read with
 `torch.load(weights_only=True)`) such as v1-5-pruned-emaonly.safetensors, sd-v1-4.ckpt,
 v2-1_512-ema-pruned.safetensors, v2-1_768-ema-pruned.safetensors, sd_xl_base_1.0.safetensors, and
 diffusers-format folders (unet/, vae/, text_encoder/ (+ text_encoder_2/ for SDXL), tokenizer/,
-scheduler/). A single file holds
+scheduler/). A single file holds (-> attributes of StableDiffusion)
 
-    model.diffusion_model.*                 UNet        -> StableDiffusion.unet   (prefix stripped)
-    first_stage_model.*                     VAE         -> StableDiffusion.vae    (decoder part)
-    cond_stage_model.transformer.*          SD1 text    -> StableDiffusion.text   (transformers layout)
-    cond_stage_model.model.*                SD2 text    -> StableDiffusion.text   (OpenCLIP, converted)
-    conditioner.embedders.0.transformer.*   SDXL CLIP-L -> StableDiffusion.text.first
-    conditioner.embedders.1.model.*         SDXL bigG   -> StableDiffusion.text.second (OpenCLIP, converted)
+    model.diffusion_model.*                UNet        -> .unet   (prefix stripped)
+    first_stage_model.*                    VAE         -> .vae    (decoder part)
+    cond_stage_model.transformer.*         SD1 text    -> .text   (transformers layout)
+    cond_stage_model.model.*               SD2 text    -> .text   (OpenCLIP, converted)
+    conditioner.embedders.0.transformer.*  SDXL CLIP-L -> .text.first
+    conditioner.embedders.1.model.*        SDXL bigG   -> .text.second (OpenCLIP, converted)
 
 plus bookkeeping that inference ignores (IGNORED below). Everything else is an error that
 names the keys.
@@ -55,7 +55,8 @@ TEXT_PREFIXES = {"sd1": (CLIP,), "sd2": (OPENCLIP,), "sdxl": (XL_CLIP, XL_OPENCL
 # (sampler/schedule.py recomputes them), EMA bookkeeping, the VAE encoder, CLIP's position_ids
 # buffer and OpenCLIP's contrastive head.
 IGNORED = re.compile(
-    r"(betas|alphas_cumprod(_prev)?|sqrt_\w+|log_one_minus_alphas_cumprod|posterior_\w+|logvar|lvlb_weights"
+    r"(betas|alphas_cumprod(_prev)?|sqrt_\w+|log_one_minus_alphas_cumprod|posterior_\w+"
+    r"|logvar|lvlb_weights"
     r"|model_ema\.(decay|num_updates)"
     r"|first_stage_model\.(encoder|quant_conv)\..+"
     r"|cond_stage_model\..*position_ids|cond_stage_model\.model\.(text_projection|logit_scale)"
@@ -63,7 +64,7 @@ IGNORED = re.compile(
 
 # told apart by UNet width, context size and added-conditioning width
 ARCHITECTURES = (SD1, SD2, SDXL, TINY, TINY_SD2, TINY_SDXL)
-CONFIG_KEY, TOKENIZER_KEY = "sd_config", "tokenizer"   # .safetensors metadata (lab/export.py writes it)
+CONFIG_KEY, TOKENIZER_KEY = "sd_config", "tokenizer"   # metadata keys that lab/export.py writes
 
 
 @dataclass
@@ -72,30 +73,33 @@ class StableDiffusion:
     vae: AutoencoderKL
     text: TextEncoder | DualTextEncoder
     config: SDConfig
-    source: str = ""   # where the weights came from (a path, or "random weights: <preset>"), for the record
+    source: str = ""   # where the weights came from: a path, or "random weights: <preset>"
 
     @classmethod
     def build(cls, config, tokenizer=None):
-        """The architecture at random init (on the current default device; use `meta` to skip init)."""
+        """The architecture at random init, on the current default device (`meta` skips init)."""
         text = (DualTextEncoder(config.text, config.text2, tokenizer) if config.text2 else
                 TextEncoder(config.text, tokenizer))
-        return cls(UNetModel(config.unet), AutoencoderKL(config.vae, config.scale_factor), text, config)
+        return cls(UNetModel(config.unet), AutoencoderKL(config.vae, config.scale_factor), text,
+                   config)
 
     def condition(self, prompts, size, negative=False):
-        """What the UNet is conditioned on for `prompts` at image `size` (H, W): the context [B, 77, C],
-        or for a UNet with added conditioning (SDXL) a dict of the context and y [B, adm_in_channels]:
-        bigG's pooled embedding, then the Fourier embeddings of the original size (H, W), the crop's
-        top-left corner (0, 0) and the target size (H, W), as generative-models and diffusers build it.
-        `negative`: these are the unconditional prompts; an empty one is then the zero text embedding
-        where the config says so (SDXL; diffusers does it for no negative prompt, generative-models' demo
-        zeroes the unconditional text always), the size part stays."""
+        """What the UNet is conditioned on for `prompts` at image `size` (H, W): the context
+        [B, 77, C], or for a UNet with added conditioning (SDXL) a dict of the context and
+        y [B, adm_in_channels]: bigG's pooled embedding, then the Fourier embeddings of the original
+        size (H, W), the crop's top-left corner (0, 0) and the target size (H, W).
+        `negative`: these are the unconditional prompts; an empty one is then the zero text
+        embedding where the config says so (SDXL: docs/sdxl.md), the size part stays."""
         context, pooled = self.text.encode(prompts)
         if negative and self.config.force_zeros_for_empty_prompt and not any(prompts):
-            context, pooled = torch.zeros_like(context), pooled if pooled is None else torch.zeros_like(pooled)
+            context, pooled = (torch.zeros_like(context),
+                               pooled if pooled is None else torch.zeros_like(pooled))
         if not self.config.unet.adm_in_channels:
             return context
-        ids = torch.tensor([*size, 0, 0, *size], device=pooled.device).repeat(len(prompts), 1)   # [B, 6]
-        return {"context": context, "y": added_conditioning(pooled, ids, self.config.size_embed_dim)}
+        ids = torch.tensor([*size, 0, 0, *size],
+                           device=pooled.device).repeat(len(prompts), 1)   # [B, 6]
+        return {"context": context,
+                "y": added_conditioning(pooled, ids, self.config.size_embed_dim)}
 
     @property
     def device(self):
@@ -107,10 +111,12 @@ class StableDiffusion:
         return self.unet.out[2].weight.dtype
 
     def to(self, device=None, dtype=None):
-        """Move and cast; a VAE with force_upcast (SDXL's overflows in fp16) stays fp32 when the rest is fp16."""
+        """Move and cast; a VAE with force_upcast (SDXL's overflows in fp16) stays fp32 when the
+        rest is fp16."""
         for m in (self.unet, self.vae, self.text):
             upcast = m is self.vae and dtype == torch.float16 and self.config.vae.force_upcast
-            m.to(device=device, dtype=torch.float32 if upcast else dtype).eval().requires_grad_(False)
+            m.to(device=device,
+                 dtype=torch.float32 if upcast else dtype).eval().requires_grad_(False)
         self.unet.channels_last()   # loaded weights arrive in the file's (NCHW) layout
         return self
 
@@ -132,7 +138,8 @@ def random_weights(config, *, device="cpu", dtype=torch.float32, tokenizer=None,
 # reading files
 
 def _read_component(folder, name):
-    """diffusers component weights: <folder>/<name>/{diffusion_pytorch_model,model}[.fp16].{safetensors,bin}."""
+    """diffusers component weights: the first of
+    <folder>/<name>/{diffusion_pytorch_model,model,pytorch_model}[.fp16].{safetensors,bin}."""
     for stem in ("diffusion_pytorch_model", "model", "pytorch_model"):
         for variant in ("", ".fp16"):
             for ext in (".safetensors", ".bin"):
@@ -143,20 +150,24 @@ def _read_component(folder, name):
 
 
 def _read_folder(path):
-    """diffusers folder -> (unet, vae, [text encoders' weights]) under our names, and the scheduler's
-    prediction type. The renaming depends only on the block structure, read from the keys."""
+    """diffusers folder -> (unet, vae, [text encoders' weights]) under our names, and the
+    scheduler's prediction type. The renaming depends only on the block structure, read from the
+    keys."""
     unet = diffusers_unet_to_ldm(_read_component(path, "unet"))
     vae = diffusers_vae_to_ldm(_read_component(path, "vae"), SD1.vae)
-    names = ["text_encoder"] + (["text_encoder_2"] if os.path.isdir(os.path.join(path, "text_encoder_2")) else [])
+    names = ["text_encoder"] + (
+        ["text_encoder_2"] if os.path.isdir(os.path.join(path, "text_encoder_2")) else [])
     text = [{("" if k.startswith(("text_model.", "text_projection.")) else "text_model.") + k: v
-             for k, v in _read_component(path, name).items() if not k.endswith("position_ids")} for name in names]
+             for k, v in _read_component(path, name).items() if not k.endswith("position_ids")}
+            for name in names]
     scheduler = os.path.join(path, "scheduler", "scheduler_config.json")
     if not os.path.isfile(scheduler):   # no record: SD2 gets guessed from the weights
         return unet, vae, text, None
     with open(scheduler) as f:
         kind = json.load(f).get("prediction_type", "epsilon")
     if kind not in ("epsilon", "v_prediction"):
-        raise CheckpointError(f"{scheduler}: prediction_type {kind!r} is not supported (epsilon or v_prediction)")
+        raise CheckpointError(f"{scheduler}: prediction_type {kind!r} is not supported "
+                              "(epsilon or v_prediction)")
     return unet, vae, text, {"epsilon": "eps", "v_prediction": "v"}[kind]
 
 
@@ -164,29 +175,33 @@ def _read_folder(path):
 # splitting into components and recognising the architecture
 
 def _split_single_file(state, path):
-    """Official single-file state dict -> (unet, vae, {text prefix: its keys}), prefixes stripped."""
+    """Single-file state dict -> (unet, vae, {text prefix: its keys}), prefixes stripped."""
     if any(k.startswith("conditioner.embedders.0.model.") for k in state):
-        raise CheckpointError(f"{path}: this is the SDXL refiner (its only text encoder is OpenCLIP bigG); "
-                              "only the SDXL base model is supported")
+        raise CheckpointError(f"{path}: this is the SDXL refiner (its only text encoder is "
+                              "OpenCLIP bigG); only the SDXL base model is supported")
     unet = _ema_unet(state)
-    vae = {k[len(VAE):]: v for k, v in state.items() if k.startswith(VAE) and not IGNORED.fullmatch(k)}
-    texts = {prefix: {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and not IGNORED.fullmatch(k)}
+    vae = {k[len(VAE):]: v for k, v in state.items()
+           if k.startswith(VAE) and not IGNORED.fullmatch(k)}
+    texts = {prefix: {k[len(prefix):]: v for k, v in state.items()
+                      if k.startswith(prefix) and not IGNORED.fullmatch(k)}
              for prefix in (CLIP, OPENCLIP, XL_CLIP, XL_OPENCLIP)}
-    unknown = [k for k in state if not k.startswith((UNET, VAE, *texts, "model_ema.")) and not IGNORED.fullmatch(k)]
+    unknown = [k for k in state
+               if not k.startswith((UNET, VAE, *texts, "model_ema.")) and not IGNORED.fullmatch(k)]
     if unknown:
-        raise CheckpointError(f"{path}: keys that belong to no SD 1.x/2.x/XL component: {_few(unknown)}")
+        raise CheckpointError(f"{path}: keys that belong to no SD 1.x/2.x/XL component: "
+                              f"{_few(unknown)}")
     return unet, vae, texts
 
 
 def _text_states(texts, config, path):
-    """The text encoders' weights of the file, in transformers' layout, one per encoder of `config`."""
+    """The file's text-encoder weights in transformers' layout, one per encoder of `config`."""
     wanted = TEXT_PREFIXES[config.version]
     if strays := [p + k for p, keys in texts.items() if p not in wanted for k in keys]:
         raise CheckpointError(f"{path}: text-encoder keys of another SD generation beside a "
                               f"{config.version.upper()} UNet: {_few(strays)}")
     configs = (config.text, config.text2) if config.text2 else (config.text,)
-    return [openclip_to_hf(texts[p], c.layers, c.projection) if p in (OPENCLIP, XL_OPENCLIP) else texts[p]
-            for p, c in zip(wanted, configs, strict=True)]
+    return [openclip_to_hf(texts[p], c.layers, c.projection) if p in (OPENCLIP, XL_OPENCLIP)
+            else texts[p] for p, c in zip(wanted, configs, strict=True)]
 
 
 def _ema_unet(state):
@@ -201,28 +216,31 @@ def _ema_unet(state):
 
 
 def _detect(unet, where):
-    """The preset whose UNet this state dict is, judged from the input conv, cross-attention and added
-    conditioning shapes."""
+    """The preset whose UNet this state dict is, judged from the input conv, cross-attention and
+    added conditioning shapes."""
     conv = unet.get("input_blocks.0.0.weight")
     to_k = next((v for k, v in sorted(unet.items()) if k.endswith(".attn2.to_k.weight")), None)
     if conv is None or to_k is None:
-        raise CheckpointError(f"{where}: no Stable Diffusion UNet found (expected model.diffusion_model.input_blocks.* "
-                              f"keys; found e.g. {_few(unet or ['nothing'])})")
+        raise CheckpointError(f"{where}: no Stable Diffusion UNet found (expected "
+                              "model.diffusion_model.input_blocks.* keys; found e.g. "
+                              f"{_few(unet or ['nothing'])})")
     if conv.shape[1] != 4:
-        kind = {9: "an inpainting", 8: "an instruct-pix2pix", 5: "a depth-conditioned"}.get(conv.shape[1], "an unknown")
-        raise CheckpointError(f"{where}: the UNet takes {conv.shape[1]} input channels, which makes it {kind} model; "
-                              "only text-to-image UNets (4 channels) are supported")
+        kind = {9: "an inpainting", 8: "an instruct-pix2pix", 5: "a depth-conditioned"}.get(
+            conv.shape[1], "an unknown")
+        raise CheckpointError(f"{where}: the UNet takes {conv.shape[1]} input channels, which "
+                              f"makes it {kind} model; only text-to-image UNets (4 channels) are "
+                              "supported")
     adm = unet["label_emb.0.0.weight"].shape[1] if "label_emb.0.0.weight" in unet else 0
     if adm and (conv.shape[0], to_k.shape[1]) == (384, 1280):
-        raise CheckpointError(f"{where}: this is the SDXL refiner (384-channel UNet, 1280-wide context); only the SDXL "
-                              "base model is supported")
+        raise CheckpointError(f"{where}: this is the SDXL refiner (384-channel UNet, 1280-wide "
+                              "context); only the SDXL base model is supported")
     for config in ARCHITECTURES:
         if (config.unet.model_channels, config.unet.context_dim, config.unet.adm_in_channels) == (
                 conv.shape[0], to_k.shape[1], adm):
             return config
-    raise CheckpointError(f"{where}: UNet with {conv.shape[0]} base channels, {to_k.shape[1]}-wide context and "
-                          f"{adm}-wide added conditioning matches none of SD 1.x (320, 768, 0), SD 2.x (320, 1024, 0) "
-                          "and SDXL base (320, 2048, 2816)")
+    raise CheckpointError(f"{where}: UNet with {conv.shape[0]} base channels, {to_k.shape[1]}-wide "
+                          f"context and {adm}-wide added conditioning matches none of SD 1.x "
+                          "(320, 768, 0), SD 2.x (320, 1024, 0) and SDXL base (320, 2048, 2816)")
 
 
 def _guess_prediction(unet, where):
@@ -234,7 +252,8 @@ def _guess_prediction(unet, where):
     bias = bias.float()
     guess = "v" if bias.std(unbiased=False) > 0.09 else "eps"
     print(f"{where}: SD2 checkpoint, guessed {guess}-prediction"
-          f"{' (768 model)' if guess == 'v' else ' (512-base model)'}; pass prediction='eps'|'v' to override")
+          f"{' (768 model)' if guess == 'v' else ' (512-base model)'}; "
+          "pass prediction='eps'|'v' to override")
     return guess
 
 
@@ -251,15 +270,18 @@ def _load(module, state, what, where, config):
     shapes = [f"{k} {tuple(state[k].shape)} (expected {tuple(expected[k])})"
               for k in expected.keys() & state.keys() if state[k].shape != expected[k]]
     if missing or unexpected or shapes:
-        raise CheckpointError(f"{where}: the {what} weights do not fit the detected {config.version.upper()} "
-                              f"architecture ({config.unet.model_channels}-channel UNet, "
+        raise CheckpointError(f"{where}: the {what} weights do not fit the detected "
+                              f"{config.version.upper()} architecture "
+                              f"({config.unet.model_channels}-channel UNet, "
                               f"{config.unet.context_dim}-wide context):"
                               + (f"\n  missing: {_few(missing)}" if missing else "")
                               + (f"\n  unexpected: {_few(unexpected)}" if unexpected else "")
                               + (f"\n  wrong shape: {_few(shapes)}" if shapes else ""))
-    if broken := [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]:
-        raise CheckpointError(f"{where}: the {what} weights hold NaN or inf in {len(broken)} tensor(s) "
-                              f"({_few(broken, 3)}); the file is damaged: download or export it again")
+    if broken := [k for k, v in state.items()
+                  if v.is_floating_point() and not torch.isfinite(v).all()]:
+        raise CheckpointError(f"{where}: the {what} weights hold NaN or inf in {len(broken)} "
+                              f"tensor(s) ({_few(broken, 3)}); the file is damaged: download or "
+                              "export it again")
     module.load_state_dict(state, strict=True, assign=True)
 
 
@@ -281,12 +303,13 @@ def _stated_config(metadata, path):
 
 
 def load_checkpoint(path, *, device="cpu", dtype=torch.float32, prediction=None, tokenizer=None):
-    """Load an SD 1.x / 2.x checkpoint -> StableDiffusion(unet, vae, text, config).
+    """Load an SD 1.x / 2.x / XL checkpoint -> StableDiffusion(unet, vae, text, config).
 
     path: .safetensors / .ckpt single file or a diffusers folder.
-    dtype: "auto" (fp16 on GPUs, bf16 on CPUs with native bf16 units, else fp32; see model/hardware.py),
-        or a name or torch dtype: torch.float32 (reference), torch.bfloat16 (CPUs with AVX512-BF16/AMX, GPUs),
-        torch.float16 (GPUs; SD2 attention is then computed in fp32 to avoid black images).
+    dtype: "auto" (fp16 on GPUs, bf16 on CPUs with native bf16 units, else fp32; see
+        model/hardware.py), or a name or torch dtype: torch.float32 (reference), torch.bfloat16
+        (CPUs with AVX512-BF16/AMX, GPUs), torch.float16 (GPUs; SD2 attention is then computed in
+        fp32 to avoid black images).
     prediction: "eps" | "v" | None (guess: SD1 is eps; SD2 from the weights, the guess is printed).
     tokenizer: CLIPTokenizer, folder with vocab.json + merges.txt, or hub id; default the diffusers
         folder's tokenizer/, else openai/clip-vit-large-patch14 (downloaded on first use).
@@ -311,9 +334,10 @@ def load_checkpoint(path, *, device="cpu", dtype=torch.float32, prediction=None,
         if tokenizer is None and TOKENIZER_KEY in metadata:   # shipped beside the weights
             tokenizer = os.path.join(os.path.dirname(path), metadata[TOKENIZER_KEY])
     if prediction == "v" and config.version == "sd1":
-        warnings.warn(f"{path}: SD 1.x models predict eps; forcing v-prediction (--prediction v) makes noise",
-                      stacklevel=2)
-    prediction = prediction or stated or (_guess_prediction(unet, path) if config.version == "sd2" else None)
+        warnings.warn(f"{path}: SD 1.x models predict eps; forcing v-prediction (--prediction v) "
+                      "makes noise", stacklevel=2)
+    prediction = prediction or stated or (
+        _guess_prediction(unet, path) if config.version == "sd2" else None)
     if prediction not in (None, config.prediction):
         config = SD2_V if config is SD2 else replace(config, prediction=prediction)
 
@@ -323,7 +347,8 @@ def load_checkpoint(path, *, device="cpu", dtype=torch.float32, prediction=None,
     _load(model.vae, vae, "VAE", path, config)
     encoders = model.text.encoders
     for n, (encoder, text) in enumerate(zip(encoders, texts, strict=True)):
-        _load(encoder.transformer, encoder.adapt_keys(text), "text encoder" + (f" {n + 1}" if n else ""), path, config)
+        _load(encoder.transformer, encoder.adapt_keys(text),
+              "text encoder" + (f" {n + 1}" if n else ""), path, config)
         encoder.reset_position_ids()
     model.source = path
     return model.to(device, resolve_dtype(dtype, device))

@@ -33,7 +33,8 @@ def transformer_macs(st, hw, context_len, keep, matmuls):
         macs += a * c * inner + 2 * kv * c * inner + a * inner * c   # self-attention q, k, v, out
         if x:   # cross-attention (none when its output is read from a cache, T-GATE)
             macs += x * c * inner + 2 * context_len * ctx * inner + x * inner * c
-        macs += f * (c * block.ff.net[0].proj.out_features + block.ff.net[2].in_features * c)   # GEGLU, out
+        macs += f * (c * block.ff.net[0].proj.out_features
+                     + block.ff.net[2].in_features * c)   # GEGLU, out
         if matmuls:
             macs += 2 * a * kv * inner + 2 * x * context_len * inner
     return macs
@@ -47,7 +48,8 @@ def block_macs(block, c_hw, emb_dim, context_len, keep, matmuls, out_size=None):
     for layer in block:
         if isinstance(layer, ResBlock):
             conv1, conv2 = layer.in_layers[2], layer.out_layers[3]
-            macs += conv_macs(conv1, (h, w)) + conv_macs(conv2, (h, w)) + emb_dim * conv1.out_channels
+            macs += (conv_macs(conv1, (h, w)) + conv_macs(conv2, (h, w))
+                     + emb_dim * conv1.out_channels)
             if isinstance(layer.skip_connection, nn.Conv2d):
                 macs += conv_macs(layer.skip_connection, (h, w))
             c = conv1.out_channels
@@ -81,17 +83,20 @@ def unet_macs(unet, hw, context_len=77, depth=None, keep=None, matmuls=False):
     depth = n if depth is None else depth
     c_hw, skips = (unet.config.in_channels, *hw), []
     for i, block in enumerate(unet.input_blocks[:depth]):
-        out[f"input_blocks.{i}"], c_hw = block_macs(block, c_hw, emb_dim, context_len, keep, matmuls)
+        out[f"input_blocks.{i}"], c_hw = block_macs(block, c_hw, emb_dim, context_len, keep,
+                                                    matmuls)
         skips.append(c_hw)
     if depth >= n:
-        out["middle_block"], c_hw = block_macs(unet.middle_block, c_hw, emb_dim, context_len, keep, matmuls)
-    elif depth:   # the up path starts from a remembered output, as wide as the first block's input minus the skip
+        out["middle_block"], c_hw = block_macs(unet.middle_block, c_hw, emb_dim, context_len, keep,
+                                               matmuls)
+    elif depth:   # up path starts from a remembered output: first up block's input minus the skip
         joined = unet.output_blocks[n - depth][0].in_layers[2].in_channels
         c_hw = (joined - skips[-1][0], *skips[-1][1:])
     for i in range(n - depth, n):
         skip = skips.pop()
         joined = (c_hw[0] + skip[0], *skip[1:])
-        out[f"output_blocks.{i}"], c_hw = block_macs(unet.output_blocks[i], joined, emb_dim, context_len, keep, matmuls,
+        out[f"output_blocks.{i}"], c_hw = block_macs(unet.output_blocks[i], joined, emb_dim,
+                                                     context_len, keep, matmuls,
                                                      out_size=skips[-1][1:] if skips else None)
     h, w = hw
     out["out"] = conv_macs(unet.out[2], (h, w))

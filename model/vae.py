@@ -42,7 +42,8 @@ class AttnBlock(nn.Module):
         b, c, h, w = x.shape
         y = self.norm(x)
         # [B, C, h, w] -> [B, 1, h*w, C]
-        q, k, v = (t.reshape(b, 1, c, h * w).transpose(-1, -2) for t in (self.q(y), self.k(y), self.v(y)))
+        q, k, v = (t.reshape(b, 1, c, h * w).transpose(-1, -2)
+                   for t in (self.q(y), self.k(y), self.v(y)))
         y = F.scaled_dot_product_attention(q, k, v).transpose(-1, -2).reshape(b, c, h, w)
         return x + self.proj_out(y)
 
@@ -58,8 +59,8 @@ class Upsample(nn.Module):
 
 def mid_block(channels):
     mid = nn.Module()
-    mid.block_1, mid.attn_1, mid.block_2 = ResnetBlock(channels, channels), AttnBlock(channels), ResnetBlock(
-        channels, channels)
+    mid.block_1, mid.attn_1, mid.block_2 = (ResnetBlock(channels, channels), AttnBlock(channels),
+                                            ResnetBlock(channels, channels))
     return mid
 
 
@@ -70,7 +71,7 @@ class Decoder(nn.Module):
         self.conv_in = nn.Conv2d(cfg.z_channels, ch, 3, padding=1)
         self.mid = mid_block(ch)
         levels = []
-        for i, mult in reversed(list(enumerate(cfg.ch_mult))):  # built deepest first, stored as up.0 ... up.3
+        for i, mult in reversed(list(enumerate(cfg.ch_mult))):  # deepest (up.3) built first
             level = nn.Module()
             level.block = nn.ModuleList()
             for _ in range(cfg.num_res_blocks + 1):
@@ -104,6 +105,7 @@ class AutoencoderKL(nn.Module):
         self.decoder = Decoder(cfg)
 
     def decode(self, latent):
-        """[B, z, h, w] sampler latent -> [B, 3, f*h, f*w] image in [-1, 1] (clamped; f: VAEConfig.factor)."""
+        """[B, z, h, w] sampler latent -> [B, 3, f*h, f*w] image in [-1, 1], clamped
+        (f: VAEConfig.factor)."""
         z = latent.to(self.post_quant_conv.weight.dtype) / self.scale_factor
         return self.decoder(self.post_quant_conv(z)).clamp(-1, 1)

@@ -1,10 +1,11 @@
 """Text to image on a loaded model: the one generation API that sample.py, bench.py, evaluate.py
 and search.py share. Load once, then render any number of settings from the same weights:
 
+    from accel import PRESETS
     sd = load_checkpoint("v1-5-pruned-emaonly.safetensors")
-    settings = Sampling(steps=50, seed=42, accel=PRESETS["dato-coco"].acceleration())   # PRESETS: accel/
-    images = generate(sd, ["a red fox in the snow"], settings)   # PIL images, settings in image.info["parameters"]
-    save_pngs(images, "outputs")                            # numbered PNGs with that metadata, never overwriting
+    settings = Sampling(steps=50, seed=42, accel=PRESETS["dato-coco"].acceleration())
+    images = generate(sd, ["a red fox in the snow"], settings)   # PIL images with their settings
+    save_pngs(images, "outputs")   # numbered PNGs keeping those settings, never overwriting
 
 Image k of a call starts from noise seeded with seed + k, drawn on the CPU in fp32, so the same
 (prompt, seed, batch) gives the same image on every device and in every tool.
@@ -33,16 +34,19 @@ MAX_SEED = 2 ** 64 - 1   # torch.Generator.manual_seed takes seeds up to this
 class Sampling:
     """How to sample; every field has the recommended default.
 
-    steps: sampler steps (50 for PLMS, the papers' setting: 51 UNet calls; 10-25 for DPM++ and UniPC).
+    steps: sampler steps, 50 for PLMS (the papers' setting: 51 UNet calls), 10-25 for DPM++/UniPC.
     scale: guidance (None: the model's, 7.5 for SD1, 9.0 for SD2; 1 turns guidance off).
-    sampler: a name of sampler.SAMPLERS: "plms", "ddim", "dpmpp-2m", "dpmpp-2m-karras", "unipc", "euler", "euler-a".
+    sampler: a name of sampler.SAMPLERS: "plms", "ddim", "dpmpp-2m", "dpmpp-2m-karras", "unipc",
+        "euler", "euler-a".
     eta: DDIM noise (0).
     seed: image k of a generate() call starts from seed + k (mod 2**64, torch's seed range).
-    size: (H, W) in pixels, multiples of the VAE factor (None, or a None side: the model's native size).
+    size: (H, W) in pixels, multiples of the VAE factor (None, or a None side: the model's
+        native size).
     dtype: None keeps the model's precision; "auto" | "fp32" | "bf16" | "fp16" casts the model
         first (load it in the precision you want: casting back up does not restore bits).
-    attention: "sdpa" | "math". accel: an accel.Acceleration (token methods, caching, guidance per call,
-        skipped calls, timesteps) or None; anything with its check(calls, sigmas), check_unet(unet, hw, calls,
+    attention: "sdpa" | "math".
+    accel: an accel.Acceleration (token methods, caching, guidance per call, skipped calls,
+        timesteps) or None; anything with its check(calls, sigmas), check_unet(unet, hw, calls,
         rows), start(calls, seed, guided, sigmas), timesteps and record() will do.
     negative_prompt: the unconditional prompt (""). batch_size: images per sampler batch (1).
     """
@@ -61,30 +65,40 @@ class Sampling:
     def __post_init__(self):
         check_args(self.steps, 1.0 if self.scale is None else self.scale, self.sampler, self.eta)
         if not is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
-            raise SettingError("seed", f"{self.seed!r}: must be a whole number between 0 and 2**64 - 1")
-        if self.size is not None and (not isinstance(self.size, (tuple, list)) or len(self.size) != 2):
-            raise SettingError("size", f"must be (H, W) in pixels (None: the model's native side), got {self.size!r}")
+            raise SettingError("seed", f"{self.seed!r}: must be a whole number between 0 and "
+                               "2**64 - 1")
+        if self.size is not None and (not isinstance(self.size, (tuple, list))
+                                      or len(self.size) != 2):
+            raise SettingError("size", "must be (H, W) in pixels (None: the model's native side), "
+                               f"got {self.size!r}")
         for name, side in zip(("H", "W"), self.size or (None, None), strict=True):
             if not (side is None or is_int(side) and side > 0):
-                raise SettingError(name, f"{side!r} must be a positive multiple of the VAE factor (8 for SD; "
-                                   "size is (H, W) in pixels; None: the model's native side)")
+                raise SettingError(name, f"{side!r} must be a positive multiple of the VAE "
+                                   "factor (8 for SD; size is (H, W) in pixels; None: the model's "
+                                   "native side)")
         if self.dtype is not None and self.dtype not in DTYPE_CHOICES:
-            raise SettingError("dtype", f"{self.dtype!r} is not a precision; choose one of {', '.join(DTYPE_CHOICES)}")
+            raise SettingError("dtype", f"{self.dtype!r} is not a precision; choose one of "
+                               f"{', '.join(DTYPE_CHOICES)}")
         if self.attention not in ATTENTION_BACKENDS:
-            raise SettingError("attention", f"{self.attention!r}: choose one of {', '.join(ATTENTION_BACKENDS)}")
+            raise SettingError("attention", f"{self.attention!r}: choose one of "
+                               f"{', '.join(ATTENTION_BACKENDS)}")
         methods = ("check", "check_unet", "start", "record")
         if self.accel is not None and not all(hasattr(self.accel, m) for m in methods):
-            raise ValueError(f"accel must be an accel.Acceleration or None, got {type(self.accel).__name__}")
+            raise ValueError("accel must be an accel.Acceleration or None, got "
+                             f"{type(self.accel).__name__}")
         if not isinstance(self.negative_prompt, str):
-            raise SettingError("negative_prompt", f"must be text, got {type(self.negative_prompt).__name__}")
+            raise SettingError("negative_prompt", "must be text, got "
+                               f"{type(self.negative_prompt).__name__}")
         if self.negative_prompt and self.scale == 1:
-            warnings.warn("the negative prompt is unused at guidance scale 1 (no guidance: only the prompt is "
-                          "sampled)", stacklevel=3)
+            warnings.warn("the negative prompt is unused at guidance scale 1 (no guidance: only "
+                          "the prompt is sampled)", stacklevel=3)
         if not is_int(self.batch_size) or self.batch_size < 1:
-            raise SettingError("batch_size", f"(images per batch) must be >= 1, got {self.batch_size!r}")
-        if self.accel is not None:   # schedules must fit this sampler and step count (and its noise levels)
+            raise SettingError("batch_size", "(images per batch) must be >= 1, got "
+                               f"{self.batch_size!r}")
+        if self.accel is not None:   # schedules must fit this sampler, step count and noise levels
             timesteps = getattr(self.accel, "timesteps", None) or None
-            self.accel.check(unet_calls(self.steps, self.sampler), call_sigmas(self.sampler, self.steps, timesteps))
+            self.accel.check(unet_calls(self.steps, self.sampler),
+                             call_sigmas(self.sampler, self.steps, timesteps))
 
 
 def is_int(value):
@@ -95,31 +109,34 @@ def check_prompts(prompts):
     """A str is one prompt; otherwise a non-empty list of str."""
     if isinstance(prompts, str):
         return [prompts]
-    if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
+    if (not isinstance(prompts, (list, tuple)) or not prompts
+            or not all(isinstance(p, str) for p in prompts)):
         raise ValueError("prompts must be a prompt (str) or a non-empty list of prompts")
     return list(prompts)
 
 
 def check_size(config, size):
-    """(H, W) or None -> (H, W) that a model of this SDConfig can decode; warns far beyond its training size
-    and below the size its UNet's downsamplings need (SD: 64 px, a latent of 8 halved 3 times), refuses half that."""
+    """(H, W) or None -> (H, W) that a model of this SDConfig can decode; warns far beyond its
+    training size and below the size its UNet's downsamplings need (SD: 64 px, a latent of 8
+    halved 3 times), refuses half that."""
     factor, native = config.vae.factor, config.image_size
     halvings = len(config.unet.channel_mult) - 1
     least = factor * 2 ** halvings   # the deepest level keeps a whole cell
     H, W = (native if side is None else side for side in size or (None, None))
     for name, side in (("H", H), ("W", W)):
         if side <= 0 or side % factor:
-            raise SettingError(name, f"{side} must be a positive multiple of {factor} (the VAE works on "
-                               f"{factor}x{factor} pixel cells)")
+            raise SettingError(name, f"{side} must be a positive multiple of {factor} (the VAE "
+                               f"works on {factor}x{factor} pixel cells)")
         if side < least:
-            problem = (f"{side} px is below this model's smallest size, {least} px: its latent ({side // factor}) is "
-                       f"halved {halvings} times by the UNet")
+            problem = (f"{side} px is below this model's smallest size, {least} px: its latent "
+                       f"({side // factor}) is halved {halvings} times by the UNet")
             if 2 * side < least:
                 raise SettingError(name, problem + ", leaving nothing to draw with")
             warnings.warn(f"{name} {problem}; the image will be mostly noise", stacklevel=3)
         if side > 4 * native:
-            warnings.warn(f"{name} {side}: far beyond this model's {native} px training size (images repeat "
-                          "and memory grows with the square of the side)", stacklevel=3)
+            warnings.warn(f"{name} {side}: far beyond this model's {native} px training size "
+                          "(images repeat and memory grows with the square of the side)",
+                          stacklevel=3)
     return H, W
 
 
@@ -137,7 +154,8 @@ class Timer:
 
 def to_pil(images):
     """[B, 3, H, W] in [-1, 1] -> PIL images."""
-    pixels = ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
+    pixels = (((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+              .permute(0, 2, 3, 1).cpu())
     return [Image.fromarray(p.numpy()) for p in pixels]
 
 
@@ -149,8 +167,8 @@ def from_pil(images):
 
 
 def prepare(sd, settings):
-    """Put the model in the run's precision and attention; check what needs the model (size, what the
-    acceleration acts on; the run itself was checked when the Sampling was made). -> (H, W)."""
+    """Put the model in the run's precision and attention; check what needs the model (size, what
+    the acceleration acts on; the run itself was checked when the Sampling was made). -> (H, W)."""
     if settings.dtype is not None:
         dtype = resolve_dtype(settings.dtype, sd.device)
         if dtype != sd.dtype:
@@ -158,7 +176,7 @@ def prepare(sd, settings):
     sd.unet.set_attention(settings.attention)
     H, W = check_size(sd.config, settings.size)
     if settings.accel is not None:   # what the acceleration needs of this UNet at this size
-        rows = settings.batch_size * (1 if settings.scale == 1 else 2)   # guided batches are [uncond; cond]
+        rows = settings.batch_size * (1 if settings.scale == 1 else 2)   # guided: [uncond; cond]
         settings.accel.check_unet(sd.unet, (H // sd.config.vae.factor, W // sd.config.vae.factor),
                                   unet_calls(settings.steps, settings.sampler), rows)
     return H, W
@@ -168,7 +186,8 @@ def generate_batches(sd, prompts, settings, *, progress=False, timer=None):
     """Yield (images, latents) per batch of settings.batch_size prompts, in order; each PIL image
     carries its settings as JSON in image.info["parameters"] (what save_pngs writes)."""
     if not hasattr(sd, "condition") or not hasattr(sd, "unet"):
-        raise ValueError(f"generate() takes a loaded model (model.load_checkpoint(path)), got {type(sd).__name__}")
+        raise ValueError("generate() takes a loaded model (model.load_checkpoint(path)), got "
+                         f"{type(sd).__name__}")
     if not isinstance(settings, Sampling):
         raise ValueError(f"generate()'s settings must be a Sampling, got {type(settings).__name__}")
     prompts = check_prompts(prompts)
@@ -178,9 +197,10 @@ def generate_batches(sd, prompts, settings, *, progress=False, timer=None):
     scale = config.guidance if settings.scale is None else settings.scale
     shape = (config.vae.z_channels, H // config.vae.factor, W // config.vae.factor)
     metadata = dict(negative_prompt=settings.negative_prompt, steps=settings.steps, scale=scale,
-                    sampler=settings.sampler, eta=settings.eta, H=H, W=W, checkpoint=sd.source, model=config.version,
-                    prediction=config.prediction, dtype=dtype_name(sd.dtype),
-                    attention=settings.attention, acceleration=settings.accel.record() if settings.accel else None)
+                    sampler=settings.sampler, eta=settings.eta, H=H, W=W, checkpoint=sd.source,
+                    model=config.version, prediction=config.prediction, dtype=dtype_name(sd.dtype),
+                    attention=settings.attention,
+                    acceleration=settings.accel.record() if settings.accel else None)
     with torch.inference_mode():
         for k in range(0, len(prompts), settings.batch_size):
             batch = prompts[k:k + settings.batch_size]
@@ -188,32 +208,36 @@ def generate_batches(sd, prompts, settings, *, progress=False, timer=None):
             cond = timer("text", sd.condition, batch, (H, W))
             negatives = [settings.negative_prompt] * len(batch)
             uncond = timer("text", sd.condition, negatives, (H, W), True) if scale != 1 else None
-            x_T = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
-            loop = run_steps(sd.unet, x_T.to(device), cond, uncond, settings.steps, scale, settings.sampler,
-                             settings.eta, config.prediction, settings.accel, seeds[0])
+            x_T = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s))
+                               for s in seeds])
+            loop = run_steps(sd.unet, x_T.to(device), cond, uncond, settings.steps, scale,
+                             settings.sampler, settings.eta, config.prediction, settings.accel,
+                             seeds[0])
             which = f"images {k}-{k + len(batch) - 1}"
-            last = timer("unet", final_step, tqdm(loop, total=settings.steps, desc=which, disable=not progress))
+            last = timer("unet", final_step,
+                         tqdm(loop, total=settings.steps, desc=which, disable=not progress))
             latent = check_finite(last.x, which, sd.dtype)
             images = to_pil(timer("decode", sd.vae.decode, latent.to(device)))
             for i, (prompt, seed, image) in enumerate(zip(batch, seeds, images, strict=True)):
-                stop = {} if last.stops is None else {"guidance_stopped_at": last.stops[i]}   # what it cost
-                image.info["parameters"] = json.dumps(dict(prompt=prompt, seed=seed, **metadata, **stop),
-                                                      allow_nan=False)
+                # adaptive guidance: record what it cost
+                stop = {} if last.stops is None else {"guidance_stopped_at": last.stops[i]}
+                image.info["parameters"] = json.dumps(
+                    dict(prompt=prompt, seed=seed, **metadata, **stop), allow_nan=False)
             yield images, latent
 
 
 def check_finite(latent, which, dtype):
-    """The sampled latent, unless it holds NaN or inf (which decode to black): one line saying why instead."""
+    """The sampled latent; NaN or inf (which decode to black) raise a one-line error instead."""
     if not torch.isfinite(latent).all():
-        hint = "fp16 overflows in some models: load in bf16 or fp32" if dtype == torch.float16 else \
-            "the weights or the guidance scale overflow"
+        hint = ("fp16 overflows in some models: load in bf16 or fp32" if dtype == torch.float16
+                else "the weights or the guidance scale overflow")
         raise ValueError(f"{which}: the sampled latent holds NaN or inf ({hint}); no image written")
     return latent
 
 
 def generate(sd, prompts, settings=Sampling(), *, latents=False, progress=False, timer=None):
-    """Images for `prompts` (a str or a list) with `settings` on the loaded model `sd`.
-    Returns PIL images, or (images, final latents [N, c, h, w]) with latents=True. Writes no files."""
+    """Images for `prompts` (a str or a list) with `settings` on the loaded model `sd`. Returns
+    PIL images, or (images, final latents [N, c, h, w]) with latents=True. Writes no files."""
     images, finals = [], []
     for batch, latent in generate_batches(sd, prompts, settings, progress=progress, timer=timer):
         images += batch
@@ -222,9 +246,10 @@ def generate(sd, prompts, settings=Sampling(), *, latents=False, progress=False,
 
 
 def check_outdir(outdir, flag="--outdir"):
-    """Raise ValueError (naming `flag`) unless files can be written to the folder `outdir`; leaves nothing
-    behind. The test is a real write (a temporary file in the folder, or in the nearest existing folder
-    above it): permission bits say yes where writing fails (/proc, a read-only mount, root's os.access)."""
+    """Raise ValueError (naming `flag`) unless files can be written to the folder `outdir`.
+    Tested by a real write that leaves nothing behind (a temporary file there, or in the nearest
+    existing folder above): permission bits say yes where writing fails (/proc, a read-only
+    mount, root's os.access)."""
     if not outdir:
         raise ValueError(f"{flag} is empty; name a folder")
     if os.path.exists(outdir) and not os.path.isdir(outdir):
@@ -265,11 +290,12 @@ def save_pngs(images, outdir):
     if not isinstance(outdir, (str, os.PathLike)):
         raise ValueError(f"save_pngs writes into a folder path, got {outdir!r}")
     if isinstance(images, Image.Image):
-        raise ValueError("save_pngs writes a list of PIL images (what generate() returns), got one image: put it "
-                         "in a list")
+        raise ValueError("save_pngs writes a list of PIL images (what generate() returns), got one "
+                         "image: put it in a list")
     images = list(images)   # any iterable, read once
     if wrong := [type(im).__name__ for im in images if not isinstance(im, Image.Image)]:
-        raise ValueError(f"save_pngs writes a list of PIL images (what generate() returns), got {wrong[0]}")
+        raise ValueError("save_pngs writes a list of PIL images (what generate() returns), got "
+                         f"{wrong[0]}")
     check_outdir(os.fspath(outdir), "save_pngs' folder")
     paths = []
     for image in images:
@@ -286,5 +312,5 @@ def save_pngs(images, outdir):
     return paths
 
 
-__all__ = ["Sampling", "generate", "generate_batches", "save_png", "save_pngs", "check_outdir", "Timer", "to_pil",
-           "from_pil"]
+__all__ = ["Sampling", "generate", "generate_batches", "save_png", "save_pngs", "check_outdir",
+           "Timer", "to_pil", "from_pil"]
