@@ -43,11 +43,11 @@ class RunState(Protocol):
     `features[n-1-d]`, the newest remembered result of output_blocks[n-1-d]; the middle block and
     everything deeper is skipped. Depth 0 re-runs only the final `out` layer. forward() hands every
     output-block result it computed to remember() (all n on a full call, the last d on a cached
-    one). Each transformer block asks token_plans(x, hw, block, downsamples) for a plan (prune/method.py)
-    or None for each of its self-attention, cross-attention and feed-forward (see prune/);
-    `downsamples` counts the x2 downsamplings below the UNet's top transformer level (SpatialTransformer).
-    Each transformer block reads its cross-attention output from cross_attention(block) when that
-    is not None (T-GATE, accel/gate.py), else computes it and hands it to remember_cross(block, out).
+    one). Each transformer block asks token_plans(x, hw, block, downsamples) for a plan
+    (prune/method.py) or None for each of its self-attention, cross-attention and feed-forward;
+    `downsamples` counts the x2 downsamplings below the UNet's top transformer level. Each
+    transformer block reads its cross-attention output from cross_attention(block) when that is
+    not None (T-GATE, accel/gate.py), else computes it and hands it to remember_cross(block, out).
     """
     depth: int | None
     features: list | None
@@ -62,16 +62,18 @@ class RunState(Protocol):
 
 
 def timestep_embedding(t, dim, max_period=10000):
-    """Sinusoidal embedding of timesteps [B] -> [B, dim] in fp32, cosine half first (LDM's order)."""
+    """Sinusoidal timestep embedding [B] -> [B, dim] in fp32, cosine half first (LDM's order)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    freqs = torch.exp(-math.log(max_period)
+                      * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = t.float()[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
 def added_conditioning(pooled, ids, width):
-    """SDXL's y, what label_emb reads: the pooled text embedding [B, P], then each of the six size and crop ids
-    [B, 6] (original H, W; crop top, left; target H, W) Fourier-embedded to `width` (256) -> [B, P + 6 * width]."""
+    """SDXL's y, what label_emb reads: the pooled text embedding [B, P], then each of the six size
+    and crop ids [B, 6] (original H, W; crop top, left; target H, W) Fourier-embedded to `width`
+    (256) -> [B, P + 6 * width]."""
     sizes = timestep_embedding(ids.flatten(), width).view(ids.shape[0], -1)
     return torch.cat([pooled, sizes.to(pooled.dtype)], dim=-1)
 
@@ -79,7 +81,8 @@ def added_conditioning(pooled, ids, width):
 class ResBlock(nn.Module):
     def __init__(self, cin, cout, emb_dim):
         super().__init__()
-        self.in_layers = nn.Sequential(nn.GroupNorm(32, cin), nn.SiLU(), nn.Conv2d(cin, cout, 3, padding=1))
+        self.in_layers = nn.Sequential(nn.GroupNorm(32, cin), nn.SiLU(),
+                                       nn.Conv2d(cin, cout, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, cout))
         # Index 2 is LDM's Dropout (inactive at inference); kept so the conv is named out_layers.3.
         self.out_layers = nn.Sequential(nn.GroupNorm(32, cout), nn.SiLU(), nn.Identity(),
@@ -92,8 +95,8 @@ class ResBlock(nn.Module):
 
 
 def math_attention(q, k, v):
-    """Attention that materialises the [B, heads, N, M] score matrix, as the original LDM code
-    (and the SiTo/DaTo/ToMe speed measurements) did. Same result as SDPA up to rounding."""
+    """Attention that materialises the [B, heads, N, M] score matrix, as LDM (and the papers'
+    speed measurements) did. Same result as SDPA up to rounding."""
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
     return scores.softmax(dim=-1) @ v
 
@@ -170,16 +173,15 @@ class BasicTransformerBlock(nn.Module):
         self.ff = FeedForward(dim)
         self.attn2 = CrossAttention(dim, heads, head_dim, context_dim, upcast=upcast)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.name = ""   # its module path, set by UNetModel (token plans and pictures refer to blocks by it)
-        self.downsamples = 0   # x2 downsamplings below the UNet's top transformer level, set by SpatialTransformer
+        self.name = ""   # its module path (UNetModel sets it): plans and pictures name blocks by it
+        self.downsamples = 0   # set by SpatialTransformer: x2 downsamplings below the top level
 
     def forward(self, x, context, hw, state=None):
-        """x: [B, h*w, C] tokens in row-major grid order; hw = (h, w).
-
-        With a run state, the block asks it for token plans (run_with_plan): a plan or None for
-        each of self-attention, cross-attention and feed-forward.
-        """
-        plans = state.token_plans(x, hw, self.name, self.downsamples) if state is not None else (None, None, None)
+        """x: [B, h*w, C] tokens in row-major grid order; hw = (h, w). state (RunState or None):
+        asked for a token plan or None for each of attn1, attn2, ff (run_with_plan), and for the
+        gate's kept cross-attention."""
+        plans = (state.token_plans(x, hw, self.name, self.downsamples) if state is not None
+                 else (None, None, None))
         attn1, attn2, ff = plans
         x = x + run_with_plan(self.attn1, self.norm1(x), attn1)
         cross = state.cross_attention(self.name) if state is not None else None
@@ -194,15 +196,16 @@ class BasicTransformerBlock(nn.Module):
 class SpatialTransformer(nn.Module):
     """GroupNorm, project to tokens, `transformer_depth` transformer blocks, project back, residual.
 
-    downsamples: x2 downsamplings below the UNet's top transformer level (0 for SD1's 64x64 blocks at 512 px and
-    for SDXL's 64x64 blocks at 1024 px): where token methods act (prune/method.py, max_downsample)."""
+    downsamples: x2 downsamplings below the UNet's top transformer level (0 for SD1's 64x64 blocks
+    at 512 px and SDXL's at 1024 px): where token methods act (prune/method.py, max_downsample)."""
 
     def __init__(self, channels, cfg: UNetConfig, transformer_depth=1, downsamples=0):
         super().__init__()
         heads, head_dim = cfg.heads(channels)
         self.linear, self.downsamples = cfg.linear_proj, downsamples
         self.norm = nn.GroupNorm(32, channels, eps=1e-6)
-        proj = (lambda: nn.Linear(channels, channels)) if self.linear else (lambda: nn.Conv2d(channels, channels, 1))
+        proj = ((lambda: nn.Linear(channels, channels)) if self.linear
+                else (lambda: nn.Conv2d(channels, channels, 1)))
         self.proj_in = proj()
         self.transformer_blocks = nn.ModuleList(
             [BasicTransformerBlock(channels, heads, head_dim, cfg.context_dim, cfg.upcast_attention)
@@ -271,8 +274,9 @@ class UNetModel(nn.Module):
         super().__init__()
         self.config = cfg
         mc, emb_dim = cfg.model_channels, cfg.model_channels * 4
-        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        if cfg.adm_in_channels:   # SDXL: the pooled text embedding and the size/crop ids, added to the time's
+        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(),
+                                        nn.Linear(emb_dim, emb_dim))
+        if cfg.adm_in_channels:   # SDXL: pooled text and size/crop ids, added to the time embedding
             self.label_emb = nn.Sequential(nn.Sequential(
                 nn.Linear(cfg.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)))
         top = min(cfg.attention_levels)
@@ -280,10 +284,12 @@ class UNetModel(nn.Module):
         def level_block(cin, cout, level, *extra):
             layers = [ResBlock(cin, cout, emb_dim)]
             if cfg.transformer_depth_at(level):
-                layers.append(SpatialTransformer(cout, cfg, cfg.transformer_depth_at(level), level - top))
+                layers.append(SpatialTransformer(cout, cfg, cfg.transformer_depth_at(level),
+                                                 level - top))
             return TimestepEmbedSequential(*layers, *extra)
 
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
+        self.input_blocks = nn.ModuleList(
+            [TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
         skip_channels, ch = [mc], mc
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):
@@ -296,17 +302,20 @@ class UNetModel(nn.Module):
 
         self.middle_block = TimestepEmbedSequential(
             ResBlock(ch, ch, emb_dim),
-            SpatialTransformer(ch, cfg, cfg.transformer_depth_middle, len(cfg.channel_mult) - 1 - top),
+            SpatialTransformer(ch, cfg, cfg.transformer_depth_middle,
+                               len(cfg.channel_mult) - 1 - top),
             ResBlock(ch, ch, emb_dim))
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
             for i in range(cfg.num_res_blocks + 1):
                 up = [Upsample(mult * mc)] if level and i == cfg.num_res_blocks else []
-                self.output_blocks.append(level_block(ch + skip_channels.pop(), mult * mc, level, *up))
+                self.output_blocks.append(
+                    level_block(ch + skip_channels.pop(), mult * mc, level, *up))
                 ch = mult * mc
 
-        self.out = nn.Sequential(nn.GroupNorm(32, ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+        self.out = nn.Sequential(nn.GroupNorm(32, ch), nn.SiLU(),
+                                 nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
         self.channels_last()
         for name, module in self.named_modules():
             if isinstance(module, BasicTransformerBlock):
@@ -319,7 +328,8 @@ class UNetModel(nn.Module):
     def set_attention(self, backend):
         """Choose the attention implementation of every attention layer: "sdpa" or "math"."""
         if backend not in ATTENTION_BACKENDS:
-            raise ValueError(f"unknown attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}")
+            raise ValueError(f"unknown attention backend {backend!r}; "
+                             f"choose one of {ATTENTION_BACKENDS}")
         for m in self.modules():
             if isinstance(m, CrossAttention):
                 m.backend = backend
@@ -327,19 +337,16 @@ class UNetModel(nn.Module):
     def forward(self, x, t, context, y=None, state: RunState | None = None):
         """x: [B, c, h, w] latent, t: timestep(s) (scalar or [B]), context: [B, 77, C]; y: the added
         conditioning [B, adm_in_channels] of a UNet with label_emb (SDXL: model.checkpoint's
-        StableDiffusion.condition builds it), else None.
-
-        state: the accelerated run this call belongs to (token pruning, feature caching; see
-        RunState), or None for the plain SD forward. Returns the raw model output (eps or v)
-        [B, c, h, w] in the weights' dtype.
-
-        Feature caching (DeepCache, DaTo): state.depth says which blocks run (see RunState).
+        StableDiffusion.condition builds it), else None. state: the accelerated run (RunState:
+        token plans; its depth says which blocks run), or None for the plain SD forward.
+        Returns the raw model output (eps or v) [B, c, h, w] in the weights' dtype.
         """
-        dtype = self.out[2].weight.dtype   # inputs follow the weights (the sampler keeps fp32 latents)
+        dtype = self.out[2].weight.dtype   # inputs follow the weights (latents stay fp32)
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
         emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(dtype))
         if (y is None) != (self.config.adm_in_channels == 0):
-            raise ValueError(f"this UNet takes {'an added conditioning y' if y is None else 'no y'} "
+            raise ValueError("this UNet takes "
+                             f"{'an added conditioning y' if y is None else 'no y'} "
                              f"(adm_in_channels {self.config.adm_in_channels})")
         if y is not None:
             emb = emb + self.label_emb(y.to(dtype))
@@ -347,8 +354,8 @@ class UNetModel(nn.Module):
         n = len(self.output_blocks)
         depth = None if state is None else state.depth
         if depth is not None and not 0 <= depth < n:
-            raise ValueError(f"cache depth {depth} does not fit a UNet with {n} output blocks (cached depths: "
-                             f"0 .. {n - 1})")
+            raise ValueError(f"cache depth {depth} does not fit a UNet with {n} output blocks "
+                             f"(cached depths: 0 .. {n - 1})")
         depth = n if depth is None else depth
 
         # Convs run fastest on channels-last (NHWC) tensors, and SpatialTransformer's
@@ -357,7 +364,8 @@ class UNetModel(nn.Module):
         for block in self.input_blocks[:depth]:
             h = block(h, emb, context, state)
             skips.append(h)
-        h = self.middle_block(h, emb, context, state) if depth == n else state.features[n - 1 - depth]
+        h = (self.middle_block(h, emb, context, state) if depth == n
+             else state.features[n - 1 - depth])
         outputs = []
         for block in self.output_blocks[n - depth:]:
             h = torch.cat([h, skips.pop()], dim=1)

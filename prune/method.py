@@ -25,17 +25,18 @@ import torch
 from .tokens import RECOVER, check_ratio
 
 LAYERS = ("attn1", "attn2", "ff")   # self-attention, cross-attention, feed-forward
-MAX_DOWNSAMPLES = (1, 2, 4, 8)   # the grid sizes below the top transformer level that a UNet's levels have
+MAX_DOWNSAMPLES = (1, 2, 4, 8)   # how much smaller than the top transformer level's a grid is
 
 
 # a field's declared type -> (what its value must be an instance of, how an error names it)
-KINDS = {int: (numbers.Integral, "a whole number"), float: (numbers.Real, "a number"), bool: (bool, "True or False"),
-         str: (str, "text"), tuple: (tuple, "a tuple")}
+KINDS = {int: (numbers.Integral, "a whole number"), float: (numbers.Real, "a number"),
+         bool: (bool, "True or False"), str: (str, "text"), tuple: (tuple, "a tuple")}
 
 
 def setting(default, flag, help, type=None, choices=None):
-    """A settings field that is also sample.py's flag --prune-`flag` (help: what it does, its default)."""
-    return field(default=default, metadata={"flag": flag, "help": help, "type": type, "choices": choices})
+    """A settings field that is also sample.py's flag --prune-`flag` (help: its use, default)."""
+    return field(default=default,
+                 metadata={"flag": flag, "help": help, "type": type, "choices": choices})
 
 
 def comma_list(text):
@@ -47,24 +48,26 @@ class TokenMethod:
     """Where a token method acts; recommended values are the defaults.
 
     max_downsample: act on blocks whose grid is at most this much smaller than the UNet's top
-        transformer level's (1: the five 64x64 blocks of SD at 512 px, as every paper recommends, and the
-        eight 2-block transformers of SDXL at 1024 px, also 64x64; 2, 4, 8: deeper too).
+        transformer level's (1, the papers' choice: SD's 64x64 blocks at 512 px, SDXL's at 1024
+        px; 2, 4, 8: deeper too).
     layers: the sub-layers of each block it wraps, from LAYERS (("attn1",): self-attention only;
-        pruning "ff" hurts images, SiTo #1 / tomesd README).
+        pruning "ff" hurts images).
     """
     name: ClassVar[str] = ""            # the registry's key: --prune NAME, NAME:VALUE in --methods
     spec_field: ClassVar[str] = "ratio"   # the field VALUE sets in a NAME:VALUE method spec
     reduces: ClassVar[str] = "tokens"     # the kind of plan (module docstring)
 
-    max_downsample: int = setting(1, "maxdown", "act on blocks at most this much below the top transformer "
-                                  "level (1: SD's five 64x64 blocks at 512 px)", int, MAX_DOWNSAMPLES)
-    layers: tuple = setting(("attn1",), "layers", f"comma-separated sub-layers from {','.join(LAYERS)} "
+    max_downsample: int = setting(1, "maxdown", "act on blocks at most this much below the top "
+                                  "transformer level (1: SD's five 64x64 blocks at 512 px)", int,
+                                  MAX_DOWNSAMPLES)
+    layers: tuple = setting(("attn1",), "layers",
+                            f"comma-separated sub-layers from {','.join(LAYERS)} "
                             "(attn1 = self-attention only)", comma_list)
 
     def __post_init__(self):
-        for f in fields(self):   # every field's generic checks; the subclasses add what is their own
+        for f in fields(self):   # every field's generic checks; subclasses add their own
             value, choices = getattr(self, f.name), f.metadata.get("choices")
-            if f.type is tuple and isinstance(value, list):   # JSON's arrays: stored as the tuples they mean
+            if f.type is tuple and isinstance(value, list):   # JSON's arrays mean tuples
                 object.__setattr__(self, f.name, value := tuple(value))
             if f.type in KINDS and (not isinstance(value, KINDS[f.type][0]) or
                                     f.type is not bool and isinstance(value, bool)):
@@ -85,8 +88,8 @@ class TokenMethod:
         """Raise ValueError if per-call settings do not fit a run of `calls` UNet calls."""
 
     def ratio_at(self, call, calls):
-        """The fraction of a wrapped sub-layer's tokens (ToDo: of its keys and values) removed on UNet
-        call `call` of a run of `calls`; 0: the method is off for that call."""
+        """The fraction of a wrapped sub-layer's tokens (ToDo: of its keys and values) removed on
+        UNet call `call` of a run of `calls`; 0: the method is off for that call."""
         raise NotImplementedError
 
     def every_call(self, ratio):
@@ -94,9 +97,10 @@ class TokenMethod:
         raise NotImplementedError
 
     def applies(self, hw, downsamples):
-        """Whether a block with an h x w grid, `downsamples` x2 downsamplings below the UNet's top transformer
-        level, is acted on: 2**downsamples <= max_downsample (tomesd's rule, counted from the top transformer
-        level so that 1 means SD's 64x64 blocks at 512 px and SDXL's at 1024 px), and big enough for the method."""
+        """Whether a block with an h x w grid, `downsamples` x2 downsamplings below the UNet's top
+        transformer level, is acted on: 2**downsamples <= max_downsample (tomesd's rule, counted
+        from the top transformer level so 1 is SD's 64x64 blocks at 512 px and SDXL's at 1024 px),
+        and the grid is big enough for the method."""
         return 2 ** downsamples <= self.max_downsample and self.fits(hw)
 
     def fits(self, hw):
@@ -109,22 +113,22 @@ class TokenMethod:
         return n - int(n * ratio) if (sub if sub != "kv1" else "attn1") in self.layers else n
 
     def plan(self, x, hw, ratio, generator=None, dynamics=None, guided=False):
-        """The plan of one block whose input is x [B, h*w, C]; `guided`: x is a CFG batch [uncond; cond]."""
+        """The plan of one block on input x [B, h*w, C]; `guided`: x is [uncond; cond] (CFG)."""
         raise NotImplementedError
 
 
 class TokenRun:
-    """A token method's state across the UNet calls of one run: its random stream, on the latent's
-    device (a CPU draw copied to a GPU would sync every block). The run state (accel/) begins each
-    call on it with the call's latent and the last two raw UNet outputs, and asks it for plans.
-    A method that needs more across calls (DaTo's dynamics) subclasses it."""
+    """A token method's state across the UNet calls of one run: its random stream, on the
+    latent's device (a CPU draw copied to a GPU would sync every block). The run state (accel/)
+    begins each call on it with the call's latent and the last two raw UNet outputs, and asks it
+    for plans. A method that needs more across calls (DaTo's dynamics) subclasses it."""
 
     def __init__(self, method, stream):
         self.method, self.stream, self.generator = method, stream, None
 
     def begin_call(self, call, x, outputs):
-        """UNet call `call` on latent batch x [B, c, h, w] is about to run; outputs: the two most recent
-        raw UNet outputs, oldest first (None before there are two)."""
+        """UNet call `call` on latent batch x [B, c, h, w] is about to run; outputs: the two most
+        recent raw UNet outputs, oldest first (None before there are two)."""
         if self.generator is None:
             self.generator = torch.Generator(x.device).manual_seed(self.stream("accel"))
 
@@ -137,14 +141,14 @@ class CellMethod(TokenMethod):
     """A method that keeps one base token per sy x sx cell and removes the tokens most like them
     (ToMe, SiTo, DaTo; prune/tokens.py).
 
-    ratio: fraction of a block's tokens removed (0.5; at most tokens.max_ratio(sx, sy), 0.75 for 2x2
-        cells). Quality holds up to about 0.5-0.6 (ToMe README, SiTo table); 0 disables it exactly.
+    ratio: fraction of a block's tokens removed (0.5; at most tokens.max_ratio(sx, sy), 0.75 for
+        2x2 cells). Quality holds up to about 0.5-0.6; 0 disables it exactly.
     sx, sy: cell size, one base token per cell (2, 2).
-    schedule: one ratio per UNet call of the run, overriding `ratio` (DaTo's searched per-step ratios).
-        Empty: the constant ratio.
+    schedule: one ratio per UNet call of the run, overriding `ratio` (DaTo's searched per-step
+        ratios). Empty: the constant ratio.
     """
-    ratio: float = setting(0.5, "ratio", "fraction of tokens removed per block (0.5, at most 0.75 with 2x2 cells)",
-                           float)
+    ratio: float = setting(0.5, "ratio", "fraction of tokens removed per block "
+                           "(0.5, at most 0.75 with 2x2 cells)", float)
     sx: int = 2
     sy: int = 2
     schedule: tuple = ()
@@ -158,8 +162,8 @@ class CellMethod(TokenMethod):
 
     def check_calls(self, calls):
         if self.schedule and len(self.schedule) != calls:
-            raise ValueError(f"prune schedule has {len(self.schedule)} ratios, but this run makes {calls} UNet calls; "
-                             "give one ratio per call")
+            raise ValueError(f"prune schedule has {len(self.schedule)} ratios, but this run makes "
+                             f"{calls} UNet calls; give one ratio per call")
 
     def ratio_at(self, call, calls):
         return self.schedule[call] if self.schedule else self.ratio
@@ -173,19 +177,21 @@ class CellMethod(TokenMethod):
 
 @dataclass(frozen=True)
 class RecoveringMethod(CellMethod):
-    """SiTo and DaTo: base tokens scored with a little noise, pruned tokens restored from a kept or a
-    base token.
+    """SiTo and DaTo: base tokens scored with a little noise, pruned tokens restored from a kept
+    or a base token.
 
     noise_alpha: noise weight on the base-token score, so the same tokens are not pruned at every
         step (0.1).
-    recover_from: pruned tokens copy the most similar "kept" token (the official code) or "base"
-        token (the SiTo paper; cheaper).
+    recover_from: pruned tokens copy the most similar "kept" token (official code; recommended)
+        or "base" token (paper; cheaper).
     """
-    noise_alpha: float = setting(0.1, "noise", "SiTo/DaTo noise weight on the base-token score (0.1)", float)
-    recover_from: str = setting("kept", "recover", "SiTo/DaTo: pruned tokens copy the most similar kept token "
-                                "(official code, default) or base token (paper)", choices=RECOVER)
+    noise_alpha: float = setting(0.1, "noise", "SiTo/DaTo noise weight on the base-token score "
+                                 "(0.1)", float)
+    recover_from: str = setting("kept", "recover", "SiTo/DaTo: pruned tokens copy the most similar "
+                                "kept token (official code, default) or base token (paper)",
+                                choices=RECOVER)
 
     def __post_init__(self):
         super().__post_init__()
-        if self.noise_alpha < 0:   # a weight: negative noise is noise too, with the sign of the score turned
+        if self.noise_alpha < 0:   # a weight: negative noise is noise too, the score's sign turned
             raise ValueError(f"noise_alpha (--prune-noise) must be >= 0, got {self.noise_alpha}")

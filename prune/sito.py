@@ -3,10 +3,8 @@
 Base token of each sy x sx cell = argmax of sim_beta * SimScore + noise_alpha * N(0, 1), where
 SimScore_i = sum_j cos(x_i, x_j) is how representative token i is of the whole image. The
 k = int(N * ratio) candidates most similar to some base token are pruned; after the sub-layer
-each copies the result of its most similar kept token (official code) or base token (paper).
-
-SimScore is computed as x̂_i · (sum_j x̂_j): O(N C), equal to the row sums of the N x N cosine
-matrix the official code builds (5.4 G multiply-adds per block at 512 px) up to rounding.
+each copies the result of its most similar kept or base token (recover_from).
+SimScore is computed as x̂_i · (sum_j x̂_j): O(N C), never the N x N cosine matrix.
 """
 from dataclasses import dataclass
 
@@ -23,8 +21,8 @@ class SiTo(RecoveringMethod):
     def plan(self, x, hw, ratio, generator=None, dynamics=None, guided=False):
         """x [B, h*w, C] (the block input) -> (prune, recover) as a TokenPlan.
 
-        ratio: fraction of all tokens pruned (SiTo's README uses 0.5-0.7; in [0, tokens.max_ratio(sx, sy)],
-        as the settings' ratios are). generator: the noise that varies the base tokens between calls.
+        ratio: fraction of all tokens pruned (0.5-0.7), in [0, tokens.max_ratio(sx, sy)], checked
+        with the settings. generator: the noise that varies the base tokens between calls.
         """
         h, w = hw
         m = normalized(x)

@@ -14,7 +14,7 @@ import numbers
 import torch
 import torch.nn.functional as F
 
-RECOVER = ("kept", "base")   # what a pruned token copies: its most similar kept token, or base token
+RECOVER = ("kept", "base")   # a pruned token copies its most similar kept token, or base token
 
 
 def max_ratio(sx=2, sy=2):
@@ -29,8 +29,8 @@ def check_ratio(ratio, sx, sy):
     if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real):
         raise ValueError(f"prune ratio must be a number, got {ratio!r}")
     if not 0 <= ratio <= limit:
-        raise ValueError(f"prune ratio {ratio} out of range: with {sx}x{sy} cells (one base token each) "
-                         f"it must be in [0, {limit:g}]")
+        raise ValueError(f"prune ratio {ratio} out of range: with {sx}x{sy} cells "
+                         f"(one base token each) it must be in [0, {limit:g}]")
 
 
 def cell_indices(choice, w, sx, sy):
@@ -68,21 +68,23 @@ def normalized(x):
 
 def noise(shape, generator):
     """Standard normal noise of `shape` drawn on the generator's device (CPU without one)."""
-    return torch.randn(shape, generator=generator, device=generator.device if generator is not None else "cpu")
+    return torch.randn(shape, generator=generator,
+                       device=generator.device if generator is not None else "cpu")
 
 
 class TokenPlan:
     """The outcome of a selection: unpack as `prune, recover = plan`.
 
     kept [B, N-k]: tokens that go through the sub-layer, in the order of the pruned tensor
-        (kept candidates first, then the base tokens, as in the official code);
+        (kept candidates first, then the base tokens);
     pruned [B, k]: tokens removed; source [B, k]: position in `kept` whose result each copies;
     base [B, nb]: the base tokens; merge: average each removed token into its source (ToMe)
         instead of dropping it.
     """
 
     def __init__(self, kept, pruned, source, base, merge=False):
-        self.kept, self.pruned, self.source, self.base, self.merge = kept, pruned, source, base, merge
+        self.kept, self.pruned, self.source, self.base, self.merge = (
+            kept, pruned, source, base, merge)
 
     def prune(self, x):
         """[B, N, C] -> [B, N-k, C]"""
@@ -93,7 +95,7 @@ class TokenPlan:
         return out
 
     def recover(self, y):
-        """[B, N-k, C'] -> [B, N, C']: kept tokens get their own result, pruned ones their source's."""
+        """[B, N-k, C'] -> [B, N, C']: kept tokens get their result, pruned ones their source's."""
         c, n = y.shape[-1], self.kept.shape[1] + self.pruned.shape[1]
         out = y.new_empty(y.shape[0], n, c)
         out.scatter_(1, self.kept[..., None].expand(-1, -1, c), y)
@@ -112,15 +114,12 @@ class TokenPlan:
 
 
 def split_by_similarity(m, base, k, recover_from="kept"):
-    """Remove the k candidates most similar to any base token.
+    """Remove the k candidates most similar to any base token -> TokenPlan.
 
-    m [B, N, C]: L2-normalised metric; base [B, nb]: base token indices.
-    recover_from: "base" - each removed token copies its most similar base token (the SiTo
-        paper, and ToMe's dst; no extra work: it is the argmax already found);
-        "kept" - its most similar kept token, base or not (the official SiTo/DaTo code).
-    Similarities are computed in m's dtype, as tomesd and the official code do.
-    Cost: candidates x bases similarities, (3N/4)(N/4)C multiply-adds at 2x2 cells, plus
-    removed x kept-candidates for "kept"; never the N x N matrix.
+    m [B, N, C]: L2-normalised metric, similarities in its dtype (docs/methods.md); base [B, nb]:
+    base token indices. recover_from: each removed token copies its most similar "base" token
+    (free: the argmax already found) or "kept" token, base or not (a removed x kept-candidates
+    product more). Cost: candidates x bases similarities, never the N x N matrix.
     """
     n = m.shape[1]
     cand = complement(base, n)                                          # [B, Nc]

@@ -205,8 +205,8 @@ def architecture(name):
     if name == "lab":
         path = os.path.join(LAB_DIR, "lab-sd.safetensors")
         if not os.path.isfile(path):
-            raise ValueError(f"--random-weights lab takes the lab model's architecture from {path}, "
-                             "which is missing; restore lab/ or choose another architecture")
+            raise ValueError(f"--random-weights lab takes the lab model's architecture from "
+                             f"{path}, which is missing; restore lab/ or choose another one")
         metadata = read_metadata(path)
         return config_from_json(metadata[CONFIG_KEY]), os.path.join(LAB_DIR, "tokenizer")
     return MODELS[name], byte_tokenizer()

@@ -67,6 +67,15 @@ def test_no_file_over_400_lines():
     assert not long, f"over 400 lines: {long}"
 
 
+def test_the_core_wraps_at_100_columns():
+    """The files a teacher projects fit a narrow window (the tools and the lab wrap at ruff's 120)."""
+    core = [ROOT / "sample.py", *(p for name in ("model", "sampler", "prune", "cache", "accel")
+                                  for p in sorted((ROOT / name).glob("*.py")))]
+    wide = [f"{p.relative_to(ROOT)}:{i}" for p in core
+            for i, line in enumerate(p.read_text().splitlines(), 1) if len(line) > 100]
+    assert not wide, f"over 100 columns: {wide[:10]}{' ...' if len(wide) > 10 else ''}"
+
+
 def test_sample_py_runs_with_tools_and_lab_deleted(tmp_path, tokenizer_dir):
     """A copy of the tree without tools/ and lab/: sample.py still draws, on random weights and from a
     checkpoint file."""
