@@ -284,10 +284,8 @@ def acceleration(args, preset=None):
         prune = replace(prune,
                         schedule=parse_numbers(args.prune_schedule, float, "--prune-schedule"))
     viz = PruneViz(args.viz_prune, args.viz_block or VIZ_BLOCK) if args.viz_prune else None
-    if viz and not prune:
-        raise ValueError("--viz-prune needs a pruning method (--prune tome|sito|dato)")
     guidance, skip, timesteps, gate = plan_settings(args, preset)
-    if not (prune or cache or guidance or skip or timesteps or gate):
+    if not (prune or cache or viz or guidance or skip or timesteps or gate):
         return None
     return Acceleration(prune, cache, viz, guidance, skip, timesteps, gate)
 

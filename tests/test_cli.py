@@ -236,7 +236,7 @@ def test_todo_from_the_command_line(tmp_path, tokenizer_dir, capsys):
 def test_viz_needs_a_method(tmp_path, capsys):
     with pytest.raises(SystemExit):
         sample.main(["--prompt", "x", "--random-weights", "tiny", "--viz-prune", str(tmp_path)])
-    assert "--viz-prune needs" in capsys.readouterr().err
+    assert "--viz-prune draws a token method's plans" in capsys.readouterr().err
 
 
 def test_caching(tmp_path, tokenizer_dir):

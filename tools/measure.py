@@ -8,6 +8,7 @@ import os
 import platform
 import re
 from dataclasses import replace
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -20,13 +21,20 @@ from model.unet import UNetModel
 from sampler import PLAIN
 
 
+class CallKind(NamedTuple):
+    """What makes one UNet call cost what it does: bench.py times each kind of a run once."""
+    prune: object    # the token method's settings at the call's ratio, or None
+    depth: int       # its cache depth (FULL: the whole UNet)
+    guided: bool     # both branches, or the conditional one
+    gated: bool      # its cross-attention read from the kept one (T-GATE)
+
+
 def kind_settings(accel, plan):
-    """(pruning settings or None, cache depth, guided, cross-attention cached) of a call made as `plan` (a
-    CallPlan), None for a skipped call (nothing to time): equal settings are timed once."""
+    """The CallKind of a call made as `plan` (a CallPlan), None for a skipped call (nothing to time)."""
     if plan.skip:
         return None
     prune = accel.prune.every_call(plan.ratio) if plan.ratio else None
-    return prune, plan.depth, plan.guidance == "both", plan.cross == "cached"
+    return CallKind(prune, plan.depth, plan.guidance == "both", plan.cross == "cached")
 
 
 def kind_name(plan):
