@@ -50,6 +50,53 @@ class Acceleration:
     timesteps: tuple = ()
     gate: Gate | None = None
 
+    def record(self):
+        """JSON-ready settings (PNG metadata, evaluate.py's method folders): the method named.
+        Guidance, skips and timesteps appear only when set, so older records stay the same."""
+        record = {"prune": as_record(self.prune) if self.prune is not None else None,
+                  "cache": asdict(self.cache) if self.cache is not None else None,
+                  "viz": asdict(self.viz) if self.viz is not None else None}
+        if record["cache"] is not None and not self.cache.order:
+            del record["cache"]["order"]
+        guidance = asdict(self.guidance) if self.guidance else None
+        if guidance is not None and not guidance["stop"]:
+            del guidance["stop"]
+        extra = {"guidance": guidance,
+                 "skip": list(self.skip.calls) if self.skip else None,
+                 "timesteps": list(self.timesteps) or None,
+                 "gate": self.gate.call if self.gate else None}
+        return {**record, **{k: v for k, v in extra.items() if v is not None}}
+
+    def depths(self, calls):
+        """The cache depth of each UNet call of a run (FULL for full calls)."""
+        return self.cache.depths_for(calls) if self.cache is not None else [FULL] * calls
+
+    def plans(self, calls, sigmas=None):
+        """The CallPlan of each UNet call of a run of `calls` calls at noise levels `sigmas` (one
+        per call; a guidance window and a forecast need them). A call on which depth 0 runs no
+        transformer block prunes nothing."""
+        depths = self.depths(calls)
+        modes = (self.guidance.modes_for(calls, sigmas) if self.guidance is not None
+                 else ["both"] * calls)
+        skipped = self.skip.skipped_for(calls) if self.skip is not None else [False] * calls
+        cross = self.gate.cross_for(calls) if self.gate is not None else ["compute"] * calls
+        if self.cache is not None and self.cache.order and sigmas is None:
+            raise ValueError("a forecast (cache order > 0) needs the noise level of each UNet call "
+                             "of the run")
+        if self.guidance is None:   # past a gate, one branch: both would compute the same
+            modes = ["cond" if c == "cached" else m for m, c in zip(modes, cross, strict=True)]
+        plans = [CallPlan(modes[i], depths[i],
+                          self.prune.ratio_at(i, calls) if self.prune and depths[i] else 0.0,
+                          skipped[i], cross[i]) for i in range(calls)]
+        check_plans(plans)
+        return plans
+
+    def start(self, calls, seed, guided=False, sigmas=None):
+        """A fresh AcceleratedRun for a run of `calls` UNet calls at noise levels `sigmas`, its
+        random streams derived from `seed`; `guided`: the run uses classifier-free guidance (its
+        guided calls' batches are [uncond; cond])."""
+        return AcceleratedRun(self, calls, seed, guided, sigmas)
+
     def __post_init__(self):
         for name, kind in (("prune", TokenMethod), ("cache", CacheSchedule), ("viz", PruneViz),
                            ("guidance", Guidance), ("skip", Skip), ("gate", Gate)):
@@ -71,23 +118,6 @@ class Acceleration:
         if self.viz is not None and self.prune.reduces != "tokens":
             raise ValueError("--viz-prune draws which tokens were kept and removed; "
                              f"{self.prune.name} removes none")
-
-    def record(self):
-        """JSON-ready settings (PNG metadata, evaluate.py's method folders): the method named.
-        Guidance, skips and timesteps appear only when set, so older records stay the same."""
-        record = {"prune": as_record(self.prune) if self.prune is not None else None,
-                  "cache": asdict(self.cache) if self.cache is not None else None,
-                  "viz": asdict(self.viz) if self.viz is not None else None}
-        if record["cache"] is not None and not self.cache.order:
-            del record["cache"]["order"]
-        guidance = asdict(self.guidance) if self.guidance else None
-        if guidance is not None and not guidance["stop"]:
-            del guidance["stop"]
-        extra = {"guidance": guidance,
-                 "skip": list(self.skip.calls) if self.skip else None,
-                 "timesteps": list(self.timesteps) or None,
-                 "gate": self.gate.call if self.gate else None}
-        return {**record, **{k: v for k, v in extra.items() if v is not None}}
 
     def check(self, calls, sigmas=None):
         """Raise ValueError if the schedules do not fit a run of `calls` UNet calls (a guidance
@@ -135,62 +165,6 @@ class Acceleration:
         if (deepest := max((d for d in self.depths(calls) if d != FULL), default=0)) >= blocks:
             raise ValueError(f"cache depth {deepest} does not fit this UNet's {blocks} output "
                              f"blocks (cached depths 0 .. {blocks - 1}; {FULL} is a full call)")
-
-    def depths(self, calls):
-        """The cache depth of each UNet call of a run (FULL for full calls)."""
-        return self.cache.depths_for(calls) if self.cache is not None else [FULL] * calls
-
-    def plans(self, calls, sigmas=None):
-        """The CallPlan of each UNet call of a run of `calls` calls at noise levels `sigmas` (one
-        per call; a guidance window and a forecast need them). A call on which depth 0 runs no
-        transformer block prunes nothing."""
-        depths = self.depths(calls)
-        modes = (self.guidance.modes_for(calls, sigmas) if self.guidance is not None
-                 else ["both"] * calls)
-        skipped = self.skip.skipped_for(calls) if self.skip is not None else [False] * calls
-        cross = self.gate.cross_for(calls) if self.gate is not None else ["compute"] * calls
-        if self.cache is not None and self.cache.order and sigmas is None:
-            raise ValueError("a forecast (cache order > 0) needs the noise level of each UNet call "
-                             "of the run")
-        if self.guidance is None:   # past a gate, one branch: both would compute the same
-            modes = ["cond" if c == "cached" else m for m, c in zip(modes, cross, strict=True)]
-        plans = [CallPlan(modes[i], depths[i],
-                          self.prune.ratio_at(i, calls) if self.prune and depths[i] else 0.0,
-                          skipped[i], cross[i]) for i in range(calls)]
-        check_plans(plans)
-        return plans
-
-    def start(self, calls, seed, guided=False, sigmas=None):
-        """A fresh AcceleratedRun for a run of `calls` UNet calls at noise levels `sigmas`, its
-        random streams derived from `seed`; `guided`: the run uses classifier-free guidance (its
-        guided calls' batches are [uncond; cond])."""
-        return AcceleratedRun(self, calls, seed, guided, sigmas)
-
-
-def check_plans(plans):
-    """Raise ValueError for plans no run can follow: a reused guidance difference needs a guided
-    call made before it; a guided cached call needs guided features (every call made since the last
-    full call guided: a one-branch call keeps only the conditional half); the call that keeps the
-    cross-attention (T-GATE) is made full and guided, and the calls that read it run one branch."""
-    guided_before, features_guided = False, True
-    for i, plan in enumerate(plans):
-        if plan.cross == "keep" and (plan.skip or plan.depth != FULL or plan.guidance != "both"):
-            raise ValueError(f"UNet call {i} keeps the cross-attention for the gate: it must be "
-                             "made, full and guided (not skipped, cached or one-branch)")
-        if plan.cross == "cached" and plan.guidance != "cond":
-            raise ValueError(f"UNet call {i} is past the gate (cross-attention cached, the prompt "
-                             f"no longer read): its guidance must be cond, got {plan.guidance}")
-        if plan.skip:
-            continue
-        if plan.guidance == "reuse" and not guided_before:
-            raise ValueError(f"UNet call {i} reuses the guidance difference, but no guided call is "
-                             "made before it")
-        if plan.depth != FULL and plan.guidance == "both" and not features_guided:
-            raise ValueError(f"UNet call {i} is guided and cached, but a call since the last full "
-                             "one ran one branch only: its features have no unconditional half")
-        both = plan.guidance == "both"
-        guided_before |= both
-        features_guided = both if plan.depth == FULL else features_guided and both
 
 
 def fitted(t, rows):
@@ -328,3 +302,29 @@ class AcceleratedRun:
         if self.settings.viz is not None:
             self.settings.viz.record(f"seed{self.seed}_call{self.call:03d}", block, hw, plan)
         return tuple(plan if layer in prune.layers else None for layer in LAYERS)
+
+
+def check_plans(plans):
+    """Raise ValueError for plans no run can follow: a reused guidance difference needs a guided
+    call made before it; a guided cached call needs guided features (every call made since the last
+    full call guided: a one-branch call keeps only the conditional half); the call that keeps the
+    cross-attention (T-GATE) is made full and guided, and the calls that read it run one branch."""
+    guided_before, features_guided = False, True
+    for i, plan in enumerate(plans):
+        if plan.cross == "keep" and (plan.skip or plan.depth != FULL or plan.guidance != "both"):
+            raise ValueError(f"UNet call {i} keeps the cross-attention for the gate: it must be "
+                             "made, full and guided (not skipped, cached or one-branch)")
+        if plan.cross == "cached" and plan.guidance != "cond":
+            raise ValueError(f"UNet call {i} is past the gate (cross-attention cached, the prompt "
+                             f"no longer read): its guidance must be cond, got {plan.guidance}")
+        if plan.skip:
+            continue
+        if plan.guidance == "reuse" and not guided_before:
+            raise ValueError(f"UNet call {i} reuses the guidance difference, but no guided call is "
+                             "made before it")
+        if plan.depth != FULL and plan.guidance == "both" and not features_guided:
+            raise ValueError(f"UNet call {i} is guided and cached, but a call since the last full "
+                             "one ran one branch only: its features have no unconditional half")
+        both = plan.guidance == "both"
+        guided_before |= both
+        features_guided = both if plan.depth == FULL else features_guided and both

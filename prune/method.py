@@ -64,28 +64,10 @@ class TokenMethod:
                             f"comma-separated sub-layers from {','.join(LAYERS)} "
                             "(attn1 = self-attention only)", comma_list)
 
-    def __post_init__(self):
-        for f in fields(self):   # every field's generic checks; subclasses add their own
-            value, choices = getattr(self, f.name), f.metadata.get("choices")
-            if f.type is tuple and isinstance(value, list):   # JSON's arrays mean tuples
-                object.__setattr__(self, f.name, value := tuple(value))
-            if f.type in KINDS and (not isinstance(value, KINDS[f.type][0]) or
-                                    f.type is not bool and isinstance(value, bool)):
-                raise ValueError(f"{f.name} must be {KINDS[f.type][1]}, got {value!r}")
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ValueError(f"{f.name} must be a finite number, got {value}")
-            if choices is not None and value not in choices:
-                raise ValueError(f"{f.name} must be one of {choices}, got {value!r}")
-        if not self.layers or set(self.layers) - set(LAYERS):
-            raise ValueError(f"layers must be a non-empty subset of {LAYERS}, got {self.layers}")
-
     def start(self, stream):
         """This method's state for one sampling run (TokenRun), its random numbers drawn from the
         seeds stream(name) (the run's named streams, sampler.stream_seed)."""
         return TokenRun(self, stream)
-
-    def check_calls(self, calls):
-        """Raise ValueError if per-call settings do not fit a run of `calls` UNet calls."""
 
     def ratio_at(self, call, calls):
         """The fraction of a wrapped sub-layer's tokens (ToDo: of its keys and values) removed on
@@ -115,6 +97,24 @@ class TokenMethod:
     def plan(self, x, hw, ratio, generator=None, dynamics=None, guided=False):
         """The plan of one block on input x [B, h*w, C]; `guided`: x is [uncond; cond] (CFG)."""
         raise NotImplementedError
+
+    def __post_init__(self):
+        for f in fields(self):   # every field's generic checks; subclasses add their own
+            value, choices = getattr(self, f.name), f.metadata.get("choices")
+            if f.type is tuple and isinstance(value, list):   # JSON's arrays mean tuples
+                object.__setattr__(self, f.name, value := tuple(value))
+            if f.type in KINDS and (not isinstance(value, KINDS[f.type][0]) or
+                                    f.type is not bool and isinstance(value, bool)):
+                raise ValueError(f"{f.name} must be {KINDS[f.type][1]}, got {value!r}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{f.name} must be a finite number, got {value}")
+            if choices is not None and value not in choices:
+                raise ValueError(f"{f.name} must be one of {choices}, got {value!r}")
+        if not self.layers or set(self.layers) - set(LAYERS):
+            raise ValueError(f"layers must be a non-empty subset of {LAYERS}, got {self.layers}")
+
+    def check_calls(self, calls):
+        """Raise ValueError if per-call settings do not fit a run of `calls` UNet calls."""
 
 
 class TokenRun:
@@ -153,6 +153,15 @@ class CellMethod(TokenMethod):
     sy: int = 2
     schedule: tuple = ()
 
+    def ratio_at(self, call, calls):
+        return self.schedule[call] if self.schedule else self.ratio
+
+    def every_call(self, ratio):
+        return replace(self, ratio=ratio, schedule=())
+
+    def fits(self, hw):
+        return hw[0] >= self.sy and hw[1] >= self.sx   # at least one full cell
+
     def __post_init__(self):
         super().__post_init__()
         if self.sx < 1 or self.sy < 1:
@@ -164,15 +173,6 @@ class CellMethod(TokenMethod):
         if self.schedule and len(self.schedule) != calls:
             raise ValueError(f"prune schedule has {len(self.schedule)} ratios, but this run makes "
                              f"{calls} UNet calls; give one ratio per call")
-
-    def ratio_at(self, call, calls):
-        return self.schedule[call] if self.schedule else self.ratio
-
-    def every_call(self, ratio):
-        return replace(self, ratio=ratio, schedule=())
-
-    def fits(self, hw):
-        return hw[0] >= self.sy and hw[1] >= self.sx   # at least one full cell
 
 
 @dataclass(frozen=True)
