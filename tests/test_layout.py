@@ -117,6 +117,24 @@ READING = {
     "one DPM++(2M) step": (60, 2, [
         ("sampler/dpmpp.py", "dpmpp_2m_steps"), ("sampler/dpmpp.py", "update"), ("sampler/dpmpp.py", "log_snr"),
         ("sampler/dpmpp.py", "alpha_sigma"), ("sampler/loop.py", "guided_sum")]),
+    "one PLMS step": (60, 3, [
+        ("sampler/plms.py", "plms_steps"), ("sampler/schedule.py", "ddim_update"),
+        ("sampler/loop.py", "guided_sum")]),
+    # a per-call depth vector, the features kept and reused, DaTo's dynamics and its selection
+    "DaTo's cache and pruning schedule": (250, 5, [
+        ("cache/schedule.py", "from_dato"), ("cache/schedule.py", "CacheSchedule.depths_for"),
+        ("cache/schedule.py", "explicit_depths"), ("accel/run.py", "Acceleration.depths"),
+        ("accel/run.py", "Acceleration.plans"), ("accel/run.py", "AcceleratedRun.begin_call"),
+        ("accel/run.py", "AcceleratedRun.remember"), ("accel/run.py", "AcceleratedRun.token_plans"),
+        ("model/unet.py", "UNetModel.forward"), ("prune/dato.py", "DaTo.plan"),
+        ("prune/dato.py", "DaToRun.begin_call"), ("prune/dato.py", "DaToRun.plan"),
+        ("prune/dato.py", "dynamics_map"), ("prune/dato.py", "pooled"),
+        ("prune/tokens.py", "split_by_similarity"), ("prune/tokens.py", "per_cell_argmax"),
+        ("prune/tokens.py", "cell_indices"), ("prune/tokens.py", "complement"),
+        ("prune/tokens.py", "gather_rows"), ("prune/tokens.py", "normalized"),
+        ("prune/tokens.py", "noise"), ("prune/tokens.py", "TokenPlan.__init__"),
+        ("prune/tokens.py", "TokenPlan.prune"), ("prune/tokens.py", "TokenPlan.recover"),
+        ("prune/tokens.py", "TokenPlan.__iter__")]),
     # every function that reads or passes the ratio's value, from --prune-ratio to the k tokens removed
     "the pruning ratio, flag to tokens": (None, 6, [
         ("sample.py", "method_settings"), ("prune/__init__.py", "token_method"),
