@@ -20,13 +20,6 @@ class Gate:
     call 4 (docs/caching.md)."""
     call: int
 
-    def __post_init__(self):
-        if (isinstance(self.call, bool) or not isinstance(self.call, numbers.Integral)
-                or self.call < 1):
-            raise ValueError(f"gate: the first UNet call with cached cross-attention, an index "
-                             f">= 1 (the call before it remembers the cross-attention), "
-                             f"got {self.call!r}")
-
     def cross_for(self, calls):
         """What each of a run's `calls` UNet calls does with its cross-attention (CROSS)."""
         if self.call >= calls:
@@ -34,3 +27,10 @@ class Gate:
                              f"(1 .. {calls - 1})")
         return ["keep" if i == self.call - 1 else "cached" if i >= self.call else "compute"
                 for i in range(calls)]
+
+    def __post_init__(self):
+        if (isinstance(self.call, bool) or not isinstance(self.call, numbers.Integral)
+                or self.call < 1):
+            raise ValueError(f"gate: the first UNet call with cached cross-attention, an index "
+                             f">= 1 (the call before it remembers the cross-attention), "
+                             f"got {self.call!r}")

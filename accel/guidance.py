@@ -44,6 +44,21 @@ class Guidance:
     outside: str = "cond"
     stop: float = 0.0
 
+    def modes_for(self, calls, sigmas=None):
+        """The mode of each of a run's `calls` UNet calls; `sigmas`: their noise levels (a window
+        needs them)."""
+        if self.window is None and not self.modes:
+            return ["both"] * calls
+        if self.window is None:
+            if len(self.modes) != calls:
+                raise ValueError(f"guidance has {len(self.modes)} modes, but this run makes "
+                                 f"{calls} UNet calls; give one per call")
+            return list(self.modes)
+        if sigmas is None:
+            raise ValueError("a guidance window needs the noise level of each UNet call of the run")
+        lo, hi = self.window
+        return ["both" if lo < s <= hi else self.outside for s in sigmas]
+
     def __post_init__(self):
         if isinstance(self.modes, list):   # JSON's arrays: stored as the tuple they mean
             object.__setattr__(self, "modes", tuple(self.modes))
@@ -72,18 +87,3 @@ class Guidance:
         if self.outside not in OUTSIDE:
             raise ValueError(f"guidance outside the window must be one of {', '.join(OUTSIDE)}, "
                              f"got {self.outside!r}")
-
-    def modes_for(self, calls, sigmas=None):
-        """The mode of each of a run's `calls` UNet calls; `sigmas`: their noise levels (a window
-        needs them)."""
-        if self.window is None and not self.modes:
-            return ["both"] * calls
-        if self.window is None:
-            if len(self.modes) != calls:
-                raise ValueError(f"guidance has {len(self.modes)} modes, but this run makes "
-                                 f"{calls} UNet calls; give one per call")
-            return list(self.modes)
-        if sigmas is None:
-            raise ValueError("a guidance window needs the noise level of each UNet call of the run")
-        lo, hi = self.window
-        return ["both" if lo < s <= hi else self.outside for s in sigmas]

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 from cache import DATO_COCO, DATO_FIXED, FULL, CacheSchedule, from_dato
 from prune import DaTo, TokenMethod, from_record
-from sampler import SAMPLERS, call_sigmas, unet_calls
-from sampler.schedule import MAX_STEPS
+from sampler import call_sigmas, find_sampler, unet_calls
+from sampler.schedule import SettingError, check_steps
 
 from .gate import Gate
 from .guidance import Guidance
@@ -113,13 +113,12 @@ def load_schedule(spec):
         raise ValueError(f"{spec!r}: unknown field{'s' if len(unknown) > 1 else ''} "
                          f"{', '.join(map(repr, unknown))}; a schedule's fields are "
                          f"{', '.join(PLAN_FIELDS + RECORD_FIELDS)}; fix the file")
-    if entry.get("sampler") not in SAMPLERS:
-        raise ValueError(f"{spec!r}: its field \"sampler\" is {entry.get('sampler')!r}, not one of "
-                         f"this project's samplers ({', '.join(SAMPLERS)}); fix the file")
-    steps = entry.get("steps")
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
-        raise ValueError(f"{spec!r}: its field \"steps\" is {steps!r}, not a step count "
-                         f"(1 .. {MAX_STEPS}); fix the file")
+    for field, check in (("sampler", find_sampler), ("steps", check_steps)):
+        try:   # the run's own checks, the problem named by the file's field
+            check(entry.get(field))
+        except SettingError as e:
+            raise ValueError(f"{spec!r}: its field \"{field}\" {e.problem}; fix the file") from None
+    steps = entry["steps"]
     if not isinstance(entry.get("depths"), list):
         raise ValueError(f"{spec!r}: its field \"depths\" must be a list, one cache depth per UNet "
                          "call; fix the file")

@@ -16,6 +16,13 @@ class Skip:
     right after another (e.g. (3, 5, 7) of a 10-call run)."""
     calls: tuple = ()
 
+    def skipped_for(self, calls):
+        """Whether each of a run's `calls` UNet calls is skipped."""
+        if self.calls[-1] >= calls:
+            raise ValueError(f"skipped call {self.calls[-1]} is not a UNet call of this run "
+                             f"(0 .. {calls - 1})")
+        return [i in self.calls for i in range(calls)]
+
     def __post_init__(self):
         if isinstance(self.calls, list):   # JSON's arrays: stored as the tuple they mean
             object.__setattr__(self, "calls", tuple(self.calls))
@@ -29,10 +36,3 @@ class Skip:
         if any(b - a == 1 for a, b in zip(self.calls, self.calls[1:], strict=False)):
             raise ValueError(f"skipped calls must not follow one another (an extrapolation resting "
                              f"on an extrapolation), got {list(self.calls)}")
-
-    def skipped_for(self, calls):
-        """Whether each of a run's `calls` UNet calls is skipped."""
-        if self.calls[-1] >= calls:
-            raise ValueError(f"skipped call {self.calls[-1]} is not a UNet call of this run "
-                             f"(0 .. {calls - 1})")
-        return [i in self.calls for i in range(calls)]

@@ -35,23 +35,6 @@ class ToDo(TokenMethod):
     stop: float = setting(0.0, "stop", "ToDo: the last fraction of UNet calls run without it "
                           "(0; 0.2-0.4)", float)
 
-    def __post_init__(self):
-        super().__post_init__()
-        if not isinstance(self.factor, int) or self.factor < 2:   # 1 would be the plain run
-            raise ValueError(f"ToDo's factor must be a whole number >= 2 (1 changes nothing), "
-                             f"got {self.factor!r}")
-        if not 0 <= self.stop < 1:   # 1 would leave every call as it is
-            raise ValueError(f"ToDo's stop is a fraction of the run's calls, in [0, 1), "
-                             f"got {self.stop}")
-        if self.layers != ("attn1",):
-            raise ValueError(f"ToDo reduces the keys and values of self-attention: layers must be "
-                             f"('attn1',), got {self.layers}")
-
-    def check_calls(self, calls):
-        if round(calls * (1 - self.stop)) == 0:
-            raise ValueError(f"ToDo's stop {self.stop} leaves none of this run's {calls} "
-                             "UNet calls downsampled; lower it")
-
     def ratio_at(self, call, calls):
         """The fraction of keys/values removed (1 - 1/factor^2 on a divisible grid) before the last
         `stop` of the calls, 0 after."""
@@ -68,6 +51,23 @@ class ToDo(TokenMethod):
 
     def plan(self, x, hw, ratio, generator=None, dynamics=None, guided=False):
         return KeysValues(hw, (hw[0] // self.factor, hw[1] // self.factor), self.mode)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not isinstance(self.factor, int) or self.factor < 2:   # 1 would be the plain run
+            raise ValueError(f"ToDo's factor must be a whole number >= 2 (1 changes nothing), "
+                             f"got {self.factor!r}")
+        if not 0 <= self.stop < 1:   # 1 would leave every call as it is
+            raise ValueError(f"ToDo's stop is a fraction of the run's calls, in [0, 1), "
+                             f"got {self.stop}")
+        if self.layers != ("attn1",):
+            raise ValueError(f"ToDo reduces the keys and values of self-attention: layers must be "
+                             f"('attn1',), got {self.layers}")
+
+    def check_calls(self, calls):
+        if round(calls * (1 - self.stop)) == 0:
+            raise ValueError(f"ToDo's stop {self.stop} leaves none of this run's {calls} "
+                             "UNet calls downsampled; lower it")
 
 
 class KeysValues:

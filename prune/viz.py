@@ -24,18 +24,6 @@ class PruneViz:
     row: int = -1
     cell: int = 4
 
-    def __post_init__(self):
-        if not isinstance(self.folder, str) or not self.folder:
-            raise ValueError(f"--viz-prune needs a folder for the pictures, got {self.folder!r}")
-        if not isinstance(self.block, str):
-            raise ValueError(f"--viz-block must be a transformer block's module name, "
-                             f"got {self.block!r}")
-        for name, value, least in (("row", self.row, None), ("cell", self.cell, 1)):
-            if (isinstance(value, bool) or not isinstance(value, int)
-                    or least is not None and value < least):
-                raise ValueError(f"PruneViz {name} must be a whole number"
-                                 f"{f' >= {least}' if least else ''}, got {value!r}")
-
     def record(self, tag, block, hw, plan):
         if block != self.block:
             return
@@ -48,3 +36,15 @@ class PruneViz:
                     return Image.fromarray(pixels.numpy()).save(f, format="PNG")
             except FileExistsError:
                 continue
+
+    def __post_init__(self):
+        if not isinstance(self.folder, str) or not self.folder:
+            raise ValueError(f"--viz-prune needs a folder for the pictures, got {self.folder!r}")
+        if not isinstance(self.block, str):
+            raise ValueError(f"--viz-block must be a transformer block's module name, "
+                             f"got {self.block!r}")
+        for name, value, least in (("row", self.row, None), ("cell", self.cell, 1)):
+            if (isinstance(value, bool) or not isinstance(value, int)
+                    or least is not None and value < least):
+                raise ValueError(f"PruneViz {name} must be a whole number"
+                                 f"{f' >= {least}' if least else ''}, got {value!r}")

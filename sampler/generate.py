@@ -105,41 +105,6 @@ def is_int(value):
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def check_prompts(prompts):
-    """A str is one prompt; otherwise a non-empty list of str."""
-    if isinstance(prompts, str):
-        return [prompts]
-    if (not isinstance(prompts, (list, tuple)) or not prompts
-            or not all(isinstance(p, str) for p in prompts)):
-        raise ValueError("prompts must be a prompt (str) or a non-empty list of prompts")
-    return list(prompts)
-
-
-def check_size(config, size):
-    """(H, W) or None -> (H, W) that a model of this SDConfig can decode; warns far beyond its
-    training size and below the size its UNet's downsamplings need (SD: 64 px, a latent of 8
-    halved 3 times), refuses half that."""
-    factor, native = config.vae.factor, config.image_size
-    halvings = len(config.unet.channel_mult) - 1
-    least = factor * 2 ** halvings   # the deepest level keeps a whole cell
-    H, W = (native if side is None else side for side in size or (None, None))
-    for name, side in (("H", H), ("W", W)):
-        if side <= 0 or side % factor:
-            raise SettingError(name, f"{side} must be a positive multiple of {factor} (the VAE "
-                               f"works on {factor}x{factor} pixel cells)")
-        if side < least:
-            problem = (f"{side} px is below this model's smallest size, {least} px: its latent "
-                       f"({side // factor}) is halved {halvings} times by the UNet")
-            if 2 * side < least:
-                raise SettingError(name, problem + ", leaving nothing to draw with")
-            warnings.warn(f"{name} {problem}; the image will be mostly noise", stacklevel=3)
-        if side > 4 * native:
-            warnings.warn(f"{name} {side}: far beyond this model's {native} px training size "
-                          "(images repeat and memory grows with the square of the side)",
-                          stacklevel=3)
-    return H, W
-
-
 class Timer:
     """Seconds spent per phase (text, unet, decode) over generate() calls."""
 
@@ -226,15 +191,6 @@ def generate_batches(sd, prompts, settings, *, progress=False, timer=None):
             yield images, latent
 
 
-def check_finite(latent, which, dtype):
-    """The sampled latent; NaN or inf (which decode to black) raise a one-line error instead."""
-    if not torch.isfinite(latent).all():
-        hint = ("fp16 overflows in some models: load in bf16 or fp32" if dtype == torch.float16
-                else "the weights or the guidance scale overflow")
-        raise ValueError(f"{which}: the sampled latent holds NaN or inf ({hint}); no image written")
-    return latent
-
-
 def generate(sd, prompts, settings=Sampling(), *, latents=False, progress=False, timer=None):
     """Images for `prompts` (a str or a list) with `settings` on the loaded model `sd`. Returns
     PIL images, or (images, final latents [N, c, h, w]) with latents=True. Writes no files."""
@@ -243,29 +199,6 @@ def generate(sd, prompts, settings=Sampling(), *, latents=False, progress=False,
         images += batch
         finals.append(latent)
     return (images, torch.cat(finals)) if latents else images
-
-
-def check_outdir(outdir, flag="--outdir"):
-    """Raise ValueError (naming `flag`) unless files can be written to the folder `outdir`.
-    Tested by a real write that leaves nothing behind (a temporary file there, or in the nearest
-    existing folder above): permission bits say yes where writing fails (/proc, a read-only
-    mount, root's os.access)."""
-    if not outdir:
-        raise ValueError(f"{flag} is empty; name a folder")
-    if os.path.exists(outdir) and not os.path.isdir(outdir):
-        raise ValueError(f"{flag} {outdir!r} is a file, not a folder; choose another {flag}")
-    folder = os.path.abspath(outdir)
-    while not os.path.exists(folder):
-        folder = os.path.dirname(folder)
-    try:
-        if not os.path.isdir(folder):
-            raise NotADirectoryError(folder)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError:
-        what = "is not writable" if folder == os.path.abspath(outdir) else \
-            f"cannot be created ({folder!r} is not a writable folder)"
-        raise ValueError(f"{flag} {outdir!r} {what}; choose another {flag}") from None
 
 
 def save_png(image, path):
@@ -314,3 +247,70 @@ def save_pngs(images, outdir):
 
 __all__ = ["Sampling", "generate", "generate_batches", "save_png", "save_pngs", "check_outdir",
            "Timer", "to_pil", "from_pil"]
+
+
+def check_prompts(prompts):
+    """A str is one prompt; otherwise a non-empty list of str."""
+    if isinstance(prompts, str):
+        return [prompts]
+    if (not isinstance(prompts, (list, tuple)) or not prompts
+            or not all(isinstance(p, str) for p in prompts)):
+        raise ValueError("prompts must be a prompt (str) or a non-empty list of prompts")
+    return list(prompts)
+
+
+def check_size(config, size):
+    """(H, W) or None -> (H, W) that a model of this SDConfig can decode; warns far beyond its
+    training size and below the size its UNet's downsamplings need (SD: 64 px, a latent of 8
+    halved 3 times), refuses half that."""
+    factor, native = config.vae.factor, config.image_size
+    halvings = len(config.unet.channel_mult) - 1
+    least = factor * 2 ** halvings   # the deepest level keeps a whole cell
+    H, W = (native if side is None else side for side in size or (None, None))
+    for name, side in (("H", H), ("W", W)):
+        if side <= 0 or side % factor:
+            raise SettingError(name, f"{side} must be a positive multiple of {factor} (the VAE "
+                               f"works on {factor}x{factor} pixel cells)")
+        if side < least:
+            problem = (f"{side} px is below this model's smallest size, {least} px: its latent "
+                       f"({side // factor}) is halved {halvings} times by the UNet")
+            if 2 * side < least:
+                raise SettingError(name, problem + ", leaving nothing to draw with")
+            warnings.warn(f"{name} {problem}; the image will be mostly noise", stacklevel=3)
+        if side > 4 * native:
+            warnings.warn(f"{name} {side}: far beyond this model's {native} px training size "
+                          "(images repeat and memory grows with the square of the side)",
+                          stacklevel=3)
+    return H, W
+
+
+def check_finite(latent, which, dtype):
+    """The sampled latent; NaN or inf (which decode to black) raise a one-line error instead."""
+    if not torch.isfinite(latent).all():
+        hint = ("fp16 overflows in some models: load in bf16 or fp32" if dtype == torch.float16
+                else "the weights or the guidance scale overflow")
+        raise ValueError(f"{which}: the sampled latent holds NaN or inf ({hint}); no image written")
+    return latent
+
+
+def check_outdir(outdir, flag="--outdir"):
+    """Raise ValueError (naming `flag`) unless files can be written to the folder `outdir`.
+    Tested by a real write that leaves nothing behind (a temporary file there, or in the nearest
+    existing folder above): permission bits say yes where writing fails (/proc, a read-only
+    mount, root's os.access)."""
+    if not outdir:
+        raise ValueError(f"{flag} is empty; name a folder")
+    if os.path.exists(outdir) and not os.path.isdir(outdir):
+        raise ValueError(f"{flag} {outdir!r} is a file, not a folder; choose another {flag}")
+    folder = os.path.abspath(outdir)
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    try:
+        if not os.path.isdir(folder):
+            raise NotADirectoryError(folder)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError:
+        what = "is not writable" if folder == os.path.abspath(outdir) else \
+            f"cannot be created ({folder!r} is not a writable folder)"
+        raise ValueError(f"{flag} {outdir!r} {what}; choose another {flag}") from None

@@ -68,28 +68,6 @@ class Step:
     stops: list | None = None   # adaptive guidance: each image's first unguided call (-1: none)
 
 
-def check_args(steps=50, scale=7.5, method="plms", eta=0.0, prediction="eps"):
-    """Raise SettingError, naming the argument, for settings no sampler can run (before heavy
-    work starts)."""
-    sampler = find_sampler(method)
-    check_steps(steps)
-    for name, value in (("scale", scale), ("eta", eta)):
-        if (isinstance(value, bool) or not isinstance(value, (int, float))
-                or not math.isfinite(value)):
-            raise SettingError(name, f"must be a finite number, got {value!r}")
-    if not sampler.takes_eta and eta != 0:
-        raise SettingError("eta", f"must be 0 (got {eta}): sampler {method} takes no eta; "
-                           "only ddim does")
-    if eta < 0:
-        raise SettingError("eta", f"must be >= 0, got {eta}")
-    if prediction not in PREDICTIONS:
-        raise SettingError("prediction", f"must be 'eps' or 'v', got {prediction!r}")
-    if not 0 <= scale <= MAX_SCALE:
-        raise SettingError("scale", f"(guidance) must be between 0 and {MAX_SCALE}, got {scale} "
-                           "(typical: 5 to 10; far beyond, the guided prediction burns the image "
-                           "out and overflows)")
-
-
 def sample_steps(unet, x_T, cond, uncond=None, steps=50, scale=7.5, method="plms", eta=0.0,
                  prediction="eps", accel=None, seed=0):
     """Run the sampler, yielding a Step after each step.
@@ -209,3 +187,25 @@ def sample(unet, x_T, cond, uncond=None, steps=50, scale=7.5, method="plms", eta
     Arguments as for sample_steps."""
     return final_latent(sample_steps(unet, x_T, cond, uncond, steps, scale, method, eta, prediction,
                                      accel, seed))
+
+
+def check_args(steps=50, scale=7.5, method="plms", eta=0.0, prediction="eps"):
+    """Raise SettingError, naming the argument, for settings no sampler can run (before heavy
+    work starts)."""
+    sampler = find_sampler(method)
+    check_steps(steps)
+    for name, value in (("scale", scale), ("eta", eta)):
+        if (isinstance(value, bool) or not isinstance(value, (int, float))
+                or not math.isfinite(value)):
+            raise SettingError(name, f"must be a finite number, got {value!r}")
+    if not sampler.takes_eta and eta != 0:
+        raise SettingError("eta", f"must be 0 (got {eta}): sampler {method} takes no eta; "
+                           "only ddim does")
+    if eta < 0:
+        raise SettingError("eta", f"must be >= 0, got {eta}")
+    if prediction not in PREDICTIONS:
+        raise SettingError("prediction", f"must be 'eps' or 'v', got {prediction!r}")
+    if not 0 <= scale <= MAX_SCALE:
+        raise SettingError("scale", f"(guidance) must be between 0 and {MAX_SCALE}, got {scale} "
+                           "(typical: 5 to 10; far beyond, the guided prediction burns the image "
+                           "out and overflows)")

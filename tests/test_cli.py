@@ -96,8 +96,8 @@ def test_bad_input_is_one_line_before_loading(tmp_path, capsys, args, match):
 
 @pytest.mark.parametrize("entry, match", [
     ({"depths": [12, 1.5, 1, 12, 1]}, "cache depths must be a whole number"),
-    ({"sampler": "heun"}, 'its field "sampler" is \'heun\', not one of this project\'s samplers'),
-    ({"steps": 0}, 'its field "steps" is 0, not a step count'),
+    ({"sampler": "heun"}, 'its field "sampler" \'heun\' is an unknown sampler; choose one of plms'),
+    ({"steps": 0}, 'its field "steps" must be a whole number from 1 to 999, got 0; fix the file'),
     ({"depths": [12, 1]}, "2 depths for PLMS-4, which makes 5 UNet calls"),
     ({"prune": [1, 2]}, 'its field "prune" must be a token method\'s settings (an object) or null'),
     ({"depths": [1, 1, 1, 12, 1]}, "the first call has nothing cached to reuse"),
@@ -281,7 +281,7 @@ def test_caching(tmp_path, tokenizer_dir):
     (["--cache-order", "1"], "--cache-order: no effect with --cache none"),
     (["--cache", "uniform", "--cache-order", "3"], "cache order (forecast) must be one of (0, 1, 2)"),
     (["--guidance-outside", "reuse"], "give the window too"),
-    (["--guidance-window", "1"], "two noise levels LO,HI"),
+    (["--guidance-window", "1"], "guidance window must be (σ_lo, σ_hi)"),
     (["--guidance-window", "5,1"], "0 <= σ_lo < σ_hi"),
     (["--guidance-window", "1,5", "--guidance-schedule", "both"], "not both"),
     (["--guidance-schedule", "both,reuse"], "2 modes, but this run makes 11"),
