@@ -171,7 +171,7 @@ def parser():
 
 
 def main(argv=None):
-    return run_tool(parser(), run, argv, flags={"batch_size": "--n-samples"})
+    return run_tool(parser(), run, argv, flags=SETTING_FLAGS)
 
 
 def prune_flags():
@@ -191,6 +191,12 @@ def prune_flags():
 PRUNE_FLAGS = prune_flags()
 CACHE_FLAGS = {"cache_interval": "interval", "cache_depth": "depth", "cache_center": "center",
                "cache_power": "power", "cache_order": "order"}
+# the settings whose flag is not --SETTING: what an error about one names (run_tool)
+SETTING_FLAGS = {"batch_size": "--n-samples", "viz": "--viz-prune", "folder": "--viz-prune",
+                 "block": "--viz-block",
+                 **{field: f"--cache-{field}" for field in CACHE_FLAGS.values()},
+                 **{field: flag for flag, _, owners in PRUNE_FLAGS.values()
+                    for field in owners.values()}}
 # --viz-prune's block: SD's first 64x64 one at 512 px
 VIZ_BLOCK = "input_blocks.1.1.transformer_blocks.0"
 

@@ -22,7 +22,7 @@ from model.unet import BasicTransformerBlock
 from prune import LAYERS, TokenMethod, as_record
 from prune.viz import PruneViz
 from sampler import CallPlan, stream_seed
-from sampler.schedule import check_timesteps
+from sampler.schedule import SettingError, check_timesteps
 
 from .gate import Gate
 from .guidance import Guidance
@@ -113,11 +113,10 @@ class Acceleration:
                              "image: it cannot be combined with a cache or a gate, whose kept "
                              "features need the whole guided batch")
         if self.viz is not None and self.prune is None:
-            raise ValueError("--viz-prune draws a token method's plans: give a token method "
-                             "(--prune) too")
+            raise SettingError("viz", "draws a token method's plans: give a token method too")
         if self.viz is not None and self.prune.reduces != "tokens":
-            raise ValueError("--viz-prune draws which tokens were kept and removed; "
-                             f"{self.prune.name} removes none")
+            raise SettingError("viz", "draws which tokens were kept and removed; "
+                               f"{self.prune.name} removes none")
 
     def check(self, calls, sigmas=None):
         """Raise ValueError if the schedules do not fit a run of `calls` UNet calls (a guidance
@@ -142,11 +141,11 @@ class Acceleration:
             unet_macs(unet, hw, keep=lambda st, grid, sub: grids.add((grid, st.downsamples)) or 0)
             if not any(self.prune.applies(grid, down) for grid, down in grids):
                 largest = "x".join(map(str, max((g for g, _ in grids), key=lambda g: g[0] * g[1])))
-                raise ValueError(f"--prune {self.prune.name} acts on no transformer block at a "
-                                 f"{hw[0]}x{hw[1]} latent (max_downsample "
-                                 f"{self.prune.max_downsample}; the largest block grid is "
-                                 f"{largest}): its cells or factor do not fit; choose a larger "
-                                 "image, smaller cells or a smaller factor")
+                raise SettingError("prune", f"{self.prune.name} acts on no transformer block at "
+                                   f"a {hw[0]}x{hw[1]} latent (max_downsample "
+                                   f"{self.prune.max_downsample}; the largest block grid is "
+                                   f"{largest}): its cells or factor do not fit; choose a larger "
+                                   "image, smaller cells or a smaller factor")
         if self.viz is not None:
             blocks = {name: m for name, m in unet.named_modules()
                       if isinstance(m, BasicTransformerBlock)}
@@ -155,9 +154,9 @@ class Acceleration:
             if self.viz.block not in acted:
                 what = ("is not acted on by the token method" if self.viz.block in blocks else
                         "is not a transformer block")
-                raise ValueError(f"--viz-block {self.viz.block!r} {what} of this UNet; choose one "
-                                 f"of {', '.join(acted[:4])}{', ...' if len(acted) > 4 else ''} "
-                                 f"({len(acted)} in all)")
+                raise SettingError("block", f"{self.viz.block!r} {what} of this UNet; choose "
+                                   f"one of {', '.join(acted[:4])}"
+                                   f"{', ...' if len(acted) > 4 else ''} ({len(acted)} in all)")
             if not -rows <= self.viz.row < rows:
                 raise ValueError(f"PruneViz row {self.viz.row} is not a row of this run's batches "
                                  f"of {rows}")

@@ -117,8 +117,8 @@ class CacheSchedule:
             raise ValueError(f"non-uniform power must be in (1, {MAX_POWER}] (DeepCache: 1.4), "
                              f"got {self.power}")
         if self.center < 0:
-            raise ValueError(f"non-uniform center (--cache-center) must be a UNet call index >= 0, "
-                             f"got {self.center}")
+            raise ValueError(f"center (of the non-uniform schedule) must be a UNet call index "
+                             f">= 0, got {self.center}")
 
 
 def uniform_depths(s, calls):
@@ -127,7 +127,7 @@ def uniform_depths(s, calls):
 
 def nonuniform_depths(s, calls):
     if s.center >= calls:   # the curve would centre beyond the run: about uniform, silently
-        raise ValueError(f"non-uniform center (--cache-center) {s.center} is not a UNet call of "
+        raise ValueError(f"center {s.center} (of the non-uniform schedule) is not a UNet call of "
                          f"this run (0 .. {calls - 1}): full calls would centre on nothing; choose "
                          f"a center below {calls}")
     full = set(deepcache_nonuniform(calls, math.ceil(calls / s.interval), s.center, s.power))

@@ -194,4 +194,4 @@ class RecoveringMethod(CellMethod):
     def __post_init__(self):
         super().__post_init__()
         if self.noise_alpha < 0:   # a weight: negative noise is noise too, the score's sign turned
-            raise ValueError(f"noise_alpha (--prune-noise) must be >= 0, got {self.noise_alpha}")
+            raise ValueError(f"noise_alpha must be >= 0, got {self.noise_alpha}")

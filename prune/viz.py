@@ -39,9 +39,9 @@ class PruneViz:
 
     def __post_init__(self):
         if not isinstance(self.folder, str) or not self.folder:
-            raise ValueError(f"--viz-prune needs a folder for the pictures, got {self.folder!r}")
+            raise ValueError(f"folder must name a folder for the pictures, got {self.folder!r}")
         if not isinstance(self.block, str):
-            raise ValueError(f"--viz-block must be a transformer block's module name, "
+            raise ValueError(f"block must be a transformer block's module name, "
                              f"got {self.block!r}")
         for name, value, least in (("row", self.row, None), ("cell", self.cell, 1)):
             if (isinstance(value, bool) or not isinstance(value, int)

@@ -137,8 +137,10 @@ def sampling(args, **fields):
 def run_tool(p, run, argv=None, interrupted="interrupted", flags=None):
     """A tool's main: parse `argv`, set the threads, `run(args)`; bad input (arguments,
     checkpoint, schedule) ends in one line with the reason, Ctrl-C in the line `interrupted` (what
-    to rerun). A bad setting of the generation API (SettingError) is named by its flag: `flags`
-    {argument: flag} where the flag is not --ARGUMENT (sample.py's batch_size is --n-samples)."""
+    to rerun). A bad setting is named by its flag: `flags` {setting: flag} where the flag is not
+    --SETTING (sample.py's batch_size is --n-samples). The settings classes name the setting first
+    (SettingError's name; prune/ and cache/, which import nothing of the project, as the first word
+    of their ValueError's message)."""
     signal.signal(signal.SIGINT, signal.default_int_handler)   # ends sample.py's start-up handler
     args = p.parse_args(argv)
     set_threads(p, args)
@@ -148,7 +150,8 @@ def run_tool(p, run, argv=None, interrupted="interrupted", flags=None):
         flag = {"size": "--H/--W", **(flags or {})}.get(e.name, "--" + e.name.replace("_", "-"))
         p.error(f"{flag} {e.problem}")
     except ValueError as e:
-        p.error(str(e))
+        name, _, problem = str(e).partition(" ")
+        p.error(f"{flags[name]} {problem}" if name in (flags or {}) else str(e))
     except TokenizerError as e:
         raise SystemExit(f"error: {e}") from None
     except KeyboardInterrupt:

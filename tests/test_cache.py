@@ -141,7 +141,7 @@ def test_presets():
     (dict(mode="dato"), "explicit"), (dict(mode="dato", depths=(FULL, 13)), r"0\.\.12"),
     (dict(mode="nonuniform", power=1.0), "power"), (dict(mode="nonuniform", power=1e6), "power must be in \\(1, 10\\]"),
     (dict(interval=2.5), "interval must be a whole number"), (dict(mode="dato", depths=(12, True)), "depths must be"),
-    (dict(mode="nonuniform", center=-1), "center \\(--cache-center\\) must be a UNet call index"),
+    (dict(mode="nonuniform", center=-1), "^center \\(of the non-uniform schedule\\) must be a UNet call index"),
     (dict(mode="uniform", depths=(FULL, 1)), "own depths"), (dict(power="x"), "power must be a number"),
     (dict(depths=None), "one depth per UNet call")])
 def test_bad_settings(kw, match):
@@ -157,7 +157,8 @@ def test_bad_schedule_for_the_run():
         run(unet, Acceleration(cache=CacheSchedule("dato", depths=(1,) * 7)))
     with pytest.raises(ValueError, match="cannot place"):
         run(unet, Acceleration(cache=CacheSchedule("nonuniform", interval=1, center=3)))
-    with pytest.raises(ValueError, match="center \\(--cache-center\\) 7 is not a UNet call of this run \\(0 .. 6\\)"):
+    with pytest.raises(ValueError, match="^center 7 \\(of the non-uniform schedule\\) is not a UNet call "
+                                         "of this run \\(0 .. 6\\)"):
         run(unet, Acceleration(cache=CacheSchedule("nonuniform", center=7)))
     with pytest.raises(ValueError, match="51 entries, but this run makes 7"):
         run(unet, Acceleration(cache=PRESETS["dato-fixed"].cache))

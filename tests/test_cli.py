@@ -68,7 +68,7 @@ def test_help_shows_defaults_and_limits(capsys):
     (["--prompt", "x", "--scale", "nan"], "--scale must be a finite number"),
     (["--prompt", "x", "--scale", "inf"], "--scale must be a finite number"),
     (["--prompt", "x", "--sampler", "ddim", "--eta", "nan"], "--eta must be a finite number"),
-    (["--prompt", "x", "--prune", "sito", "--prune-noise", "nan"], "noise_alpha must be a finite number"),
+    (["--prompt", "x", "--prune", "sito", "--prune-noise", "nan"], "--prune-noise must be a finite number"),
     (["--prompt", "x", "--seed", str(2 ** 70)], "--seed"),
     (["--prompt", "x", "--seed", "-1"], "between 0 and 2**64 - 1"),
     (["--prompt", "x", "--device", "foo"], "--device 'foo' is not a device"),
@@ -83,8 +83,8 @@ def test_help_shows_defaults_and_limits(capsys):
     (["--prompt", "x", "--threads", "100000"], "--threads must be from 1 to this machine's"),
     (["--prompt", "x", "--prune", "sito", "--viz-prune", "README.md/viz"], "--viz-prune 'README.md/viz' cannot be"),
     (["--from-file", "tests"], "is a folder; give a text file"),
-    (["--prompt", "x", "--cache", "nonuniform", "--cache-center", "1000"], "--cache-center) 1000 is not a UNet call"),
-    (["--prompt", "x", "--cache", "nonuniform", "--cache-center", "-1"], "--cache-center) must be a UNet call index")])
+    (["--prompt", "x", "--cache", "nonuniform", "--cache-center", "1000"], "--cache-center 1000 (of the non-uniform"),
+    (["--prompt", "x", "--cache", "nonuniform", "--cache-center", "-1"], "--cache-center (of the non-uniform")])
 def test_bad_input_is_one_line_before_loading(tmp_path, capsys, args, match):
     """The checkpoint does not exist: each argument error must come first, and create nothing."""
     with pytest.raises(SystemExit):
@@ -171,7 +171,13 @@ def test_unknown_viz_block(tmp_path, tokenizer_dir, capsys):
     with pytest.raises(SystemExit):
         cli(tmp_path / "out", tokenizer_dir, "--prompt", "x", "--prune", "sito", "--viz-prune", str(tmp_path / "viz"),
             "--viz-block", "input_blocks.1.1.transformer_blocks.O")
-    assert "is not a transformer block" in capsys.readouterr().err
+    assert "--viz-block 'input_blocks.1.1.transformer_blocks.O' is not a transformer block" in capsys.readouterr().err
+
+
+def test_a_method_that_acts_on_nothing_names_its_flag(tmp_path, tokenizer_dir, capsys):
+    with pytest.raises(SystemExit):
+        cli(tmp_path / "out", tokenizer_dir, "--prompt", "x", "--prune", "todo", "--prune-factor", "8")
+    assert "--prune todo acts on no transformer block at a 4x4 latent" in capsys.readouterr().err
 
 
 def test_missing_tokenizer_is_a_clear_exit(tmp_path):

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from accel import PRESETS, Acceleration
+from cache import CacheSchedule
 from lab.run_config import LAB
 from model import TINY, random_weights
 from model.config import SD1
@@ -205,11 +206,17 @@ def test_a_picture_block_the_method_does_not_act_on_is_refused(sd, tmp_path, viz
 @pytest.mark.parametrize("make,message", [
     (lambda: Acceleration(viz=PruneViz("v")), "give a token method"),
     (lambda: Acceleration(viz="v"), "PruneViz or None"),
-    (lambda: PruneViz(""), "needs a folder"), (lambda: PruneViz("v", cell=0), "cell must be a whole number >= 1"),
-    (lambda: PruneViz("v", row=1.5), "row must be a whole number")])
-def test_picture_settings_are_checked_when_made(make, message):
-    with pytest.raises(ValueError, match=message):
+    (lambda: Acceleration(viz=PruneViz("v"), prune=token_method("todo")), "^viz draws which tokens"),
+    (lambda: PruneViz(""), "^folder must name a folder for the pictures"),
+    (lambda: PruneViz("v", cell=0), "cell must be a whole number >= 1"),
+    (lambda: PruneViz("v", row=1.5), "row must be a whole number"),
+    (lambda: token_method("sito", noise_alpha=-1), "^noise_alpha must be >= 0"),
+    (lambda: CacheSchedule("nonuniform", center=-1), "^center \\(of the non-uniform schedule\\)")])
+def test_settings_are_checked_when_made_and_name_the_setting_not_a_flag(make, message):
+    """The API's errors name its own settings; sample.py names the flag (tests/test_cli.py)."""
+    with pytest.raises(ValueError, match=message) as refused:
         make()
+    assert "--" not in str(refused.value)
 
 
 def test_generate_names_what_it_was_given_instead(sd):

@@ -278,7 +278,7 @@ def test_pruning_feed_forward_of_duplicates_changes_nothing(method, recover_from
     ("todo", {"stop": "0.3"}, "stop must be a number"), ("sito", {"layers": "attn1"}, "layers must be a tuple"),
     ("dato", {"schedule": ("0.5",) * 3}, "prune ratio must be a number"),
     ("tome", {"max_downsample": True}, "max_downsample must be a whole number"),
-    ("dato", {"noise_alpha": -5}, "noise_alpha (--prune-noise) must be >= 0"),
+    ("dato", {"noise_alpha": -5}, "noise_alpha must be >= 0"),
     ("dato", {"gamma": -1.0}, "DaTo's gamma (the dynamics' weight) must be >= 0")])
 def test_settings_of_the_wrong_type_are_one_clear_error(name, settings, message):
     with pytest.raises(ValueError, match=re.escape(message)):
