@@ -67,7 +67,7 @@ def run(args):
     if preset:
         check_preset_fits(args.preset, args.sampler, args.steps, preset)
     settings = sampling(args, seed=args.seed, accel=accel, batch_size=args.n_samples)
-    check_outdir(args.outdir)
+    check_outdir(args.outdir, "--outdir")
     if args.viz_prune:
         check_outdir(args.viz_prune, "--viz-prune")
     device = check_device(args.device)

@@ -152,8 +152,8 @@ def prepare(p, args):
         check_init(p, init)
     try:
         device = check_device(args.device)
-    except ValueError as e:
-        p.error(str(e))
+    except ValueError as e:   # it names the device; the command line, its flag
+        p.error(f"--{e}")
     try:
         write_record(args.out, cfg, init)
     except OSError as e:

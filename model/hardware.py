@@ -23,27 +23,27 @@ def default_device():
 
 
 def check_device(device):
-    """A device name (None: the best available) -> torch.device, or ValueError naming --device
+    """A device name (None: the best available) -> torch.device, or ValueError naming the device
     when this machine does not have it."""
     name = default_device() if device is None else device
     try:
         dev = torch.device(name)
     except (RuntimeError, TypeError):
-        raise ValueError(f"--device {name!r} is not a device; "
+        raise ValueError(f"device {name!r} is not a device; "
                          "use cpu, cuda, cuda:N or mps") from None
     if dev.type not in DEVICE_TYPES:
-        raise ValueError(f"--device {name}: unsupported device type; use cpu, cuda, cuda:N or mps")
+        raise ValueError(f"device {name}: unsupported device type; use cpu, cuda, cuda:N or mps")
     if dev.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if not count:
-            raise ValueError(f"--device {name}: this machine has no CUDA GPU (or this torch build "
-                             "has no CUDA); use --device cpu")
+            raise ValueError(f"device {name}: this machine has no CUDA GPU (or this torch build "
+                             "has no CUDA); use the cpu")
         if dev.index is not None and dev.index >= count:
-            raise ValueError(f"--device {name}: this machine has {count} CUDA device(s), "
+            raise ValueError(f"device {name}: this machine has {count} CUDA device(s), "
                              f"cuda:0 to cuda:{count - 1}")
     if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device {name}: MPS (Apple GPU) is not available here; "
-                         "use --device cpu")
+        raise ValueError(f"device {name}: MPS (Apple GPU) is not available here; "
+                         "use the cpu")
     return dev
 
 
@@ -71,15 +71,15 @@ def resolve_dtype(dtype, device):
     elif dtype in DTYPES:
         chosen, explicit = DTYPES[dtype], True
     else:
-        raise ValueError(f"--dtype {dtype!r} is not a precision; "
+        raise ValueError(f"dtype {dtype!r} is not a precision; "
                          f"choose one of {', '.join(DTYPE_CHOICES)}")
     if explicit and torch.device(device).type == "cpu":
         if chosen == torch.float16:
-            warnings.warn("--dtype fp16 on a CPU is slow (few CPUs compute in fp16); bf16 or fp32 "
-                          "suits a CPU, and --dtype auto picks between them", stacklevel=2)
+            warnings.warn("dtype fp16 on a CPU is slow (few CPUs compute in fp16); bf16 or fp32 "
+                          "suits a CPU, and dtype auto picks between them", stacklevel=2)
         elif chosen == torch.bfloat16 and not native_bf16_cpu():
-            warnings.warn("--dtype bf16 on this CPU is emulated (no AVX512-BF16/AMX) and far "
-                          "slower than fp32; --dtype auto picks fp32 here", stacklevel=2)
+            warnings.warn("dtype bf16 on this CPU is emulated (no AVX512-BF16/AMX) and far "
+                          "slower than fp32; dtype auto picks fp32 here", stacklevel=2)
     return chosen
 
 

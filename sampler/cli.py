@@ -36,6 +36,8 @@ DEFAULT_RUN = ("plms", 50)
 # the lab model's files, for --random-weights lab: found by path, so the CLI needs no lab/ code
 LAB_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lab")
 RANDOM_ARCHITECTURES = (*MODELS, "lab")   # what --random-weights builds
+# the settings that the kit's own flags set, as an error about one names it (run_tool)
+KIT_FLAGS = {"size": "--H/--W", "device": "--device", "dtype": "--dtype"}
 
 
 class Parser(argparse.ArgumentParser):
@@ -147,11 +149,12 @@ def run_tool(p, run, argv=None, interrupted="interrupted", flags=None):
     try:
         return run(args)
     except SettingError as e:
-        flag = {"size": "--H/--W", **(flags or {})}.get(e.name, "--" + e.name.replace("_", "-"))
+        flag = {**KIT_FLAGS, **(flags or {})}.get(e.name, "--" + e.name.replace("_", "-"))
         p.error(f"{flag} {e.problem}")
     except ValueError as e:
         name, _, problem = str(e).partition(" ")
-        p.error(f"{flags[name]} {problem}" if name in (flags or {}) else str(e))
+        flags = {**KIT_FLAGS, **(flags or {})}
+        p.error(f"{flags[name]} {problem}" if name in flags else str(e))
     except TokenizerError as e:
         raise SystemExit(f"error: {e}") from None
     except KeyboardInterrupt:

@@ -19,7 +19,7 @@ def test_auto_on_gpus_is_fp16():
 
 def test_explicit_names_and_dtypes():
     assert resolve_dtype("fp32", "cpu") == torch.float32 and resolve_dtype(torch.float32, "cpu") == torch.float32
-    with pytest.raises(ValueError, match="--dtype 'int8'"):
+    with pytest.raises(ValueError, match="^dtype 'int8'"):
         resolve_dtype("int8", "cpu")
     with pytest.raises(ValueError, match="not supported"):
         resolve_dtype(torch.int8, "cpu")
@@ -34,7 +34,7 @@ def test_slow_cpu_choices_warn(monkeypatch):
 
 
 @pytest.mark.parametrize("name,match", [("foo", "is not a device"), ("meta", "unsupported device type"),
-                                        ("cuda", "no CUDA GPU"), ("cuda:7", "--device cuda:7")])
+                                        ("cuda", "no CUDA GPU"), ("cuda:7", "^device cuda:7")])
 def test_unavailable_devices_are_refused(monkeypatch, name, match):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match=match):
