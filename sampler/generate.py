@@ -295,9 +295,9 @@ def check_finite(latent, which, dtype):
 
 def check_outdir(outdir, flag="outdir"):
     """Raise ValueError (naming `flag`, the caller's name for it) unless files can be written to
-    the folder `outdir`. Tested by a real write that leaves nothing behind (a temporary file there, or in the nearest
-    existing folder above): permission bits say yes where writing fails (/proc, a read-only
-    mount, root's os.access)."""
+    the folder `outdir`. Tested by a real write that leaves nothing behind (a temporary file there,
+    or in the nearest existing folder above): permission bits say yes where writing fails (/proc,
+    a read-only mount, root's os.access)."""
     if not outdir:
         raise ValueError(f"{flag} is empty; name a folder")
     if os.path.exists(outdir) and not os.path.isdir(outdir):
