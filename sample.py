@@ -61,6 +61,11 @@ def run(args):
     if args.preset is not None and not args.preset.strip():
         raise ValueError("--preset is empty: name a preset or a schedule file FILE.json[#k], or "
                          "leave the flag out")
+    if args.preset and "@" in args.preset:
+        base, _, run = args.preset.partition("@")
+        raise ValueError(f"--preset {args.preset!r}: '@{run}' is the run of a --methods entry; "
+                         f"here give the preset alone ({base}) and the run as --sampler and "
+                         "--steps (a schedule file carries its own)")
     preset = find_preset(args.preset) if args.preset else None   # a schedule file is read once
     accel = acceleration(args, preset)
     taken = resolve_run(args, preset.made_for if preset else None)

@@ -154,11 +154,6 @@ def find_preset(spec):
     """A preset by name, or a schedule file."""
     if not isinstance(spec, str):
         raise ValueError(f"a preset is a name or a schedule file path, got {spec!r}")
-    if "@" in spec:
-        base, _, run = spec.partition("@")
-        raise ValueError(f"preset {spec!r}: '@{run}' is the run of a --methods entry; here give "
-                         f"the preset alone ({base}) and the run as --sampler and --steps (a "
-                         "schedule file carries its own)")
     if spec in PRESETS:
         return PRESETS[spec]
     if is_schedule_file(spec):
@@ -175,5 +170,4 @@ def check_preset_fits(spec, sampler, steps, preset=None):
         made, calls = preset.made_for, unet_calls(preset.made_for[1], preset.made_for[0])
         raise ValueError(f"preset {spec} is for {made[0].upper()}-{made[1]} ({calls} UNet calls); "
                          f"this run is {sampler.upper()}-{steps} ({unet_calls(steps, sampler)} "
-                         f"calls): use --sampler {made[0]} --steps {made[1]} "
-                         f"(or {spec}@{made[0]}:{made[1]} in --methods)")
+                         f"calls): run it with sampler {made[0]} and {made[1]} steps")

@@ -334,7 +334,7 @@ def load_checkpoint(path, *, device="cpu", dtype=torch.float32, prediction=None,
         if tokenizer is None and TOKENIZER_KEY in metadata:   # shipped beside the weights
             tokenizer = os.path.join(os.path.dirname(path), metadata[TOKENIZER_KEY])
     if prediction == "v" and config.version == "sd1":
-        warnings.warn(f"{path}: SD 1.x models predict eps; forcing v-prediction (--prediction v) "
+        warnings.warn(f"{path}: SD 1.x models predict eps; forcing v-prediction (prediction v) "
                       "makes noise", stacklevel=2)
     prediction = prediction or stated or (
         _guess_prediction(unet, path) if config.version == "sd2" else None)

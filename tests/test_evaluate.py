@@ -117,7 +117,7 @@ def test_a_folder_knows_its_weights_by_content_not_by_path(tmp_path, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["--methods", "baseline,sito:0.5,foo"], "unknown method 'foo'"),
-    (["--methods", "baseline,dato-coco"], "use --sampler plms --steps 50"),
+    (["--methods", "baseline,dato-coco"], "run it with sampler plms and 50 steps (in --methods: dato-coco@plms:50)"),
     (["--methods", "baseline", "--prompts", "missing.txt"], "does not exist"),
     (["--methods", "baseline", "--n", "0"], "--n must be >= 1"),
     (["--methods", "baseline", "--n", "1"], "Fréchet distances (fd_lab) compare two sets"),

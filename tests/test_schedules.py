@@ -88,7 +88,7 @@ def test_a_schedule_file_keeps_its_run_and_is_refused_for_another(tmp_path, caps
     methods = parse_methods(f"baseline,{path}", "ddim", 5)   # the tools' --methods: each on its own run
     assert (methods["baseline"].sampler, methods["baseline"].steps) == ("ddim", 5)
     assert (methods[path].sampler, methods[path].steps, methods[path].calls) == ("plms", 4, 5)
-    with pytest.raises(ValueError, match="is for PLMS-4 .* use --sampler plms --steps 4"):
+    with pytest.raises(ValueError, match="is for PLMS-4 .* with sampler plms and 4 steps \\(in --methods: .*@plms:4"):
         parse_methods(f"baseline,{path}@ddim:5", "plms", 4)
     with pytest.raises(SystemExit):
         sample.main(["--prompt", "x", "--random-weights", "tiny", "--steps", "6", "--preset", path])

@@ -87,7 +87,11 @@ def parse_run_method(spec, sampler, steps):
         sampler, steps = preset.made_for
     accel = preset.acceleration() if preset is not None else parse_method(base)
     if preset is not None:
-        check_preset_fits(base, sampler, steps, preset)
+        try:
+            check_preset_fits(base, sampler, steps, preset)
+        except ValueError as e:   # and how --methods says it
+            made = preset.made_for
+            raise ValueError(f"{e} (in --methods: {base}@{made[0]}:{made[1]})") from None
     method = Method(accel, sampler, steps)
     if accel is not None:
         accel.check(method.calls, method.sigmas)
