@@ -146,14 +146,13 @@ def run_tool(p, run, argv=None, interrupted="interrupted", flags=None):
     signal.signal(signal.SIGINT, signal.default_int_handler)   # ends sample.py's start-up handler
     args = p.parse_args(argv)
     set_threads(p, args)
+    flags = {**KIT_FLAGS, **(flags or {})}
     try:
         return run(args)
     except SettingError as e:
-        flag = {**KIT_FLAGS, **(flags or {})}.get(e.name, "--" + e.name.replace("_", "-"))
-        p.error(f"{flag} {e.problem}")
+        p.error(f"{flags.get(e.name, '--' + e.name.replace('_', '-'))} {e.problem}")
     except ValueError as e:
         name, _, problem = str(e).partition(" ")
-        flags = {**KIT_FLAGS, **(flags or {})}
         p.error(f"{flags[name]} {problem}" if name in flags else str(e))
     except TokenizerError as e:
         raise SystemExit(f"error: {e}") from None
