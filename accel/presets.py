@@ -126,9 +126,9 @@ def load_schedule(spec):
         raise ValueError(f"{spec!r}: its field \"prune\" must be a token method's settings (an "
                          "object) or null; fix the file")
     made_for, depths = (entry["sampler"], steps), tuple(entry["depths"])
-    if len(depths) != unet_calls(steps, made_for[0]):
+    if len(depths) != (calls := unet_calls(steps, made_for[0])):
         raise ValueError(f"{spec!r}: {len(depths)} depths for {made_for[0].upper()}-{steps}, which "
-                         f"makes {unet_calls(steps, made_for[0])} UNet calls")
+                         f"makes {calls} UNet calls")
     try:
         order = entry.get("order", 0)
         cache = (CacheSchedule("dato", depths=depths, order=order) if any(d != FULL for d in depths)

@@ -104,14 +104,12 @@ def test_sample_py_runs_with_tools_and_lab_deleted(tmp_path, tokenizer_dir):
 
 # What a student reads to follow one idea, as (file, function) pairs, and its budget in lines and files.
 # A renamed or moved function fails the test, so the lists stay the true reading paths.
+SELECTION = [("prune/tokens.py", name) for name in (   # the cell selection SiTo and DaTo share
+    "normalized", "noise", "per_cell_argmax", "cell_indices", "complement", "gather_rows",
+    "split_by_similarity", "TokenPlan.__init__", "TokenPlan.prune", "TokenPlan.recover", "TokenPlan.__iter__")]
 READING = {
     "SiTo's selection and recovery": (150, 3, [
-        ("prune/sito.py", "SiTo.plan"), ("prune/tokens.py", "normalized"), ("prune/tokens.py", "noise"),
-        ("prune/tokens.py", "per_cell_argmax"), ("prune/tokens.py", "cell_indices"),
-        ("prune/tokens.py", "complement"), ("prune/tokens.py", "gather_rows"),
-        ("prune/tokens.py", "split_by_similarity"), ("prune/tokens.py", "TokenPlan.__init__"),
-        ("prune/tokens.py", "TokenPlan.prune"), ("prune/tokens.py", "TokenPlan.recover"),
-        ("prune/tokens.py", "TokenPlan.__iter__"), ("model/unet.py", "run_with_plan"),
+        ("prune/sito.py", "SiTo.plan"), *SELECTION, ("model/unet.py", "run_with_plan"),
         ("model/unet.py", "BasicTransformerBlock.forward")]),
     # the sampler's own code, the guided model call a black box as in k-diffusion's 24-line sampler
     "one DPM++(2M) step": (60, 2, [
@@ -128,13 +126,7 @@ READING = {
         ("accel/run.py", "AcceleratedRun.remember"), ("accel/run.py", "AcceleratedRun.token_plans"),
         ("model/unet.py", "UNetModel.forward"), ("prune/dato.py", "DaTo.plan"),
         ("prune/dato.py", "DaToRun.begin_call"), ("prune/dato.py", "DaToRun.plan"),
-        ("prune/dato.py", "dynamics_map"), ("prune/dato.py", "pooled"),
-        ("prune/tokens.py", "split_by_similarity"), ("prune/tokens.py", "per_cell_argmax"),
-        ("prune/tokens.py", "cell_indices"), ("prune/tokens.py", "complement"),
-        ("prune/tokens.py", "gather_rows"), ("prune/tokens.py", "normalized"),
-        ("prune/tokens.py", "noise"), ("prune/tokens.py", "TokenPlan.__init__"),
-        ("prune/tokens.py", "TokenPlan.prune"), ("prune/tokens.py", "TokenPlan.recover"),
-        ("prune/tokens.py", "TokenPlan.__iter__")]),
+        ("prune/dato.py", "dynamics_map"), ("prune/dato.py", "pooled"), *SELECTION]),
     # every function that reads or passes the ratio's value, from --prune-ratio to the k tokens removed
     "the pruning ratio, flag to tokens": (None, 6, [
         ("sample.py", "method_settings"), ("prune/__init__.py", "token_method"),
